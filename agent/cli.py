@@ -1,0 +1,166 @@
+"""``relay-agent``: register an instance, serve it, or show its status.
+
+    relay-agent run --relay-url URL [--token T] --backend demo|openai
+                    [--upstream-url URL] [--model NAME] [--max-concurrency N]
+    relay-agent register --relay-url URL [--name NAME]
+    relay-agent status --relay-url URL [--instance-id ID]
+
+Every flag has an ``AGENT_*`` environment variable (``--upstream-url`` is
+``AGENT_UPSTREAM_URL``); flags win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from typing import Any
+
+from . import credentials as creds_store
+from .backends import BackendError, DemoBackend, OpenAIBackend
+from .backoff import FatalAgentError, backoff_delays
+from .client import AgentClient
+from .credentials import Credentials
+from .registration import RelayHTTPError, instance_status, register
+from .settings import AgentSettings
+
+
+def _say(line: str) -> None:
+    print(f"relay-agent: {line}", flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relay-agent", description="Serve a local model through an instance-relay.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--relay-url", help="relay base URL (AGENT_RELAY_URL), e.g. http://127.0.0.1:8080")
+        p.add_argument("--credentials", help="credentials file (AGENT_CREDENTIALS)")
+
+    run = sub.add_parser("run", help="connect to the relay and serve requests (registers on first run)")
+    common(run)
+    run.add_argument("--token", help="agent token (AGENT_TOKEN); default: saved credentials or register")
+    run.add_argument("--backend", choices=["demo", "openai"], help="where answers come from (AGENT_BACKEND)")
+    run.add_argument("--upstream-url", help="OpenAI base URL of the model, e.g. http://127.0.0.1:11434/v1 (AGENT_UPSTREAM_URL)")
+    run.add_argument("--upstream-api-key", help="API key for the upstream (AGENT_UPSTREAM_API_KEY)")
+    run.add_argument("--model", help="model name(s) to serve, comma-separated (AGENT_MODEL); default: the upstream's /models")
+    run.add_argument("--max-concurrency", type=int, help="requests served at once (AGENT_MAX_CONCURRENCY, default 8)")
+    run.add_argument("--name", help="instance name when registering (AGENT_NAME)")
+    run.add_argument("--demo-rate", type=float, help="demo model words per second, 0 = unthrottled (AGENT_DEMO_RATE)")
+    run.add_argument("-v", "--verbose", action="store_true")
+
+    reg = sub.add_parser("register", help="register a new instance and save its credentials")
+    common(reg)
+    reg.add_argument("--name", help="instance name (AGENT_NAME)")
+    reg.add_argument("--description", help="instance description (AGENT_DESCRIPTION)")
+
+    status = sub.add_parser("status", help="show the instance's public status")
+    common(status)
+    status.add_argument("--instance-id", help="instance to show (default: the saved one)")
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> AgentSettings:
+    overrides: dict[str, Any] = {}
+    for name in ("relay_url", "token", "backend", "upstream_url", "upstream_api_key", "model",
+                 "max_concurrency", "name", "description", "credentials", "demo_rate"):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value
+    return AgentSettings(**overrides)
+
+
+def make_backend(settings: AgentSettings):
+    if settings.backend == "demo":
+        names = settings.model_names()
+        return DemoBackend(rate=settings.demo_rate, model=names[0] if names else "demo")
+    if not settings.upstream_url:
+        raise SystemExit("relay-agent: --backend openai needs --upstream-url (e.g. http://127.0.0.1:11434/v1)")
+    return OpenAIBackend(settings.upstream_url, api_key=settings.upstream_api_key,
+                         models=settings.model_names(), timeout=settings.upstream_timeout)
+
+
+async def obtain_credentials(settings: AgentSettings) -> Credentials:
+    """The token to connect with: flag/env, else saved, else register now."""
+    relay_url = settings.relay_url.rstrip("/")
+    if settings.token:
+        return Credentials(relay_url, "", settings.token, "")
+    saved = creds_store.load(settings.credentials, relay_url)
+    if saved is not None:
+        return saved
+    creds = await register(relay_url, settings.name, settings.description)
+    creds_store.save(settings.credentials, creds)
+    _say(f"registered instance {creds.instance_id}; credentials saved to {settings.credentials}")
+    _say(f"chat URL: {creds.chat_url}")
+    return creds
+
+
+async def wait_for_models(backend, settings: AgentSettings) -> list[str]:
+    """Ask the backend what it serves; a model server still starting is waited for."""
+    delays = backoff_delays(cap=settings.max_backoff)
+    while True:
+        try:
+            return await backend.models()
+        except BackendError as exc:
+            delay = next(delays)
+            _say(f"{exc}; retrying in {delay:.1f}s")
+            await asyncio.sleep(delay)
+
+
+async def serve(settings: AgentSettings) -> None:
+    backend = make_backend(settings)
+    try:
+        creds = await obtain_credentials(settings)
+        models = await wait_for_models(backend, settings)
+        client = AgentClient(
+            relay_url=settings.relay_url, token=creds.agent_token, backend=backend, models=models,
+            max_concurrency=settings.max_concurrency, max_backoff=settings.max_backoff, on_status=_say,
+        )
+        await client.run()
+    finally:
+        await backend.aclose()
+
+
+async def _run_until_signal(coro) -> None:
+    task = asyncio.ensure_future(coro)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        _say("stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = settings_from(args)
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "run":
+            asyncio.run(_run_until_signal(serve(settings)))
+        elif args.command == "register":
+            creds = asyncio.run(register(settings.relay_url, settings.name, settings.description))
+            creds_store.save(settings.credentials, creds)
+            print(json.dumps({"instance_id": creds.instance_id, "chat_url": creds.chat_url,
+                              "credentials": str(settings.credentials)}, indent=2))
+        elif args.command == "status":
+            instance_id = args.instance_id
+            if not instance_id:
+                saved = creds_store.load(settings.credentials, settings.relay_url)
+                if saved is None:
+                    raise SystemExit("relay-agent: no saved instance; pass --instance-id")
+                instance_id = saved.instance_id
+            print(json.dumps(asyncio.run(instance_status(settings.relay_url, instance_id)), indent=2))
+    except (FatalAgentError, RelayHTTPError, BackendError) as exc:
+        print(f"relay-agent: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

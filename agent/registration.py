@@ -1,0 +1,50 @@
+"""The agent's few plain HTTP calls to the relay: register and status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from .credentials import Credentials
+
+
+class RelayHTTPError(Exception):
+    pass
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        message = response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = response.text[:200]
+    raise RelayHTTPError(f"relay answered {response.status_code}: {message}")
+
+
+async def register(relay_url: str, name: str, description: str = "", *, headers: dict | None = None) -> Credentials:
+    async with httpx.AsyncClient(base_url=relay_url.rstrip("/"), timeout=15) as client:
+        try:
+            response = await client.post("/api/instances", json={"name": name, "description": description},
+                                         headers=headers or {})
+        except httpx.HTTPError as exc:
+            raise RelayHTTPError(f"cannot reach relay at {relay_url}: {exc}") from exc
+        _raise_for(response)
+        data = response.json()
+    return Credentials(
+        relay_url=relay_url.rstrip("/"),
+        instance_id=data["instance_id"],
+        agent_token=data["agent_token"],
+        chat_url=data["chat_url"],
+    )
+
+
+async def instance_status(relay_url: str, instance_id: str) -> dict[str, Any]:
+    async with httpx.AsyncClient(base_url=relay_url.rstrip("/"), timeout=15) as client:
+        try:
+            response = await client.get(f"/api/instances/{instance_id}")
+        except httpx.HTTPError as exc:
+            raise RelayHTTPError(f"cannot reach relay at {relay_url}: {exc}") from exc
+        _raise_for(response)
+        return response.json()

@@ -1,0 +1,41 @@
+"""Agent settings: flags override ``AGENT_*`` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_credentials_path() -> Path:
+    return Path.home() / ".config" / "instance-relay" / "agent.json"
+
+
+class AgentSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AGENT_", extra="ignore")
+
+    relay_url: str = "http://127.0.0.1:8080"
+    #: Agent token; empty = use saved credentials, or register a new instance.
+    token: str | None = None
+    backend: Literal["demo", "openai"] = "demo"
+    #: OpenAI base URL of the local model, e.g. http://127.0.0.1:11434/v1 (Ollama).
+    upstream_url: str | None = None
+    upstream_api_key: str | None = None
+    #: Model names to serve; empty = ask the upstream's /models (demo: "demo").
+    model: str | None = None
+    max_concurrency: int = Field(default=8, ge=1, le=10_000)
+    #: Name and description used when registering a new instance.
+    name: str = "my-model"
+    description: str = ""
+    credentials: Path = Field(default_factory=default_credentials_path)
+    #: Words per second of the demo model (0 = as fast as possible).
+    demo_rate: float = Field(default=20.0, ge=0)
+    #: Seconds an upstream request may take to start answering.
+    upstream_timeout: float = 600.0
+    #: Longest backoff between reconnect attempts.
+    max_backoff: float = 30.0
+
+    def model_names(self) -> list[str]:
+        return [m.strip() for m in (self.model or "").split(",") if m.strip()]

@@ -1,0 +1,179 @@
+"""HTTP endpoints of the relay (everything but the agent websocket).
+
+Handlers read their collaborators from ``request.app.state`` (set up by the
+composition root in ``app.py``) and raise :mod:`relay.errors`; the single
+exception handler at the bottom turns those into OpenAI-shaped responses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ValidationError
+from redis.exceptions import RedisError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from .chat import run_chat
+from .errors import (
+    InvalidRequest,
+    PayloadTooLarge,
+    RelayError,
+    ServiceNotReady,
+    ValidationFailed,
+    error_body,
+)
+from .models import ChatRequest, RegisterRequest
+
+
+class ORJSONResponse(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def bearer_token(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+
+
+def validate(model: type[BaseModel], data: Any) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise ValidationFailed(f"{where}: {first['msg']}", param=where) from None
+
+
+# -- instances ---------------------------------------------------------------
+
+
+async def register_instance(request: Request) -> Response:
+    state = request.app.state
+    body = validate(RegisterRequest, await read_json(request, state.settings.max_body_bytes))
+    instance_id, token = await state.registry.register(body.name, body.description)
+    return ORJSONResponse(
+        {
+            "instance_id": instance_id,
+            "agent_token": token,
+            "name": body.name,
+            "status": "offline",
+            "chat_url": state.registry.chat_url(instance_id),
+        },
+        status_code=201,
+    )
+
+
+async def get_instance(request: Request) -> Response:
+    return ORJSONResponse(await request.app.state.registry.view(request.path_params["instance_id"]))
+
+
+async def list_instances(request: Request) -> Response:
+    params = request.query_params
+    status = params.get("status")
+    if status not in (None, "online", "offline"):
+        raise ValidationFailed("status must be 'online' or 'offline'", param="status")
+    try:
+        limit = int(params.get("limit", "50"))
+        cursor = int(params.get("cursor") or "0")
+    except ValueError:
+        raise ValidationFailed("limit and cursor must be integers", param="limit") from None
+    if not 1 <= limit <= 500:
+        raise ValidationFailed("limit must be between 1 and 500", param="limit")
+    if cursor < 0:
+        raise ValidationFailed("cursor must not be negative", param="cursor")
+    data, next_cursor = await request.app.state.registry.list(status=status, limit=limit, cursor=cursor)
+    return ORJSONResponse({"data": data, "next_cursor": next_cursor})
+
+
+async def delete_instance(request: Request) -> Response:
+    state = request.app.state
+    instance_id = request.path_params["instance_id"]
+    await state.registry.check_owner(instance_id, bearer_token(request))
+    await state.registry.delete(instance_id)
+    await state.node.close_instance(instance_id, "instance deleted")
+    return Response(status_code=204)
+
+
+# -- chat --------------------------------------------------------------------
+
+
+async def chat_completions(request: Request) -> Response:
+    state = request.app.state
+    instance_id = request.path_params["instance_id"]
+    chat = validate(ChatRequest, await read_json(request, state.settings.max_body_bytes))
+    return await run_chat(state.router, instance_id, chat, state.settings)
+
+
+async def list_models(request: Request) -> Response:
+    view = await request.app.state.registry.view(request.path_params["instance_id"])
+    created = int(view["created_at"])
+    return ORJSONResponse(
+        {
+            "object": "list",
+            "data": [
+                {"id": name, "object": "model", "created": created, "owned_by": view["instance_id"]}
+                for name in view["models"]
+            ],
+        }
+    )
+
+
+# -- health ------------------------------------------------------------------
+
+
+async def healthz(request: Request) -> Response:
+    return ORJSONResponse({"status": "ok", "node_id": request.app.state.node.node_id})
+
+
+async def readyz(request: Request) -> Response:
+    state = request.app.state
+    try:
+        await state.redis.ping()
+    except (RedisError, OSError, TimeoutError) as exc:
+        raise ServiceNotReady(f"redis unreachable: {type(exc).__name__}") from None
+    return ORJSONResponse({"status": "ready", "node_id": state.node.node_id, "agents": len(state.sessions)})
+
+
+# -- errors: the one place exceptions become HTTP ------------------------------
+
+
+async def relay_error_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RelayError)
+    return ORJSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def redis_error_handler(request: Request, exc: Exception) -> Response:
+    # Redis down is an outage of this node, not a bug: say so and let the
+    # caller (or the load balancer, via /readyz) try another node.
+    return ORJSONResponse(
+        error_body("relay storage unavailable, retry shortly", "service_unavailable", None, "not_ready"),
+        status_code=503,
+        headers={"Retry-After": "1"},
+    )
+
+
+async def http_error_handler(request: Request, exc: Exception) -> Response:
+    status = getattr(exc, "status_code", 500)
+    detail = getattr(exc, "detail", "error")
+    kinds = {404: "not_found_error", 405: "invalid_request_error"}
+    return ORJSONResponse(error_body(str(detail), kinds.get(status, "invalid_request_error")), status_code=status)

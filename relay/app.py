@@ -1,0 +1,112 @@
+"""The composition root: every relay component is built and wired here.
+
+``create_app(settings)`` returns the Starlette app; its lifespan connects to
+Redis (the caller owns an embedded server, if any), starts this node's
+housekeeping, and on shutdown tells agents to go away and drops the node's
+presence.  Nothing else in the relay creates long-lived objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import AsyncIterator
+
+import anyio
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.routing import Route, WebSocketRoute
+
+from . import api
+from .chat import LocalRouter
+from .errors import RelayError
+from .node import Node
+from .registry import InstanceRegistry
+from .sessions import SessionManager
+from .settings import RelaySettings
+
+log = logging.getLogger("relay.app")
+
+
+def routes(node_endpoint) -> list:
+    return [
+        Route("/api/instances", api.register_instance, methods=["POST"]),
+        Route("/api/instances", api.list_instances, methods=["GET"]),
+        Route("/api/instances/{instance_id}", api.get_instance, methods=["GET"]),
+        Route("/api/instances/{instance_id}", api.delete_instance, methods=["DELETE"]),
+        Route("/api/chat/{instance_id}", api.chat_completions, methods=["POST"]),
+        Route("/api/chat/{instance_id}/chat/completions", api.chat_completions, methods=["POST"]),
+        Route("/api/chat/{instance_id}/models", api.list_models, methods=["GET"]),
+        WebSocketRoute("/api/agent/connect", node_endpoint),
+        Route("/healthz", api.healthz, methods=["GET"]),
+        Route("/readyz", api.readyz, methods=["GET"]),
+    ]
+
+
+def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlette:
+    """Build the relay.  ``redis_url`` overrides ``settings.redis_url``."""
+    url = redis_url or settings.redis_url
+    if not url:
+        raise ValueError("create_app needs a Redis URL (relay serve starts an embedded one)")
+    # Short timeouts: a hung Redis must turn into a quick 503, not a hung request.
+    redis = Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10)
+    sessions = SessionManager()
+    registry = InstanceRegistry(redis, heartbeat_timeout=settings.heartbeat_timeout, base_url=settings.base_url())
+    node = Node(settings, registry, sessions)
+    router = LocalRouter(sessions, registry)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            await warn_if_not_persistent(redis)
+        except (RedisError, OSError) as exc:
+            log.error("redis at %s unreachable at startup (%s); will keep trying", safe_url(url), exc)
+        log.info("relay node %s using redis %s; public URL %s", node.node_id, safe_url(url), settings.base_url())
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(node.run)
+            tg.start_soon(node.watch_events)
+            try:
+                yield
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await node.shutdown()
+                tg.cancel_scope.cancel()
+        await redis.aclose()
+
+    app = Starlette(
+        routes=routes(node.agent_endpoint),
+        exception_handlers={
+            RelayError: api.relay_error_handler,
+            RedisError: api.redis_error_handler,
+            HTTPException: api.http_error_handler,
+        },
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.redis = redis
+    app.state.sessions = sessions
+    app.state.registry = registry
+    app.state.node = node
+    app.state.router = router
+    return app
+
+
+async def warn_if_not_persistent(redis: Redis) -> None:
+    """Registrations live in Redis: say loudly when it would lose them."""
+    config = {_text(k): _text(v) for k, v in (await redis.config_get("*")).items() if _text(k) in ("appendonly", "save")}
+    if config.get("appendonly") != "yes" and not config.get("save"):
+        log.warning("redis persists nothing (no AOF, no RDB): registrations are lost when it restarts")
+
+
+def safe_url(url: str) -> str:
+    """The Redis URL without its password, for logs."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return url
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,182 @@
+"""The public chat endpoint: route a request to an agent and stream the answer.
+
+A request is validated, given to the least busy agent of the instance, and
+answered once the agent's first frame arrives, so the HTTP status can still
+say what happened (a model that fails at once is a 4xx/5xx, not a 200 with an
+error inside).  After that the response is Server-Sent Events written as the
+agent's bytes arrive, exactly in OpenAI's format, ending in ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import anyio
+import orjson
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from . import protocol as p
+from .errors import InstanceUnavailable, ModelTimeout, NotFound, RelayError, error_body, from_status
+from .sessions import RelayStream
+
+log = logging.getLogger("relay.chat")
+
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    # Proxies and browsers must neither cache nor buffer an event stream.
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+async def first_items(relay_stream: RelayStream, timeout: float) -> list:
+    """Wait for the model's first frame; 504 if nothing comes in time."""
+    try:
+        return await relay_stream.next(timeout)
+    except TimeoutError:
+        await relay_stream.cancel("no first chunk in time")
+        raise ModelTimeout(f"the model sent nothing within {timeout:g} s") from None
+
+
+def raise_if_error(items: list) -> None:
+    """Turn an error the agent reported before any data into an HTTP error."""
+    head = items[0]
+    if type(head) is p.StreamError:
+        raise from_status(head.status, head.message, head.code)
+
+
+async def collect(relay_stream: RelayStream, items: list, idle_timeout: float) -> bytes:
+    """Gather a non-streaming answer: the agent sends the JSON body as data."""
+    parts: list[bytes] = []
+    while True:
+        for item in items:
+            if type(item) is bytes:
+                parts.append(item)
+                await relay_stream.consumed(len(item))
+            elif type(item) is p.End:
+                return b"".join(parts)
+            else:  # StreamError after some data: still report it as an error
+                raise from_status(item.status, item.message, item.code)
+        try:
+            items = await relay_stream.next(idle_timeout)
+        except TimeoutError:
+            await relay_stream.cancel("idle timeout")
+            raise ModelTimeout(f"the model went silent for {idle_timeout:g} s") from None
+
+
+def sse_error(message: str, type_: str, code: str | None) -> bytes:
+    return p.sse_event(orjson.dumps(error_body(message, type_, None, code))) + p.SSE_DONE
+
+
+class EventStreamResponse(Response):
+    """Writes a relay stream to the client as Server-Sent Events.
+
+    Two tasks share one cancel scope: the writer forwards the agent's bytes
+    (several queued chunks in one write, a lone chunk at once), the watcher
+    waits for the client to disconnect.  Whichever ends first ends both, and
+    if the stream is still running the agent is told to cancel it.
+    """
+
+    def __init__(self, relay_stream: RelayStream, first: list, idle_timeout: float):
+        self.relay_stream = relay_stream
+        self.first = first
+        self.idle_timeout = idle_timeout
+        self.status_code = 200
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        relay_stream = self.relay_stream
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            async with anyio.create_task_group() as tg:
+
+                async def watch_disconnect() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(watch_disconnect)
+                await self._write(send)
+                tg.cancel_scope.cancel()
+        except OSError:
+            pass  # client gone while we wrote; the finally clause cleans up
+        finally:
+            if not relay_stream.finished:
+                with anyio.CancelScope(shield=True):
+                    await relay_stream.cancel("client disconnected")
+            else:
+                relay_stream.session.forget(relay_stream.id)
+
+    async def _write(self, send: Send) -> None:
+        relay_stream, items = self.relay_stream, self.first
+        while True:
+            payload = bytearray()
+            tail: bytes | None = None
+            for item in items:
+                if type(item) is bytes:
+                    payload += item
+                elif type(item) is p.End:
+                    tail = p.SSE_DONE
+                else:
+                    tail = sse_error(item.message, "upstream_error", item.code)
+            if payload:
+                await send({"type": "http.response.body", "body": bytes(payload), "more_body": True})
+                await relay_stream.consumed(len(payload))
+            if tail is not None:
+                await send({"type": "http.response.body", "body": tail, "more_body": False})
+                return
+            try:
+                items = await relay_stream.next(self.idle_timeout)
+            except TimeoutError:
+                log.warning("stream %s: model idle for %gs, ending it", relay_stream.id, self.idle_timeout)
+                await relay_stream.cancel("idle timeout")
+                body = sse_error(f"the model went silent for {self.idle_timeout:g} s", "timeout_error", "model_timeout")
+                await send({"type": "http.response.body", "body": body, "more_body": False})
+                return
+
+
+async def run_chat(router: Any, instance_id: str, request: Any, settings: Any) -> Response:
+    """Route one validated chat request and build its response."""
+    session = await router.pick(instance_id)
+    model = session.resolve_model(request.model)
+    relay_stream = await session.open_stream(request.upstream_body(model), stream=request.stream)
+    try:
+        items = await first_items(relay_stream, settings.first_chunk_timeout)
+        raise_if_error(items)
+        if request.stream:
+            return EventStreamResponse(relay_stream, items, settings.idle_timeout)
+        body = await collect(relay_stream, items, settings.idle_timeout)
+        return Response(body, media_type="application/json")
+    except BaseException:
+        # Errors and cancellation (client gone while we waited) stop the agent too.
+        if not relay_stream.finished:
+            with anyio.CancelScope(shield=True):
+                await relay_stream.cancel("request failed")
+        else:
+            relay_stream.session.forget(relay_stream.id)
+        raise
+
+
+class LocalRouter:
+    """Chooses an agent connected to this node (cross-node routing: see issue 3)."""
+
+    def __init__(self, sessions: Any, registry: Any):
+        self.sessions = sessions
+        self.registry = registry
+
+    async def pick(self, instance_id: str):
+        session = self.sessions.pick(instance_id)
+        if session is not None:
+            return session
+        if self.sessions.of(instance_id):
+            raise InstanceUnavailable(
+                f"instance {instance_id!r} is at capacity; retry shortly", code="instance_at_capacity"
+            )
+        if not await self.registry.exists(instance_id):
+            raise NotFound(f"instance {instance_id!r} not found", param="instance_id")
+        raise InstanceUnavailable(f"instance {instance_id!r} is offline: no agent is connected")
+
+
+__all__ = ["run_chat", "LocalRouter", "EventStreamResponse", "RelayError"]

@@ -1,0 +1,108 @@
+"""``relay``: run a relay node, or the whole thing at once for a first look.
+
+    relay serve [--host H] [--port P] [--redis-url URL]
+    relay demo  [--port P]
+
+Without a Redis URL (flag, ``REDIS_URL`` or ``RELAY_REDIS_URL``) the relay
+starts and owns a real redis-server under its data directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from .app import create_app, safe_url
+from .embedded_redis import EmbeddedRedis
+from .settings import RelaySettings
+
+log = logging.getLogger("relay")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relay", description="instance-relay: a public chat URL for a local model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("serve", "run a relay node"), ("demo", "relay + embedded Redis + demo agent, one command")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--host", help="bind address (RELAY_HOST, default 127.0.0.1)")
+        p.add_argument("--port", type=int, help="port (RELAY_PORT, default 8080)")
+        p.add_argument("--redis-url", help="use this Redis instead of an embedded one (REDIS_URL)")
+        p.add_argument("--data-dir", help="embedded Redis data directory (RELAY_DATA_DIR)")
+        p.add_argument("--public-url", help="base URL to print in chat URLs (RELAY_PUBLIC_URL)")
+        p.add_argument("--log-level", help="debug, info, warning (RELAY_LOG_LEVEL)")
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> RelaySettings:
+    overrides = {
+        name: value
+        for name in ("host", "port", "redis_url", "data_dir", "public_url", "log_level")
+        if (value := getattr(args, name, None)) is not None
+    }
+    return RelaySettings(**overrides)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+@contextlib.contextmanager
+def redis_for(settings: RelaySettings, data_subdir: str = "redis"):
+    """Yield the Redis URL to use, starting an embedded server when none is given."""
+    if settings.redis_url:
+        log.info("using external redis %s", safe_url(settings.redis_url))
+        yield settings.redis_url
+        return
+    with EmbeddedRedis(Path(settings.data_dir) / data_subdir) as embedded:
+        yield embedded.url
+
+
+def uvicorn_config(app, settings: RelaySettings) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        access_log=False,  # one line per chunk-stream is noise; errors are logged by the app
+        ws_max_size=settings.max_frame_bytes,
+        ws_ping_interval=None,  # agents heartbeat inside the protocol
+        timeout_graceful_shutdown=10,
+        lifespan="on",
+    )
+
+
+def serve(settings: RelaySettings) -> None:
+    with redis_for(settings) as url:
+        app = create_app(settings, redis_url=url)
+        uvicorn.Server(uvicorn_config(app, settings)).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = settings_from(args)
+    configure_logging(settings.log_level)
+    try:
+        if args.command == "serve":
+            serve(settings)
+        else:
+            from .demo import run_demo
+
+            asyncio.run(run_demo(settings))
+    except KeyboardInterrupt:
+        pass
+    except RuntimeError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""``relay demo``: everything a newcomer needs, in one process.
+
+Starts an embedded Redis, a relay node, registers an instance (reused on the
+next run: the credentials are saved in the data directory), and serves it
+with the agent's demo model.  Prints the chat URL and ways to call it, then
+runs until Ctrl-C and stops everything it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import uvicorn
+
+from agent import credentials as creds_store
+from agent.backends import DemoBackend
+from agent.client import AgentClient
+from agent.registration import register
+
+from .app import create_app
+from .cli import redis_for, uvicorn_config
+from .settings import RelaySettings
+
+log = logging.getLogger("relay.demo")
+
+
+def banner(chat_url: str) -> str:
+    return f"""
+  instance-relay demo is running.
+
+  Chat URL:  {chat_url}
+
+  curl:
+    curl -N {chat_url}/chat/completions \\
+      -H 'Content-Type: application/json' \\
+      -d '{{"messages": [{{"role": "user", "content": "Hello!"}}]}}'
+
+  openai SDK (pip install openai):
+    from openai import OpenAI
+    client = OpenAI(base_url="{chat_url}", api_key="unused")
+    for chunk in client.chat.completions.create(
+            model="demo", messages=[{{"role": "user", "content": "Hello!"}}], stream=True):
+        print(chunk.choices[0].delta.content or "", end="", flush=True)
+
+  Press Ctrl-C to stop.
+"""
+
+
+async def run_demo(settings: RelaySettings) -> None:
+    with redis_for(settings, data_subdir="demo-redis") as redis_url:
+        app = create_app(settings, redis_url=redis_url)
+        server = uvicorn.Server(uvicorn_config(app, settings))
+        server_task = asyncio.create_task(server.serve())
+        while not server.started:
+            if server_task.done():
+                await server_task  # surfaces the startup error (port in use ...)
+                raise RuntimeError(f"relay failed to start on port {settings.port}")
+            await asyncio.sleep(0.02)
+
+        relay_url = f"http://127.0.0.1:{settings.port}"
+        creds_path = settings.data_dir / "demo-agent.json"
+        creds = creds_store.load(creds_path, relay_url)
+        if creds is None or not await app.state.registry.exists(creds.instance_id):
+            creds = await register(relay_url, "demo", "the built-in demo model")
+            creds_store.save(creds_path, creds)
+
+        backend = DemoBackend()
+        agent = AgentClient(
+            relay_url=relay_url, token=creds.agent_token, backend=backend, models=await backend.models(),
+            on_status=lambda line: log.info("agent: %s", line),
+        )
+        agent_task = asyncio.create_task(agent.run())
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(agent.connected.wait(), 10)
+        print(banner(app.state.registry.chat_url(creds.instance_id)), flush=True)
+
+        try:
+            await server_task  # returns when uvicorn sees Ctrl-C / SIGTERM
+        finally:
+            agent_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await agent_task
+            if not server_task.done():
+                server.should_exit = True
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await server_task

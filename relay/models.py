@@ -1,0 +1,91 @@
+"""Request and response bodies of the HTTP API (pydantic).
+
+Validation errors become 422 with the offending field named (see api.py);
+unknown OpenAI fields (``stop``, ``seed``, ``tools``, ``response_format`` ...)
+are kept and forwarded to the model untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Role = Literal["system", "user", "assistant", "tool", "developer", "function"]
+
+
+class ContentPart(BaseModel):
+    """One part of a multi-part message (``text``, ``image_url``, ``input_audio`` ...)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str = Field(min_length=1)
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_part_has_text(self) -> "ContentPart":
+        if self.type == "text" and self.text is None:
+            raise ValueError("a text part needs a 'text' string")
+        return self
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_calls, tool_call_id ...
+    role: Role
+    # Assistant messages that carry tool_calls may have null content (OpenAI).
+    content: str | list[ContentPart] | None = None
+
+
+class ChatRequest(BaseModel):
+    """An OpenAI chat completion request, with the relay's defaults."""
+
+    model_config = ConfigDict(extra="allow")
+
+    messages: list[Message] = Field(min_length=1)
+    model: str | None = None
+    temperature: float = Field(default=0.7, ge=0, le=2, strict=True)
+    top_p: float | None = Field(default=None, ge=0, le=1, strict=True)
+    max_tokens: int = Field(default=2000, ge=1, strict=True)
+    stream: bool = Field(default=True, strict=True)
+    metadata: dict[str, Any] | None = None
+
+    def upstream_body(self, model: str) -> dict[str, Any]:
+        """The body the agent receives: everything the caller sent, defaults filled."""
+        body = self.model_dump(mode="json", exclude_none=True)
+        body["model"] = model
+        if self.metadata is not None:
+            body["metadata"] = self.metadata
+        return body
+
+
+class RegisterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=100)
+    description: str = Field(default="", max_length=1000)
+
+
+Status = Literal["online", "offline"]
+
+
+class InstanceView(BaseModel):
+    instance_id: str
+    name: str
+    description: str
+    status: Status
+    models: list[str]
+    agents: int
+    last_seen: float | None
+    created_at: float
+    chat_url: str
+
+
+class Registered(BaseModel):
+    instance_id: str
+    agent_token: str
+    name: str
+    status: Status
+    chat_url: str
+
+
+class InstancePage(BaseModel):
+    data: list[InstanceView]
+    next_cursor: str | None

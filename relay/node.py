@@ -1,0 +1,205 @@
+"""This relay node: its identity, its agents' presence, and their websockets.
+
+``Node`` runs the housekeeping loop (one liveness write per heartbeat
+interval, however many agents are connected; stale agents dropped) and
+serves ``GET /api/agent/connect``: authenticate, handshake, then read frames
+until the agent goes away.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+import anyio
+import orjson
+from redis.exceptions import RedisError
+from starlette.responses import JSONResponse
+from starlette.websockets import WebSocket
+
+from . import __version__, keys
+from . import protocol as p
+from .errors import error_body
+from .registry import AgentEntry, InstanceRegistry
+from .sessions import AgentSession, SessionManager
+from .settings import RelaySettings
+
+log = logging.getLogger("relay.node")
+
+HANDSHAKE_TIMEOUT = 10.0
+
+
+class Node:
+    def __init__(self, settings: RelaySettings, registry: InstanceRegistry, sessions: SessionManager):
+        self.settings = settings
+        self.registry = registry
+        self.sessions = sessions
+        self.node_id = secrets.token_hex(6)
+        self.redis_ok = True
+
+    # -- housekeeping --------------------------------------------------------
+
+    async def run(self) -> None:
+        """Refresh this node's liveness and drop silent agents, forever."""
+        while True:
+            await self.tick()
+            await anyio.sleep(self.settings.heartbeat_interval)
+
+    async def tick(self) -> None:
+        for session in self.sessions.stale(self.settings.heartbeat_timeout):
+            log.warning(
+                "agent %s of instance %s missed heartbeats for %.0fs; dropping it",
+                session.agent_id, session.instance_id, self.settings.heartbeat_timeout,
+            )
+            await session.close(p.CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
+        # After an outage Redis may have lost everything (restart without
+        # persistence, failover): re-assert every agent of this node with the
+        # liveness write, in the same pipeline.
+        entries = [(s.instance_id, self.entry(s)) for s in self.sessions.all()] if not self.redis_ok else []
+        try:
+            await self.registry.refresh_node(self.node_id, entries)
+        except (RedisError, OSError) as exc:
+            if self.redis_ok:
+                log.error("redis unreachable (%s); presence will be re-asserted when it is back", exc)
+            self.redis_ok = False
+        else:
+            if not self.redis_ok:
+                log.info("redis reachable again; re-asserted %d agents", len(entries))
+            self.redis_ok = True
+
+    async def watch_events(self) -> None:
+        """Follow registry events published by any node (instance deletions)."""
+        while True:
+            try:
+                async with self.registry.redis.pubsub() as pubsub:
+                    await pubsub.subscribe(keys.EVENTS_CHANNEL)
+                    async for message in pubsub.listen():
+                        if message["type"] != "message":
+                            continue
+                        event = orjson.loads(message["data"])
+                        if "deleted" in event:
+                            await self.close_instance(event["deleted"], "instance deleted")
+            except (RedisError, OSError):
+                await anyio.sleep(1.0)
+
+    async def close_instance(self, instance_id: str, reason: str) -> None:
+        for session in self.sessions.of(instance_id):
+            await session.close(p.CloseCode.UNAUTHORIZED, reason)
+
+    async def shutdown(self) -> None:
+        for session in self.sessions.all():
+            await session.close(p.CloseCode.GOING_AWAY, "relay node shutting down")
+        try:
+            await self.registry.drop_node(self.node_id)
+        except (RedisError, OSError):
+            pass
+
+    def entry(self, session: AgentSession) -> AgentEntry:
+        return AgentEntry(
+            agent_id=session.agent_id,
+            node=self.node_id,
+            session=session.session_id,
+            max_concurrency=session.max_concurrency,
+            models=session.models,
+            connected_at=session.connected_at,
+        )
+
+    # -- the agent websocket ---------------------------------------------------
+
+    async def agent_endpoint(self, websocket: WebSocket) -> None:
+        instance_id = await self._authenticate(websocket)
+        if instance_id is None:
+            return
+        await websocket.accept()
+        try:
+            hello = await self._handshake(websocket)
+        except p.ProtocolError as exc:
+            log.warning("refused agent of instance %s: %s", instance_id, exc)
+            await websocket.close(exc.close_code, str(exc)[:120])
+            return
+        except (TimeoutError, ConnectionError, RuntimeError):
+            return
+        session = AgentSession(
+            instance_id=instance_id,
+            hello=hello,
+            send_text=websocket.send_text,
+            send_bytes=websocket.send_bytes,
+            close=lambda code, reason: websocket.close(code, reason),
+            window=self.settings.stream_window,
+        )
+        stale = self.sessions.add(session)
+        if stale is not None:
+            await stale.close(p.CloseCode.REPLACED, "replaced by a new connection of the same agent")
+        try:
+            await self.registry.add_agent(instance_id, self.entry(session))
+            await session.send_event(
+                p.Welcome(
+                    protocol=p.PROTOCOL_VERSION,
+                    instance_id=instance_id,
+                    node_id=self.node_id,
+                    heartbeat_interval=self.settings.heartbeat_interval,
+                    chat_url=self.registry.chat_url(instance_id),
+                )
+            )
+            log.info(
+                "agent %s connected: instance %s, models %s, concurrency %d, agent version %s",
+                hello.agent_id, instance_id, ",".join(hello.models), hello.max_concurrency, hello.agent_version,
+            )
+            await self._read(websocket, session)
+        finally:
+            self.sessions.remove(session)
+            session.fail_all("agent disconnected")
+            session.closed = True
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self.registry.remove_agent(instance_id, session.agent_id, session.session_id)
+                except (RedisError, OSError):
+                    pass  # node liveness covers it: the entry dies with this node's key or is re-set
+            log.info("agent %s of instance %s disconnected", hello.agent_id, instance_id)
+
+    async def _authenticate(self, websocket: WebSocket) -> str | None:
+        header = websocket.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        status, message = 401, "agent token required: Authorization: Bearer <agent_token>"
+        if scheme.lower() == "bearer" and token.strip():
+            try:
+                instance_id = await self.registry.authenticate(token.strip())
+            except (RedisError, OSError):
+                status, message = 503, "relay storage unavailable, retry shortly"
+            else:
+                if instance_id is not None:
+                    return instance_id
+                status, message = 401, "unknown or revoked agent token"
+        # A real HTTP response (ASGI websocket denial extension), so the agent
+        # can tell "bad token: stop" from "relay in trouble: retry".
+        code = "invalid_token" if status == 401 else "not_ready"
+        kind = "authentication_error" if status == 401 else "service_unavailable"
+        await websocket.send_denial_response(
+            JSONResponse(error_body(message, kind, None, code), status_code=status)
+        )
+        return None
+
+    async def _handshake(self, websocket: WebSocket) -> p.Hello:
+        with anyio.fail_after(HANDSHAKE_TIMEOUT):
+            message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            raise ConnectionError("agent left during handshake")
+        event = p.decode(message.get("text") if message.get("text") is not None else message.get("bytes") or b"")
+        if type(event) is not p.Hello:
+            raise p.ProtocolError(f"expected hello, got {type(event).__name__}")
+        p.check_version(event)
+        return event
+
+    async def _read(self, websocket: WebSocket, session: AgentSession) -> None:
+        receive = websocket._receive  # the raw ASGI channel: no per-message state checks
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            try:
+                await session.receive(text if text is not None else message["bytes"])
+            except p.ProtocolError as exc:
+                log.warning("agent %s of instance %s broke the protocol: %s", session.agent_id, session.instance_id, exc)
+                await session.close(exc.close_code, str(exc)[:120])
+                return

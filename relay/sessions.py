@@ -1,0 +1,282 @@
+"""Agents connected to this node, and the streams running over them.
+
+An :class:`AgentSession` wraps one agent websocket: it assigns stream ids,
+sends requests, cancels and credit, and routes the agent's frames to the
+:class:`RelayStream` they belong to.  A :class:`RelayStream` is one chat
+request seen from the relay: a queue of byte payloads for the HTTP response,
+fed by the session's reader, drained by the response, bounded by the stream's
+flow-control window.  :class:`SessionManager` knows every session on this
+node and picks the least busy agent of an instance.
+
+Nothing here touches Redis; presence bookkeeping lives in the websocket
+endpoint and the node heartbeat (see ``app.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import deque
+from typing import Any, Awaitable, Callable
+
+from . import protocol as p
+
+log = logging.getLogger("relay.sessions")
+
+SendText = Callable[[str], Awaitable[None]]
+SendBytes = Callable[[bytes], Awaitable[None]]
+Close = Callable[[int, str], Awaitable[None]]
+
+
+class StreamClosed(Exception):
+    """Raised to readers of a stream whose agent went away."""
+
+
+class RelayStream:
+    """One request in flight: the agent's frames queued for the HTTP client.
+
+    Items are ``bytes`` (payload to write verbatim), :class:`protocol.End` or
+    :class:`protocol.StreamError`.  The queue cannot grow past the stream's
+    window plus one frame because the agent must wait for credit, and the
+    tracker closes the agent if it does not.
+    """
+
+    __slots__ = ("id", "session", "tracker", "stream", "model", "_items", "_waiter", "usage")
+
+    def __init__(self, session: "AgentSession", stream_id: int, *, window: int, stream: bool, model: str):
+        self.id = stream_id
+        self.session = session
+        self.tracker = p.StreamTracker(stream_id, window)
+        self.stream = stream
+        self.model = model
+        self.usage: dict[str, Any] | None = None
+        self._items: deque[bytes | p.End | p.StreamError] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.tracker.state.finished
+
+    # -- fed by the session reader --------------------------------------------
+
+    def feed(self, event: p.Data | p.End | p.StreamError) -> None:
+        self.tracker.receive(event)  # raises ProtocolError on a bad transition
+        if type(event) is p.Data:
+            self._items.append(event.payload)
+        else:
+            if type(event) is p.End:
+                self.usage = event.usage
+            self._items.append(event)
+        self._wake()
+
+    def fail(self, status: int, message: str, code: str | None = None) -> None:
+        """End the stream from the relay's side (agent lost, timeout ...)."""
+        if self.finished:
+            return
+        self.tracker.state = p.StreamState.FAILED
+        self._items.append(p.StreamError(self.id, status, message, code))
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- drained by the HTTP response -----------------------------------------
+
+    async def next(self, timeout: float | None) -> list[bytes | p.End | p.StreamError]:
+        """Everything queued so far (at least one item), or TimeoutError.
+
+        Returning the whole backlog lets the response coalesce chunks that are
+        already waiting into one socket write without delaying a lone chunk.
+        """
+        if not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._waiter
+            finally:
+                self._waiter = None
+        items = list(self._items)
+        self._items.clear()
+        return items
+
+    async def consumed(self, nbytes: int) -> None:
+        """The client took ``nbytes``: return credit to the agent when due."""
+        grant = self.tracker.consumed(nbytes)
+        if grant:
+            await self.session.send_credit(self.id, grant)
+
+    async def cancel(self, reason: str = "client disconnected") -> None:
+        """Stop the stream from the relay's side and tell the agent, once."""
+        if not self.finished:
+            self.tracker.state = p.StreamState.CANCELLED
+            try:
+                await self.session.send_cancel(self.id, reason)
+            except Exception:  # agent already gone: nothing left to cancel
+                pass
+        self.session.forget(self.id)
+
+
+class AgentSession:
+    """One connected agent, as seen by the node it is connected to."""
+
+    def __init__(
+        self,
+        *,
+        instance_id: str,
+        hello: p.Hello,
+        send_text: SendText,
+        send_bytes: SendBytes,
+        close: Close,
+        window: int,
+    ):
+        self.instance_id = instance_id
+        self.hello = hello
+        self.agent_id = hello.agent_id
+        self.session_id = uuid.uuid4().hex
+        self.models = hello.models
+        self.max_concurrency = hello.max_concurrency
+        self.window = window
+        self.last_seen = time.monotonic()
+        self.connected_at = time.time()
+        self.streams: dict[int, RelayStream] = {}
+        self.closed = False
+        self._send_text = send_text
+        self._send_bytes = send_bytes
+        self._close = close
+        self._next_id = 0
+        self._send_lock = asyncio.Lock()
+
+    @property
+    def inflight(self) -> int:
+        return len(self.streams)
+
+    @property
+    def has_capacity(self) -> bool:
+        return not self.closed and len(self.streams) < self.max_concurrency
+
+    def resolve_model(self, requested: str | None) -> str:
+        # SDKs insist on sending some model name; one the agent does not serve
+        # falls back to its default instead of failing the call.
+        if requested and requested in self.models:
+            return requested
+        return self.models[0]
+
+    # -- outgoing -----------------------------------------------------------
+
+    async def _send(self, message: str | bytes) -> None:
+        async with self._send_lock:
+            if isinstance(message, bytes):
+                await self._send_bytes(message)
+            else:
+                await self._send_text(message)
+
+    async def open_stream(self, body: dict[str, Any], *, stream: bool) -> RelayStream:
+        self._next_id += 1
+        relay_stream = RelayStream(self, self._next_id, window=self.window, stream=stream, model=body["model"])
+        self.streams[relay_stream.id] = relay_stream
+        try:
+            await self._send(p.encode(p.Request(relay_stream.id, body, stream, self.window)))
+        except Exception:
+            self.streams.pop(relay_stream.id, None)
+            raise
+        return relay_stream
+
+    async def send_cancel(self, stream_id: int, reason: str) -> None:
+        await self._send(p.encode(p.Cancel(stream_id, reason)))
+
+    async def send_credit(self, stream_id: int, amount: int) -> None:
+        await self._send(p.encode_credit(stream_id, amount))
+
+    async def send_event(self, event: p.Event) -> None:
+        await self._send(p.encode(event))
+
+    def forget(self, stream_id: int) -> None:
+        self.streams.pop(stream_id, None)
+
+    # -- incoming -----------------------------------------------------------
+
+    async def receive(self, message: str | bytes) -> None:
+        """Handle one message from the agent; raises ProtocolError on abuse."""
+        self.last_seen = time.monotonic()
+        event = p.decode(message)
+        kind = type(event)
+        if kind is p.Data or kind is p.End or kind is p.StreamError:
+            relay_stream = self.streams.get(event.id)  # type: ignore[union-attr]
+            if relay_stream is None:
+                if 0 < event.id <= self._next_id:  # type: ignore[union-attr]
+                    return  # late frame of a stream we cancelled: drop it
+                raise p.ProtocolError(f"frame for stream {event.id} that was never opened")  # type: ignore[union-attr]
+            relay_stream.feed(event)  # type: ignore[arg-type]
+            if relay_stream.finished:
+                self.streams.pop(relay_stream.id, None)
+        elif kind is p.Ping:
+            await self._send(p.encode(p.Pong(event.ts)))  # type: ignore[union-attr]
+        elif kind is p.Pong:
+            pass
+        else:
+            raise p.ProtocolError(f"agents may not send {kind.__name__} frames")
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close the websocket and fail whatever was still running on it."""
+        if self.closed:
+            return
+        self.closed = True
+        self.fail_all(f"agent connection closed: {reason}")
+        try:
+            await self._close(code, reason)
+        except Exception:
+            pass
+
+    def fail_all(self, message: str) -> None:
+        for relay_stream in list(self.streams.values()):
+            relay_stream.fail(502, message, "agent_disconnected")
+        self.streams.clear()
+
+
+class SessionManager:
+    """Every agent session on this node, indexed by instance."""
+
+    def __init__(self) -> None:
+        self._by_instance: dict[str, dict[str, AgentSession]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self._by_instance.values())
+
+    def all(self) -> list[AgentSession]:
+        return [s for sessions in self._by_instance.values() for s in sessions.values()]
+
+    def of(self, instance_id: str) -> list[AgentSession]:
+        return list(self._by_instance.get(instance_id, {}).values())
+
+    def add(self, session: AgentSession) -> AgentSession | None:
+        """Register a session; return the stale one it replaces, if any."""
+        sessions = self._by_instance.setdefault(session.instance_id, {})
+        stale = sessions.get(session.agent_id)
+        sessions[session.agent_id] = session
+        return stale
+
+    def remove(self, session: AgentSession) -> None:
+        sessions = self._by_instance.get(session.instance_id)
+        if sessions and sessions.get(session.agent_id) is session:
+            del sessions[session.agent_id]
+            if not sessions:
+                del self._by_instance[session.instance_id]
+
+    def pick(self, instance_id: str) -> AgentSession | None:
+        """The local agent with the lowest load relative to its concurrency."""
+        best, best_load = None, 1.0
+        for session in self._by_instance.get(instance_id, {}).values():
+            if not session.has_capacity:
+                continue
+            load = session.inflight / session.max_concurrency
+            if best is None or load < best_load:
+                best, best_load = session, load
+        return best
+
+    def stale(self, timeout: float) -> list[AgentSession]:
+        deadline = time.monotonic() - timeout
+        return [s for s in self.all() if s.last_seen < deadline]
