@@ -1,0 +1,233 @@
+"""Test helpers: run the real relay, a real agent and a fake model in-process.
+
+The only thing faked anywhere in the suite is the model: ``FakeUpstream`` is
+a small OpenAI-compatible server (real HTTP, real SSE) that records what it
+was asked and notices when a caller hangs up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import httpx
+import orjson
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from agent.backends import DemoBackend, OpenAIBackend
+from agent.client import AgentClient
+from relay.app import create_app
+from relay.cli import uvicorn_config
+from relay.settings import RelaySettings
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def fast_settings(**overrides: Any) -> RelaySettings:
+    """Relay settings with short timeouts so fault tests finish quickly."""
+    base = dict(
+        host="127.0.0.1",
+        port=free_port(),
+        heartbeat_interval=0.2,
+        heartbeat_timeout=1.0,
+        first_chunk_timeout=5.0,
+        idle_timeout=5.0,
+        log_level="warning",
+    )
+    base.update(overrides)
+    return RelaySettings(**base)
+
+
+@contextlib.asynccontextmanager
+async def serve_app(app, config: uvicorn.Config) -> AsyncIterator[uvicorn.Server]:
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None  # uvicorn < 0.29 compatibility
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                await task
+                raise RuntimeError("server failed to start")
+            await asyncio.sleep(0.01)
+        yield server
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)
+
+
+@dataclass
+class RunningRelay:
+    url: str
+    app: Any
+    settings: RelaySettings
+    server: uvicorn.Server
+
+    @property
+    def registry(self):
+        return self.app.state.registry
+
+    def client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, timeout=30)
+
+    async def register(self, name: str = "test") -> tuple[str, str]:
+        async with self.client() as client:
+            response = await client.post("/api/instances", json={"name": name})
+            response.raise_for_status()
+            data = response.json()
+        return data["instance_id"], data["agent_token"]
+
+
+@contextlib.asynccontextmanager
+async def running_relay(redis_url: str, **overrides: Any) -> AsyncIterator[RunningRelay]:
+    settings = fast_settings(redis_url=redis_url, **overrides)
+    app = create_app(settings)
+    async with serve_app(app, uvicorn_config(app, settings)) as server:
+        yield RunningRelay(f"http://127.0.0.1:{settings.port}", app, settings, server)
+
+
+@contextlib.asynccontextmanager
+async def running_agent(relay_url: str, token: str, backend=None, *, models=None, max_concurrency: int = 16,
+                        ) -> AsyncIterator[AgentClient]:
+    backend = backend or DemoBackend(rate=0)
+    client = AgentClient(
+        relay_url=relay_url, token=token, backend=backend, models=models or await backend.models(),
+        max_concurrency=max_concurrency, max_backoff=1.0, on_status=lambda line: None,
+    )
+    task = asyncio.create_task(client.run())
+    try:
+        await asyncio.wait_for(client.connected.wait(), 10)
+        yield client
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+
+# -- the fake model --------------------------------------------------------------
+
+
+@dataclass
+class FakeUpstream:
+    """An OpenAI-compatible model server for tests.
+
+    ``chunks`` words per answer, ``delay`` seconds between them; ``hang=True``
+    accepts requests and never answers.  ``requests`` records each body and
+    ``disconnects`` counts streams the caller abandoned.
+    """
+
+    chunks: int = 5
+    delay: float = 0.0
+    hang: bool = False
+    fail_status: int | None = None
+    model: str = "fake-model"
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    disconnects: int = 0
+    completed: int = 0
+    url: str = ""
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[
+            Route("/v1/models", self._models),
+            Route("/v1/chat/completions", self._chat, methods=["POST"]),
+        ])
+
+    async def _models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": self.model, "object": "model", "created": 0,
+                                                         "owned_by": "test"}]})
+
+    def _chunk(self, n: int, delta: dict, finish: str | None = None) -> bytes:
+        return orjson.dumps({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0,
+                             "model": self.model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+    async def _chat(self, request: Request) -> Response:
+        body = await request.json()
+        self.requests.append(body)
+        if self.fail_status:
+            return JSONResponse({"error": {"message": "fake failure", "type": "server_error"}},
+                                status_code=self.fail_status)
+        if self.hang:
+            await asyncio.sleep(3600)
+        if not body.get("stream"):
+            text = " ".join(f"w{i}" for i in range(self.chunks))
+            self.completed += 1
+            return JSONResponse({
+                "id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": self.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": self.chunks, "total_tokens": self.chunks + 1},
+            })
+
+        async def events() -> AsyncIterator[bytes]:
+            try:
+                for i in range(self.chunks):
+                    if self.delay:
+                        await asyncio.sleep(self.delay)
+                    yield b"data: " + self._chunk(i, {"content": f"w{i} "}) + b"\n\n"
+                yield b"data: " + self._chunk(self.chunks, {}, "stop") + b"\n\n"
+                yield b"data: [DONE]\n\n"
+                self.completed += 1
+            except asyncio.CancelledError:
+                self.disconnects += 1
+                raise
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+
+@contextlib.asynccontextmanager
+async def running_upstream(upstream: FakeUpstream) -> AsyncIterator[FakeUpstream]:
+    port = free_port()
+    app = upstream.app()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    async with serve_app(app, config):
+        upstream.url = f"http://127.0.0.1:{port}/v1"
+        yield upstream
+
+
+def openai_backend(upstream: FakeUpstream) -> OpenAIBackend:
+    return OpenAIBackend(upstream.url)
+
+
+# -- subprocesses ---------------------------------------------------------------
+
+
+def spawn(args: list[str], env: dict[str, str] | None = None, **kwargs: Any) -> subprocess.Popen:
+    """Run one of our console scripts as a real process (same interpreter)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.Popen(
+        [sys.executable, "-m", *args], env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs
+    )
+
+
+async def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+async def sse_lines(response: httpx.Response) -> list[str]:
+    """All ``data:`` payloads of an SSE response, in order."""
+    out = []
+    async for line in response.aiter_lines():
+        if line.startswith("data: "):
+            out.append(line[6:])
+    return out
