@@ -246,6 +246,9 @@ def _decode_binary(message: bytes) -> Event:
     if len(message) < _HEADER.size:
         raise ProtocolError(f"binary frame too short ({len(message)} bytes)")
     kind, stream_id = _HEADER.unpack_from(message)
+    # Stream ids start at 1 (as in control frames); 0 never names a stream.
+    if stream_id == 0:
+        raise ProtocolError("binary frame for stream id 0")
     if kind == FrameKind.DATA:
         return Data(stream_id, message[_HEADER.size :])
     if kind == FrameKind.CREDIT:
