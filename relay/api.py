@@ -147,6 +147,8 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     state = request.app.state
+    if state.node.draining:
+        raise ServiceNotReady("relay node is draining")
     try:
         await state.redis.ping()
     except (RedisError, OSError, TimeoutError) as exc:

@@ -9,6 +9,7 @@ presence.  Nothing else in the relay creates long-lived objects.
 from __future__ import annotations
 
 import contextlib
+import secrets
 import logging
 from typing import AsyncIterator
 
@@ -20,10 +21,11 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Route, WebSocketRoute
 
 from . import api
-from .chat import LocalRouter
+from .crossnode import CrossNode
 from .errors import RelayError
 from .node import Node
 from .registry import InstanceRegistry
+from .router import StreamRouter
 from .sessions import SessionManager
 from .settings import RelaySettings
 
@@ -52,10 +54,14 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
         raise ValueError("create_app needs a Redis URL (relay serve starts an embedded one)")
     # Short timeouts: a hung Redis must turn into a quick 503, not a hung request.
     redis = Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10)
+    node_id = secrets.token_hex(6)
     sessions = SessionManager()
     registry = InstanceRegistry(redis, heartbeat_timeout=settings.heartbeat_timeout, base_url=settings.base_url())
-    node = Node(settings, registry, sessions)
-    router = LocalRouter(sessions, registry)
+    node = Node(settings, registry, sessions, node_id)
+    bus = CrossNode(redis, node_id, sessions, registry,
+                    heartbeat_timeout=settings.heartbeat_timeout, window=settings.stream_window)
+    node.bus = bus
+    router = StreamRouter(node_id, sessions, registry, bus)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -66,7 +72,11 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
         log.info("relay node %s using redis %s; public URL %s", node.node_id, safe_url(url), settings.base_url())
         async with anyio.create_task_group() as tg:
             tg.start_soon(node.run)
-            tg.start_soon(node.watch_events)
+            tg.start_soon(node.listen)
+            # Serve only once this node can receive cross-node traffic (bounded:
+            # with Redis down we still start, and /readyz says not ready).
+            with anyio.move_on_after(5):
+                await node.listening.wait()
             try:
                 yield
             finally:
@@ -90,6 +100,7 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
     app.state.registry = registry
     app.state.node = node
     app.state.router = router
+    app.state.bus = bus
     return app
 
 

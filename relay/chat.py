@@ -9,6 +9,7 @@ agent's bytes arrive, exactly in OpenAI's format, ending in ``data: [DONE]``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -18,7 +19,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from . import protocol as p
-from .errors import InstanceUnavailable, ModelTimeout, NotFound, RelayError, error_body, from_status
+from .errors import ModelTimeout, error_body, from_status
 from .sessions import RelayStream
 
 log = logging.getLogger("relay.chat")
@@ -36,7 +37,7 @@ async def first_items(relay_stream: RelayStream, timeout: float) -> list:
     try:
         return await relay_stream.next(timeout)
     except TimeoutError:
-        await relay_stream.cancel("no first chunk in time")
+        await relay_stream.close("no first chunk in time")
         raise ModelTimeout(f"the model sent nothing within {timeout:g} s") from None
 
 
@@ -62,12 +63,16 @@ async def collect(relay_stream: RelayStream, items: list, idle_timeout: float) -
         try:
             items = await relay_stream.next(idle_timeout)
         except TimeoutError:
-            await relay_stream.cancel("idle timeout")
+            await relay_stream.close("idle timeout")
             raise ModelTimeout(f"the model went silent for {idle_timeout:g} s") from None
 
 
 def sse_error(message: str, type_: str, code: str | None) -> bytes:
     return p.sse_event(orjson.dumps(error_body(message, type_, None, code))) + p.SSE_DONE
+
+
+class SlowReader(Exception):
+    """The client stopped reading for longer than the stall limit."""
 
 
 class EventStreamResponse(Response):
@@ -79,10 +84,11 @@ class EventStreamResponse(Response):
     if the stream is still running the agent is told to cancel it.
     """
 
-    def __init__(self, relay_stream: RelayStream, first: list, idle_timeout: float):
+    def __init__(self, relay_stream: RelayStream, first: list, idle_timeout: float, stall_timeout: float):
         self.relay_stream = relay_stream
         self.first = first
         self.idle_timeout = idle_timeout
+        self.stall_timeout = stall_timeout
         self.status_code = 200
         self.background = None
 
@@ -98,16 +104,14 @@ class EventStreamResponse(Response):
                     tg.cancel_scope.cancel()
 
                 tg.start_soon(watch_disconnect)
-                await self._write(send)
+                try:
+                    await self._write(send)
+                except (OSError, SlowReader):
+                    pass  # client gone or stalled; the finally clause cancels the stream
                 tg.cancel_scope.cancel()
-        except OSError:
-            pass  # client gone while we wrote; the finally clause cleans up
         finally:
-            if not relay_stream.finished:
-                with anyio.CancelScope(shield=True):
-                    await relay_stream.cancel("client disconnected")
-            else:
-                relay_stream.session.forget(relay_stream.id)
+            with anyio.CancelScope(shield=True):
+                await relay_stream.close("client disconnected")
 
     async def _write(self, send: Send) -> None:
         relay_stream, items = self.relay_stream, self.first
@@ -122,7 +126,16 @@ class EventStreamResponse(Response):
                 else:
                     tail = sse_error(item.message, "upstream_error", item.code)
             if payload:
-                await send({"type": "http.response.body", "body": bytes(payload), "more_body": True})
+                try:
+                    # A client that stops reading blocks this send (uvicorn
+                    # waits for the socket to drain); the agent stops too once
+                    # the window is spent.  Past the stall limit, give up.
+                    async with asyncio.timeout(self.stall_timeout):
+                        await send({"type": "http.response.body", "body": bytes(payload), "more_body": True})
+                except TimeoutError:
+                    log.warning("stream %s: client read nothing for %gs; cutting it off",
+                                relay_stream.id, self.stall_timeout)
+                    raise SlowReader() from None
                 await relay_stream.consumed(len(payload))
             if tail is not None:
                 await send({"type": "http.response.body", "body": tail, "more_body": False})
@@ -131,7 +144,7 @@ class EventStreamResponse(Response):
                 items = await relay_stream.next(self.idle_timeout)
             except TimeoutError:
                 log.warning("stream %s: model idle for %gs, ending it", relay_stream.id, self.idle_timeout)
-                await relay_stream.cancel("idle timeout")
+                await relay_stream.close("idle timeout")
                 body = sse_error(f"the model went silent for {self.idle_timeout:g} s", "timeout_error", "model_timeout")
                 await send({"type": "http.response.body", "body": body, "more_body": False})
                 return
@@ -139,44 +152,19 @@ class EventStreamResponse(Response):
 
 async def run_chat(router: Any, instance_id: str, request: Any, settings: Any) -> Response:
     """Route one validated chat request and build its response."""
-    session = await router.pick(instance_id)
-    model = session.resolve_model(request.model)
-    relay_stream = await session.open_stream(request.upstream_body(model), stream=request.stream)
+    relay_stream = await router.open(instance_id, request)
     try:
         items = await first_items(relay_stream, settings.first_chunk_timeout)
         raise_if_error(items)
         if request.stream:
-            return EventStreamResponse(relay_stream, items, settings.idle_timeout)
+            # From here the response owns the stream and closes it.
+            return EventStreamResponse(relay_stream, items, settings.idle_timeout, settings.stall_timeout)
         body = await collect(relay_stream, items, settings.idle_timeout)
+        with anyio.CancelScope(shield=True):
+            await relay_stream.close("done")
         return Response(body, media_type="application/json")
     except BaseException:
         # Errors and cancellation (client gone while we waited) stop the agent too.
-        if not relay_stream.finished:
-            with anyio.CancelScope(shield=True):
-                await relay_stream.cancel("request failed")
-        else:
-            relay_stream.session.forget(relay_stream.id)
+        with anyio.CancelScope(shield=True):
+            await relay_stream.close("request failed")
         raise
-
-
-class LocalRouter:
-    """Chooses an agent connected to this node (cross-node routing: see issue 3)."""
-
-    def __init__(self, sessions: Any, registry: Any):
-        self.sessions = sessions
-        self.registry = registry
-
-    async def pick(self, instance_id: str):
-        session = self.sessions.pick(instance_id)
-        if session is not None:
-            return session
-        if self.sessions.of(instance_id):
-            raise InstanceUnavailable(
-                f"instance {instance_id!r} is at capacity; retry shortly", code="instance_at_capacity"
-            )
-        if not await self.registry.exists(instance_id):
-            raise NotFound(f"instance {instance_id!r} not found", param="instance_id")
-        raise InstanceUnavailable(f"instance {instance_id!r} is offline: no agent is connected")
-
-
-__all__ = ["run_chat", "LocalRouter", "EventStreamResponse", "RelayError"]

@@ -16,10 +16,9 @@ import logging
 import sys
 from pathlib import Path
 
-import uvicorn
-
 from .app import create_app, safe_url
 from .embedded_redis import EmbeddedRedis
+from .server import RelayServer, uvicorn_config
 from .settings import RelaySettings
 
 log = logging.getLogger("relay")
@@ -65,24 +64,10 @@ def redis_for(settings: RelaySettings, data_subdir: str = "redis"):
         yield embedded.url
 
 
-def uvicorn_config(app, settings: RelaySettings) -> uvicorn.Config:
-    return uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        access_log=False,  # one line per chunk-stream is noise; errors are logged by the app
-        ws_max_size=settings.max_frame_bytes,
-        ws_ping_interval=None,  # agents heartbeat inside the protocol
-        timeout_graceful_shutdown=10,
-        lifespan="on",
-    )
-
-
 def serve(settings: RelaySettings) -> None:
     with redis_for(settings) as url:
         app = create_app(settings, redis_url=url)
-        uvicorn.Server(uvicorn_config(app, settings)).run()
+        RelayServer(uvicorn_config(app, settings), app).run()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,15 +12,14 @@ import asyncio
 import contextlib
 import logging
 
-import uvicorn
-
 from agent import credentials as creds_store
 from agent.backends import DemoBackend
 from agent.client import AgentClient
 from agent.registration import register
 
 from .app import create_app
-from .cli import redis_for, uvicorn_config
+from .cli import redis_for
+from .server import RelayServer, uvicorn_config
 from .settings import RelaySettings
 
 log = logging.getLogger("relay.demo")
@@ -51,7 +50,7 @@ def banner(chat_url: str) -> str:
 async def run_demo(settings: RelaySettings) -> None:
     with redis_for(settings, data_subdir="demo-redis") as redis_url:
         app = create_app(settings, redis_url=redis_url)
-        server = uvicorn.Server(uvicorn_config(app, settings))
+        server = RelayServer(uvicorn_config(app, settings), app)
         server_task = asyncio.create_task(server.serve())
         while not server.started:
             if server_task.done():

@@ -11,7 +11,14 @@ Layout (prefix ``ir:``):
 ``ir:agents:{id}``          hash  agent id -> JSON {node, session, max_concurrency,
                                   models, connected_at}: agents of one instance,
                                   written on connect, removed on disconnect
+``ir:load:{id}``            hash  agent session -> requests in flight (all nodes),
+                                  incremented by the node that routes a request,
+                                  decremented when it ends; drives least-busy picks
 ``ir:node:{node}``          str   node liveness, TTL = heartbeat timeout
+
+Pub/sub channels: ``ir:events`` (registry events every node must see, e.g. an
+instance deleted) and ``ir:inbox:{node}`` (one per node: cross-node stream
+traffic, see ``crossnode.py``).
 
 Presence is derived, never a sticky flag: an instance is ``online`` when one of
 its agents is registered on a node whose liveness key still exists.  The node
@@ -41,8 +48,19 @@ def agents(instance_id: str) -> str:
     return f"{PREFIX}agents:{instance_id}"
 
 
+def load(instance_id: str) -> str:
+    return f"{PREFIX}load:{instance_id}"
+
+
 def node(node_id: str) -> str:
     return f"{PREFIX}node:{node_id}"
+
+
+NODE_PREFIX = PREFIX + "node:"
+
+
+def inbox(node_id: str) -> str:
+    return f"{PREFIX}inbox:{node_id}"
 
 
 def node_ttl_ms(heartbeat_timeout: float) -> int:

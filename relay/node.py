@@ -8,8 +8,8 @@ until the agent goes away.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import secrets
 
 import anyio
 import orjson
@@ -19,6 +19,7 @@ from starlette.websockets import WebSocket
 
 from . import __version__, keys
 from . import protocol as p
+from .crossnode import CrossNode
 from .errors import error_body
 from .registry import AgentEntry, InstanceRegistry
 from .sessions import AgentSession, SessionManager
@@ -30,12 +31,16 @@ HANDSHAKE_TIMEOUT = 10.0
 
 
 class Node:
-    def __init__(self, settings: RelaySettings, registry: InstanceRegistry, sessions: SessionManager):
+    def __init__(self, settings: RelaySettings, registry: InstanceRegistry, sessions: SessionManager, node_id: str):
         self.settings = settings
         self.registry = registry
         self.sessions = sessions
-        self.node_id = secrets.token_hex(6)
+        self.node_id = node_id
         self.redis_ok = True
+        self.draining = False
+        self.listening = asyncio.Event()  # set while subscribed to the inbox
+        self.bus: CrossNode | None = None  # set by the composition root
+        self._inbox = keys.inbox(node_id).encode()
 
     # -- housekeeping --------------------------------------------------------
 
@@ -52,42 +57,65 @@ class Node:
                 session.agent_id, session.instance_id, self.settings.heartbeat_timeout,
             )
             await session.close(p.CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
-        # After an outage Redis may have lost everything (restart without
-        # persistence, failover): re-assert every agent of this node with the
-        # liveness write, in the same pipeline.
-        entries = [(s.instance_id, self.entry(s)) for s in self.sessions.all()] if not self.redis_ok else []
         try:
-            await self.registry.refresh_node(self.node_id, entries)
+            existed = await self.registry.refresh_node(self.node_id)
+            if not existed or not self.redis_ok:
+                # Redis restarted, failed over or was unreachable: it may have
+                # lost this node's agents.  Re-assert all of them in one pipeline.
+                entries = [(s.instance_id, self.entry(s)) for s in self.sessions.all()]
+                await self.registry.refresh_node(self.node_id, entries)
+                if not self.redis_ok or entries:
+                    log.info("presence re-asserted for %d agents", len(entries))
         except (RedisError, OSError) as exc:
             if self.redis_ok:
                 log.error("redis unreachable (%s); presence will be re-asserted when it is back", exc)
             self.redis_ok = False
         else:
-            if not self.redis_ok:
-                log.info("redis reachable again; re-asserted %d agents", len(entries))
             self.redis_ok = True
 
-    async def watch_events(self) -> None:
-        """Follow registry events published by any node (instance deletions)."""
+    async def listen(self) -> None:
+        """Follow this node's inbox (cross-node streams) and registry events, forever.
+
+        Resubscribes after Redis comes back; streams that crossed nodes during
+        the outage fail by timeout or liveness check, never hang.
+        """
         while True:
             try:
-                async with self.registry.redis.pubsub() as pubsub:
-                    await pubsub.subscribe(keys.EVENTS_CHANNEL)
-                    async for message in pubsub.listen():
-                        if message["type"] != "message":
+                async with self.registry.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(keys.EVENTS_CHANNEL, self.bus.channel)
+                    self.listening.set()
+                    while True:
+                        message = await pubsub.get_message(timeout=None)
+                        if message is None:
                             continue
-                        event = orjson.loads(message["data"])
-                        if "deleted" in event:
-                            await self.close_instance(event["deleted"], "instance deleted")
-            except (RedisError, OSError):
-                await anyio.sleep(1.0)
+                        if message["channel"] == self._inbox:
+                            self.bus.handle(message["data"])
+                        else:
+                            await self._registry_event(message["data"])
+            except (RedisError, OSError) as exc:
+                self.listening.clear()
+                log.debug("pub/sub connection lost (%s); resubscribing", exc)
+                await anyio.sleep(0.5)
+
+    async def _registry_event(self, data: bytes) -> None:
+        try:
+            event = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return
+        if isinstance(event, dict) and "deleted" in event:
+            await self.close_instance(str(event["deleted"]), "instance deleted")
 
     async def close_instance(self, instance_id: str, reason: str) -> None:
         for session in self.sessions.of(instance_id):
             await session.close(p.CloseCode.UNAUTHORIZED, reason)
 
     async def shutdown(self) -> None:
+        """Tell every agent to reconnect elsewhere, then leave the cluster."""
         for session in self.sessions.all():
+            try:
+                await session.send_event(p.GoAway("relay node shutting down"))
+            except Exception:
+                pass
             await session.close(p.CloseCode.GOING_AWAY, "relay node shutting down")
         try:
             await self.registry.drop_node(self.node_id)
@@ -131,7 +159,17 @@ class Node:
         if stale is not None:
             await stale.close(p.CloseCode.REPLACED, "replaced by a new connection of the same agent")
         try:
-            await self.registry.add_agent(instance_id, self.entry(session))
+            try:
+                previous = await self.registry.add_agent(instance_id, self.entry(session))
+            except (RedisError, OSError) as exc:
+                # Serve anyway: local requests still reach this agent, and the
+                # next heartbeat re-asserts it once Redis answers again.
+                log.warning("could not record agent %s in redis (%s)", hello.agent_id, exc)
+                self.redis_ok, previous = False, None
+            if previous is not None and previous.node != self.node_id:
+                # The same agent reconnected here while its old session still
+                # looks alive on another node: have that node drop it now.
+                await self.bus.kick(previous.node, instance_id, previous.agent_id, previous.session)
             await session.send_event(
                 p.Welcome(
                     protocol=p.PROTOCOL_VERSION,
@@ -203,3 +241,4 @@ class Node:
                 log.warning("agent %s of instance %s broke the protocol: %s", session.agent_id, session.instance_id, exc)
                 await session.close(exc.close_code, str(exc)[:120])
                 return
+

@@ -87,14 +87,56 @@ for i = 1, #entries, 2 do
     table.insert(out, entries[i + 1])
   else
     redis.call('HDEL', KEYS[1], entries[i])
+    redis.call('HDEL', KEYS[2], entry['session'])
   end
 end
 return out
 """
 
+# Choose the agent for one request and count it, atomically, so that
+# concurrent requests on different nodes never overfill the same agent.
+# The least busy agent relative to its declared concurrency wins; agents at
+# capacity and agents on nodes listed in ARGV[2..] are skipped.
+# Returns {'ok', agent_id, entry} | {'busy'} | {'offline'} | {'missing'}.
+_PICK_AGENT = """
+local entries = redis.call('HGETALL', KEYS[1])
+if #entries == 0 then
+  if redis.call('EXISTS', KEYS[3]) == 0 then return {'missing'} end
+  return {'offline'}
+end
+local excluded = {}
+for i = 2, #ARGV do excluded[ARGV[i]] = true end
+local best, best_raw, best_session, best_load = nil, nil, nil, nil
+local seen = false
+for i = 1, #entries, 2 do
+  local entry = cjson.decode(entries[i + 1])
+  if redis.call('EXISTS', ARGV[1] .. entry['node']) == 0 then
+    redis.call('HDEL', KEYS[1], entries[i])
+    redis.call('HDEL', KEYS[2], entry['session'])
+  elseif not excluded[entry['node']] then
+    seen = true
+    local inflight = tonumber(redis.call('HGET', KEYS[2], entry['session']) or '0')
+    if inflight < entry['max_concurrency'] then
+      local load = inflight / entry['max_concurrency']
+      if best_load == nil or load < best_load then
+        best, best_raw, best_session, best_load = entries[i], entries[i + 1], entry['session'], load
+      end
+    end
+  end
+end
+if best == nil then
+  if seen then return {'busy'} end
+  if redis.call('EXISTS', KEYS[3]) == 0 then return {'missing'} end
+  return {'offline'}
+end
+redis.call('HINCRBY', KEYS[2], best_session, 1)
+return {'ok', best, best_raw}
+"""
+
 # Remove an agent only if the entry still belongs to the session that is
 # leaving: a reconnect may already have replaced it with a newer session.
 _REMOVE_AGENT = """
+redis.call('HDEL', KEYS[3], ARGV[2])
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
 if raw and cjson.decode(raw)['session'] == ARGV[2] then
   redis.call('HDEL', KEYS[1], ARGV[1])
@@ -112,6 +154,7 @@ class InstanceRegistry:
         self.base_url = base_url.rstrip("/")
         self._live_agents = redis.register_script(_LIVE_AGENTS)
         self._remove_agent = redis.register_script(_REMOVE_AGENT)
+        self._pick_agent = redis.register_script(_PICK_AGENT)
 
     def chat_url(self, instance_id: str) -> str:
         return f"{self.base_url}/api/chat/{instance_id}"
@@ -186,37 +229,68 @@ class InstanceRegistry:
 
     # -- presence ----------------------------------------------------------
 
-    async def add_agent(self, instance_id: str, entry: AgentEntry) -> None:
+    async def add_agent(self, instance_id: str, entry: AgentEntry) -> AgentEntry | None:
+        """Record a connected agent; return the entry it replaced (same agent id), if any."""
         async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hget(keys.agents(instance_id), entry.agent_id)
             pipe.hset(keys.agents(instance_id), entry.agent_id, entry.encode())
             pipe.hset(
                 keys.instance(instance_id),
                 mapping={"models": orjson.dumps(list(entry.models)), "last_seen": repr(time.time())},
             )
-            await pipe.execute()
+            previous, *_ = await pipe.execute()
+        if previous is None:
+            return None
+        old = AgentEntry.decode(entry.agent_id, previous)
+        return None if old.session == entry.session else old
 
     async def remove_agent(self, instance_id: str, agent_id: str, session: str) -> bool:
         removed = await self._remove_agent(
-            keys=[keys.agents(instance_id), keys.instance(instance_id)],
+            keys=[keys.agents(instance_id), keys.instance(instance_id), keys.load(instance_id)],
             args=[agent_id, session, repr(time.time())],
         )
         return bool(removed)
 
     async def live_agents(self, instance_id: str) -> list[AgentEntry]:
-        flat = await self._live_agents(keys=[keys.agents(instance_id)], args=[keys.node("")])
+        flat = await self._live_agents(
+            keys=[keys.agents(instance_id), keys.load(instance_id)], args=[keys.NODE_PREFIX]
+        )
         return [AgentEntry.decode(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
 
-    async def refresh_node(self, node_id: str, entries: list[tuple[str, AgentEntry]] = ()) -> None:
+    async def pick_agent(self, instance_id: str, exclude_nodes: tuple[str, ...] = ()) -> tuple[str, AgentEntry | None]:
+        """Reserve a slot on the least busy agent: ``("ok", entry)`` or ``(reason, None)``.
+
+        Every "ok" must be paired with :meth:`release_agent` when the request ends.
+        """
+        result = await self._pick_agent(
+            keys=[keys.agents(instance_id), keys.load(instance_id), keys.instance(instance_id)],
+            args=[keys.NODE_PREFIX, *exclude_nodes],
+        )
+        verdict = result[0].decode()
+        if verdict != "ok":
+            return verdict, None
+        return verdict, AgentEntry.decode(result[1].decode(), result[2])
+
+    async def release_agent(self, instance_id: str, session: str) -> None:
+        await self.redis.hincrby(keys.load(instance_id), session, -1)
+
+    async def refresh_node(self, node_id: str, entries: list[tuple[str, AgentEntry]] = ()) -> bool:
         """Mark this node alive for one more heartbeat timeout.
 
-        ``entries`` (instance id, agent) are re-asserted in the same pipeline;
-        pass them after Redis came back, since it may have lost them.
+        Returns False when the liveness key was missing: Redis restarted or lost
+        data, or this node stalled past its TTL.  ``entries`` (instance id,
+        agent) are re-asserted in the same pipeline.
         """
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(keys.node(node_id), repr(time.time()), px=keys.node_ttl_ms(self.heartbeat_timeout))
+            # SET ... GET (Redis >= 6.2) tells in the same command whether the key was there.
+            pipe.set(keys.node(node_id), repr(time.time()), px=keys.node_ttl_ms(self.heartbeat_timeout), get=True)
             for instance_id, entry in entries:
                 pipe.hset(keys.agents(instance_id), entry.agent_id, entry.encode())
-            await pipe.execute()
+            results = await pipe.execute()
+        return results[0] is not None
+
+    async def node_alive(self, node_id: str) -> bool:
+        return bool(await self.redis.exists(keys.node(node_id)))
 
     async def drop_node(self, node_id: str) -> None:
         await self.redis.delete(keys.node(node_id))

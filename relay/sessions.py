@@ -30,8 +30,12 @@ SendBytes = Callable[[bytes], Awaitable[None]]
 Close = Callable[[int, str], Awaitable[None]]
 
 
-class StreamClosed(Exception):
-    """Raised to readers of a stream whose agent went away."""
+def resolve_model(models: tuple[str, ...], requested: str | None) -> str:
+    # SDKs insist on sending some model name; one the agent does not serve
+    # falls back to its default (its first model) instead of failing the call.
+    if requested and requested in models:
+        return requested
+    return models[0]
 
 
 class RelayStream:
@@ -43,7 +47,7 @@ class RelayStream:
     tracker closes the agent if it does not.
     """
 
-    __slots__ = ("id", "session", "tracker", "stream", "model", "_items", "_waiter", "usage")
+    __slots__ = ("id", "session", "tracker", "stream", "model", "_items", "_waiter", "usage", "on_close", "_closed")
 
     def __init__(self, session: "AgentSession", stream_id: int, *, window: int, stream: bool, model: str):
         self.id = stream_id
@@ -54,6 +58,9 @@ class RelayStream:
         self.usage: dict[str, Any] | None = None
         self._items: deque[bytes | p.End | p.StreamError] = deque()
         self._waiter: asyncio.Future[None] | None = None
+        #: Awaited once when the stream is closed (the router releases its slot).
+        self.on_close: Callable[[], Awaitable[None]] | None = None
+        self._closed = False
 
     @property
     def finished(self) -> bool:
@@ -109,8 +116,15 @@ class RelayStream:
         if grant:
             await self.session.send_credit(self.id, grant)
 
-    async def cancel(self, reason: str = "client disconnected") -> None:
-        """Stop the stream from the relay's side and tell the agent, once."""
+    async def close(self, reason: str = "client disconnected") -> None:
+        """Done with this stream, for whatever reason; idempotent.
+
+        A stream still running is cancelled at the agent (which aborts the
+        model's request); late frames for it are then dropped.
+        """
+        if self._closed:
+            return
+        self._closed = True
         if not self.finished:
             self.tracker.state = p.StreamState.CANCELLED
             try:
@@ -118,6 +132,8 @@ class RelayStream:
             except Exception:  # agent already gone: nothing left to cancel
                 pass
         self.session.forget(self.id)
+        if self.on_close is not None:
+            await self.on_close()
 
 
 class AgentSession:
@@ -159,11 +175,7 @@ class AgentSession:
         return not self.closed and len(self.streams) < self.max_concurrency
 
     def resolve_model(self, requested: str | None) -> str:
-        # SDKs insist on sending some model name; one the agent does not serve
-        # falls back to its default instead of failing the call.
-        if requested and requested in self.models:
-            return requested
-        return self.models[0]
+        return resolve_model(self.models, requested)
 
     # -- outgoing -----------------------------------------------------------
 
@@ -251,6 +263,9 @@ class SessionManager:
 
     def of(self, instance_id: str) -> list[AgentSession]:
         return list(self._by_instance.get(instance_id, {}).values())
+
+    def get(self, instance_id: str, agent_id: str) -> AgentSession | None:
+        return self._by_instance.get(instance_id, {}).get(agent_id)
 
     def add(self, session: AgentSession) -> AgentSession | None:
         """Register a session; return the stale one it replaces, if any."""

@@ -39,6 +39,10 @@ class RelaySettings(BaseSettings):
     first_chunk_timeout: float = 60.0
     #: Seconds allowed between two chunks before the stream ends with an error.
     idle_timeout: float = 60.0
+    #: Seconds a client may read nothing before its stream is cut off.
+    stall_timeout: float = 30.0
+    #: Seconds a draining node (SIGTERM) lets in-flight streams finish.
+    drain_timeout: float = 30.0
     #: Per-stream flow-control window in bytes (relay memory per slow reader).
     stream_window: int = 256 * 1024
     #: Largest websocket message accepted from an agent.

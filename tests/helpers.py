@@ -28,7 +28,7 @@ from starlette.routing import Route
 from agent.backends import DemoBackend, OpenAIBackend
 from agent.client import AgentClient
 from relay.app import create_app
-from relay.cli import uvicorn_config
+from relay.server import RelayServer, uvicorn_config
 from relay.settings import RelaySettings
 
 
@@ -54,8 +54,8 @@ def fast_settings(**overrides: Any) -> RelaySettings:
 
 
 @contextlib.asynccontextmanager
-async def serve_app(app, config: uvicorn.Config) -> AsyncIterator[uvicorn.Server]:
-    server = uvicorn.Server(config)
+async def serve_app(app, config: uvicorn.Config, server_class=uvicorn.Server) -> AsyncIterator[uvicorn.Server]:
+    server = server_class(config, app) if server_class is RelayServer else server_class(config)
     server.install_signal_handlers = lambda: None  # uvicorn < 0.29 compatibility
     task = asyncio.create_task(server.serve())
     try:
@@ -97,7 +97,7 @@ class RunningRelay:
 async def running_relay(redis_url: str, **overrides: Any) -> AsyncIterator[RunningRelay]:
     settings = fast_settings(redis_url=redis_url, **overrides)
     app = create_app(settings)
-    async with serve_app(app, uvicorn_config(app, settings)) as server:
+    async with serve_app(app, uvicorn_config(app, settings), RelayServer) as server:
         yield RunningRelay(f"http://127.0.0.1:{settings.port}", app, settings, server)
 
 

@@ -1,0 +1,62 @@
+"""uvicorn, configured for the relay, with a graceful drain on SIGTERM.
+
+uvicorn's own shutdown closes websockets at once, which would cut every
+stream served by this node's agents.  ``RelayServer`` first stops accepting
+connections and new chat requests, lets in-flight streams finish for up to
+``drain_timeout`` seconds, then tells its agents to reconnect elsewhere
+(``goaway`` + close 1001), and only then lets uvicorn finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import uvicorn
+
+from .settings import RelaySettings
+
+log = logging.getLogger("relay.server")
+
+
+def uvicorn_config(app, settings: RelaySettings) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        access_log=False,  # one line per chunk-stream is noise; errors are logged by the app
+        ws_max_size=settings.max_frame_bytes,
+        ws_ping_interval=None,  # agents heartbeat inside the protocol
+        timeout_graceful_shutdown=5,
+        lifespan="on",
+    )
+
+
+class RelayServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, app) -> None:
+        super().__init__(config)
+        self.relay_app = app
+
+    def active_streams(self) -> int:
+        state = self.relay_app.state
+        return sum(s.inflight for s in state.sessions.all()) + len(state.bus.ingress)
+
+    async def shutdown(self, sockets=None) -> None:
+        state = self.relay_app.state
+        for server in self.servers:
+            server.close()  # stop accepting connections
+        state.router.draining = True  # keep-alive connections get 503 + Retry-After
+        state.node.draining = True  # /readyz turns 503 so load balancers move on
+        deadline = time.monotonic() + state.settings.drain_timeout
+        active = self.active_streams()
+        if active:
+            log.info("draining: waiting up to %gs for %d streams", state.settings.drain_timeout, active)
+        while self.active_streams() and time.monotonic() < deadline and not self.force_exit:
+            await asyncio.sleep(0.05)
+        left = self.active_streams()
+        if left:
+            log.warning("drain timeout: cutting %d streams still running", left)
+        await state.node.shutdown()
+        await super().shutdown(sockets)
