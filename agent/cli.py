@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--relay-url", help="relay base URL (AGENT_RELAY_URL), e.g. http://127.0.0.1:8080")
+        p.add_argument("--relay-url", help="relay base URL (AGENT_RELAY_URL), e.g. http://127.0.0.1:8080; "
+                                           "run accepts several, comma-separated, tried in turn")
         p.add_argument("--credentials", help="credentials file (AGENT_CREDENTIALS)")
 
     run = sub.add_parser("run", help="connect to the relay and serve requests (registers on first run)")
@@ -85,7 +86,7 @@ def make_backend(settings: AgentSettings):
 
 async def obtain_credentials(settings: AgentSettings) -> Credentials:
     """The token to connect with: flag/env, else saved, else register now."""
-    relay_url = settings.relay_url.rstrip("/")
+    relay_url = settings.primary_relay_url()
     if settings.token:
         return Credentials(relay_url, "", settings.token, "")
     saved = creds_store.load(settings.credentials, relay_url)
@@ -144,18 +145,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             asyncio.run(_run_until_signal(serve(settings)))
         elif args.command == "register":
-            creds = asyncio.run(register(settings.relay_url, settings.name, settings.description))
+            creds = asyncio.run(register(settings.primary_relay_url(), settings.name, settings.description))
             creds_store.save(settings.credentials, creds)
             print(json.dumps({"instance_id": creds.instance_id, "chat_url": creds.chat_url,
                               "credentials": str(settings.credentials)}, indent=2))
         elif args.command == "status":
             instance_id = args.instance_id
             if not instance_id:
-                saved = creds_store.load(settings.credentials, settings.relay_url)
+                saved = creds_store.load(settings.credentials, settings.primary_relay_url())
                 if saved is None:
                     raise SystemExit("relay-agent: no saved instance; pass --instance-id")
                 instance_id = saved.instance_id
-            print(json.dumps(asyncio.run(instance_status(settings.relay_url, instance_id)), indent=2))
+            print(json.dumps(asyncio.run(instance_status(settings.primary_relay_url(), instance_id)), indent=2))
     except (FatalAgentError, RelayHTTPError, BackendError) as exc:
         print(f"relay-agent: {exc}", file=sys.stderr)
         return 1

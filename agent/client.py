@@ -100,20 +100,30 @@ class AgentClient:
         max_backoff: float = 30.0,
         on_status: Callable[[str], None] | None = None,
     ):
-        self.relay_url = relay_url
-        self.url = websocket_url(relay_url)
+        # Several relay URLs may be given (comma-separated): when one fails
+        # or asks us to go away, the next attempt uses the next one.
+        self.relay_urls = [u.strip() for u in relay_url.split(",") if u.strip()]
+        self._url_index = 0
         self.token = token
         self.backend = backend
         self.models = models
         self.max_concurrency = max_concurrency
         self.max_backoff = max_backoff
         self.agent_id = uuid.uuid4().hex  # stable across reconnects of this process
-        self.status = AgentStatus(relay_url=relay_url)
+        self.status = AgentStatus(relay_url=self.relay_urls[0])
         self.on_status = on_status or (lambda line: log.info("%s", line))
         self.connected = asyncio.Event()
         self._streams: dict[int, _Stream] = {}
         self._ws: ClientConnection | None = None
         self._send_lock = asyncio.Lock()
+
+    @property
+    def relay_url(self) -> str:
+        return self.relay_urls[self._url_index]
+
+    @property
+    def url(self) -> str:
+        return websocket_url(self.relay_url)
 
     # -- reconnect loop -------------------------------------------------------
 
@@ -127,7 +137,11 @@ class AgentClient:
                 delays = backoff_delays(cap=self.max_backoff)
             delay = next(delays)
             self.status.last_error = reason
-            self.on_status(f"disconnected from {self.relay_url}: {reason}; reconnecting in {delay:.1f}s")
+            previous = self.relay_url
+            self._url_index = (self._url_index + 1) % len(self.relay_urls)
+            self.status.relay_url = self.relay_url
+            where = "" if self.relay_url == previous else f" to {self.relay_url}"
+            self.on_status(f"disconnected from {previous}: {reason}; reconnecting{where} in {delay:.1f}s")
             await asyncio.sleep(delay)
 
     async def _connect_once(self) -> str:

@@ -37,5 +37,9 @@ class AgentSettings(BaseSettings):
     #: Longest backoff between reconnect attempts.
     max_backoff: float = 30.0
 
+    def primary_relay_url(self) -> str:
+        """The first relay URL: where the agent registers and what keys its credentials."""
+        return self.relay_url.split(",")[0].strip().rstrip("/")
+
     def model_names(self) -> list[str]:
         return [m.strip() for m in (self.model or "").split(",") if m.strip()]
