@@ -10,6 +10,7 @@ Cancelling the consuming task aborts the upstream HTTP request at once
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from typing import Any, AsyncIterator, Protocol
@@ -39,34 +40,44 @@ class Backend(Protocol):
 # -- OpenAI-compatible upstream -------------------------------------------------
 
 
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
 def iter_sse_data(buffer: bytearray, data: bytes) -> list[bytes]:
     """Feed bytes of an event stream; return the ``data`` of each complete event.
 
     A small incremental parser for the subset of the SSE format (WHATWG HTML
-    s9.2.6) that OpenAI-style servers emit: ``data:`` fields, comments, blank
-    line = dispatch; CRLF and LF line endings; multi-line data joined by LF.
-    ``buffer`` keeps the unfinished tail between calls.
+    s9.2.6) that OpenAI-style servers emit: ``data`` fields, comments, blank
+    line = dispatch; lines may end in CRLF, LF or CR, even mixed in one stream
+    (so the parser works line by line rather than looking for one fixed
+    blank-line pattern); multi-line data joined by LF.  ``buffer`` keeps the
+    unfinished event between calls.
     """
     buffer += data
     events: list[bytes] = []
-    while True:
-        # An event ends at a blank line, whichever line ending the server uses.
-        end, sep = -1, 0
-        for candidate in (b"\n\n", b"\r\n\r\n", b"\r\r"):
-            i = buffer.find(candidate)
-            if i != -1 and (end == -1 or i < end):
-                end, sep = i, len(candidate)
-        if end == -1:
-            return events
-        block = bytes(buffer[:end])
-        del buffer[: end + sep]
-        lines = []
-        for line in block.replace(b"\r\n", b"\n").split(b"\n"):
-            if line.startswith(b"data:"):
-                value = line[5:]
-                lines.append(value[1:] if value.startswith(b" ") else value)
-        if lines:
-            events.append(b"\n".join(lines))
+    lines: list[bytes] = []
+    pos = event_start = 0
+    size = len(buffer)
+    while (match := _LINE_END.search(buffer, pos)) is not None:
+        line = bytes(buffer[pos : match.start()])
+        if match.end() == size and match.group() == b"\r" and line:
+            # A CR ending the buffer may be the first half of a CRLF split
+            # across feeds; wait for the next byte.  (After an empty line it is
+            # safe to dispatch now: a following LF is just one more empty line.)
+            break
+        pos = match.end()
+        if not line:
+            if lines:
+                events.append(b"\n".join(lines))
+                lines = []
+            event_start = pos
+        elif line.startswith(b"data:"):
+            value = line[5:]
+            lines.append(value[1:] if value.startswith(b" ") else value)
+        elif line == b"data":
+            lines.append(b"")
+    del buffer[:event_start]
+    return events
 
 
 def _upstream_error(status: int, payload: bytes) -> BackendError:
