@@ -59,6 +59,11 @@ class Node:
             await session.close(p.CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
         try:
             existed = await self.registry.refresh_node(self.node_id)
+            idle = [s for s in self.sessions.all() if s.load_dirty and not s.streams]
+            if idle:
+                await self.registry.reset_load([(s.instance_id, s.session_id) for s in idle])
+                for s in idle:
+                    s.load_dirty = False
             if not existed or not self.redis_ok:
                 # Redis restarted, failed over or was unreachable: it may have
                 # lost this node's agents.  Re-assert all of them in one pipeline.

@@ -289,6 +289,18 @@ class InstanceRegistry:
             results = await pipe.execute()
         return results[0] is not None
 
+    async def reset_load(self, sessions: list[tuple[str, str]]) -> None:
+        """Zero the load counters of idle agents ``(instance id, session)``.
+
+        The node that routed a request gives its slot back; if that node died
+        first, the counter would stay high forever.  The agent's own node knows
+        the truth, so it clears counters of agents that went idle.
+        """
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for instance_id, session in sessions:
+                pipe.hdel(keys.load(instance_id), session)
+            await pipe.execute()
+
     async def node_alive(self, node_id: str) -> bool:
         return bool(await self.redis.exists(keys.node(node_id)))
 

@@ -160,6 +160,8 @@ class AgentSession:
         self.connected_at = time.time()
         self.streams: dict[int, RelayStream] = {}
         self.closed = False
+        #: A stream ended since the node last reconciled this agent's load counter.
+        self.load_dirty = False
         self._send_text = send_text
         self._send_bytes = send_bytes
         self._close = close
@@ -207,7 +209,8 @@ class AgentSession:
         await self._send(p.encode(event))
 
     def forget(self, stream_id: int) -> None:
-        self.streams.pop(stream_id, None)
+        if self.streams.pop(stream_id, None) is not None:
+            self.load_dirty = True
 
     # -- incoming -----------------------------------------------------------
 
