@@ -1,8 +1,9 @@
 """Where answers come from: a local OpenAI-compatible server, or the demo model.
 
 A backend turns one OpenAI chat request into either a stream of chunk JSON
-documents (``stream``) or one ``chat.completion`` JSON body (``complete``),
-as raw bytes.  Failures are :class:`BackendError` with an HTTP status hint.
+documents (``stream``, yielding them in batches: all the chunks that arrived
+together, so the agent can send them in one frame without waiting for more)
+or one ``chat.completion`` JSON body (``complete``), as raw bytes.  Failures are :class:`BackendError` with an HTTP status hint.
 Cancelling the consuming task aborts the upstream HTTP request at once
 (httpx closes the connection when its stream context is left).
 """
@@ -30,7 +31,7 @@ class BackendError(Exception):
 class Backend(Protocol):
     async def models(self) -> list[str]: ...
 
-    def stream(self, body: dict[str, Any]) -> AsyncIterator[bytes]: ...
+    def stream(self, body: dict[str, Any]) -> AsyncIterator[list[bytes]]: ...
 
     async def complete(self, body: dict[str, Any]) -> bytes: ...
 
@@ -129,7 +130,7 @@ class OpenAIBackend:
             raise BackendError(502, f"{self.base_url}/models lists no models; pass --model")
         return names
 
-    async def stream(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[list[bytes]]:
         body = {**body, "stream": True}
         try:
             async with self.client.stream("POST", "/chat/completions", json=body) as response:
@@ -137,10 +138,14 @@ class OpenAIBackend:
                     raise _upstream_error(response.status_code, await response.aread())
                 buffer = bytearray()
                 async for data in response.aiter_raw():
-                    for event in iter_sse_data(buffer, data):
-                        if event == b"[DONE]":
-                            return
-                        yield event
+                    events = iter_sse_data(buffer, data)
+                    if b"[DONE]" in events:
+                        events = events[: events.index(b"[DONE]")]
+                        if events:
+                            yield events
+                        return
+                    if events:
+                        yield events
         except httpx.HTTPError as exc:
             raise BackendError(502, f"model server unreachable: {type(exc).__name__}: {exc}") from exc
 
@@ -212,7 +217,7 @@ class DemoBackend:
         prompt = _count_tokens(body.get("messages", []))
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    async def stream(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[list[bytes]]:
         words, finish = self._words(body)
         base = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": self.model, "system_fingerprint": None}
@@ -220,15 +225,16 @@ class DemoBackend:
         def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
             return orjson.dumps({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]})
 
-        yield chunk({"role": "assistant", "content": ""})
+        yield [chunk({"role": "assistant", "content": ""})]
         delay = 1.0 / self.rate if self.rate > 0 else 0.0
         for word in words:
             if delay:
                 await asyncio.sleep(delay)
-            yield chunk({"content": word})
-        yield chunk({}, finish)
+            yield [chunk({"content": word})]
+        tail = [chunk({}, finish)]
         if (body.get("stream_options") or {}).get("include_usage"):
-            yield orjson.dumps({**base, "choices": [], "usage": self._usage(body, len(words))})
+            tail.append(orjson.dumps({**base, "choices": [], "usage": self._usage(body, len(words))}))
+        yield tail
 
     async def complete(self, body: dict[str, Any]) -> bytes:
         words, finish = self._words(body)

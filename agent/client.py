@@ -265,12 +265,14 @@ class AgentClient:
                 raise BackendError(503, "agent at capacity", "agent_at_capacity")
             if request.stream:
                 usage, model = None, None
-                async for chunk in self.backend.stream(request.body):
-                    error = _error_of(chunk)
-                    if error is not None:
-                        raise error
-                    usage = _usage_of(chunk) or usage
-                    await self._send_data(sid, window, p.sse_event(chunk))
+                async for batch in self.backend.stream(request.body):
+                    for chunk in batch:
+                        error = _error_of(chunk)
+                        if error is not None:
+                            raise error
+                        usage = _usage_of(chunk) or usage
+                    # Chunks that arrived together leave together: one frame.
+                    await self._send_data(sid, window, b"".join(p.sse_event(c) for c in batch))
                 await self._send(p.encode(p.End(sid, usage, model)))
             else:
                 body = await self.backend.complete(request.body)
