@@ -20,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from . import protocol as p
 from .errors import ModelTimeout, error_body, from_status
-from .sessions import RelayStream
+from .sessions import RelayStream, split_items
 
 log = logging.getLogger("relay.chat")
 
@@ -116,22 +116,20 @@ class EventStreamResponse(Response):
     async def _write(self, send: Send) -> None:
         relay_stream, items = self.relay_stream, self.first
         while True:
-            payload = bytearray()
-            tail: bytes | None = None
-            for item in items:
-                if type(item) is bytes:
-                    payload += item
-                elif type(item) is p.End:
-                    tail = p.SSE_DONE
-                else:
-                    tail = sse_error(item.message, "upstream_error", item.code)
+            payload, last = split_items(items)
+            if last is None:
+                tail = None
+            elif type(last) is p.End:
+                tail = p.SSE_DONE
+            else:
+                tail = sse_error(last.message, "upstream_error", last.code)
             if payload:
                 try:
                     # A client that stops reading blocks this send (uvicorn
                     # waits for the socket to drain); the agent stops too once
                     # the window is spent.  Past the stall limit, give up.
                     async with asyncio.timeout(self.stall_timeout):
-                        await send({"type": "http.response.body", "body": bytes(payload), "more_body": True})
+                        await send({"type": "http.response.body", "body": payload, "more_body": True})
                 except TimeoutError:
                     log.warning("stream %s: client read nothing for %gs; cutting it off",
                                 relay_stream.id, self.stall_timeout)

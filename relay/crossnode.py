@@ -34,7 +34,7 @@ from redis.exceptions import RedisError
 from . import keys
 from . import protocol as p
 from .registry import AgentEntry, InstanceRegistry
-from .sessions import RelayStream, SessionManager
+from .sessions import RelayStream, SessionManager, split_items
 
 log = logging.getLogger("relay.crossnode")
 
@@ -273,18 +273,16 @@ class CrossNode:
                 if not await self.node_alive(reply):
                     return
                 continue
-            payload = bytearray()
-            tail: bytes | None = None
-            for item in items:
-                if type(item) is bytes:
-                    payload += item
-                elif type(item) is p.End:
-                    tail = encode(END, rid, orjson.dumps(item.usage) if item.usage else b"")
-                else:
-                    tail = encode(ERROR, rid, orjson.dumps(
-                        {"status": item.status, "message": item.message, "code": item.code}))
+            payload, last = split_items(items)
+            if last is None:
+                tail = None
+            elif type(last) is p.End:
+                tail = encode(END, rid, orjson.dumps(last.usage) if last.usage else b"")
+            else:
+                tail = encode(ERROR, rid, orjson.dumps(
+                    {"status": last.status, "message": last.message, "code": last.code}))
             if payload:
-                await self.publish(reply, encode(DATA, rid, bytes(payload)))
+                await self.publish(reply, encode(DATA, rid, payload))
             if tail is not None:
                 await self.publish(reply, tail)
                 return

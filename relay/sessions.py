@@ -38,6 +38,24 @@ def resolve_model(models: tuple[str, ...], requested: str | None) -> str:
     return models[0]
 
 
+def split_items(items: list) -> tuple[bytes, p.End | p.StreamError | None]:
+    """Join the byte payloads of a backlog; return them with the final event, if any.
+
+    Whoever drains a stream writes everything that is queued in one go (one
+    socket write or one publish), then handles the end or error.
+    """
+    if len(items) == 1 and type(items[0]) is bytes:
+        return items[0], None  # the common case: one chunk, no copy
+    payload = bytearray()
+    last: p.End | p.StreamError | None = None
+    for item in items:
+        if type(item) is bytes:
+            payload += item
+        else:
+            last = item
+    return bytes(payload), last
+
+
 class RelayStream:
     """One request in flight: the agent's frames queued for the HTTP client.
 
