@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import secrets
 import time
 from dataclasses import dataclass
@@ -96,7 +97,10 @@ return out
 # Choose the agent for one request and count it, atomically, so that
 # concurrent requests on different nodes never overfill the same agent.
 # The least busy agent relative to its declared concurrency wins; agents at
-# capacity and agents on nodes listed in ARGV[2..] are skipped.
+# capacity and agents on nodes listed in ARGV[3..] are skipped.  Ties are
+# broken by where the scan starts (ARGV[2], rotated by the caller): scanning
+# HGETALL order from the top let the first agent win every tie, so with
+# requests arriving one at a time a replica never got any.
 # Returns {'ok', agent_id, entry} | {'busy'} | {'offline'} | {'missing'}.
 _PICK_AGENT = """
 local entries = redis.call('HGETALL', KEYS[1])
@@ -105,10 +109,13 @@ if #entries == 0 then
   return {'offline'}
 end
 local excluded = {}
-for i = 2, #ARGV do excluded[ARGV[i]] = true end
+for i = 3, #ARGV do excluded[ARGV[i]] = true end
 local best, best_raw, best_session, best_load = nil, nil, nil, nil
 local seen = false
-for i = 1, #entries, 2 do
+local count = #entries / 2
+local start = tonumber(ARGV[2]) % count
+for k = 0, count - 1 do
+  local i = ((start + k) % count) * 2 + 1
   local entry = cjson.decode(entries[i + 1])
   if redis.call('EXISTS', ARGV[1] .. entry['node']) == 0 then
     redis.call('HDEL', KEYS[1], entries[i])
@@ -155,6 +162,8 @@ class InstanceRegistry:
         self._live_agents = redis.register_script(_LIVE_AGENTS)
         self._remove_agent = redis.register_script(_REMOVE_AGENT)
         self._pick_agent = redis.register_script(_PICK_AGENT)
+        # Where each pick starts scanning the agents: rotates, so ties go round.
+        self._tie_break = itertools.count(secrets.randbelow(1 << 20))
 
     def chat_url(self, instance_id: str) -> str:
         return f"{self.base_url}/api/chat/{instance_id}"
@@ -264,7 +273,7 @@ class InstanceRegistry:
         """
         result = await self._pick_agent(
             keys=[keys.agents(instance_id), keys.load(instance_id), keys.instance(instance_id)],
-            args=[keys.NODE_PREFIX, *exclude_nodes],
+            args=[keys.NODE_PREFIX, next(self._tie_break), *exclude_nodes],
         )
         verdict = result[0].decode()
         if verdict != "ok":
