@@ -121,7 +121,7 @@ async def chat_completions(request: Request) -> Response:
     state = request.app.state
     instance_id = request.path_params["instance_id"]
     chat = validate(ChatRequest, await read_json(request, state.settings.max_body_bytes))
-    return await run_chat(state.router, instance_id, chat, state.settings)
+    return await run_chat(state.router, instance_id, chat, state.settings, request.receive)
 
 
 async def list_models(request: Request) -> Response:

@@ -148,16 +148,41 @@ class EventStreamResponse(Response):
                 return
 
 
-async def run_chat(router: Any, instance_id: str, request: Any, settings: Any) -> Response:
-    """Route one validated chat request and build its response."""
+async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
+
+
+async def run_chat(router: Any, instance_id: str, request: Any, settings: Any,
+                   receive: Receive | None = None) -> Response:
+    """Route one validated chat request and build its response.
+
+    ``receive`` (the request's ASGI channel, body already read) lets the wait
+    for the model's first chunk, or for a whole non-streaming answer, end as
+    soon as the caller hangs up: the server does not cancel a handler whose
+    client left, and the model would otherwise work for nobody until a timeout.
+    """
     relay_stream = await router.open(instance_id, request)
     try:
-        items = await first_items(relay_stream, settings.first_chunk_timeout)
-        raise_if_error(items)
+        body = None
+        with anyio.CancelScope() as waiting:
+            watcher = asyncio.create_task(_cancel_on_disconnect(receive, waiting)) if receive else None
+            try:
+                items = await first_items(relay_stream, settings.first_chunk_timeout)
+                raise_if_error(items)
+                if not request.stream:
+                    body = await collect(relay_stream, items, settings.idle_timeout)
+            finally:
+                if watcher is not None:
+                    watcher.cancel()
+        if waiting.cancelled_caught:
+            with anyio.CancelScope(shield=True):
+                await relay_stream.close("client disconnected")
+            return Response(status_code=499)  # nobody is left to read it
         if request.stream:
             # From here the response owns the stream and closes it.
             return EventStreamResponse(relay_stream, items, settings.idle_timeout, settings.stall_timeout)
-        body = await collect(relay_stream, items, settings.idle_timeout)
         with anyio.CancelScope(shield=True):
             await relay_stream.close("done")
         return Response(body, media_type="application/json")

@@ -50,7 +50,11 @@ class ChatRequest(BaseModel):
 
     def upstream_body(self, model: str) -> dict[str, Any]:
         """The body the agent receives: everything the caller sent, defaults filled."""
-        body = self.model_dump(mode="json", exclude_none=True)
+        # Only what the caller set (explicit nulls included: an assistant turn
+        # with tool_calls carries "content": null), then the relay's defaults.
+        body = self.model_dump(mode="json", exclude_unset=True)
+        for name in ("temperature", "max_tokens", "stream"):
+            body.setdefault(name, getattr(self, name))
         body["model"] = model
         if self.metadata is not None:
             body["metadata"] = self.metadata

@@ -129,6 +129,12 @@ class FakeUpstream:
     ``chunks`` words per answer, ``delay`` seconds between them; ``hang=True``
     accepts requests and never answers.  ``requests`` records each body and
     ``disconnects`` counts streams the caller abandoned.
+
+    ``echo=True`` prefixes every word with the last user message, so
+    concurrent callers can tell their answers apart; ``gate=N`` holds every
+    stream until N are in flight at once (proof of concurrency, not timing);
+    ``error_after=N`` sends an error event after N words, mid-stream.
+    ``inflight``/``max_inflight`` count streams being answered.
     """
 
     chunks: int = 5
@@ -139,7 +145,13 @@ class FakeUpstream:
     requests: list[dict[str, Any]] = field(default_factory=list)
     disconnects: int = 0
     completed: int = 0
+    echo: bool = False
+    gate: int = 0
+    error_after: int | None = None
+    inflight: int = 0
+    max_inflight: int = 0
     url: str = ""
+    _gate_open: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     def app(self) -> Starlette:
         return Starlette(routes=[
@@ -162,9 +174,16 @@ class FakeUpstream:
             return JSONResponse({"error": {"message": "fake failure", "type": "server_error"}},
                                 status_code=self.fail_status)
         if self.hang:
-            await asyncio.sleep(3600)
+            # Never answer, but notice the caller hanging up (uvicorn does not
+            # cancel a handler whose client left, and would wait for it forever
+            # at shutdown).
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.02)
+            self.disconnects += 1
+            return Response(status_code=499)
+        prefix = f"{_last_user_text(body)}-" if self.echo else ""
         if not body.get("stream"):
-            text = " ".join(f"w{i}" for i in range(self.chunks))
+            text = " ".join(f"{prefix}w{i}" for i in range(self.chunks))
             self.completed += 1
             return JSONResponse({
                 "id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": self.model,
@@ -173,19 +192,40 @@ class FakeUpstream:
             })
 
         async def events() -> AsyncIterator[bytes]:
+            self.inflight += 1
+            self.max_inflight = max(self.max_inflight, self.inflight)
             try:
+                if self.gate:
+                    if self.inflight >= self.gate:
+                        self._gate_open.set()
+                    await asyncio.wait_for(self._gate_open.wait(), 30)
                 for i in range(self.chunks):
                     if self.delay:
                         await asyncio.sleep(self.delay)
-                    yield b"data: " + self._chunk(i, {"content": f"w{i} "}) + b"\n\n"
+                    if i == self.error_after:
+                        yield b'data: {"error": {"message": "fake mid-stream failure", "type": "server_error"}}\n\n'
+                        return
+                    yield b"data: " + self._chunk(i, {"content": f"{prefix}w{i} "}) + b"\n\n"
                 yield b"data: " + self._chunk(self.chunks, {}, "stop") + b"\n\n"
                 yield b"data: [DONE]\n\n"
                 self.completed += 1
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, GeneratorExit):
                 self.disconnects += 1
                 raise
+            finally:
+                self.inflight -= 1
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def _last_user_text(body: dict[str, Any]) -> str:
+    for message in reversed(body.get("messages", [])):
+        if message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):
+                return " ".join(part.get("text", "") for part in content if isinstance(part, dict))
+            return str(content)
+    return ""
 
 
 @contextlib.asynccontextmanager

@@ -1,0 +1,548 @@
+"""End to end, in one process: the real relay, the real agent, a fake model.
+
+Every request goes over real sockets: HTTP client -> relay (uvicorn) ->
+agent websocket -> agent -> model (FakeUpstream over HTTP, or the built-in
+demo model) and back.  Only the model is fake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import httpx
+import orjson
+import pytest
+from openai import APIStatusError, AsyncOpenAI
+
+from tests.helpers import (
+    FakeUpstream,
+    openai_backend,
+    running_agent,
+    running_relay,
+    running_upstream,
+    sse_lines,
+    wait_until,
+)
+
+pytestmark = pytest.mark.anyio
+
+PATHS = ["", "/chat/completions"]
+HELLO = {"messages": [{"role": "user", "content": "hi there"}]}
+
+
+@contextlib.asynccontextmanager
+async def stack(redis_url, upstream: FakeUpstream | None = None, *, max_concurrency: int = 16, **relay_settings):
+    """Relay + registered instance + connected agent (demo model, or ``upstream``)."""
+    async with contextlib.AsyncExitStack() as stack:
+        relay = await stack.enter_async_context(running_relay(redis_url, **relay_settings))
+        instance_id, token = await relay.register()
+        backend = None
+        if upstream is not None:
+            await stack.enter_async_context(running_upstream(upstream))
+            backend = openai_backend(upstream)
+        agent = await stack.enter_async_context(
+            running_agent(relay.url, token, backend, max_concurrency=max_concurrency))
+        client = await stack.enter_async_context(relay.client())
+        yield relay, instance_id, agent, client
+
+
+def chunks_of(events: list[str]) -> list[dict]:
+    assert events, "no events at all"
+    assert events[-1] == "[DONE]", events[-3:]
+    assert "[DONE]" not in events[:-1]
+    return [orjson.loads(e) for e in events[:-1]]
+
+
+def text_of(chunks: list[dict]) -> str:
+    return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+
+
+async def stream_text(client: httpx.AsyncClient, url: str, body: dict) -> tuple[str, list[dict]]:
+    async with client.stream("POST", url, json=body) as response:
+        assert response.status_code == 200, await response.aread()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["cache-control"] == "no-cache"
+        assert response.headers["x-accel-buffering"] == "no"
+        chunks = chunks_of(await sse_lines(response))
+    return text_of(chunks), chunks
+
+
+def assert_openai_error(response: httpx.Response, status: int, *, type_: str | None = None,
+                        code: str | None = None, param: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    assert isinstance(error["type"], str) and error["type"]
+    if type_ is not None:
+        assert error["type"] == type_
+    if code is not None:
+        assert error["code"] == code
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+# -- happy paths ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_demo_stream_and_non_stream(redis_url, path):
+    async with stack(redis_url) as (relay, iid, agent, client):
+        url = f"/api/chat/{iid}{path}"
+        text, chunks = await stream_text(client, url, HELLO)  # stream defaults to true
+        assert "You said: hi there." in text
+        assert all(c["object"] == "chat.completion.chunk" and c["model"] == "demo" for c in chunks)
+        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+        response = await client.post(url, json={**HELLO, "stream": False})
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("application/json")
+        completion = response.json()
+        assert completion["object"] == "chat.completion"
+        assert completion["model"] == "demo"
+        assert completion["choices"][0]["message"]["content"] == text
+        usage = completion["usage"]
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_upstream_stream_and_non_stream(redis_url, path):
+    upstream = FakeUpstream(chunks=6)
+    async with stack(redis_url, upstream) as (relay, iid, agent, client):
+        url = f"/api/chat/{iid}{path}"
+        text, chunks = await stream_text(client, url, HELLO)
+        assert text == "w0 w1 w2 w3 w4 w5 "
+        assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+        assert upstream.requests[-1]["stream"] is True
+
+        response = await client.post(url, json={**HELLO, "stream": False})
+        assert response.status_code == 200
+        completion = response.json()
+        assert completion["choices"][0]["message"]["content"] == "w0 w1 w2 w3 w4 w5"
+        assert completion["usage"] == {"prompt_tokens": 1, "completion_tokens": 6, "total_tokens": 7}
+        assert upstream.requests[-1]["stream"] is False
+        assert upstream.completed == 2
+
+
+@pytest.mark.parametrize("backend", ["demo", "upstream"])
+async def test_openai_sdk(redis_url, backend):
+    upstream = FakeUpstream(chunks=4) if backend == "upstream" else None
+    model = "fake-model" if upstream else "demo"
+    async with stack(redis_url, upstream) as (relay, iid, agent, client):
+        sdk = AsyncOpenAI(base_url=f"{relay.url}/api/chat/{iid}", api_key="x", max_retries=0, timeout=30)
+        async with sdk:
+            models = await sdk.models.list()
+            assert [m.id for m in models.data] == [model]
+
+            stream = await sdk.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "sdk stream"}], stream=True)
+            parts = [chunk async for chunk in stream]
+            streamed = "".join(c.choices[0].delta.content or "" for c in parts if c.choices)
+            assert parts and all(c.model == model for c in parts)
+
+            completion = await sdk.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "sdk stream"}], stream=False)
+            assert completion.model == model
+            assert completion.choices[0].message.content == streamed.strip()
+            assert completion.usage is not None and completion.usage.total_tokens > 0
+        if upstream:
+            assert streamed == "w0 w1 w2 w3 "
+        else:
+            assert "You said: sdk stream." in streamed
+
+
+async def test_openai_sdk_surfaces_relay_errors(redis_url):
+    async with running_relay(redis_url) as relay:
+        iid, _ = await relay.register()
+        async with AsyncOpenAI(base_url=f"{relay.url}/api/chat/{iid}", api_key="x", max_retries=0) as sdk:
+            with pytest.raises(APIStatusError) as info:
+                await sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+            assert info.value.status_code == 503
+            assert "offline" in info.value.message
+            with pytest.raises(APIStatusError) as info:
+                await sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}],
+                                                  temperature=5)
+            assert info.value.status_code == 422
+
+
+# -- what reaches the model ------------------------------------------------------
+
+
+async def test_metadata_and_unknown_fields_reach_the_upstream_untouched(redis_url):
+    upstream = FakeUpstream()
+    metadata = {"role_id": "r-42", "enable_l0_retrieval": True, "nested": {"list": [1, 2.5, None, "x"]},
+                "unicode": "héllo ✓"}
+    extras = {"stop": ["\n\n", "END"], "seed": 1234, "response_format": {"type": "json_object"},
+              "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+              "user": "someone", "logit_bias": {"50256": -100}}
+    content = [{"type": "text", "text": "look"},
+               {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "low"}}]
+    async with stack(redis_url, upstream) as (relay, iid, agent, client):
+        body = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": content}],
+                "metadata": metadata, **extras}
+        await stream_text(client, f"/api/chat/{iid}", body)
+        response = await client.post(f"/api/chat/{iid}/chat/completions", json={**body, "stream": False})
+        assert response.status_code == 200
+        # The SDK's own metadata parameter too.
+        async with AsyncOpenAI(base_url=f"{relay.url}/api/chat/{iid}", api_key="x", max_retries=0) as sdk:
+            await sdk.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "x"}],
+                                              stream=False, metadata={"role_id": "sdk"}, seed=7)
+    assert len(upstream.requests) == 3
+    for seen in upstream.requests[:2]:
+        assert seen["metadata"] == metadata
+        for key, value in extras.items():
+            assert seen[key] == value, key
+        assert seen["messages"][1]["content"] == content
+        assert seen["messages"][0] == {"role": "system", "content": "be brief"}
+    assert upstream.requests[2]["metadata"] == {"role_id": "sdk"}
+    assert upstream.requests[2]["seed"] == 7
+
+
+async def test_defaults_are_filled_in(redis_url):
+    upstream = FakeUpstream()
+    async with stack(redis_url, upstream) as (relay, iid, agent, client):
+        await stream_text(client, f"/api/chat/{iid}", HELLO)
+        await stream_text(client, f"/api/chat/{iid}", {**HELLO, "temperature": 0, "max_tokens": 5, "top_p": 0.5})
+    first, second = upstream.requests
+    assert (first["temperature"], first["max_tokens"], first["stream"]) == (0.7, 2000, True)
+    assert (second["temperature"], second["max_tokens"], second["top_p"]) == (0, 5, 0.5)
+
+
+async def test_unknown_model_falls_back_to_the_default(redis_url):
+    upstream = FakeUpstream()
+    async with running_relay(redis_url) as relay, running_upstream(upstream):
+        iid, token = await relay.register()
+        async with running_agent(relay.url, token, openai_backend(upstream), models=["fake-model", "other-model"]), \
+                relay.client() as client:
+            # A name the instance serves is kept ...
+            response = await client.post(f"/api/chat/{iid}", json={**HELLO, "model": "other-model", "stream": False})
+            assert response.status_code == 200
+            assert upstream.requests[-1]["model"] == "other-model"
+            # ... any other name (SDKs insist on one) goes to the default, first model.
+            for model in ("gpt-4o", None):
+                body = {**HELLO, "stream": False, **({"model": model} if model else {})}
+                response = await client.post(f"/api/chat/{iid}", json=body)
+                assert response.status_code == 200
+                assert upstream.requests[-1]["model"] == "fake-model"
+                assert response.json()["model"] == "fake-model"  # the response says who answered
+            models = (await client.get(f"/api/chat/{iid}/models")).json()
+            assert [m["id"] for m in models["data"]] == ["fake-model", "other-model"]
+
+
+async def test_demo_model_name_in_response_after_fallback(redis_url):
+    async with stack(redis_url) as (relay, iid, agent, client):
+        _, chunks = await stream_text(client, f"/api/chat/{iid}", {**HELLO, "model": "gpt-4o"})
+        assert {c["model"] for c in chunks} == {"demo"}
+
+
+# -- multiplexing ---------------------------------------------------------------------
+
+
+async def test_concurrent_streams_over_one_agent_interleave_correctly(redis_url):
+    # gate=10: the model holds every answer until all ten are in flight at
+    # once, so this only passes if the relay and the agent multiplex them.
+    upstream = FakeUpstream(chunks=15, delay=0.005, echo=True, gate=10)
+    async with stack(redis_url, upstream) as (relay, iid, agent, client):
+        async def one(n: int) -> str:
+            text, _ = await stream_text(client, f"/api/chat/{iid}",
+                                        {"messages": [{"role": "user", "content": f"caller{n}"}]})
+            return text
+
+        texts = await asyncio.wait_for(asyncio.gather(*(one(n) for n in range(10))), 60)
+    assert upstream.max_inflight == 10
+    for n, text in enumerate(texts):
+        assert text == "".join(f"caller{n}-w{i} " for i in range(15))
+    assert upstream.completed == 10
+
+
+async def test_large_answers_respect_flow_control(redis_url):
+    # Far more bytes than the stream window: credit must flow back to the agent.
+    upstream = FakeUpstream(chunks=400, echo=True)
+    async with stack(redis_url, upstream, stream_window=2048) as (relay, iid, agent, client):
+        bodies = [{"messages": [{"role": "user", "content": f"big{n}" * 10}]} for n in range(3)]
+        texts = await asyncio.wait_for(
+            asyncio.gather(*(stream_text(client, f"/api/chat/{iid}", b) for b in bodies)), 60)
+    for n, (text, _) in enumerate(texts):
+        prefix = f"big{n}" * 10
+        assert text == "".join(f"{prefix}-w{i} " for i in range(400))
+
+
+# -- cancellation ----------------------------------------------------------------------
+
+
+async def test_client_disconnect_cancels_the_upstream_request(redis_url):
+    upstream = FakeUpstream(chunks=10_000, delay=0.01)
+    async with stack(redis_url, upstream, max_concurrency=1) as (relay, iid, agent, client):
+        async with client.stream("POST", f"/api/chat/{iid}", json=HELLO) as response:
+            assert response.status_code == 200
+            seen = 0
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    seen += 1
+                    if seen == 3:
+                        break
+        # Leaving the block closed the connection mid-stream.
+
+        async def upstream_saw_it():
+            return upstream.disconnects == 1
+
+        await wait_until(upstream_saw_it, timeout=10, what="the upstream request to be aborted")
+        assert upstream.completed == 0
+
+        async def all_idle():
+            return agent.status.inflight == 0 and not any(s.streams for s in relay.app.state.sessions.all())
+
+        await wait_until(all_idle, timeout=10, what="agent and relay to forget the stream")
+        # The slot was given back: the single-slot agent answers the next caller.
+        upstream.chunks = 3
+        text, _ = await stream_text(client, f"/api/chat/{iid}", HELLO)
+        assert text == "w0 w1 w2 "
+
+
+# -- errors ------------------------------------------------------------------------------
+
+
+async def test_unknown_instance_is_404(redis_url):
+    async with running_relay(redis_url) as relay, relay.client() as client:
+        for path in PATHS:
+            response = await client.post(f"/api/chat/nosuchinstance{path}", json=HELLO)
+            assert_openai_error(response, 404, type_="not_found_error", code="instance_not_found",
+                                param="instance_id")
+        assert_openai_error(await client.get("/api/chat/nosuchinstance/models"), 404)
+        assert_openai_error(await client.get("/api/instances/nosuchinstance"), 404)
+        assert_openai_error(await client.get("/api/no/such/route"), 404)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({}, "messages"),
+    ({"messages": []}, "messages"),
+    ({"messages": "hi"}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+    ({"messages": [{"content": "x"}]}, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+    ({**HELLO, "temperature": 2.5}, "temperature"),
+    ({**HELLO, "temperature": -0.1}, "temperature"),
+    ({**HELLO, "temperature": "hot"}, "temperature"),
+    ({**HELLO, "top_p": 1.5}, "top_p"),
+    ({**HELLO, "max_tokens": 0}, "max_tokens"),
+    ({**HELLO, "max_tokens": "many"}, "max_tokens"),
+    ({**HELLO, "max_tokens": True}, "max_tokens"),
+    ({**HELLO, "stream": "yes"}, "stream"),
+    ({**HELLO, "metadata": ["not", "an", "object"]}, "metadata"),
+    ({**HELLO, "model": 42}, "model"),
+])
+async def test_invalid_parameters_are_422_naming_the_field(redis_url, body, param):
+    async with running_relay(redis_url) as relay, relay.client() as client:
+        iid, _ = await relay.register()  # offline: validation comes before routing
+        response = await client.post(f"/api/chat/{iid}/chat/completions", json=body)
+        error = assert_openai_error(response, 422, type_="invalid_request_error")
+        assert error["param"] == param or error["param"].startswith(param + "."), error
+        assert param.split(".")[-1] in error["message"]
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"", b'{"messages": [}', b"\xff\xfe"])
+async def test_malformed_json_is_400(redis_url, raw):
+    async with running_relay(redis_url) as relay, relay.client() as client:
+        iid, _ = await relay.register()
+        response = await client.post(f"/api/chat/{iid}", content=raw, headers={"content-type": "application/json"})
+        assert_openai_error(response, 400, type_="invalid_request_error")
+
+
+async def test_json_that_is_not_an_object_is_rejected(redis_url):
+    async with running_relay(redis_url) as relay, relay.client() as client:
+        iid, _ = await relay.register()
+        for raw in (b"[]", b"42", b'"hi"', b"null"):
+            response = await client.post(f"/api/chat/{iid}", content=raw)
+            assert response.status_code in (400, 422), raw
+            assert_openai_error(response, response.status_code, type_="invalid_request_error")
+
+
+async def test_oversized_body_is_413(redis_url):
+    async with running_relay(redis_url, max_body_bytes=1000) as relay, relay.client() as client:
+        iid, _ = await relay.register()
+        body = {"messages": [{"role": "user", "content": "x" * 2000}]}
+        assert_openai_error(await client.post(f"/api/chat/{iid}", json=body), 413)
+
+
+async def test_offline_instance_is_503(redis_url):
+    async with running_relay(redis_url) as relay, relay.client() as client:
+        iid, token = await relay.register()
+        for path in PATHS:
+            error = assert_openai_error(await client.post(f"/api/chat/{iid}{path}", json=HELLO), 503,
+                                        code="instance_offline")
+            assert "offline" in error["message"]
+        # Connected, it answers; disconnected again, it is 503 again.
+        async with running_agent(relay.url, token):
+            assert (await client.post(f"/api/chat/{iid}", json={**HELLO, "stream": False})).status_code == 200
+
+        async def offline():
+            response = await client.post(f"/api/chat/{iid}", json=HELLO)
+            return response.status_code == 503
+
+        await wait_until(offline, timeout=10, what="instance offline after its agent stopped")
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_upstream_failure_before_streaming_is_502(redis_url, stream):
+    upstream = FakeUpstream(fail_status=500)
+    async with stack(redis_url, upstream) as (relay, iid, agent, client):
+        response = await client.post(f"/api/chat/{iid}", json={**HELLO, "stream": stream})
+        error = assert_openai_error(response, 502, code="upstream_error")
+        assert "fake failure" in error["message"]
+        # The agent survives it.
+        upstream.fail_status = None
+        assert (await client.post(f"/api/chat/{iid}", json={**HELLO, "stream": False})).status_code == 200
+
+
+async def test_upstream_client_error_keeps_its_status(redis_url):
+    upstream = FakeUpstream(fail_status=400)
+    async with stack(redis_url, upstream) as (relay, iid, agent, client):
+        response = await client.post(f"/api/chat/{iid}", json={**HELLO, "stream": False})
+        assert_openai_error(response, 400)
+
+
+async def test_error_mid_stream_is_an_sse_error_then_done(redis_url):
+    upstream = FakeUpstream(chunks=10, error_after=3)
+    async with stack(redis_url, upstream) as (relay, iid, agent, client):
+        async with client.stream("POST", f"/api/chat/{iid}", json=HELLO) as response:
+            assert response.status_code == 200  # the stream had begun
+            events = await sse_lines(response)
+        assert events[-1] == "[DONE]"
+        error = orjson.loads(events[-2])
+        assert set(error["error"]) == {"message", "type", "param", "code"}
+        assert "fake mid-stream failure" in error["error"]["message"]
+        assert text_of([orjson.loads(e) for e in events[:-2]]) == "w0 w1 w2 "
+
+
+async def test_agent_lost_mid_stream_ends_the_stream_with_an_error(redis_url):
+    upstream = FakeUpstream(chunks=10_000, delay=0.01)
+    async with running_relay(redis_url) as relay, running_upstream(upstream), relay.client() as client:
+        iid, token = await relay.register()
+        agent_cm = running_agent(relay.url, token, openai_backend(upstream))
+        await agent_cm.__aenter__()
+        try:
+            async with client.stream("POST", f"/api/chat/{iid}", json=HELLO) as response:
+                assert response.status_code == 200
+                events = []
+                async for line in response.aiter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+                        if len(events) == 3:
+                            await agent_cm.__aexit__(None, None, None)  # the agent goes away
+                            agent_cm = None
+        finally:
+            if agent_cm is not None:
+                await agent_cm.__aexit__(None, None, None)
+        assert events[-1] == "[DONE]"
+        assert "error" in orjson.loads(events[-2])
+
+
+async def test_model_silent_is_504(redis_url):
+    upstream = FakeUpstream(hang=True)
+    async with stack(redis_url, upstream, first_chunk_timeout=0.5) as (relay, iid, agent, client):
+        assert_openai_error(await client.post(f"/api/chat/{iid}", json=HELLO), 504, code="model_timeout")
+
+        async def upstream_abandoned():
+            return upstream.disconnects == 1
+
+        # The relay gave up, so the agent must too.
+        await wait_until(upstream_abandoned, timeout=10, what="the agent to abort the silent upstream request")
+
+
+async def test_at_capacity_is_503(redis_url):
+    upstream = FakeUpstream(chunks=10_000, delay=0.01)
+    async with stack(redis_url, upstream, max_concurrency=1) as (relay, iid, agent, client):
+        async with client.stream("POST", f"/api/chat/{iid}", json=HELLO) as first:
+            assert first.status_code == 200
+            lines = first.aiter_lines()
+            async for line in lines:  # the first stream is running
+                if line.startswith("data: "):
+                    break
+            second = await client.post(f"/api/chat/{iid}", json=HELLO)
+            error = assert_openai_error(second, 503, code="instance_at_capacity")
+            assert "capacity" in error["message"]
+            assert second.headers.get("retry-after")
+        # The first caller left: the slot comes back.
+        upstream.chunks, upstream.delay = 2, 0
+
+        async def served():
+            response = await client.post(f"/api/chat/{iid}", json={**HELLO, "stream": False})
+            return response.status_code == 200
+
+        await wait_until(served, timeout=10, what="the slot to be released")
+
+
+# -- instances API (the parts the chat paths rely on) ---------------------------------------
+
+
+async def test_instance_goes_online_and_lists(redis_url):
+    async with running_relay(redis_url) as relay, relay.client() as client:
+        iid, token = await relay.register("mine")
+        view = (await client.get(f"/api/instances/{iid}")).json()
+        assert (view["status"], view["agents"]) == ("offline", 0)
+        async with running_agent(relay.url, token):
+            view = (await client.get(f"/api/instances/{iid}")).json()
+            assert (view["status"], view["agents"], view["models"]) == ("online", 1, ["demo"])
+            page = (await client.get("/api/instances", params={"status": "online"})).json()
+            assert [v["instance_id"] for v in page["data"]] == [iid]
+        # Deleting needs the owner's token.
+        assert_openai_error(await client.delete(f"/api/instances/{iid}"), 401)
+        assert_openai_error(await client.delete(f"/api/instances/{iid}", headers={"authorization": "Bearer nope"}),
+                            403)
+        response = await client.delete(f"/api/instances/{iid}", headers={"authorization": f"Bearer {token}"})
+        assert response.status_code == 204
+        assert_openai_error(await client.get(f"/api/instances/{iid}"), 404)
+
+
+async def test_messages_are_forwarded_as_sent(redis_url):
+    # Explicit nulls and extra keys inside messages are the caller's business:
+    # an assistant turn with tool_calls carries "content": null.
+    upstream = FakeUpstream()
+    messages = [
+        {"role": "developer", "content": "rules", "name": "ops"},
+        {"role": "user", "content": [{"type": "text", "text": "weather?"}]},
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]
+    async with stack(redis_url, upstream) as (relay, iid, agent, client):
+        response = await client.post(f"/api/chat/{iid}", json={"messages": messages, "stream": False,
+                                                                "logprobs": None, "n": 1})
+        assert response.status_code == 200, response.text
+    seen = upstream.requests[-1]
+    assert seen["messages"] == messages
+    assert seen["n"] == 1 and "logprobs" in seen and seen["logprobs"] is None
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_client_gone_before_the_first_chunk_cancels_the_upstream_request(redis_url, stream):
+    # The model takes long to start (or, without streaming, to finish); the
+    # caller gives up first.  The relay must not wait for its own timeout to
+    # tell the agent: the model should stop working for nobody at once.
+    upstream = FakeUpstream(hang=True)
+    async with stack(redis_url, upstream, max_concurrency=1, first_chunk_timeout=60) as (relay, iid, agent, client):
+        async def upstream_busy():
+            return len(upstream.requests) == 1
+
+        async def caller():
+            with pytest.raises(httpx.ReadTimeout):
+                await client.post(f"/api/chat/{iid}", json={**HELLO, "stream": stream}, timeout=httpx.Timeout(30, read=0.5))
+
+        await caller()
+        assert await upstream_busy()
+
+        async def upstream_abandoned():
+            return upstream.disconnects == 1
+
+        await wait_until(upstream_abandoned, timeout=10, what="the agent to abort the upstream request")
+
+        async def slot_free():
+            return agent.status.inflight == 0 and not any(s.streams for s in relay.app.state.sessions.all())
+
+        await wait_until(slot_free, timeout=10, what="the stream to be forgotten")
