@@ -1,0 +1,77 @@
+"""The benchmark's own code, run with tiny counts so it cannot rot.
+
+No timing assertions: benchmarks are not tests.  These check that the fake
+upstream speaks SSE the way the load generator reads it, and that one whole
+run of ``bench`` (real Redis, real relay nodes, real agents, idle agents)
+goes through every phase and produces a table, targets and a JSON file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+import pytest
+
+from bench import loadgen as lg
+from bench.run import Options, evaluate_targets, run_bench, table, write_outputs
+from bench.upstream import UpstreamServer
+
+
+def test_gap_excess_and_percentile():
+    # three reads: 1 event, then 2 events together 0.1 s later, then 1 event 0.05 s later
+    excess = lg.gap_excess([(0.0, 1), (0.1, 2), (0.15, 1)], 0.05)
+    assert excess == pytest.approx([0.05, -0.05, 0.0])
+    assert lg.percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert lg.percentile([], 99) is None
+
+
+def test_loadgen_refuses_non_loopback_targets():
+    with pytest.raises(ValueError):
+        lg.HTTPConnection("192.0.2.1", 80)
+    lg.HTTPConnection("127.0.0.1", 80)
+
+
+def test_upstream_and_loadgen_in_process():
+    async def scenario() -> None:
+        async with UpstreamServer() as up:
+            status, models = await lg.get_json("127.0.0.1", up.port, "/v1/models")
+            assert status == 200 and models["data"][0]["id"] == "bench"
+            async with lg.HTTPConnection("127.0.0.1", up.port) as conn:
+                for n, batch in ((1, 1), (7, 1), (300, 64)):  # keep-alive: same connection each time
+                    result = await conn.request("POST", "/v1/chat/completions", lg.chat_body(n, batch=batch),
+                                                record_reads=True)
+                    assert result.ok and result.events == n + 1  # content chunks + the finish chunk
+                    assert result.ttfc is not None and sum(k for _, k in result.reads) == n + 1
+                result = await conn.request("POST", "/v1/chat/completions", lg.chat_body(3, stream=False))
+                assert result.status == 200 and orjson.loads(result.body)["object"] == "chat.completion"
+            res = await lg.run_concurrent("127.0.0.1", up.port, "/v1/chat/completions", 3, 4, 200.0, ramp=0.01)
+            assert (res.completed, res.errors) == (3, 0)
+            assert len(res.excess) == 3 * 4  # one gap per chunk after the first, finish chunk included
+
+    asyncio.run(scenario())
+
+
+def test_whole_bench_with_tiny_counts(tmp_path):
+    options = Options(
+        ttfc_requests=3, ttfc_warmup=1, one_stream_chunks=200, concurrency=[3], chunks_per_stream=3, rate=100.0,
+        ramp=0.01, cpu_streams=2, cpu_chunks=5, cpu_rate=200.0, sizes=[16, 256], idle_agents=[3],
+        heartbeat_interval=0.2, idle_intervals=1, output=tmp_path, settle=0.05,
+    )
+    results, raw = asyncio.run(run_bench(options))
+
+    assert results["paths"]["direct"]["status"] == "ok"
+    assert results["paths"]["relay"]["status"] == "ok"
+    assert results["paths"]["relay-2node"]["status"] in ("ok", "unsupported")
+    assert results["ttfc_ms"]["relay"]["n"] == 3
+    assert results["one_stream"]["relay"]["ok"]
+    assert results["concurrent"]["3x3@100"]["relay"]["completed"] == 3
+    assert set(results["cpu_per_chunk"]) >= {"16", "256"}
+    idle = results["idle_agents"]
+    assert [s["agents"] for s in idle["steps"]] == [0, 3]
+    assert idle["steps"][-1]["presence_correct"]
+    assert idle["online_after_disconnect"] == 0
+    assert {t["target"] for t in evaluate_targets(results)} == {t["target"] for t in results["targets"]}
+    assert "targets (issue 5)" in table(results)
+    json_path, _png = write_outputs(results, raw, options)
+    assert orjson.loads(json_path.read_bytes())["meta"]["cores"]
