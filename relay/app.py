@@ -18,12 +18,15 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.routing import Route, WebSocketRoute
 
 from . import api
 from .crossnode import CrossNode
 from .errors import RelayError
+from .metrics import RelayMetrics, metrics_endpoint
 from .node import Node
+from .observe import RequestObserver
 from .registry import InstanceRegistry
 from .router import StreamRouter
 from .sessions import SessionManager
@@ -44,6 +47,7 @@ def routes(node_endpoint) -> list:
         WebSocketRoute("/api/agent/connect", node_endpoint),
         Route("/healthz", api.healthz, methods=["GET"]),
         Route("/readyz", api.readyz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
     ]
 
 
@@ -62,6 +66,7 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
                     heartbeat_timeout=settings.heartbeat_timeout, window=settings.stream_window)
     node.bus = bus
     router = StreamRouter(node_id, sessions, registry, bus)
+    metrics = RelayMetrics(node_id, sessions, bus)  # a registry per app: no globals
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -88,10 +93,13 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
     app = Starlette(
         routes=routes(node.agent_endpoint),
         exception_handlers={
-            RelayError: api.relay_error_handler,
-            RedisError: api.redis_error_handler,
+            RelayError: metrics.counting(api.relay_error_handler),
+            RedisError: metrics.counting(api.redis_error_handler, reason="storage_unavailable"),
             HTTPException: api.http_error_handler,
         },
+        middleware=[
+            Middleware(RequestObserver, metrics=metrics, node_id=node_id, log_requests=settings.access_log),
+        ],
         lifespan=lifespan,
     )
     app.state.settings = settings
@@ -101,6 +109,7 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
     app.state.node = node
     app.state.router = router
     app.state.bus = bus
+    app.state.metrics = metrics
     return app
 
 

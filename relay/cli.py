@@ -16,6 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
+from . import logs
 from .app import create_app, safe_url
 from .embedded_redis import EmbeddedRedis
 from .server import RelayServer, uvicorn_config
@@ -35,22 +36,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data-dir", help="embedded Redis data directory (RELAY_DATA_DIR)")
         p.add_argument("--public-url", help="base URL to print in chat URLs (RELAY_PUBLIC_URL)")
         p.add_argument("--log-level", help="debug, info, warning (RELAY_LOG_LEVEL)")
+        p.add_argument("--log-format", choices=["plain", "json"], help="log line format (RELAY_LOG_FORMAT)")
     return parser
 
 
 def settings_from(args: argparse.Namespace) -> RelaySettings:
     overrides = {
         name: value
-        for name in ("host", "port", "redis_url", "data_dir", "public_url", "log_level")
+        for name in ("host", "port", "redis_url", "data_dir", "public_url", "log_level", "log_format")
         if (value := getattr(args, name, None)) is not None
     }
     return RelaySettings(**overrides)
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+def configure_logging(level: str, fmt: str = "plain") -> None:
+    """Plain lines, or one JSON object per line (RELAY_LOG_FORMAT=json); see logs.py."""
+    logs.configure(level, fmt, sys.stderr)
 
 
 @contextlib.contextmanager
@@ -67,13 +68,14 @@ def redis_for(settings: RelaySettings, data_subdir: str = "redis"):
 def serve(settings: RelaySettings) -> None:
     with redis_for(settings) as url:
         app = create_app(settings, redis_url=url)
+        logs.bind(node_id=app.state.node.node_id)  # one node per process: on every line
         RelayServer(uvicorn_config(app, settings), app).run()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = settings_from(args)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     try:
         if args.command == "serve":
             serve(settings)

@@ -31,7 +31,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from . import keys
+from . import keys, logs
 from . import protocol as p
 from .registry import AgentEntry, InstanceRegistry
 from .sessions import RelayStream, SessionManager, split_items
@@ -157,6 +157,8 @@ class CrossNode:
         self.ingress: dict[str, RemoteStream] = {}  # streams we serve to our HTTP clients
         self.egress: dict[str, tuple[RelayStream, asyncio.Task]] = {}  # streams our agents serve for others
         self._opening: dict[str, asyncio.Task] = {}
+        self.forwarded_out = 0  # streams opened on another node's agent (for /metrics)
+        self.forwarded_in = 0  # streams our agents served for another node
 
     @property
     def channel(self) -> str:
@@ -181,12 +183,14 @@ class CrossNode:
         message = {
             "iid": instance_id, "agent": entry.agent_id, "session": entry.session,
             "body": body, "stream": stream, "reply": self.node_id,
+            "req": logs.request_id.get(),  # so both nodes log the same request id
         }
         try:
             await self.publish(entry.node, encode(OPEN, rid, orjson.dumps(message)))
         except BaseException:
             self.ingress.pop(rid, None)
             raise
+        self.forwarded_out += 1
         return remote
 
     async def kick(self, node: str, instance_id: str, agent_id: str, session: str) -> None:
@@ -241,6 +245,7 @@ class CrossNode:
     # -- node B: the node the agent is connected to ----------------------------
 
     async def _serve(self, rid: str, msg: dict[str, Any]) -> None:
+        logs.bind(request_id=msg.get("req"), instance_id=msg["iid"])
         reply = msg["reply"]
         session = self.sessions.get(msg["iid"], msg["agent"])
         if session is None or session.session_id != msg["session"] or not session.has_capacity:
@@ -255,6 +260,7 @@ class CrossNode:
         task = asyncio.current_task()
         assert task is not None
         self.egress[rid] = (relay_stream, task)
+        self.forwarded_in += 1
         try:
             await self._forward(rid, relay_stream, reply)
         except (NodeGone, asyncio.CancelledError):

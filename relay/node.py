@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket
 
-from . import __version__, keys
+from . import __version__, keys, logs
 from . import protocol as p
 from .crossnode import CrossNode
 from .errors import error_body
@@ -143,6 +143,7 @@ class Node:
         instance_id = await self._authenticate(websocket)
         if instance_id is None:
             return
+        logs.bind(instance_id=instance_id)  # on every log line of this connection
         await websocket.accept()
         try:
             hello = await self._handshake(websocket)

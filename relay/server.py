@@ -27,6 +27,7 @@ def uvicorn_config(app, settings: RelaySettings) -> uvicorn.Config:
         port=settings.port,
         log_level=settings.log_level.lower(),
         access_log=False,  # one line per chunk-stream is noise; errors are logged by the app
+        log_config=None,  # uvicorn's lines go through our root handler (relay.logs), same format
         ws_max_size=settings.max_frame_bytes,
         ws_ping_interval=None,  # agents heartbeat inside the protocol
         timeout_graceful_shutdown=5,

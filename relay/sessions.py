@@ -154,6 +154,20 @@ class RelayStream:
             await self.on_close()
 
 
+class Traffic:
+    """What this node's agents sent: plain integers, read by ``/metrics`` at scrape time.
+
+    Counting here costs two integer additions per DATA frame; a Prometheus
+    counter per frame would take a lock on the hot path.
+    """
+
+    __slots__ = ("frames", "bytes")
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self.bytes = 0
+
+
 class AgentSession:
     """One connected agent, as seen by the node it is connected to."""
 
@@ -180,6 +194,7 @@ class AgentSession:
         self.closed = False
         #: A stream ended since the node last reconciled this agent's load counter.
         self.load_dirty = False
+        self.traffic = Traffic()  # the node's, once added to its SessionManager
         self._send_text = send_text
         self._send_bytes = send_bytes
         self._close = close
@@ -244,6 +259,10 @@ class AgentSession:
                     return  # late frame of a stream we cancelled: drop it
                 raise p.ProtocolError(f"frame for stream {event.id} that was never opened")  # type: ignore[union-attr]
             relay_stream.feed(event)  # type: ignore[arg-type]
+            if kind is p.Data:
+                traffic = self.traffic
+                traffic.frames += 1
+                traffic.bytes += len(event.payload)  # type: ignore[union-attr]
             if relay_stream.finished:
                 self.streams.pop(relay_stream.id, None)
         elif kind is p.Ping:
@@ -275,9 +294,14 @@ class SessionManager:
 
     def __init__(self) -> None:
         self._by_instance: dict[str, dict[str, AgentSession]] = {}
+        self.traffic = Traffic()
 
     def __len__(self) -> int:
         return sum(len(s) for s in self._by_instance.values())
+
+    def instance_count(self) -> int:
+        """Instances with at least one agent on this node."""
+        return len(self._by_instance)
 
     def all(self) -> list[AgentSession]:
         return [s for sessions in self._by_instance.values() for s in sessions.values()]
@@ -293,6 +317,7 @@ class SessionManager:
         sessions = self._by_instance.setdefault(session.instance_id, {})
         stale = sessions.get(session.agent_id)
         sessions[session.agent_id] = session
+        session.traffic = self.traffic
         return stale
 
     def remove(self, session: AgentSession) -> None:

@@ -51,6 +51,11 @@ class RelaySettings(BaseSettings):
     max_body_bytes: int = 1024 * 1024
 
     log_level: str = "info"
+    #: "json": one JSON object per line, for log shippers; "plain": human-readable.
+    log_format: str = Field(default="plain", pattern="^(plain|json)$")
+    #: One INFO line per HTTP request (method, path, status, seconds); health
+    #: checks and scrapes that succeed are left out.
+    access_log: bool = True
 
     def base_url(self) -> str:
         if self.public_url:

@@ -1,0 +1,145 @@
+"""The request middleware: an id for every request, and its place in the metrics.
+
+One pure-ASGI middleware does both jobs, so a streamed answer pays for one
+``send`` wrapper (a type check and a flag test per write), not two.  Per
+HTTP request it
+
+- takes the caller's ``X-Request-Id`` when it looks like an id (a proxy such
+  as nginx may set one, so both logs join up), otherwise makes one, binds it
+  and the instance id from the path for log lines (:mod:`relay.logs`), and
+  returns it as the ``X-Request-Id`` response header;
+- counts the request by endpoint and status, keeps ``relay_active_streams``,
+  and for a streamed answer observes the time to its first bytes and the
+  time to its end.
+
+Agent websockets get a connection id, and a refused handshake is counted as
+a rejection.  The lifespan gets the node id, which every background task of
+the node inherits.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import logs
+from .metrics import RelayMetrics
+
+_INSTANCE_PATH = re.compile(r"^/api/(?:chat|instances)/([^/]+)")
+_VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_EVENT_STREAM = b"text/event-stream"
+#: Endpoints polled by load balancers and Prometheus: logged only when they fail.
+_QUIET = frozenset({"health", "metrics"})
+
+access_log = logging.getLogger("relay.access")
+
+
+def endpoint_of(path: str) -> str:
+    """A small, fixed set of labels (never the raw path: ids would explode cardinality)."""
+    if path.startswith("/api/chat/"):
+        return "models" if path.endswith("/models") else "chat"
+    if path.startswith("/api/instances"):
+        return "instances"
+    if path.startswith("/api/agent/"):
+        return "agent"
+    if path in ("/healthz", "/readyz"):
+        return "health"
+    if path == "/metrics":
+        return "metrics"
+    return "other"
+
+
+def request_id_from(scope: Scope) -> str:
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            candidate = value.decode("latin-1")
+            if _VALID_ID.match(candidate):
+                return candidate
+            break
+    return secrets.token_hex(8)
+
+
+class RequestObserver:
+    def __init__(self, app: ASGIApp, *, metrics: RelayMetrics, node_id: str, log_requests: bool = True) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.node_id = node_id
+        self.log_requests = log_requests
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        logs.node_id.set(self.node_id)
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "websocket":
+            await self._websocket(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        metrics = self.metrics
+        rid = request_id_from(scope)
+        path = scope["path"]
+        match = _INSTANCE_PATH.match(path)
+        logs.request_id.set(rid)
+        logs.instance_id.set(match.group(1) if match else None)
+        endpoint = endpoint_of(path)
+        started = time.perf_counter()
+        status = 500  # if the app raises before answering, the server answers 500
+        streaming = awaiting_first = False
+        header = (b"x-request-id", rid.encode())
+
+        async def observed_send(message: Message) -> None:
+            nonlocal status, streaming, awaiting_first
+            if awaiting_first and message.get("body"):
+                # The hot path passes here once per write: one flag test.
+                awaiting_first = False
+                metrics.time_to_first_chunk.observe(time.perf_counter() - started)
+            elif message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", ()))
+                streaming = awaiting_first = status == 200 and any(
+                    name.lower() == b"content-type" and value.startswith(_EVENT_STREAM) for name, value in headers
+                )
+                message = {**message, "headers": [*headers, header]}
+            await send(message)
+
+        chat = endpoint == "chat"
+        if chat:
+            metrics.active_streams.inc()
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            if chat:
+                metrics.active_streams.dec()
+            metrics.requests.labels(endpoint, str(status)).inc()
+            elapsed = time.perf_counter() - started
+            if streaming:
+                metrics.stream_duration.observe(elapsed)
+            if self.log_requests and (status >= 400 or endpoint not in _QUIET):
+                # The path only: the query string is the caller's, and no body is ever logged.
+                access_log.info("%s %s %d %.3fs", scope["method"], path, status, elapsed)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        logs.request_id.set("ws-" + secrets.token_hex(6))
+        logs.instance_id.set(None)  # set by the endpoint once the token says which
+        deciding = True
+
+        async def observed_send(message: Message) -> None:
+            nonlocal deciding
+            if deciding:  # only the first message (accept, close or denial) decides
+                deciding = False
+                if message["type"] == "websocket.http.response.start":
+                    self.metrics.rejections.labels(_agent_refusal(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, observed_send)
+
+
+def _agent_refusal(status: int) -> str:
+    return {401: "agent_invalid_token", 403: "agent_forbidden", 429: "agent_rate_limited",
+            503: "agent_not_ready"}.get(status, f"agent_refused_{status}")
