@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -72,10 +73,19 @@ def serve(settings: RelaySettings) -> None:
         RelayServer(uvicorn_config(app, settings), app).run()
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = settings_from(args)
     configure_logging(settings.log_level, settings.log_format)
+    # uvicorn shuts down gracefully on SIGTERM and then re-raises the signal
+    # for the handler that was there before it.  The default one kills the
+    # process on the spot, skipping the cleanup below (stopping the embedded
+    # redis-server); unwinding with SystemExit runs it.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         if args.command == "serve":
             serve(settings)

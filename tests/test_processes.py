@@ -1,0 +1,287 @@
+"""The console scripts as real processes: ``relay serve`` and ``relay-agent run``.
+
+Nothing in-process here: the relay, its embedded redis-server and the agent
+run as the user runs them, and are killed for real.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import free_port, spawn, wait_until
+
+pytestmark = pytest.mark.anyio
+
+HEARTBEAT_TIMEOUT = 1.0
+FAST = {"RELAY_HEARTBEAT_INTERVAL": "0.2", "RELAY_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT),
+        "RELAY_LOG_LEVEL": "info"}
+
+
+class Proc:
+    """A spawned console script whose merged output is collected by a thread."""
+
+    def __init__(self, args: list[str], env: dict[str, str]):
+        self.args = args
+        self.popen = spawn(args, env=env)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for raw in self.popen.stdout:
+            self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    async def wait_for_line(self, pattern: str, timeout: float = 20.0) -> re.Match:
+        regex = re.compile(pattern)
+
+        async def found():
+            for line in list(self.lines):
+                if match := regex.search(line):
+                    return match
+            if self.popen.poll() is not None:
+                raise AssertionError(f"{self.args[0]} exited ({self.popen.returncode}) before printing "
+                                     f"{pattern!r}:\n{self.output}")
+            return None
+
+        try:
+            return await wait_until(found, timeout=timeout, what=pattern)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- output of {' '.join(self.args)} ---\n{self.output}") from None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        self._reader.join(5)
+        return self.popen.returncode
+
+
+def redis_servers_using(path: Path) -> list[int]:
+    """Pids of redis-server processes whose command line mentions ``path``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = next((line for line in (entry / "status").read_text().splitlines()
+                          if line.startswith("State:")), "")
+        except OSError:
+            continue
+        if "redis-server" in cmdline and str(path) in cmdline and "zombie" not in state:
+            pids.append(int(entry.name))
+    return pids
+
+
+async def start_relay(port: int, env: dict[str, str], *extra: str) -> Proc:
+    relay = Proc(["relay.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *extra], env)
+
+    async def healthy():
+        if relay.popen.poll() is not None:
+            raise AssertionError(f"relay exited ({relay.popen.returncode}):\n{relay.output}")
+        try:
+            async with httpx.AsyncClient() as client:
+                return (await client.get(f"http://127.0.0.1:{port}/healthz", timeout=2)).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        await wait_until(healthy, timeout=30, what="relay /healthz")
+    except BaseException:
+        relay.stop(signal.SIGKILL)
+        raise
+    return relay
+
+
+async def instance_status(client: httpx.AsyncClient, instance_id: str) -> str:
+    response = await client.get(f"/api/instances/{instance_id}")
+    assert response.status_code == 200, response.text
+    return response.json()["status"]
+
+
+async def test_agent_registers_goes_online_and_offline_when_killed(redis_url, tmp_path):
+    port = free_port()
+    relay_url = f"http://127.0.0.1:{port}"
+    creds_path = tmp_path / "config" / "agent.json"
+    agent_env = {**FAST, "AGENT_CREDENTIALS": str(creds_path), "AGENT_DEMO_RATE": "0", "AGENT_TOKEN": ""}
+    procs: list[Proc] = []
+    try:
+        relay = await start_relay(port, {**FAST, "REDIS_URL": redis_url})
+        procs.append(relay)
+        assert "using external redis" in relay.output
+
+        # First run, no token: the agent registers itself and says where to chat.
+        agent = Proc(["agent.cli", "run", "--relay-url", relay_url, "--backend", "demo"], agent_env)
+        procs.append(agent)
+        registered = await agent.wait_for_line(r"registered instance ([0-9a-f]+)")
+        instance_id = registered.group(1)
+        chat_url = (await agent.wait_for_line(r"chat URL: (\S+)")).group(1)
+        assert chat_url == f"{relay_url}/api/chat/{instance_id}"
+        await agent.wait_for_line(r"connected to .* as instance " + instance_id)
+
+        # Credentials: 0600, keyed by relay URL, holding the token.
+        assert stat.S_IMODE(os.stat(creds_path).st_mode) == 0o600
+        saved = json.loads(creds_path.read_text())[relay_url]
+        assert saved["instance_id"] == instance_id
+        assert saved["agent_token"].startswith("ira_")
+        assert saved["agent_token"] not in agent.output  # the secret is never printed
+
+        async with httpx.AsyncClient(base_url=relay_url, timeout=30) as client:
+            async def online():
+                return await instance_status(client, instance_id) == "online"
+
+            await wait_until(online, timeout=15, what="instance online")
+            response = await client.post(f"/api/chat/{instance_id}",
+                                         json={"messages": [{"role": "user", "content": "hello"}], "stream": False})
+            assert response.status_code == 200
+            assert "You said: hello." in response.json()["choices"][0]["message"]["content"]
+
+            # `relay-agent status` reads the saved instance.
+            status = subprocess.run(
+                [sys.executable, "-m", "agent.cli", "status", "--relay-url", relay_url],
+                env={**os.environ, **agent_env}, capture_output=True, text=True, timeout=30)
+            assert status.returncode == 0, status.stderr
+            assert json.loads(status.stdout)["status"] == "online"
+
+            # kill -9: no goodbye.  Status must turn offline on its own.
+            agent.stop(signal.SIGKILL)
+            killed_at = time.monotonic()
+
+            async def offline():
+                return await instance_status(client, instance_id) == "offline"
+
+            await wait_until(offline, timeout=HEARTBEAT_TIMEOUT + 5, interval=0.1, what="instance offline")
+            assert time.monotonic() - killed_at < HEARTBEAT_TIMEOUT + 5
+            response = await client.post(f"/api/chat/{instance_id}",
+                                         json={"messages": [{"role": "user", "content": "hello"}]})
+            assert response.status_code == 503
+
+            # Second run: the saved credentials are reused, no new instance.
+            agent2 = Proc(["agent.cli", "run", "--relay-url", relay_url, "--backend", "demo"], agent_env)
+            procs.append(agent2)
+            await agent2.wait_for_line(r"connected to .* as instance " + instance_id)
+            assert "registered instance" not in agent2.output
+            await wait_until(online, timeout=15, what="instance online again")
+            listing = (await client.get("/api/instances")).json()
+            assert [v["instance_id"] for v in listing["data"]] == [instance_id]
+    finally:
+        for proc in reversed(procs):
+            proc.stop(signal.SIGKILL)
+
+
+async def test_agent_silent_on_the_network_goes_offline_after_the_heartbeat_timeout(redis_url, tmp_path):
+    # SIGSTOP freezes the agent with its socket open: no FIN reaches the
+    # relay, only the missing heartbeats tell.
+    port = free_port()
+    relay_url = f"http://127.0.0.1:{port}"
+    agent_env = {**FAST, "AGENT_CREDENTIALS": str(tmp_path / "agent.json"), "AGENT_TOKEN": ""}
+    procs: list[Proc] = []
+    agent = None
+    try:
+        relay = await start_relay(port, {**FAST, "REDIS_URL": redis_url})
+        procs.append(relay)
+        agent = Proc(["agent.cli", "run", "--relay-url", relay_url, "--backend", "demo"], agent_env)
+        procs.append(agent)
+        instance_id = (await agent.wait_for_line(r"registered instance ([0-9a-f]+)")).group(1)
+        await agent.wait_for_line(r"connected to ")
+        async with httpx.AsyncClient(base_url=relay_url, timeout=30) as client:
+            async def status_is(value):
+                return await instance_status(client, instance_id) == value
+
+            await wait_until(lambda: status_is("online"), timeout=15, what="online")
+            agent.popen.send_signal(signal.SIGSTOP)
+            await wait_until(lambda: status_is("offline"), timeout=HEARTBEAT_TIMEOUT + 5, interval=0.1,
+                             what="offline after missed heartbeats")
+            # Thawed, it notices, reconnects, and is online again.
+            agent.popen.send_signal(signal.SIGCONT)
+            await wait_until(lambda: status_is("online"), timeout=20, what="online again after SIGCONT")
+    finally:
+        if agent is not None and agent.popen.poll() is None:
+            agent.popen.send_signal(signal.SIGCONT)
+        for proc in reversed(procs):
+            proc.stop(signal.SIGKILL)
+
+
+async def test_relay_serve_without_redis_url_embeds_and_stops_redis(tmp_path):
+    port = free_port()
+    data_dir = tmp_path / "data"
+    # Empty values hide any REDIS_URL the test runner itself has.
+    env = {**FAST, "REDIS_URL": "", "RELAY_REDIS_URL": ""}
+    relay = None
+    try:
+        relay = await start_relay(port, env, "--data-dir", str(data_dir))
+        await relay.wait_for_line(r"embedded redis-server")
+        await relay.wait_for_line(r"using redis unix://")
+        assert re.search(r"using redis unix://\S*redis\.sock", relay.output)
+        pids = redis_servers_using(data_dir)
+        assert len(pids) == 1, pids
+
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            assert (await client.get("/readyz")).status_code == 200
+            response = await client.post("/api/instances", json={"name": "persisted"})
+            assert response.status_code == 201
+            instance_id = response.json()["instance_id"]
+
+        assert relay.stop(signal.SIGTERM) == 0, relay.output
+        relay = None
+
+        async def no_orphan():
+            return not redis_servers_using(data_dir)
+
+        await wait_until(no_orphan, timeout=10, what="embedded redis-server to exit with the relay")
+        assert any(p.name.startswith("appendonly") for p in (data_dir / "redis").iterdir()), \
+            list((data_dir / "redis").iterdir())
+
+        # Same data dir again: registrations survived the restart.
+        relay = await start_relay(port, env, "--data-dir", str(data_dir))
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            response = await client.get(f"/api/instances/{instance_id}")
+            assert response.status_code == 200
+            assert response.json()["name"] == "persisted"
+        assert relay.stop(signal.SIGTERM) == 0
+        relay = None
+        await wait_until(no_orphan, timeout=10, what="embedded redis-server to exit with the relay")
+    finally:
+        if relay is not None:
+            relay.stop(signal.SIGKILL)
+        for pid in redis_servers_using(data_dir):  # never leave a server behind, even on failure
+            os.kill(pid, signal.SIGKILL)
+
+
+async def test_agent_with_a_bad_token_stops_with_a_clear_message(redis_url, tmp_path):
+    port = free_port()
+    agent = None
+    relay = None
+    try:
+        relay = await start_relay(port, {**FAST, "REDIS_URL": redis_url})
+        agent = Proc(["agent.cli", "run", "--relay-url", f"http://127.0.0.1:{port}", "--backend", "demo",
+                      "--token", "ira_not-a-real-token"],
+                     {**FAST, "AGENT_CREDENTIALS": str(tmp_path / "agent.json")})
+        await agent.wait_for_line(r"refused the agent token \(401\)")
+        assert agent.popen.wait(15) == 1  # retrying cannot help: it exits
+        assert "ira_not-a-real-token" not in relay.output  # never logged
+    finally:
+        for proc in (agent, relay):
+            if proc is not None:
+                proc.stop(signal.SIGKILL)
