@@ -87,16 +87,25 @@ async def get_instance(request: Request) -> Response:
     return ORJSONResponse(await request.app.state.registry.view(request.path_params["instance_id"]))
 
 
+def _int_param(params: Any, name: str, default: int) -> int:
+    raw = params.get(name) or ""
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValidationFailed(f"{name} must be an integer", param=name) from None
+
+
 async def list_instances(request: Request) -> Response:
     params = request.query_params
-    status = params.get("status")
+    # An empty parameter (``?status=&limit=&cursor=``, as forms and scripts
+    # send them) means its default; a bad one is named in the error.
+    status = params.get("status") or None
     if status not in (None, "online", "offline"):
         raise ValidationFailed("status must be 'online' or 'offline'", param="status")
-    try:
-        limit = int(params.get("limit", "50"))
-        cursor = int(params.get("cursor") or "0")
-    except ValueError:
-        raise ValidationFailed("limit and cursor must be integers", param="limit") from None
+    limit = _int_param(params, "limit", 50)
+    cursor = _int_param(params, "cursor", 0)
     if not 1 <= limit <= 500:
         raise ValidationFailed("limit must be between 1 and 500", param="limit")
     if cursor < 0:

@@ -548,3 +548,107 @@ async def test_client_gone_before_the_first_chunk_cancels_the_upstream_request(r
             return agent.status.inflight == 0 and not any(s.streams for s in relay.app.state.sessions.all())
 
         await wait_until(slot_free, timeout=10, what="the stream to be forgotten")
+
+
+# -- listing over HTTP -------------------------------------------------------------------
+
+
+async def test_list_instances_over_http(redis_url):
+    async with running_relay(redis_url) as relay, relay.client() as client:
+        ids = [(await relay.register(f"n{i}"))[0] for i in range(5)]
+        seen, cursor = [], ""
+        for _ in range(10):
+            page = (await client.get("/api/instances", params={"limit": 2, "cursor": cursor})).json()
+            assert len(page["data"]) <= 2
+            seen += [v["instance_id"] for v in page["data"]]
+            if page["next_cursor"] is None:
+                break
+            cursor = page["next_cursor"]
+        assert seen == ids
+        # Empty parameters mean their defaults.
+        response = await client.get("/api/instances?status=&limit=&cursor=")
+        assert response.status_code == 200
+        assert [v["instance_id"] for v in response.json()["data"]] == ids
+        assert (await client.get("/api/instances?status=offline")).json()["data"][0]["status"] == "offline"
+        assert (await client.get("/api/instances?status=online")).json() == {"data": [], "next_cursor": None}
+        for query, param in [("status=sleeping", "status"), ("limit=abc", "limit"), ("limit=0", "limit"),
+                             ("limit=100000", "limit"), ("cursor=abc", "cursor"), ("cursor=-1", "cursor")]:
+            assert_openai_error(await client.get(f"/api/instances?{query}"), 422, param=param)
+
+
+# -- misbehaving agents -------------------------------------------------------------------
+
+
+def hello_frame(protocol: int = 1) -> str:
+    return orjson.dumps({"type": "hello", "protocol": protocol, "agent_version": "test", "agent_id": "raw",
+                         "models": ["raw-model"], "max_concurrency": 1}).decode()
+
+
+async def test_agent_websocket_needs_a_token_in_the_header(redis_url):
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    async with running_relay(redis_url) as relay:
+        _, token = await relay.register()
+        ws_url = relay.url.replace("http://", "ws://") + "/api/agent/connect"
+        for headers, url in [({}, ws_url), ({"Authorization": "Bearer ira_wrong"}, ws_url),
+                             ({}, f"{ws_url}?token={token}")]:  # never a token in the URL
+            with pytest.raises(InvalidStatus) as info:
+                async with connect(url, additional_headers=headers):
+                    pass
+            assert info.value.response.status_code in (400, 401)
+
+
+@pytest.mark.parametrize("first, close_code", [
+    (hello_frame(protocol=99), 4001),  # an agent too new (or old) for this relay
+    ("garbage", 1002),
+    ('{"type": "ping"}', 1002),  # anything but hello first
+    (b"\x01\x00\x00\x00\x01data", 1002),
+])
+async def test_bad_handshakes_are_closed_with_a_reason(redis_url, first, close_code):
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    async with running_relay(redis_url) as relay:
+        _, token = await relay.register()
+        ws_url = relay.url.replace("http://", "ws://") + "/api/agent/connect"
+        async with connect(ws_url, additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+            await ws.send(first)
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 10)
+        assert ws.close_code == close_code
+        assert ws.close_reason
+        if close_code == 4001:
+            assert "99" in ws.close_reason
+
+
+async def test_garbage_from_one_agent_harms_no_other_stream(redis_url):
+    from websockets.asyncio.client import connect
+
+    upstream = FakeUpstream(chunks=30, delay=0.01)
+    async with stack(redis_url, upstream) as (relay, iid, agent, client):
+        bad_iid, bad_token = await relay.register("bad")
+        ws_url = relay.url.replace("http://", "ws://") + "/api/agent/connect"
+        async with connect(ws_url, additional_headers={"Authorization": f"Bearer {bad_token}"}) as ws:
+            await ws.send(hello_frame())
+            welcome = orjson.loads(await ws.recv())
+            assert welcome["type"] == "welcome" and welcome["instance_id"] == bad_iid
+
+            async def good_stream():
+                return await stream_text(client, f"/api/chat/{iid}", HELLO)
+
+            good = asyncio.create_task(good_stream())
+            # A request for the bad agent, then it answers with nonsense.
+            bad = asyncio.create_task(client.post(f"/api/chat/{bad_iid}", json={**HELLO, "stream": False}))
+            request = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert request["type"] == "request"
+            await ws.send(b"\x09\x00\x00\x00\x01junk")  # unknown binary frame kind
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.recv(), 10)
+            assert ws.close_code == 1002
+            response = await asyncio.wait_for(bad, 10)
+            assert_openai_error(response, 502)
+            text, _ = await asyncio.wait_for(good, 30)
+            assert text == "".join(f"w{i} " for i in range(30))
+        view = (await client.get(f"/api/instances/{iid}")).json()
+        assert view["status"] == "online"
