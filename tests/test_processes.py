@@ -205,14 +205,30 @@ async def test_agent_silent_on_the_network_goes_offline_after_the_heartbeat_time
         procs.append(agent)
         instance_id = (await agent.wait_for_line(r"registered instance ([0-9a-f]+)")).group(1)
         await agent.wait_for_line(r"connected to ")
+        # A healthy neighbour on the same relay node, another instance.
+        neighbour = Proc(["agent.cli", "run", "--relay-url", relay_url, "--backend", "demo"],
+                         {**agent_env, "AGENT_CREDENTIALS": str(tmp_path / "neighbour.json")})
+        procs.append(neighbour)
+        neighbour_id = (await neighbour.wait_for_line(r"registered instance ([0-9a-f]+)")).group(1)
+        await neighbour.wait_for_line(r"connected to ")
         async with httpx.AsyncClient(base_url=relay_url, timeout=30) as client:
-            async def status_is(value):
-                return await instance_status(client, instance_id) == value
+            async def status_is(value, iid=instance_id):
+                return await instance_status(client, iid) == value
 
             await wait_until(lambda: status_is("online"), timeout=15, what="online")
+            await wait_until(lambda: status_is("online", neighbour_id), timeout=15, what="neighbour online")
             agent.popen.send_signal(signal.SIGSTOP)
-            await wait_until(lambda: status_is("offline"), timeout=HEARTBEAT_TIMEOUT + 5, interval=0.1,
+            neighbour_seen: set[str] = set()
+
+            async def frozen_one_offline():
+                neighbour_seen.add(await instance_status(client, neighbour_id))
+                return await status_is("offline")
+
+            await wait_until(frozen_one_offline, timeout=HEARTBEAT_TIMEOUT + 5, interval=0.1,
                              what="offline after missed heartbeats")
+            # Dropping a frozen agent did not make the node look dead.
+            assert neighbour_seen == {"online"}
+            assert await status_is("online", neighbour_id)
             # Thawed, it notices, reconnects, and is online again.
             agent.popen.send_signal(signal.SIGCONT)
             await wait_until(lambda: status_is("online"), timeout=20, what="online again after SIGCONT")
