@@ -652,3 +652,13 @@ async def test_garbage_from_one_agent_harms_no_other_stream(redis_url):
             assert text == "".join(f"w{i} " for i in range(30))
         view = (await client.get(f"/api/instances/{iid}")).json()
         assert view["status"] == "online"
+
+
+async def test_stream_usage_chunk_when_asked(redis_url):
+    async with stack(redis_url) as (relay, iid, agent, client):
+        _, chunks = await stream_text(client, f"/api/chat/{iid}",
+                                      {**HELLO, "stream_options": {"include_usage": True}})
+        assert chunks[-1]["choices"] == []
+        usage = chunks[-1]["usage"]
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
+        assert all("usage" not in c for c in chunks[:-1])
