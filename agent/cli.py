@@ -3,7 +3,10 @@
     relay-agent run --relay-url URL [--token T] --backend demo|openai
                     [--upstream-url URL] [--model NAME] [--max-concurrency N]
     relay-agent register --relay-url URL [--name NAME]
-    relay-agent status --relay-url URL [--instance-id ID]
+    relay-agent status --relay-url URL [--instance-id ID] [--json]
+
+On a terminal, ``run`` keeps a live status line (see ``console.py``);
+``status`` exits 0 when the instance is online and 3 when it is offline.
 
 Every flag has an ``AGENT_*`` environment variable (``--upstream-url`` is
 ``AGENT_UPSTREAM_URL``); flags win.
@@ -23,6 +26,7 @@ from . import credentials as creds_store
 from .backends import BackendError, DemoBackend, OpenAIBackend
 from .backoff import FatalAgentError, backoff_delays
 from .client import AgentClient
+from .console import Console, format_status
 from .credentials import Credentials
 from .registration import RelayHTTPError, instance_status, register
 from .settings import AgentSettings
@@ -58,9 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--name", help="instance name (AGENT_NAME)")
     reg.add_argument("--description", help="instance description (AGENT_DESCRIPTION)")
 
-    status = sub.add_parser("status", help="show the instance's public status")
+    status = sub.add_parser("status", help="show the instance's public status (exit 0 online, 3 offline)")
     common(status)
     status.add_argument("--instance-id", help="instance to show (default: the saved one)")
+    status.add_argument("--json", action="store_true", help="print the relay's JSON instead of a summary")
     return parser
 
 
@@ -116,13 +121,32 @@ async def serve(settings: AgentSettings) -> None:
     try:
         creds = await obtain_credentials(settings)
         models = await wait_for_models(backend, settings)
+        # On a terminal: a live status line; otherwise plain event lines.
+        console = Console()
         client = AgentClient(
             relay_url=settings.relay_url, token=creds.agent_token, backend=backend, models=models,
-            max_concurrency=settings.max_concurrency, max_backoff=settings.max_backoff, on_status=_say,
+            max_concurrency=settings.max_concurrency, max_backoff=settings.max_backoff, on_status=console.event,
         )
-        await client.run()
+        console.attach(client.status)
+        refresher = asyncio.create_task(console.run())
+        if console.live:
+            _route_logs_through(console)
+        try:
+            await client.run()
+        finally:
+            refresher.cancel()
+            console.close()
     finally:
         await backend.aclose()
+
+
+def _route_logs_through(console: Console) -> None:
+    root = logging.getLogger()
+    handler = console.log_handler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
 
 
 async def _run_until_signal(coro) -> None:
@@ -156,7 +180,10 @@ def main(argv: list[str] | None = None) -> int:
                 if saved is None:
                     raise SystemExit("relay-agent: no saved instance; pass --instance-id")
                 instance_id = saved.instance_id
-            print(json.dumps(asyncio.run(instance_status(settings.primary_relay_url(), instance_id)), indent=2))
+            view = asyncio.run(instance_status(settings.primary_relay_url(), instance_id))
+            print(json.dumps(view, indent=2) if args.json else format_status(view))
+            # Scriptable: 0 online, 3 offline (as `systemctl status` does for inactive).
+            return 0 if view.get("status") == "online" else 3
     except (FatalAgentError, RelayHTTPError, BackendError) as exc:
         print(f"relay-agent: {exc}", file=sys.stderr)
         return 1

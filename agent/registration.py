@@ -29,7 +29,7 @@ async def register(relay_url: str, name: str, description: str = "", *, headers:
             response = await client.post("/api/instances", json={"name": name, "description": description},
                                          headers=headers or {})
         except httpx.HTTPError as exc:
-            raise RelayHTTPError(f"cannot reach relay at {relay_url}: {exc}") from exc
+            raise RelayHTTPError(f"cannot reach relay at {relay_url}: {exc or type(exc).__name__}") from exc
         _raise_for(response)
         data = response.json()
     return Credentials(
@@ -45,6 +45,6 @@ async def instance_status(relay_url: str, instance_id: str) -> dict[str, Any]:
         try:
             response = await client.get(f"/api/instances/{instance_id}")
         except httpx.HTTPError as exc:
-            raise RelayHTTPError(f"cannot reach relay at {relay_url}: {exc}") from exc
+            raise RelayHTTPError(f"cannot reach relay at {relay_url}: {exc or type(exc).__name__}") from exc
         _raise_for(response)
         return response.json()

@@ -159,7 +159,7 @@ async def test_agent_registers_goes_online_and_offline_when_killed(redis_url, tm
 
             # `relay-agent status` reads the saved instance.
             status = subprocess.run(
-                [sys.executable, "-m", "agent.cli", "status", "--relay-url", relay_url],
+                [sys.executable, "-m", "agent.cli", "status", "--json", "--relay-url", relay_url],
                 env={**os.environ, **agent_env}, capture_output=True, text=True, timeout=30)
             assert status.returncode == 0, status.stderr
             assert json.loads(status.stdout)["status"] == "online"
