@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 
+import orjson
 import pytest
 
 from relay import keys
@@ -57,7 +58,7 @@ async def test_register_and_get(registry):
     instance_id, token = await registry.register("alice", "my llama")
     assert token.startswith("ira_") and len(token) >= 4 + 43  # >= 256 bits, url-safe base64
     view = await registry.view(instance_id)
-    assert view == {
+    contract = {
         "instance_id": instance_id,
         "name": "alice",
         "description": "my llama",
@@ -68,6 +69,10 @@ async def test_register_and_get(registry):
         "created_at": view["created_at"],
         "chat_url": f"{BASE}/api/chat/{instance_id}",
     }
+    assert {k: view.get(k) for k in contract} == contract
+    # More fields may come; secrets never do.
+    assert not {"token_hash", "agent_token", "token", "seq"} & set(view)
+    assert hash_token(token) not in orjson.dumps(view).decode()
     assert before <= view["created_at"] <= time.time()
     assert await registry.exists(instance_id)
 
