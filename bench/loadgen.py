@@ -116,13 +116,19 @@ class HTTPConnection:
         return b"\r\n".join(head) + b"\r\n\r\n" + (body or b"")
 
     async def request(self, method: str, path: str, body: bytes | None = None, *, record_reads: bool = False,
-                      ) -> StreamResult:
-        """Send one request and read its whole response (SSE or not)."""
+                      result: StreamResult | None = None) -> StreamResult:
+        """Send one request and read its whole response (SSE or not).
+
+        Pass ``result`` to watch a response in progress (e.g. one that never ends).
+        """
         if self.writer is None:
             await self.connect()
         reader, writer = self.reader, self.writer
         assert reader is not None and writer is not None
-        result = StreamResult(reads=[] if record_reads else None)
+        if result is None:
+            result = StreamResult()
+        if record_reads and result.reads is None:
+            result.reads = []
         t0 = _CLOCK()
         writer.write(self._request_bytes(method, path, body))
         try:
@@ -330,6 +336,7 @@ class ConcurrentResult:
     excess: list[float] = field(default_factory=list)  # seconds, see gap_excess
     ttfc: list[float] = field(default_factory=list)
     wall: float = 0.0
+    unfinished: int = 0  # streams still running at the timeout (counted in errors too)
 
 
 async def run_concurrent(host: str, port: int, path: str, streams: int, chunks: int, rate: float, *,
@@ -344,11 +351,14 @@ async def run_concurrent(host: str, port: int, path: str, streams: int, chunks: 
     interval = 1.0 / rate if rate > 0 else 0.0
     expected = chunks + 1  # content chunks + the finish chunk
 
+    partial: dict[int, StreamResult] = {}
+
     async def one(i: int) -> None:
         await asyncio.sleep(ramp * i / max(streams, 1))
         conn = HTTPConnection(host, port)
+        partial[i] = result = StreamResult(reads=[])
         try:
-            result = await conn.request("POST", path, body, record_reads=True)
+            await conn.request("POST", path, body, result=result)
         except (OSError, LoadgenError, asyncio.IncompleteReadError) as exc:
             out.errors += 1
             if len(out.error_samples) < 5:
@@ -369,16 +379,22 @@ async def run_concurrent(host: str, port: int, path: str, streams: int, chunks: 
                 )
 
     t0 = _CLOCK()
-    tasks = [asyncio.ensure_future(one(i)) for i in range(streams)]
+    tasks = {i: asyncio.ensure_future(one(i)) for i in range(streams)}
     try:
-        await asyncio.wait_for(asyncio.gather(*tasks), timeout)
-    except (asyncio.TimeoutError, TimeoutError):
-        unfinished = sum(1 for t in tasks if not t.done())
-        out.errors += unfinished
-        out.error_samples.append(f"{unfinished} streams unfinished after {timeout:.0f}s")
+        _, pending = await asyncio.wait(tasks.values(), timeout=timeout)
+        if pending:
+            stuck = [partial[i] for i, t in tasks.items() if not t.done() and i in partial]
+            out.errors += len(pending)
+            out.unfinished = len(pending)
+            headers = sum(1 for r in stuck if r.status)
+            progress = sorted(r.events for r in stuck)
+            out.error_samples.insert(0, (
+                f"{len(pending)} streams unfinished after {timeout:.0f}s: {headers} had response headers; "
+                f"events received min/median/max {progress[0]}/{progress[len(progress) // 2]}/{progress[-1]}"
+                if progress else f"{len(pending)} streams unfinished after {timeout:.0f}s"))
     finally:
-        for t in tasks:
+        for t in tasks.values():
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
     out.wall = _CLOCK() - t0
     return out

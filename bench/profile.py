@@ -56,8 +56,8 @@ def py_spy() -> str | None:
 class Profiler:
     """``with Profiler(pid, out_file):`` samples ``pid`` for the block's duration."""
 
-    def __init__(self, pid: int, out: Path, *, rate: int = 250):
-        self.pid, self.out, self.rate = pid, out, rate
+    def __init__(self, pid: int, out: Path, *, rate: int = 250, native: bool = False):
+        self.pid, self.out, self.rate, self.native = pid, out, rate, native
         self.proc: subprocess.Popen | None = None
         self.error: str | None = None
 
@@ -68,7 +68,7 @@ class Profiler:
             return self
         self.proc = subprocess.Popen(
             [exe, "record", "--pid", str(self.pid), "--rate", str(self.rate), "--format", "raw",
-             "--output", str(self.out), "--nonblocking"],
+             "--output", str(self.out)] + (["--native"] if self.native else ["--nonblocking"]),
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         time.sleep(0.5)  # let it attach before the load starts
@@ -100,7 +100,8 @@ def _parse_frame(frame: str) -> tuple[str, str]:
     if not m:
         return frame.strip(), "other"
     path = m.group("file")
-    library = next((name for name, marker in _LIBRARIES if marker in path), "other")
+    rooted = path if path.startswith("/") else "/" + path  # py-spy shortens to "uvicorn/server.py"
+    library = next((name for name, marker in _LIBRARIES if marker in rooted), "other")
     if library == "other" and ("python3" in path or path.startswith("<")):
         library = "stdlib"
     return f"{m.group('func')} ({Path(path).name})", library

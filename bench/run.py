@@ -46,6 +46,7 @@ HOST = "127.0.0.1"
 CHAT = "/v1/chat/completions"
 
 PATH_ORDER = ["direct", "nginx", "relay", "relay-2node"]
+PHASES = ["ttfc", "one_stream", "concurrent", "cpu", "idle"]  # plus "profile" with --profile
 LABELS = {
     "direct": "direct",
     "nginx": "nginx",
@@ -80,6 +81,8 @@ class Options:
     output: Path = RESULTS
     plot: bool = True
     settle: float = 0.5  # seconds of quiet between scenarios
+    phases: list[str] = field(default_factory=lambda: list(PHASES))
+    native: bool = False  # py-spy --native: see into C (uvloop, httptools) too
 
 
 QUICK = dict(
@@ -141,14 +144,20 @@ class Bench:
         self.results["options"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.o).items()}
         try:
             self.redis = EmbeddedRedis(self.work / "redis", persist=False).start()
+            phases = self.o.phases
             await self.start_streaming_stack()
-            await self.phase_ttfc()
-            await self.phase_one_stream()
-            await self.phase_concurrent()
-            await self.phase_cpu_per_chunk()
-            if self.o.profile:
+            if "ttfc" in phases:
+                await self.phase_ttfc()
+                await self.phase_redis_per_request()
+            if "one_stream" in phases:
+                await self.phase_one_stream()
+            if "concurrent" in phases:
+                await self.phase_concurrent()
+            if "cpu" in phases:
+                await self.phase_cpu_per_chunk()
+            if "profile" in phases:
                 await self.phase_profile()
-            if self.o.idle_agents:
+            if "idle" in phases and self.o.idle_agents:
                 await self.phase_idle_agents()
         except BaseException:
             for proc in list(self.group.procs):
@@ -461,7 +470,7 @@ class Bench:
                                               timeout=max(60.0, 5 * o.chunks_per_stream * interval + 30))
                 window.stop()
                 d = {
-                    "streams": c, "completed": res.completed, "errors": res.errors,
+                    "streams": c, "completed": res.completed, "errors": res.errors, "unfinished": res.unfinished,
                     "error_samples": res.error_samples,
                     "excess_ms": _dist(res.excess), "ttfc_ms": _dist(res.ttfc),
                     "chunks": res.completed * (o.chunks_per_stream + 1),
@@ -511,35 +520,68 @@ class Bench:
         self.results["cpu_per_chunk"] = out
 
     async def phase_profile(self) -> None:
-        """Sample node A and agent A with py-spy under the one-stream and concurrent loads."""
+        """Sample node A and agent A with py-spy under three loads (separate runs, figures not reused)."""
         o = self.o
         if "relay" not in self.paths:
             return
-        RESULTS.mkdir(parents=True, exist_ok=True)
+        o.output.mkdir(parents=True, exist_ok=True)
         stamp = self.results["meta"]["date"].replace(":", "").replace("+0000", "Z")
         out: dict[str, Any] = {}
         port, path = self.paths["relay"]
         c = max(o.concurrency)
+
+        async def sequential() -> None:
+            async with lg.HTTPConnection(HOST, port) as conn:
+                for _ in range(o.ttfc_requests):
+                    await conn.request("POST", path, lg.chat_body(o.ttfc_chunks))
+
         loads = {
-            "one_stream": lambda: self.one_stream("relay", o.one_stream_chunks),
+            "ttfc": sequential,
+            "one_stream": lambda: self.one_stream("relay", 3 * o.one_stream_chunks),
             "concurrent": lambda: lg.run_concurrent(HOST, port, path, c, o.chunks_per_stream, o.rate, ramp=o.ramp,
                                                     timeout=max(60.0, 5 * o.chunks_per_stream / o.rate + 30)),
         }
         for load, start in loads.items():
             self.say(f"profile: {load} via relay, py-spy on relay_a and agent_a")
             files = {who: o.output / f"profile-{stamp}-{load}-{who}.txt" for who in ("relay_a", "agent_a")}
-            with Profiler(self.procs["relay_a"].pid, files["relay_a"]) as p1, \
-                    Profiler(self.procs["agent_a"].pid, files["agent_a"]) as p2:
+            window = self.cpu_window().start()
+            with Profiler(self.procs["relay_a"].pid, files["relay_a"], native=o.native) as p1, \
+                    Profiler(self.procs["agent_a"].pid, files["agent_a"], native=o.native) as p2:
                 await start()
+            window.stop()
             for who, prof in (("relay_a", p1), ("agent_a", p2)):
                 key = f"{load}/{who}"
                 if files[who].exists():
-                    out[key] = summarize(files[who]) | {"file": str(files[who])}
+                    out[key] = summarize(files[who]) | {"file": str(files[who]), "cpu_s": window.used.get(who),
+                                                        "wall_s": round(window.wall, 2)}
                     print(format_summary(key, out[key]), file=sys.stderr)
                 else:
                     out[key] = {"error": prof.error or "no profile written"}
-            await asyncio.sleep(self.o.settle)
+            await asyncio.sleep(o.settle)
         self.results["profile"] = out
+
+    async def phase_redis_per_request(self, n: int = 50) -> None:
+        """Redis commands issued per relayed request (the design wants O(1))."""
+        import redis as redis_lib
+
+        rcli = redis_lib.Redis.from_url(self.redis.url)
+        out: dict[str, Any] = {}
+        try:
+            for name in ("relay", "relay-2node"):
+                if name not in self.paths:
+                    continue
+                port, path = self.paths[name]
+                before = _redis_calls(rcli)
+                async with lg.HTTPConnection(HOST, port) as conn:
+                    for _ in range(n):
+                        await conn.request("POST", path, lg.chat_body(self.o.ttfc_chunks))
+                after = _redis_calls(rcli)
+                calls = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+                calls = {k: round(v / n, 2) for k, v in sorted(calls.items(), key=lambda kv: -kv[1]) if v and k != "info"}
+                out[name] = {"per_request": round(sum(calls.values()), 2), "by_command": calls}
+        finally:
+            rcli.close()
+        self.results["redis_per_request"] = out
 
     async def phase_idle_agents(self) -> None:
         """RSS / CPU / Redis commands of a fresh node holding N idle agents, N growing."""
@@ -582,8 +624,14 @@ class Bench:
                     step["connect_errors"] = grown["errors"]
                 steps.append(step)
             await _command(connector, {"cmd": "stop"}, timeout=120)
-            await asyncio.sleep(self.o.settle)
-            online_after = (await self.count_online("relay_c", set(ids), set()))[0]
+            t_stop = time.perf_counter()
+            deadline = t_stop + 3 * o.heartbeat_interval + 30
+            while True:
+                online_after = (await self.count_online("relay_c", set(ids), set()))[0]
+                if online_after == 0 or time.perf_counter() > deadline:
+                    break
+                await asyncio.sleep(0.2)
+            offline_s = round(time.perf_counter() - t_stop, 2)
         finally:
             rcli.close()
         base = steps[0]
@@ -598,6 +646,7 @@ class Bench:
             "nodes": 1,
             "steps": steps,
             "online_after_disconnect": online_after,
+            "all_offline_after_s": offline_s,
         }
 
     async def register_many(self, relay: str, n: int, concurrency: int = 16) -> tuple[list[str], list[str]]:
@@ -856,7 +905,11 @@ def table(r: dict) -> str:
             lines.append(f"  {s['agents']:>6}  {s['rss_mib']:>9}  {_fmt(s.get('rss_per_agent_kib')):>9}"
                          f"  {s['relay_cpu_pct']:>11}  {s['redis_cmds_per_interval']:>19}  {s['online']:>6}"
                          f"  {'ok' if s['presence_correct'] else 'WRONG'}")
-        lines.append(f"  online after all disconnected: {idle['online_after_disconnect']}")
+        lines.append(f"  after all disconnected: {idle['online_after_disconnect']} online"
+                     f" ({idle.get('all_offline_after_s')} s after the last close)")
+    rpr = r.get("redis_per_request", {})
+    for name, v in rpr.items():
+        lines.append(f"redis commands per request via {LABELS[name]}: {v['per_request']}  {v['by_command']}")
     one = r.get("one_stream", {})
     if "direct-httpx" in one and "direct" in one:
         lines.append("load generator's own cost (direct path, one stream):")
@@ -896,7 +949,8 @@ def plot(r: dict, raw: dict, path: Path) -> Path | None:
     ax.set_ylabel("fraction of requests")
     ax.set_title("Time to first chunk, per path")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_lines():
+        ax.legend(fontsize=8)
     ax = axes[1]
     interval = 1000 / r["options"]["rate"] if r["options"]["rate"] else 0
     for name, values in raw.get("excess", {}).items():
@@ -912,7 +966,8 @@ def plot(r: dict, raw: dict, path: Path) -> Path | None:
     ax.set_ylabel("fraction of gaps")
     ax.set_title("Concurrent streams: inter-chunk delay")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_lines():
+        ax.legend(fontsize=8)
     fig.suptitle(f"instance-relay bench {r['meta']['date']} ({r['meta']['cores']} cores)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -948,6 +1003,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-nginx", action="store_true", help="skip nginx even if installed")
     p.add_argument("--no-httpx", action="store_true", help="skip the generic-client comparison")
     p.add_argument("--profile", action="store_true", help="also sample relay A and agent A with py-spy (extra runs)")
+    p.add_argument("--native", action="store_true", help="py-spy --native (C frames of uvloop/httptools too)")
+    p.add_argument("--phases", help=f"comma-separated subset of {','.join(PHASES)},profile (default: all)")
     p.add_argument("--output", type=Path, help="results directory (default bench/results)")
     p.add_argument("--no-plot", action="store_true")
     return p
@@ -977,6 +1034,14 @@ def options_from(argv: list[str] | None) -> Options:
     o.nginx = not args.no_nginx
     o.httpx = not args.no_httpx
     o.profile = args.profile
+    o.native = args.native
+    if args.phases:
+        o.phases = [x.strip() for x in args.phases.split(",") if x.strip()]
+        unknown = set(o.phases) - set(PHASES) - {"profile"}
+        if unknown:
+            raise SystemExit(f"unknown phases: {', '.join(sorted(unknown))}")
+    if o.profile and "profile" not in o.phases:
+        o.phases.append("profile")
     o.plot = not args.no_plot
     return o
 
