@@ -240,6 +240,21 @@ async def status_of(url: str, instance_id: str) -> str:
 # -- structure ---------------------------------------------------------------------
 
 
+def compose_spec_errors(path: Path) -> subprocess.CompletedProcess:
+    """Validate against the Compose Specification's JSON schema (vendored by check-jsonschema)."""
+    return subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec",
+                           str(path)], capture_output=True, text=True, timeout=60)
+
+
+def test_compose_file_follows_the_compose_specification(tmp_path):
+    result = compose_spec_errors(ROOT / "compose.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The check can fail: a typo'd condition is caught.
+    broken = (ROOT / "compose.yaml").read_text().replace("condition: service_healthy", "condition: healthy", 1)
+    (tmp_path / "compose.yaml").write_text(broken)
+    assert compose_spec_errors(tmp_path / "compose.yaml").returncode != 0
+
+
 def test_compose_has_the_demo_services():
     assert {"redis", "relay-1", "relay-2", "lb", "agent", "ollama", "agent-ollama"} <= set(SERVICES)
     for name in ("redis", "relay-1", "relay-2", "lb", "agent"):
