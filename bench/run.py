@@ -46,6 +46,9 @@ HOST = "127.0.0.1"
 CHAT = "/v1/chat/completions"
 
 PATH_ORDER = ["direct", "nginx", "relay", "relay-2node"]
+# Relay settings that cap one caller, one instance or one agent (names as in relay/settings.py).
+LIMITS = ["MAX_STREAMS_PER_INSTANCE", "MAX_STREAMS_PER_CALLER", "RATE_PER_CALLER", "RATE_PER_INSTANCE",
+          "RATE_REGISTER_PER_IP", "AGENT_FRAMES_PER_SECOND", "AGENT_BYTES_PER_SECOND"]
 PHASES = ["ttfc", "one_stream", "concurrent", "cpu", "idle"]  # plus "profile" with --profile
 LABELS = {
     "direct": "direct",
@@ -129,6 +132,7 @@ class Bench:
         self.results: dict[str, Any] = {}
         self.raw: dict[str, Any] = {"ttfc": {}, "excess": {}}  # distributions for the plot
         self.t_start = time.perf_counter()
+        self.restart: dict[str, Any] = {}  # name -> starts it again on a fresh port
 
     def say(self, line: str) -> None:
         print(f"[bench {time.perf_counter() - self.t_start:6.1f}s] {line}", file=sys.stderr, flush=True)
@@ -219,11 +223,16 @@ class Bench:
             "RELAY_HEARTBEAT_TIMEOUT": str(max(3 * self.o.heartbeat_interval, 1.5)),
             "RELAY_DRAIN_TIMEOUT": "2",
             "RELAY_FIRST_CHUNK_TIMEOUT": "60",
+            # Abuse limits would (rightly) stop a load generator on one address;
+            # set them out of reach rather than to 0, so their per-request cost
+            # (Redis counters) is still part of what is measured.
+            **{f"RELAY_{name}": str(10**9) for name in LIMITS},
         }
 
     def start_relay(self, name: str) -> Proc:
         port = free_port()
         self.ports[name] = port
+        self.restart[name] = lambda: self.start_relay(name)
         proc = self.group.start(
             name,
             console_script("relay", "relay.cli") + [
@@ -251,12 +260,22 @@ class Bench:
     async def wait_http(self, name: str, path: str = "/healthz", timeout: float = 30.0) -> None:
         proc, port = self.procs[name], self.ports[name]
         deadline = time.monotonic() + timeout
+        retries = 3
         while True:
             with contextlib.suppress(OSError, lg.LoadgenError):
                 status, _ = await lg.get_json(HOST, port, path)
                 if status == 200:
                     return
             if not proc.alive():
+                # free_port() is a check-then-use race with anything else on this
+                # machine: on "address already in use", start again on another port.
+                if retries and "already in use" in proc.tail() and name in self.restart:
+                    retries -= 1
+                    self.say(f"{name}: port {port} was taken meanwhile; retrying on another port")
+                    self.group.stop(proc)
+                    proc = self.restart[name]()
+                    port = self.ports[name]
+                    continue
                 raise RuntimeError(f"{name} exited ({proc.popen.returncode}):\n{proc.tail()}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{name} not answering {path} after {timeout}s:\n{proc.tail()}")
@@ -282,30 +301,41 @@ class Bench:
 
     async def start_streaming_stack(self) -> None:
         self.say(f"work dir {self.work}")
-        up_port = free_port()
-        self.ports["upstream"] = up_port
-        self.procs["upstream"] = self.group.start(
-            "upstream", [sys.executable, "-m", "bench.upstream", "--port", str(up_port)]
-        )
+
+        def start_upstream() -> Proc:
+            self.ports["upstream"] = free_port()
+            self.procs["upstream"] = self.group.start(
+                "upstream", [sys.executable, "-m", "bench.upstream", "--port", str(self.ports["upstream"])]
+            )
+            return self.procs["upstream"]
+
+        self.restart["upstream"] = start_upstream
+        start_upstream()
         want = set(self.o.paths)
         need_b = "relay-2node" in want
         self.start_relay("relay_a")
         if need_b:
             self.start_relay("relay_b")
+        await self.wait_http("upstream", "/v1/models")
+        up_port = self.ports["upstream"]
         if self.o.nginx and "nginx" in want:
             binary = nginx_binary()
             if binary is None:
                 self.unsupported["nginx"] = "nginx not installed"
             else:
-                port = free_port()
-                self.ports["nginx"] = port
-                conf = nginx_config(self.work, port, up_port)
-                self.procs["nginx"] = self.group.start(
-                    "nginx", [binary, "-c", str(conf), "-p", str(conf.parent), "-e", str(conf.parent / "error.log")]
-                )
+
+                def start_nginx() -> Proc:
+                    self.ports["nginx"] = free_port()
+                    conf = nginx_config(self.work, self.ports["nginx"], up_port)
+                    self.procs["nginx"] = self.group.start(
+                        "nginx", [binary, "-c", str(conf), "-p", str(conf.parent), "-e", str(conf.parent / "error.log")]
+                    )
+                    return self.procs["nginx"]
+
+                self.restart["nginx"] = start_nginx
+                start_nginx()
         elif "nginx" in want:
             self.unsupported["nginx"] = "disabled (--no-nginx)"
-        await self.wait_http("upstream", "/v1/models")
         await self.wait_http("relay_a")
         if need_b:
             await self.wait_http("relay_b")
