@@ -35,9 +35,9 @@ node_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("relay_node
 
 _VARS = {"request_id": request_id, "instance_id": instance_id, "node_id": node_id}
 
-#: Agent tokens (``ira_`` + 43 url-safe characters), bearer credentials and
+#: Agent tokens (``ira_``), caller keys (``irk_``), bearer credentials and
 #: OpenAI-style keys.  Redacted from every message above DEBUG.
-_SECRET = re.compile(r"ira_[A-Za-z0-9_\-]{16,}|(?i:bearer)\s+[^\s\"',;]+|sk-[A-Za-z0-9_\-]{16,}")
+_SECRET = re.compile(r"\b(?:ira|irk)_[A-Za-z0-9_\-]{16,}|(?i:bearer)\s+[^\s\"',;]+|\bsk-[A-Za-z0-9_\-]{16,}")
 REDACTED = "[redacted]"
 
 PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s%(ids)s: %(message)s"

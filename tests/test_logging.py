@@ -69,13 +69,14 @@ def test_secrets_are_redacted_above_debug(json_log):
     log = logging.getLogger("relay.test.secrets")
     log.warning("agent sent %s", token)
     log.warning("header Authorization: Bearer %s", "sk-" + "z" * 30)
+    log.warning("caller key irk_%s", "k" * 30)
     try:
         raise ValueError(f"bad token {token}")
     except ValueError:
         log.exception("failed")
     text = json_log.getvalue()
-    assert token not in text and "sk-zzzz" not in text
-    assert text.count(logs.REDACTED) >= 3
+    assert token not in text and "sk-zzzz" not in text and "irk_kkkk" not in text
+    assert text.count(logs.REDACTED) >= 4
 
 
 async def test_request_lines_carry_ids_in_process(redis_url, json_log):
