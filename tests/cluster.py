@@ -1,0 +1,190 @@
+"""Real processes for multi-node and fault tests: relay nodes and agents.
+
+``Cluster`` spawns ``relay serve`` and ``relay-agent run`` as subprocesses
+(same interpreter, see ``helpers.spawn``), drains their output on a thread so a
+chatty process never blocks on a full pipe, and kills every one of them when
+the test ends, whatever happened.  Timing helpers print the recovery times the
+fault tests measure (run pytest with ``-s`` to see them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from typing import Any
+
+import httpx
+
+from tests.helpers import free_port, spawn
+
+#: Relay settings for every spawned node: heartbeats every 0.2 s, an agent or
+#: node silent for 1 s is dead.  Tests override single values as they need.
+FAST_RELAY_ENV = {
+    "RELAY_HEARTBEAT_INTERVAL": "0.2",
+    "RELAY_HEARTBEAT_TIMEOUT": "1",
+    "RELAY_FIRST_CHUNK_TIMEOUT": "5",
+    "RELAY_IDLE_TIMEOUT": "5",
+    "RELAY_STALL_TIMEOUT": "5",
+    "RELAY_DRAIN_TIMEOUT": "10",
+    "RELAY_LOG_LEVEL": "info",
+}
+
+
+class Proc:
+    """One subprocess and everything it printed so far."""
+
+    def __init__(self, name: str, popen: subprocess.Popen, url: str = ""):
+        self.name = name
+        self.popen = popen
+        self.url = url
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+
+    def _drain(self) -> None:
+        assert self.popen.stdout is not None
+        for raw in iter(self.popen.stdout.readline, b""):
+            self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def count(self, pattern: str) -> int:
+        return sum(1 for line in list(self.lines) if re.search(pattern, line))
+
+    async def wait_for_line(self, pattern: str, timeout: float = 10.0, start: int = 0) -> str:
+        """The first line (from index ``start``) matching ``pattern``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in list(self.lines)[start:]:
+                if re.search(pattern, line):
+                    return line
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name}: no line matching {pattern!r} within {timeout}s:\n{self.output}")
+            if self.popen.poll() is not None and not self._reader.is_alive():
+                raise AssertionError(f"{self.name} exited ({self.popen.returncode}) without {pattern!r}:\n{self.output}")
+            await asyncio.sleep(0.02)
+
+    def signal(self, sig: int) -> None:
+        if self.popen.poll() is None:
+            os.kill(self.popen.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL, and reap (a SIGSTOPped process is resumed first so it can die cleanly)."""
+        if self.popen.poll() is None:
+            os.kill(self.popen.pid, signal.SIGKILL)
+            os.kill(self.popen.pid, signal.SIGCONT)
+        self.popen.wait(5)
+        self._reader.join(2)
+
+    async def wait_exit(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.popen.poll() is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name} still running after {timeout}s:\n{self.output}")
+            await asyncio.sleep(0.02)
+        self._reader.join(2)
+        return self.popen.returncode
+
+
+class Cluster:
+    """Spawn relay nodes and agents; ``close()`` kills whatever still runs."""
+
+    def __init__(self, redis_url: str):
+        self.redis_url = redis_url
+        self.procs: list[Proc] = []
+
+    def relay(self, name: str = "relay", **env: str) -> Proc:
+        port = free_port()
+        full_env = {**FAST_RELAY_ENV, "REDIS_URL": self.redis_url, **env}
+        proc = Proc(name, spawn(["relay.cli", "serve", "--port", str(port)], env=full_env),
+                    f"http://127.0.0.1:{port}")
+        self.procs.append(proc)
+        return proc
+
+    def agent(self, relay_urls: str, token: str, *args: str, name: str = "agent", **env: str) -> Proc:
+        full_env = {"AGENT_MAX_BACKOFF": "1", "AGENT_CREDENTIALS": os.devnull, **env}
+        proc = Proc(name, spawn(["agent.cli", "run", "--relay-url", relay_urls, "--token", token, *args],
+                                env=full_env))
+        self.procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in self.procs:
+            try:
+                proc.kill()
+            except Exception:  # already gone, or stuck: keep killing the others
+                pass
+
+    async def __aenter__(self) -> "Cluster":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+        if exc[0] is not None:
+            # The processes' own words are the best clue to a failure.
+            for proc in self.procs:
+                print(f"----- {proc.name} (pid {proc.pid}, rc {proc.popen.returncode}) -----\n{proc.output}")
+
+
+# -- talking to nodes -------------------------------------------------------------
+
+
+async def wait_ready(*nodes: Proc, timeout: float = 15.0) -> None:
+    """Wait until every node answers ``/readyz`` with 200."""
+    async with httpx.AsyncClient(timeout=2) as client:
+        for node in nodes:
+            deadline = time.monotonic() + timeout
+            while True:
+                if node.popen.poll() is not None:
+                    raise AssertionError(f"{node.name} exited ({node.popen.returncode}):\n{node.output}")
+                try:
+                    if (await client.get(node.url + "/readyz")).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{node.name} not ready within {timeout}s:\n{node.output}")
+                await asyncio.sleep(0.05)
+
+
+async def register(url: str, name: str = "test") -> tuple[str, str]:
+    async with httpx.AsyncClient(timeout=10) as client:
+        response = await client.post(url + "/api/instances", json={"name": name})
+        response.raise_for_status()
+        data = response.json()
+    return data["instance_id"], data["agent_token"]
+
+
+async def status(url: str, instance_id: str) -> dict[str, Any]:
+    async with httpx.AsyncClient(timeout=10) as client:
+        response = await client.get(f"{url}/api/instances/{instance_id}")
+        response.raise_for_status()
+        return response.json()
+
+
+def chat_body(text: str = "hi", **extra: Any) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": text}], **extra}
+
+
+class Stopwatch:
+    """Measures one recovery and prints it, so a ``-s`` run shows the figures."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.start = time.monotonic()
+
+    def lap(self, event: str) -> float:
+        elapsed = time.monotonic() - self.start
+        print(f"\n[recovery] {self.what}: {event} after {elapsed:.2f}s")
+        return elapsed

@@ -1,0 +1,245 @@
+"""Several relay nodes on one Redis, several agents per instance: real processes.
+
+Every test here spawns real ``relay serve`` nodes and real ``relay-agent``
+processes against the session's real Redis; only the model is faked
+(``FakeUpstream``, served by the test's own event loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import httpx
+import orjson
+import pytest
+from redis.asyncio import Redis
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
+
+from agent.backends import DemoBackend
+from agent.client import AgentClient, websocket_url
+from relay import keys
+from relay import protocol as p
+from tests.cluster import Cluster, Stopwatch, chat_body, register, status, wait_ready
+from tests.helpers import FakeUpstream, running_relay, running_upstream, sse_lines, wait_until
+
+pytestmark = pytest.mark.anyio
+
+
+async def _load(redis_url: str, instance_id: str) -> dict[str, int]:
+    """Requests in flight per agent session, as the routing script counts them."""
+    client = Redis.from_url(redis_url)
+    try:
+        raw = await client.hgetall(keys.load(instance_id))
+    finally:
+        await client.aclose()
+    return {k.decode(): int(v) for k, v in raw.items()}
+
+
+async def test_request_at_node_a_served_by_agent_on_node_b(redis_url):
+    """Streaming, non-streaming and an upstream error all cross nodes intact."""
+    async with running_upstream(FakeUpstream(chunks=30)) as upstream, Cluster(redis_url) as cluster:
+        node_a, node_b = cluster.relay("node-a"), cluster.relay("node-b")
+        await wait_ready(node_a, node_b)
+        instance_id, token = await register(node_a.url)
+        agent = cluster.agent(node_b.url, token, "--backend", "openai", "--upstream-url", upstream.url)
+        await agent.wait_for_line(r"connected to http://127\.0\.0\.1")
+        assert node_b.url in await agent.wait_for_line("connected to")
+
+        async def online_at_a():
+            view = await status(node_a.url, instance_id)
+            return view if view["status"] == "online" else None
+
+        view = await wait_until(online_at_a, 5, what="instance online as seen from node A")
+        assert view["agents"] == 1 and view["models"] == ["fake-model"]
+
+        async with httpx.AsyncClient(base_url=node_a.url, timeout=10) as client:
+            # Streaming: every chunk in order, then [DONE].
+            async with client.stream("POST", f"/api/chat/{instance_id}/chat/completions",
+                                     json=chat_body()) as response:
+                assert response.status_code == 200
+                assert response.headers["content-type"].startswith("text/event-stream")
+                events = await sse_lines(response)
+            assert events[-1] == "[DONE]"
+            text = "".join(orjson.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1])
+            assert text == "".join(f"w{i} " for i in range(30))
+
+            # Non-streaming: one chat.completion with usage.
+            response = await client.post(f"/api/chat/{instance_id}", json=chat_body(stream=False))
+            assert response.status_code == 200, response.text
+            completion = response.json()
+            assert completion["object"] == "chat.completion"
+            assert completion["choices"][0]["message"]["content"].startswith("w0 w1")
+            assert completion["usage"]["completion_tokens"] == 30
+
+            # The model fails: the caller at node A gets the error, in OpenAI's shape.
+            upstream.fail_status = 500
+            for stream in (True, False):
+                response = await client.post(f"/api/chat/{instance_id}", json=chat_body(stream=stream))
+                assert response.status_code == 502, response.text
+                error = response.json()["error"]
+                assert "fake failure" in error["message"]
+                assert error["code"] == "upstream_error"
+        assert len(upstream.requests) == 4
+        # Every slot taken by those requests was given back.
+        assert set((await _load(redis_url, instance_id)).values()) <= {0}
+
+        # The session's Redis persists nothing, and both nodes said so at startup.
+        for node in (node_a, node_b):
+            assert node.count("redis persists nothing") == 1, node.output
+
+
+async def test_cancellation_crosses_nodes(redis_url):
+    """A caller hanging up at node A makes the agent on node B abort the model's request."""
+    async with running_upstream(FakeUpstream(chunks=200, delay=0.05)) as upstream, Cluster(redis_url) as cluster:
+        node_a, node_b = cluster.relay("node-a"), cluster.relay("node-b")
+        await wait_ready(node_a, node_b)
+        instance_id, token = await register(node_a.url)
+        agent = cluster.agent(node_b.url, token, "--backend", "openai", "--upstream-url", upstream.url)
+        await agent.wait_for_line("connected to")
+        await wait_until(lambda: _online(node_a.url, instance_id), 5, what="online at A")
+
+        async with httpx.AsyncClient(base_url=node_a.url, timeout=10) as client:
+            async with client.stream("POST", f"/api/chat/{instance_id}", json=chat_body()) as response:
+                assert response.status_code == 200
+                seen = 0
+                async for line in response.aiter_lines():
+                    seen += line.startswith("data: ")
+                    if seen == 3:
+                        break
+            clock = Stopwatch("client disconnect at node A (agent on node B)")
+
+        async def upstream_closed():
+            return upstream.disconnects == 1
+
+        await wait_until(upstream_closed, 5, what="the fake model to see its request closed")
+        clock.lap("upstream request aborted")
+        assert upstream.completed == 0
+
+        async def slot_freed():
+            return set((await _load(redis_url, instance_id)).values()) <= {0}
+
+        await wait_until(slot_freed, 5, what="the agent's slot to be released")
+        # The agent is still healthy and serves the next request through A.
+        async with httpx.AsyncClient(base_url=node_a.url, timeout=10) as client:
+            upstream.delay = 0
+            response = await client.post(f"/api/chat/{instance_id}", json=chat_body(stream=False))
+            assert response.status_code == 200
+
+
+async def _online(url: str, instance_id: str, agents: int | None = None) -> bool:
+    view = await status(url, instance_id)
+    return view["status"] == "online" and (agents is None or view["agents"] == agents)
+
+
+async def test_two_replicas_share_load_and_survive_one_killed(redis_url):
+    """Two agent processes with one token, on two nodes: both serve; kill -9 one, nothing fails."""
+    async with running_upstream(FakeUpstream(chunks=5, delay=0.05, model="m")) as up1, \
+            running_upstream(FakeUpstream(chunks=5, delay=0.05, model="m")) as up2, \
+            Cluster(redis_url) as cluster:
+        node_a, node_b = cluster.relay("node-a"), cluster.relay("node-b")
+        await wait_ready(node_a, node_b)
+        instance_id, token = await register(node_a.url)
+        agent1 = cluster.agent(node_a.url, token, "--backend", "openai", "--upstream-url", up1.url,
+                               "--max-concurrency", "4", name="agent-1")
+        agent2 = cluster.agent(node_b.url, token, "--backend", "openai", "--upstream-url", up2.url,
+                               "--max-concurrency", "4", name="agent-2")
+        await agent1.wait_for_line("connected to")
+        await agent2.wait_for_line("connected to")
+        await wait_until(lambda: _online(node_a.url, instance_id, agents=2), 5, what="agents: 2")
+        assert (await status(node_b.url, instance_id))["agents"] == 2
+
+        async with httpx.AsyncClient(timeout=10) as client:
+
+            async def ask(node_url: str) -> int:
+                async with client.stream("POST", f"{node_url}/api/chat/{instance_id}", json=chat_body()) as response:
+                    events = await sse_lines(response) if response.status_code == 200 else []
+                assert events[-1:] == ["[DONE]"], (response.status_code, events)
+                return response.status_code
+
+            # Eight concurrent requests, half at each node: the least-busy pick
+            # spreads them over both replicas (4 slots each, so it must).
+            codes = await asyncio.gather(*(ask(node.url) for node in (node_a, node_b) * 4))
+            assert codes == [200] * 8
+            assert len(up1.requests) == 4 and len(up2.requests) == 4, (len(up1.requests), len(up2.requests))
+
+            # Sequential requests share the load too (ties are not always won by the same agent).
+            before = len(up1.requests), len(up2.requests)
+            for _ in range(10):
+                await ask(node_a.url)
+            assert len(up1.requests) > before[0] and len(up2.requests) > before[1]
+
+            # kill -9 the replica on node A while requests keep coming.
+            agent1.kill()
+            clock = Stopwatch("replica killed (SIGKILL)")
+            failures = 0
+            gone_at = None
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                try:
+                    await ask(node_a.url)
+                except AssertionError:
+                    failures += 1
+                view = await status(node_a.url, instance_id)
+                if gone_at is None and view["agents"] == 1:
+                    gone_at = clock.lap("status shows agents: 1")
+                    assert view["status"] == "online"
+                if gone_at is not None and time.monotonic() - clock.start > gone_at + 0.5:
+                    break
+            assert failures == 0
+            assert gone_at is not None and gone_at < 1 + 1.5, "status kept counting a dead agent"
+            assert (await status(node_b.url, instance_id))["agents"] == 1
+
+
+@pytest.mark.parametrize("where", ["same node", "other node"])
+async def test_reconnecting_agent_replaces_its_stale_session_at_once(redis_url, where):
+    """Same agent id, new connection: the old session is closed now, not after a heartbeat timeout.
+
+    The stale session is a raw websocket that said hello and then went quiet
+    (its process "lost the network"); heartbeats are set slow enough here that
+    only the replacement can explain it going away.
+    """
+    slow = dict(heartbeat_interval=5.0, heartbeat_timeout=30.0)
+    async with running_relay(redis_url, **slow) as node_a, running_relay(redis_url, **slow) as node_b:
+        instance_id, token = await node_a.register()
+        stale = await ws_connect(websocket_url(node_a.url), additional_headers={"Authorization": f"Bearer {token}"},
+                                 ping_interval=None)
+        try:
+            await stale.send(p.encode(p.Hello(p.PROTOCOL_VERSION, "test", "agent-x", ("demo",), 4)))
+            assert type(p.decode(await stale.recv())) is p.Welcome
+            assert (await node_a.registry.view(instance_id))["agents"] == 1
+
+            target = node_a if where == "same node" else node_b
+            backend = DemoBackend(rate=0)
+            client = AgentClient(relay_url=target.url, token=token, backend=backend, models=["demo"],
+                                 max_concurrency=4, max_backoff=1.0, on_status=lambda line: None)
+            client.agent_id = "agent-x"
+            task = asyncio.create_task(client.run())
+            try:
+                await asyncio.wait_for(client.connected.wait(), 5)
+                clock = Stopwatch(f"agent reconnected on the {where}")
+                with pytest.raises(ConnectionClosed) as closed:
+                    async with asyncio.timeout(2):  # far below the 30 s heartbeat timeout
+                        while True:
+                            await stale.recv()
+                clock.lap("stale session closed")
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == p.CloseCode.REPLACED
+
+                view = await node_b.registry.view(instance_id)
+                assert view["status"] == "online" and view["agents"] == 1
+                # Requests reach the new session, through either node.
+                for node in (node_a, node_b):
+                    async with node.client() as http:
+                        response = await http.post(f"/api/chat/{instance_id}", json=chat_body(stream=False))
+                    assert response.status_code == 200, response.text
+                # The stale session's late disconnect must not remove the new entry.
+                await asyncio.sleep(0.3)
+                assert (await node_a.registry.view(instance_id))["agents"] == 1
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        finally:
+            await stale.close()
