@@ -121,4 +121,6 @@ def configure(level: str = "info", fmt: str = "plain", stream: IO[str] | None = 
     handler = make_handler(fmt, stream)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # httpx logs every request it makes at INFO (the demo's registration): noise.
+    logging.getLogger("httpx").setLevel(max(root.level, logging.WARNING))
     return handler
