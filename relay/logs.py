@@ -122,5 +122,5 @@ def configure(level: str = "info", fmt: str = "plain", stream: IO[str] | None = 
     root.addHandler(handler)
     root.setLevel(level.upper())
     # httpx logs every request it makes at INFO (the demo's registration): noise.
-    logging.getLogger("httpx").setLevel(max(root.level, logging.WARNING))
+    logging.getLogger("httpx").setLevel(logging.NOTSET if root.level <= logging.DEBUG else logging.WARNING)
     return handler
