@@ -75,7 +75,9 @@ def chat_body(n: int, rate: float = 0.0, size: int = 16, *, model: str = "bench"
         "model": model,
         "messages": [{"role": "user", "content": "bench"}],
         "stream": stream,
-        "max_tokens": max(n, 1),
+        # The stream's length comes from metadata (the fake upstream ignores
+        # max_tokens); leaving max_tokens to the relay's default keeps long
+        # streams under any max_tokens cap the relay enforces.
         "metadata": {"bench_n": n, "bench_rate": rate, "bench_size": size, "bench_batch": batch},
     })
 

@@ -497,7 +497,7 @@ class Bench:
                 port, path = self.paths[name]
                 window = self.cpu_window().start()
                 res = await lg.run_concurrent(HOST, port, path, c, o.chunks_per_stream, o.rate, ramp=o.ramp,
-                                              timeout=max(60.0, 5 * o.chunks_per_stream * interval + 30))
+                                              timeout=max(20.0, 3 * o.chunks_per_stream * interval + 15))
                 window.stop()
                 d = {
                     "streams": c, "completed": res.completed, "errors": res.errors, "unfinished": res.unfinished,
