@@ -57,7 +57,8 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
     if not url:
         raise ValueError("create_app needs a Redis URL (relay serve starts an embedded one)")
     # Short timeouts: a hung Redis must turn into a quick 503, not a hung request.
-    redis = Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10)
+    redis = Redis.from_url(url, socket_timeout=settings.redis_timeout,
+                           socket_connect_timeout=min(2.0, settings.redis_timeout), health_check_interval=10)
     node_id = secrets.token_hex(6)
     sessions = SessionManager()
     registry = InstanceRegistry(redis, heartbeat_timeout=settings.heartbeat_timeout, base_url=settings.base_url())

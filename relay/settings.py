@@ -43,6 +43,10 @@ class RelaySettings(BaseSettings):
     stall_timeout: float = 30.0
     #: Seconds a draining node (SIGTERM) lets in-flight streams finish.
     drain_timeout: float = 30.0
+    #: Seconds a Redis command may take before Redis counts as unreachable
+    #: (requests that need it get 503, ``/readyz`` turns 503).  A hung Redis
+    #: (frozen, network cut) costs each request this long, so keep it short.
+    redis_timeout: float = 5.0
     #: Per-stream flow-control window in bytes (relay memory per slow reader).
     stream_window: int = 256 * 1024
     #: Largest websocket message accepted from an agent.

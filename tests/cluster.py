@@ -31,6 +31,7 @@ FAST_RELAY_ENV = {
     "RELAY_IDLE_TIMEOUT": "5",
     "RELAY_STALL_TIMEOUT": "5",
     "RELAY_DRAIN_TIMEOUT": "10",
+    "RELAY_REDIS_TIMEOUT": "1",
     "RELAY_LOG_LEVEL": "info",
 }
 
