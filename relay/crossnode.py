@@ -33,6 +33,7 @@ from redis.exceptions import RedisError
 
 from . import keys, logs
 from . import protocol as p
+from .errors import ServiceNotReady
 from .registry import AgentEntry, InstanceRegistry
 from .sessions import RelayStream, SessionManager, split_items
 
@@ -157,6 +158,10 @@ class CrossNode:
         self.ingress: dict[str, RemoteStream] = {}  # streams we serve to our HTTP clients
         self.egress: dict[str, tuple[RelayStream, asyncio.Task]] = {}  # streams our agents serve for others
         self._opening: dict[str, asyncio.Task] = {}
+        #: Whether our inbox subscription is up (set by ``Node.listen``).  While
+        #: it is down, replies to us are dropped by Redis (PUBLISH reaches no
+        #: one), so we must not open remote streams.
+        self.subscribed = False
         self.forwarded_out = 0  # streams opened on another node's agent (for /metrics)
         self.forwarded_in = 0  # streams our agents served for another node
 
@@ -177,6 +182,12 @@ class CrossNode:
     # -- node A: the node the caller talks to ---------------------------------
 
     async def open(self, entry: AgentEntry, instance_id: str, body: dict[str, Any], stream: bool) -> RemoteStream:
+        if not self.subscribed:
+            # Node B would answer into the void and the caller would wait for
+            # the first-chunk timeout: refuse now instead (just after a Redis
+            # restart, until the listener has resubscribed).
+            raise ServiceNotReady("this relay node is reconnecting to its message bus; retry",
+                                  headers={"Retry-After": "1"})
         rid = new_rid()
         remote = RemoteStream(self, rid, entry.node, self.window)
         self.ingress[rid] = remote
@@ -192,6 +203,24 @@ class CrossNode:
             raise
         self.forwarded_out += 1
         return remote
+
+    def inbox_lost(self) -> None:
+        """Our inbox subscription broke: fail every stream that crosses nodes, now.
+
+        Messages published to us meanwhile are gone (pub/sub stores nothing),
+        so a stream we serve to a caller may miss chunks or its end: give its
+        caller an error instead of an idle-timeout wait.  Streams our agents
+        serve for others may miss credit and cancels: stop them (the agent
+        aborts); their callers' nodes see the error or our node's liveness.
+        """
+        self.subscribed = False
+        if self.ingress or self.egress:
+            log.warning("message bus connection lost: failing %d cross-node streams",
+                        len(self.ingress) + len(self.egress))
+        for remote in list(self.ingress.values()):
+            remote.feed(p.StreamError(0, 502, "relay lost its message bus mid-stream; retry", "relay_unavailable"))
+        for _, task in list(self.egress.values()):
+            task.cancel()
 
     async def kick(self, node: str, instance_id: str, agent_id: str, session: str) -> None:
         """Tell another node to drop a stale session of an agent that reconnected here."""

@@ -81,14 +81,15 @@ class Node:
     async def listen(self) -> None:
         """Follow this node's inbox (cross-node streams) and registry events, forever.
 
-        Resubscribes after Redis comes back; streams that crossed nodes during
-        the outage fail by timeout or liveness check, never hang.
+        Resubscribes after Redis comes back; streams that crossed nodes when the
+        subscription broke are failed at once (see ``CrossNode.inbox_lost``).
         """
         while True:
             try:
                 async with self.registry.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(keys.EVENTS_CHANNEL, self.bus.channel)
                     self.listening.set()
+                    self.bus.subscribed = True
                     while True:
                         message = await pubsub.get_message(timeout=None)
                         if message is None:
@@ -99,6 +100,7 @@ class Node:
                             await self._registry_event(message["data"])
             except (RedisError, OSError) as exc:
                 self.listening.clear()
+                self.bus.inbox_lost()
                 log.debug("pub/sub connection lost (%s); resubscribing", exc)
                 await anyio.sleep(0.5)
 
