@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 import orjson
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 
+from . import keys
+from .access import bearer
 from .chat import run_chat
 from .errors import (
     InvalidRequest,
@@ -24,7 +28,11 @@ from .errors import (
     ValidationFailed,
     error_body,
 )
-from .models import ChatRequest, RegisterRequest
+from .limits import Bucket, Lease, Slot, check_chat_request
+from .models import ChatRequest, CreateKeyRequest, RegisterRequest, UpdateInstanceRequest
+
+#: Owner-action bodies are tiny: a name, a description.
+SMALL_BODY_BYTES = 16 * 1024
 
 
 class ORJSONResponse(JSONResponse):
@@ -33,11 +41,14 @@ class ORJSONResponse(JSONResponse):
 
 
 def bearer_token(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return None
-    return token.strip()
+    """The request's bearer credential; 400 if one is offered in the URL instead."""
+    return bearer(request.headers, request.query_params)
+
+
+def client_ip(request: Request) -> str:
+    # uvicorn sets this from X-Forwarded-For only for trusted proxies
+    # (--forwarded-allow-ips / FORWARDED_ALLOW_IPS), so callers cannot spoof it.
+    return request.client.host if request.client else "unknown"
 
 
 async def read_json(request: Request, limit: int) -> Any:
@@ -69,7 +80,10 @@ def validate(model: type[BaseModel], data: Any) -> Any:
 
 async def register_instance(request: Request) -> Response:
     state = request.app.state
-    body = validate(RegisterRequest, await read_json(request, state.settings.max_body_bytes))
+    state.access.check_registration(bearer_token(request))
+    ip = client_ip(request)
+    await state.rate_limiter.hit([Bucket(keys.rate("register", ip), state.settings.rate_register_per_ip, "this address")])
+    body = validate(RegisterRequest, await read_json(request, min(state.settings.max_body_bytes, SMALL_BODY_BYTES)))
     instance_id, token = await state.registry.register(body.name, body.description)
     return ORJSONResponse(
         {
@@ -119,7 +133,49 @@ async def delete_instance(request: Request) -> Response:
     instance_id = request.path_params["instance_id"]
     await state.registry.check_owner(instance_id, bearer_token(request))
     await state.registry.delete(instance_id)
+    await state.access.purge(instance_id)
     await state.node.close_instance(instance_id, "instance deleted")
+    return Response(status_code=204)
+
+
+# -- owner actions (Bearer agent token) ------------------------------------------
+
+
+async def _owner(request: Request) -> tuple[Any, str, str]:
+    """(app state, instance id, owner token) once the token is checked; 401/403/404 otherwise."""
+    state = request.app.state
+    instance_id = request.path_params["instance_id"]
+    token = bearer_token(request)
+    await state.registry.check_owner(instance_id, token)
+    return state, instance_id, token  # type: ignore[return-value]
+
+
+async def update_instance(request: Request) -> Response:
+    state, instance_id, _ = await _owner(request)
+    changes = validate(UpdateInstanceRequest, await read_json(request, SMALL_BODY_BYTES))
+    await state.access.update(instance_id, changes.model_dump(exclude_none=True))
+    return ORJSONResponse(await state.registry.view(instance_id))
+
+
+async def rotate_token(request: Request) -> Response:
+    state, instance_id, token = await _owner(request)
+    return ORJSONResponse({"instance_id": instance_id, "agent_token": await state.access.rotate_token(instance_id, token)})
+
+
+async def create_key(request: Request) -> Response:
+    state, instance_id, _ = await _owner(request)
+    body = validate(CreateKeyRequest, await read_json(request, SMALL_BODY_BYTES))
+    return ORJSONResponse(await state.access.create_key(instance_id, body.name), status_code=201)
+
+
+async def list_keys(request: Request) -> Response:
+    state, instance_id, _ = await _owner(request)
+    return ORJSONResponse({"data": await state.access.list_keys(instance_id)})
+
+
+async def revoke_key(request: Request) -> Response:
+    state, instance_id, _ = await _owner(request)
+    await state.access.revoke_key(instance_id, request.path_params["key_id"])
     return Response(status_code=204)
 
 
@@ -128,13 +184,51 @@ async def delete_instance(request: Request) -> Response:
 
 async def chat_completions(request: Request) -> Response:
     state = request.app.state
+    settings = state.settings
     instance_id = request.path_params["instance_id"]
-    chat = validate(ChatRequest, await read_json(request, state.settings.max_body_bytes))
-    return await run_chat(state.router, instance_id, chat, state.settings, request.receive)
+    # Cheapest refusals first: who may call (404/401/403), how often (429),
+    # then the body (413/400/422), then how many at once (429).
+    caller = await state.access.authorize_caller(instance_id, bearer_token(request), client_ip(request))
+    who = f"{instance_id}:{caller.identity}"
+    await state.rate_limiter.hit([
+        Bucket(keys.rate("caller", who), settings.rate_per_caller, "this caller"),
+        Bucket(keys.rate("instance", instance_id), settings.rate_per_instance, "this instance"),
+    ])
+    chat = validate(ChatRequest, await read_json(request, settings.max_body_bytes))
+    check_chat_request(chat, settings)
+    lease = await state.stream_leases.acquire([
+        Slot(keys.streams("instance", instance_id), settings.max_streams_per_instance, "this instance"),
+        Slot(keys.streams("caller", who), settings.max_streams_per_caller, "this caller"),
+    ])
+    try:
+        response = await run_chat(state.router, instance_id, chat, settings, request.receive)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await state.stream_leases.release(lease)
+        raise
+    return LeasedResponse(response, state.stream_leases, lease)
+
+
+class LeasedResponse(Response):
+    """A response that gives its stream lease back once fully sent (or abandoned)."""
+
+    def __init__(self, inner: Response, leases: Any, lease: Lease):
+        self.inner, self.leases, self.lease = inner, leases, lease
+        self.status_code = inner.status_code
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.inner(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.leases.release(self.lease)
 
 
 async def list_models(request: Request) -> Response:
-    view = await request.app.state.registry.view(request.path_params["instance_id"])
+    state = request.app.state
+    await state.access.authorize_caller(request.path_params["instance_id"], bearer_token(request), client_ip(request))
+    view = await state.registry.view(request.path_params["instance_id"])
     created = int(view["created_at"])
     return ORJSONResponse(
         {
@@ -147,7 +241,12 @@ async def list_models(request: Request) -> Response:
     )
 
 
-# -- health ------------------------------------------------------------------
+# -- health and documentation --------------------------------------------------
+
+
+async def openapi(request: Request) -> Response:
+    return ORJSONResponse(request.app.state.openapi)
+
 
 
 async def healthz(request: Request) -> Response:

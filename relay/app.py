@@ -21,12 +21,15 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import Route, WebSocketRoute
 
-from . import api
+from . import api, keys, redaction
+from .access import AccessControl, ChatCORS
 from .crossnode import CrossNode
 from .errors import RelayError
+from .limits import RateLimiter, StreamLeases
 from .metrics import RelayMetrics, metrics_endpoint
 from .node import Node
 from .observe import RequestObserver
+from .openapi import build_openapi
 from .registry import InstanceRegistry
 from .router import StreamRouter
 from .sessions import SessionManager
@@ -41,12 +44,18 @@ def routes(node_endpoint) -> list:
         Route("/api/instances", api.list_instances, methods=["GET"]),
         Route("/api/instances/{instance_id}", api.get_instance, methods=["GET"]),
         Route("/api/instances/{instance_id}", api.delete_instance, methods=["DELETE"]),
+        Route("/api/instances/{instance_id}", api.update_instance, methods=["PATCH"]),
+        Route("/api/instances/{instance_id}/token", api.rotate_token, methods=["POST"]),
+        Route("/api/instances/{instance_id}/keys", api.create_key, methods=["POST"]),
+        Route("/api/instances/{instance_id}/keys", api.list_keys, methods=["GET"]),
+        Route("/api/instances/{instance_id}/keys/{key_id}", api.revoke_key, methods=["DELETE"]),
         Route("/api/chat/{instance_id}", api.chat_completions, methods=["POST"]),
         Route("/api/chat/{instance_id}/chat/completions", api.chat_completions, methods=["POST"]),
         Route("/api/chat/{instance_id}/models", api.list_models, methods=["GET"]),
         WebSocketRoute("/api/agent/connect", node_endpoint),
         Route("/healthz", api.healthz, methods=["GET"]),
         Route("/readyz", api.readyz, methods=["GET"]),
+        Route("/openapi.json", api.openapi, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
     ]
 
@@ -67,6 +76,10 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
                     heartbeat_timeout=settings.heartbeat_timeout, window=settings.stream_window)
     node.bus = bus
     router = StreamRouter(node_id, sessions, registry, bus)
+    access = AccessControl(redis, registry, registration_key=settings.registration_key)
+    stream_leases = StreamLeases(
+        redis, ttl_ms=keys.stream_lease_ttl_ms(settings.heartbeat_interval, settings.heartbeat_timeout))
+    redaction.install()  # no credential in any log record, even at DEBUG
     metrics = RelayMetrics(node_id, sessions, bus)  # a registry per app: no globals
 
     @contextlib.asynccontextmanager
@@ -79,6 +92,7 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
         async with anyio.create_task_group() as tg:
             tg.start_soon(node.run)
             tg.start_soon(node.listen)
+            tg.start_soon(stream_leases.run, settings.heartbeat_interval)
             # Serve only once this node can receive cross-node traffic (bounded:
             # with Redis down we still start, and /readyz says not ready).
             with anyio.move_on_after(5):
@@ -100,6 +114,7 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
         },
         middleware=[
             Middleware(RequestObserver, metrics=metrics, node_id=node_id, log_requests=settings.access_log),
+            Middleware(ChatCORS, origins=settings.cors_origin_list()),
         ],
         lifespan=lifespan,
     )
@@ -110,6 +125,10 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
     app.state.node = node
     app.state.router = router
     app.state.bus = bus
+    app.state.access = access
+    app.state.rate_limiter = RateLimiter(redis)
+    app.state.stream_leases = stream_leases
+    app.state.openapi = build_openapi(settings.base_url())
     app.state.metrics = metrics
     return app
 

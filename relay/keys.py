@@ -15,9 +15,17 @@ Layout (prefix ``ir:``):
                                   incremented by the node that routes a request,
                                   decremented when it ends; drives least-busy picks
 ``ir:node:{node}``          str   node liveness, TTL = heartbeat timeout
+``ir:ckeys:{id}``           hash  caller key id -> JSON {name, created_at, key_hash}:
+                                  the owner's API keys for callers (no secrets)
+``ir:ckey:{sha256}``        str   "{instance id} {key id}" owning that caller-key hash
+``ir:rate:{scope}:{who}``   str   GCRA "theoretical arrival time" (ms, Redis clock)
+                                  of one rate limit; TTL = until the bucket is full
+``ir:streams:{scope}:{who}`` zset stream lease id scored by expiry (ms, Redis
+                                  clock): concurrent streams of one instance or
+                                  caller; TTL = lease TTL, renewed while streaming
 
 Pub/sub channels: ``ir:events`` (registry events every node must see, e.g. an
-instance deleted) and ``ir:inbox:{node}`` (one per node: cross-node stream
+instance deleted, an agent token rotated) and ``ir:inbox:{node}`` (one per node: cross-node stream
 traffic, see ``crossnode.py``).
 
 Presence is derived, never a sticky flag: an instance is ``online`` when one of
@@ -66,3 +74,36 @@ def inbox(node_id: str) -> str:
 def node_ttl_ms(heartbeat_timeout: float) -> int:
     """A node key lives exactly one heartbeat timeout past its last refresh."""
     return max(1, int(heartbeat_timeout * 1000))
+
+
+# -- access: caller keys (see access.py) ---------------------------------------
+
+
+def caller_keys(instance_id: str) -> str:
+    return f"{PREFIX}ckeys:{instance_id}"
+
+
+def caller_key(key_hash: str) -> str:
+    return f"{PREFIX}ckey:{key_hash}"
+
+
+# -- limits (see limits.py) ------------------------------------------------------
+
+
+def rate(scope: str, who: str) -> str:
+    """One rate-limit bucket; ``scope`` is e.g. ``caller``, ``instance``, ``register``."""
+    return f"{PREFIX}rate:{scope}:{who}"
+
+
+def streams(scope: str, who: str) -> str:
+    """Concurrent-stream leases of one instance or caller."""
+    return f"{PREFIX}streams:{scope}:{who}"
+
+
+def stream_lease_ttl_ms(heartbeat_interval: float, heartbeat_timeout: float) -> int:
+    """A stream lease outlives its node by at most this; renewed every heartbeat interval.
+
+    Leases of a node that died without releasing them expire on their own, so a
+    crash never leaves an instance or a caller permanently "at its limit".
+    """
+    return max(1000, int(max(3 * heartbeat_interval, heartbeat_timeout) * 1000))

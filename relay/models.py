@@ -68,6 +68,55 @@ class RegisterRequest(BaseModel):
 
 
 Status = Literal["online", "offline"]
+#: ``public``: anyone may chat; ``private``: callers need an API key the owner created.
+Visibility = Literal["public", "private"]
+
+
+class UpdateInstanceRequest(BaseModel):
+    """``PATCH /api/instances/{id}``: the fields to change (at least one)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(default=None, min_length=1, max_length=100)
+    description: str | None = Field(default=None, max_length=1000)
+    visibility: Visibility | None = None
+
+    @model_validator(mode="after")
+    def _something_to_change(self) -> "UpdateInstanceRequest":
+        if self.name is None and self.description is None and self.visibility is None:
+            raise ValueError("give at least one of name, description, visibility")
+        return self
+
+
+class CreateKeyRequest(BaseModel):
+    """``POST /api/instances/{id}/keys``: a label for the new caller key."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=100)
+
+
+class CallerKey(BaseModel):
+    """A caller API key as listed to its owner: never the secret itself."""
+
+    key_id: str
+    name: str
+    created_at: float
+
+
+class CallerKeyCreated(CallerKey):
+    """The one response that shows the key; only its hash is stored."""
+
+    key: str
+
+
+class CallerKeyList(BaseModel):
+    data: list[CallerKey]
+
+
+class TokenRotated(BaseModel):
+    """``POST /api/instances/{id}/token``: the new agent token, shown once."""
+
+    instance_id: str
+    agent_token: str
 
 
 class InstanceView(BaseModel):
@@ -75,6 +124,7 @@ class InstanceView(BaseModel):
     name: str
     description: str
     status: Status
+    visibility: Visibility
     models: list[str]
     agents: int
     last_seen: float | None
@@ -93,3 +143,61 @@ class Registered(BaseModel):
 class InstancePage(BaseModel):
     data: list[InstanceView]
     next_cursor: str | None
+
+
+# -- bodies the relay answers with, for the OpenAPI document -----------------------
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, in OpenAI's shape."""
+
+    error: ErrorDetail
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class ChatCompletionChoice(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    index: int
+    message: dict[str, Any]
+    finish_reason: str | None = None
+
+
+class ChatCompletion(BaseModel):
+    """A ``stream: false`` answer (the model's own body, forwarded untouched)."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: dict[str, Any] | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    node_id: str
+
+
+class Ready(BaseModel):
+    status: Literal["ready"]
+    node_id: str
+    agents: int

@@ -21,7 +21,8 @@ from . import __version__, keys, logs
 from . import protocol as p
 from .crossnode import CrossNode
 from .errors import error_body
-from .registry import AgentEntry, InstanceRegistry
+from .limits import FrameBudget
+from .registry import AgentEntry, InstanceRegistry, hash_token
 from .sessions import AgentSession, SessionManager
 from .settings import RelaySettings
 
@@ -111,6 +112,12 @@ class Node:
             return
         if isinstance(event, dict) and "deleted" in event:
             await self.close_instance(str(event["deleted"]), "instance deleted")
+        elif isinstance(event, dict) and "rotated" in event:
+            # Only the sessions that authenticated with the old token: an agent
+            # already using the new one stays.
+            for session in self.sessions.of(str(event["rotated"])):
+                if session.credential == event.get("credential"):
+                    await session.close(p.CloseCode.UNAUTHORIZED, "agent token rotated")
 
     async def close_instance(self, instance_id: str, reason: str) -> None:
         for session in self.sessions.of(instance_id):
@@ -162,11 +169,16 @@ class Node:
             send_bytes=websocket.send_bytes,
             close=lambda code, reason: websocket.close(code, reason),
             window=self.settings.stream_window,
+            credential=websocket.state.credential,
+            budget=FrameBudget.from_settings(self.settings),
         )
         stale = self.sessions.add(session)
         if stale is not None:
             await stale.close(p.CloseCode.REPLACED, "replaced by a new connection of the same agent")
         try:
+            # Before the agent is routable: no request may precede the welcome.
+            if not await self._credential_still_valid(session):
+                return
             try:
                 previous = await self.registry.add_agent(instance_id, self.entry(session))
             except (RedisError, OSError) as exc:
@@ -214,6 +226,7 @@ class Node:
                 status, message = 503, "relay storage unavailable, retry shortly"
             else:
                 if instance_id is not None:
+                    websocket.state.credential = hash_token(token.strip())
                     return instance_id
                 status, message = 401, "unknown or revoked agent token"
         # A real HTTP response (ASGI websocket denial extension), so the agent
@@ -224,6 +237,20 @@ class Node:
             JSONResponse(error_body(message, kind, None, code), status_code=status)
         )
         return None
+
+    async def _credential_still_valid(self, session: AgentSession) -> bool:
+        """Close a session whose token was rotated (or instance deleted) during its handshake.
+
+        Rotation events reach only sessions already listed; this check covers
+        the window between authentication and listing.
+        """
+        try:
+            valid = await self.registry.credential_current(session.instance_id, session.credential)
+        except (RedisError, OSError):
+            return True  # cannot tell now; the event path still applies
+        if not valid:
+            await session.close(p.CloseCode.UNAUTHORIZED, "agent token rotated or instance deleted")
+        return valid
 
     async def _handshake(self, websocket: WebSocket) -> p.Hello:
         with anyio.fail_after(HANDSHAKE_TIMEOUT):

@@ -57,6 +57,7 @@ class CloseCode(enum.IntEnum):
     NORMAL = 1000
     GOING_AWAY = 1001  # relay shutting down: reconnect, maybe elsewhere
     PROTOCOL_ERROR = 1002
+    POLICY_VIOLATION = 1008  # e.g. the agent floods: more frames or bytes than allowed
     MESSAGE_TOO_BIG = 1009
     UNSUPPORTED_VERSION = 4001  # agent must be upgraded; retrying will not help
     UNAUTHORIZED = 4003  # token unknown, rotated or instance deleted

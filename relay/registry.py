@@ -219,6 +219,11 @@ class InstanceRegistry:
             return None
         return instance_id
 
+    async def credential_current(self, instance_id: str, token_hash: str) -> bool:
+        """Whether ``token_hash`` is still the agent token hash of the instance."""
+        stored = await self.redis.hget(keys.instance(instance_id), "token_hash")
+        return stored is not None and hmac.compare_digest(stored.decode(), token_hash)
+
     async def check_owner(self, instance_id: str, token: str | None) -> None:
         """Raise unless ``token`` is the agent token of ``instance_id``."""
         record = await self._record(instance_id)
@@ -331,6 +336,7 @@ class InstanceRegistry:
             "name": record["name"],
             "description": record.get("description", ""),
             "status": "online" if online else "offline",
+            "visibility": record.get("visibility", "public"),
             "models": models,
             "agents": len(live),
             "last_seen": last_seen,
@@ -377,6 +383,8 @@ class InstanceRegistry:
                 iid = member.decode()
                 live = [e for e in entries if alive.get(e.node) is not None]
                 view = self._view(iid, {k.decode(): v.decode() for k, v in record.items()}, live)
+                if view["visibility"] != "public":
+                    continue  # private instances are not advertised; their owners know the id
                 if status is None or view["status"] == status:
                     out.append(view)
                     if len(out) == limit:

@@ -19,11 +19,18 @@ import logging
 import time
 import uuid
 from collections import deque
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from . import protocol as p
 
 log = logging.getLogger("relay.sessions")
+
+if TYPE_CHECKING:
+    from .limits import FrameBudget
+
+#: Cancelled stream ids remembered per agent, so their late frames are ignored
+#: rather than treated as frames "after the stream ended".
+MAX_DROPPED_STREAMS = 4096
 
 SendText = Callable[[str], Awaitable[None]]
 SendBytes = Callable[[bytes], Awaitable[None]]
@@ -180,8 +187,15 @@ class AgentSession:
         send_bytes: SendBytes,
         close: Close,
         window: int,
+        credential: str = "",
+        budget: FrameBudget | None = None,
     ):
         self.instance_id = instance_id
+        #: Hash of the agent token this session authenticated with: a rotation
+        #: of that token closes the session (see ``Node._registry_event``).
+        self.credential = credential
+        #: Frames/bytes per second this agent may send (None = unlimited).
+        self.budget = budget
         self.hello = hello
         self.agent_id = hello.agent_id
         self.session_id = uuid.uuid4().hex
@@ -199,6 +213,9 @@ class AgentSession:
         self._send_bytes = send_bytes
         self._close = close
         self._next_id = 0
+        #: Streams the relay dropped before the agent finished them (cancelled):
+        #: their late frames are expected and ignored.  Bounded, oldest first out.
+        self._dropped: dict[int, None] = {}
         self._send_lock = asyncio.Lock()
 
     @property
@@ -244,19 +261,28 @@ class AgentSession:
     def forget(self, stream_id: int) -> None:
         if self.streams.pop(stream_id, None) is not None:
             self.load_dirty = True
+            # The agent had not finished this stream: frames may still be in flight.
+            self._dropped[stream_id] = None
+            if len(self._dropped) > MAX_DROPPED_STREAMS:
+                del self._dropped[next(iter(self._dropped))]
 
     # -- incoming -----------------------------------------------------------
 
     async def receive(self, message: str | bytes) -> None:
         """Handle one message from the agent; raises ProtocolError on abuse."""
         self.last_seen = time.monotonic()
+        if self.budget is not None and not self.budget.allow(len(message)):
+            raise p.ProtocolError("agent sends more frames or bytes per second than this relay allows",
+                                  p.CloseCode.POLICY_VIOLATION)
         event = p.decode(message)
         kind = type(event)
         if kind is p.Data or kind is p.End or kind is p.StreamError:
             relay_stream = self.streams.get(event.id)  # type: ignore[union-attr]
             if relay_stream is None:
-                if 0 < event.id <= self._next_id:  # type: ignore[union-attr]
+                if event.id in self._dropped:  # type: ignore[union-attr]
                     return  # late frame of a stream we cancelled: drop it
+                if event.id <= self._next_id:  # type: ignore[union-attr]
+                    raise p.ProtocolError(f"frame for stream {event.id} after it ended")  # type: ignore[union-attr]
                 raise p.ProtocolError(f"frame for stream {event.id} that was never opened")  # type: ignore[union-attr]
             relay_stream.feed(event)  # type: ignore[arg-type]
             if kind is p.Data:

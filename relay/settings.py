@@ -54,12 +54,45 @@ class RelaySettings(BaseSettings):
     #: Largest HTTP request body accepted.
     max_body_bytes: int = 1024 * 1024
 
+    # -- access (see SECURITY.md) ---------------------------------------------
+    #: When set, ``POST /api/instances`` needs ``Authorization: Bearer <key>``;
+    #: empty = open registration (the demo default).
+    registration_key: str | None = None
+    #: Origins allowed to call the chat and model endpoints from a browser,
+    #: comma-separated; ``*`` = any origin.  Never with credentials.
+    cors_origins: str = "*"
+
+    # -- limits: 0 disables a limit ---------------------------------------------
+    #: Messages in one chat request (422 ``too_many_messages``).
+    max_messages: int = Field(default=256, ge=0)
+    #: Characters of text across all messages of one request (422 ``content_too_large``).
+    max_content_chars: int = Field(default=500_000, ge=0)
+    #: Largest ``max_tokens`` / ``max_completion_tokens`` a caller may ask for (422 ``max_tokens_too_large``).
+    max_tokens_cap: int = Field(default=32_768, ge=0)
+    #: Streams running at once per instance, across all nodes (429 ``too_many_streams``).
+    max_streams_per_instance: int = Field(default=64, ge=0)
+    #: Streams running at once per caller (API key, else client IP), across all nodes (429).
+    max_streams_per_caller: int = Field(default=8, ge=0)
+    #: Chat requests per minute per caller: API key, else client IP (429 + Retry-After).
+    rate_per_caller: int = Field(default=60, ge=0)
+    #: Chat requests per minute per instance, all callers together (429 + Retry-After).
+    rate_per_instance: int = Field(default=600, ge=0)
+    #: Registrations per minute per client IP (429 + Retry-After).
+    rate_register_per_ip: int = Field(default=10, ge=0)
+    #: Frames per second one agent may send, sustained (bursts of twice that); past it: close 1008.
+    agent_frames_per_second: int = Field(default=10_000, ge=0)
+    #: Bytes per second one agent may send, sustained (bursts of twice that); past it: close 1008.
+    agent_bytes_per_second: int = Field(default=64 * 1024 * 1024, ge=0)
+
     log_level: str = "info"
     #: "json": one JSON object per line, for log shippers; "plain": human-readable.
     log_format: str = Field(default="plain", pattern="^(plain|json)$")
     #: One INFO line per HTTP request (method, path, status, seconds); health
     #: checks and scrapes that succeed are left out.
     access_log: bool = True
+
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
     def base_url(self) -> str:
         if self.public_url:

@@ -1,0 +1,277 @@
+"""Who may do what: registration policy, owner rights, caller keys, visibility.
+
+Three kinds of credential, all ``Authorization: Bearer`` headers, never URLs:
+
+* the **registration key** (``RELAY_REGISTRATION_KEY``, optional): lets anyone
+  holding it create instances.  Without it registration is open.
+* the **agent token** of an instance (``ira_...``): the owner credential.  It
+  connects agents and authorises owner actions (delete, rotate, update, manage
+  caller keys).  Rotating it invalidates the old one at once, on every node.
+* **caller keys** (``irk_...``): created by the owner, required to chat with a
+  ``private`` instance.  A ``public`` instance needs none, and an unknown bearer
+  on a public instance is ignored (OpenAI SDKs always send *some* key).
+
+Tokens and keys carry 256 random bits and are stored only as SHA-256 hashes;
+lookups go by hash and the record found is re-checked with
+:func:`hmac.compare_digest`, so no secret is ever compared byte by byte.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+
+import orjson
+from redis.asyncio import Redis
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from . import keys
+from .errors import Forbidden, InvalidRequest, NotFound, Unauthorized, ValidationFailed
+from .registry import InstanceRegistry, hash_token, new_token
+
+CALLER_KEY_PREFIX = "irk_"
+#: Caller keys one instance may have at once (422 ``too_many_keys`` past it).
+MAX_KEYS_PER_INSTANCE = 100
+
+#: Query parameters that look like credentials: refused outright, because a
+#: secret in a URL ends up in proxy logs, browser history and Referer headers.
+URL_CREDENTIAL_PARAMS = frozenset(
+    {"token", "agent_token", "access_token", "api_key", "apikey", "key", "registration_key", "authorization"}
+)
+
+
+def new_caller_key() -> str:
+    return CALLER_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def new_key_id() -> str:
+    return "key_" + secrets.token_hex(8)
+
+
+def bearer(headers, query_params=None) -> str | None:
+    """The bearer credential of a request, or None; refuses credentials in the URL."""
+    if query_params is not None and any(name.lower() in URL_CREDENTIAL_PARAMS for name in query_params.keys()):
+        raise InvalidRequest(
+            "credentials must be sent in the Authorization header, never in the URL",
+            code="credentials_in_url",
+        )
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is calling a chat endpoint, for limits: a key id, else the client IP."""
+
+    identity: str  # "key:<key_id>" or "ip:<address>"
+    key_id: str | None = None
+
+
+# Replace an instance's agent token if (and only if) the presented one is still
+# current: two concurrent rotations with the same old token cannot both win.
+# KEYS: instance hash, old token index, new token index.  ARGV: old hash, new hash, id.
+_ROTATE = """
+if redis.call('HGET', KEYS[1], 'token_hash') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'token_hash', ARGV[2])
+redis.call('DEL', KEYS[2])
+redis.call('SET', KEYS[3], ARGV[3])
+return 1
+"""
+
+# Change some fields of an instance that still exists.  ARGV: field, value, ...
+_UPDATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if #ARGV > 0 then redis.call('HSET', KEYS[1], unpack(ARGV)) end
+return 1
+"""
+
+# Add a caller key unless the instance is gone or already has too many.
+# KEYS: instance hash, keys hash, key index.  ARGV: key id, record, index value, max.
+_ADD_KEY = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('HLEN', KEYS[2]) >= tonumber(ARGV[4]) then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('SET', KEYS[3], ARGV[3])
+return 1
+"""
+
+# Revoke one key: its record and its index entry go together.
+# KEYS: keys hash.  ARGV: key id, index key prefix.
+_REVOKE_KEY = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('DEL', ARGV[2] .. cjson.decode(raw)['key_hash'])
+return 1
+"""
+
+# Forget every caller key of a deleted instance.  KEYS: keys hash.  ARGV: index prefix.
+_PURGE_KEYS = """
+local all = redis.call('HVALS', KEYS[1])
+for _, raw in ipairs(all) do redis.call('DEL', ARGV[1] .. cjson.decode(raw)['key_hash']) end
+redis.call('DEL', KEYS[1])
+return #all
+"""
+
+
+class AccessControl:
+    def __init__(self, redis: Redis, registry: InstanceRegistry, *, registration_key: str | None):
+        self.redis = redis
+        self.registry = registry
+        self._registration_key_hash = hash_token(registration_key) if registration_key else None
+        self._rotate = redis.register_script(_ROTATE)
+        self._update = redis.register_script(_UPDATE)
+        self._add_key = redis.register_script(_ADD_KEY)
+        self._revoke_key = redis.register_script(_REVOKE_KEY)
+        self._purge_keys = redis.register_script(_PURGE_KEYS)
+
+    # -- registration ----------------------------------------------------------
+
+    @property
+    def registration_open(self) -> bool:
+        return self._registration_key_hash is None
+
+    def check_registration(self, presented: str | None) -> None:
+        """Raise unless registration is open or ``presented`` is the registration key."""
+        if self._registration_key_hash is None:
+            return
+        if not presented:
+            raise Unauthorized("registration needs the relay's registration key: Authorization: Bearer <key>",
+                               code="registration_key_required")
+        # Compare hashes: equal length whatever was presented, in constant time.
+        if not hmac.compare_digest(self._registration_key_hash, hash_token(presented)):
+            raise Forbidden("wrong registration key", code="invalid_registration_key")
+
+    # -- owner actions (the caller has passed registry.check_owner) ---------------
+
+    async def rotate_token(self, instance_id: str, old_token: str) -> str:
+        """Issue a new agent token; the old one stops working now, on every node."""
+        old_hash = hash_token(old_token)
+        token = new_token()
+        new_hash = hash_token(token)
+        done = await self._rotate(
+            keys=[keys.instance(instance_id), keys.token(old_hash), keys.token(new_hash)],
+            args=[old_hash, new_hash, instance_id],
+        )
+        if not done:  # rotated (or deleted) by someone else since check_owner
+            raise Forbidden("this token does not own the instance", code="forbidden")
+        # Every node closes the agents still connected with the old token.
+        await self.redis.publish(keys.EVENTS_CHANNEL, orjson.dumps({"rotated": instance_id, "credential": old_hash}))
+        return token
+
+    async def update(self, instance_id: str, changes: dict[str, str]) -> None:
+        args = [part for name, value in changes.items() for part in (name, value)]
+        if not await self._update(keys=[keys.instance(instance_id)], args=args):
+            raise NotFound(f"instance {instance_id!r} not found", param="instance_id")
+
+    async def create_key(self, instance_id: str, name: str) -> dict:
+        key, key_id, now = new_caller_key(), new_key_id(), time.time()
+        key_hash = hash_token(key)
+        record = orjson.dumps({"name": name, "created_at": now, "key_hash": key_hash})
+        added = await self._add_key(
+            keys=[keys.instance(instance_id), keys.caller_keys(instance_id), keys.caller_key(key_hash)],
+            args=[key_id, record, f"{instance_id} {key_id}", MAX_KEYS_PER_INSTANCE],
+        )
+        if added == -1:
+            raise NotFound(f"instance {instance_id!r} not found", param="instance_id")
+        if added == 0:
+            raise ValidationFailed(
+                f"an instance may have at most {MAX_KEYS_PER_INSTANCE} caller keys; revoke one first",
+                code="too_many_keys",
+            )
+        return {"key_id": key_id, "key": key, "name": name, "created_at": now}
+
+    async def list_keys(self, instance_id: str) -> list[dict]:
+        raw = await self.redis.hgetall(keys.caller_keys(instance_id))
+        out = []
+        for key_id, value in raw.items():
+            record = orjson.loads(value)
+            out.append({"key_id": key_id.decode(), "name": record["name"], "created_at": record["created_at"]})
+        return sorted(out, key=lambda k: (k["created_at"], k["key_id"]))
+
+    async def revoke_key(self, instance_id: str, key_id: str) -> None:
+        if not await self._revoke_key(keys=[keys.caller_keys(instance_id)], args=[key_id, keys.caller_key("")]):
+            raise NotFound(f"no caller key {key_id!r} on this instance", param="key_id", code="key_not_found")
+
+    async def purge(self, instance_id: str) -> None:
+        """Drop the caller keys of a deleted instance."""
+        await self._purge_keys(keys=[keys.caller_keys(instance_id)], args=[keys.caller_key("")])
+
+    # -- callers ------------------------------------------------------------------
+
+    async def authorize_caller(self, instance_id: str, presented: str | None, client_ip: str) -> Caller:
+        """Who is calling ``instance_id``; raises 404 / 401 / 403 as the rules say.
+
+        One pipelined round trip, plus one more only when a known key is presented.
+        """
+        key_hash = hash_token(presented) if presented else None
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(keys.instance(instance_id), "visibility", "created_at")
+            if key_hash is not None:
+                pipe.get(keys.caller_key(key_hash))
+            results = await pipe.execute()
+        (visibility, created_at), index = results[0], (results[1] if key_hash is not None else None)
+        if created_at is None:
+            raise NotFound(f"instance {instance_id!r} not found", param="instance_id")
+        private = visibility == b"private"
+        key_id = await self._verify_key(instance_id, key_hash, index) if index is not None else None
+        if key_id is not None:
+            return Caller(f"key:{key_id}", key_id)
+        if private:
+            if presented is None:
+                raise Unauthorized("this instance is private: send an API key from its owner "
+                                   "(Authorization: Bearer <key>)", code="api_key_required")
+            if index is not None:  # a real key, but of another instance
+                raise Forbidden("this API key is not valid for this instance", code="key_not_for_instance")
+            raise Unauthorized("unknown or revoked API key", code="invalid_api_key")
+        return Caller(f"ip:{client_ip}")
+
+    async def _verify_key(self, instance_id: str, key_hash: str, index: bytes) -> str | None:
+        owner, _, key_id = index.decode().partition(" ")
+        if owner != instance_id:
+            return None
+        raw = await self.redis.hget(keys.caller_keys(instance_id), key_id)
+        if raw is None:
+            return None  # revoked between the two reads
+        if not hmac.compare_digest(orjson.loads(raw)["key_hash"], key_hash):
+            return None
+        return key_id
+
+
+# -- browsers -------------------------------------------------------------------------
+
+
+class ChatCORS:
+    """CORS (Fetch standard) on the chat and model endpoints only, never with credentials.
+
+    Third-party web apps calling an instance from the browser are the point of
+    a public instance, so the default is any origin.  Credentials mode stays
+    off: callers authenticate with an explicit ``Authorization`` header, never
+    with cookies, so a page cannot ride on a visitor's ambient credentials.
+    Owner endpoints get no CORS headers at all: browsers keep other sites out.
+    """
+
+    PREFIX = "/api/chat/"
+
+    def __init__(self, app: ASGIApp, origins: list[str]):
+        self.app = app
+        self.cors = CORSMiddleware(
+            app,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["*"],  # the OpenAI SDKs send x-stainless-* and openai-* headers
+            allow_credentials=False,
+            expose_headers=["Retry-After", "X-Request-Id"],
+            max_age=600,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(self.PREFIX):
+            await self.cors(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)

@@ -1,0 +1,303 @@
+"""Limits: what one request may contain, how often and how much at once.
+
+* :func:`check_chat_request` — shape limits of one validated chat request
+  (number of messages, total content size, ``max_tokens``): 422, no Redis.
+* :class:`RateLimiter` — requests per minute per caller, per instance, per IP
+  for registration.  GCRA (the "generic cell rate algorithm" of ATM networks,
+  a token bucket kept as one timestamp) in a Lua script on the Redis clock, so
+  every relay node draws from the same bucket and a request is charged to all
+  its buckets or to none.  429 with ``Retry-After``.
+* :class:`StreamLeases` — concurrent streams per instance and per caller.  A
+  stream holds a lease (a member of a sorted set scored by its expiry) for its
+  whole life; the node renews its leases every heartbeat interval in one
+  pipeline and releases them when streams end.  Leases of a node that died
+  expire by themselves.  429 with ``Retry-After``.
+* :class:`FrameBudget` — frames and bytes per second one agent may send over
+  its websocket (token buckets, local: an agent talks to one node).
+
+A limit set to 0 is off.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import anyio
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from . import keys
+from .errors import RateLimited, ValidationFailed
+from .models import ChatRequest
+from .settings import RelaySettings
+
+log = logging.getLogger("relay.limits")
+
+
+# -- shape of one request --------------------------------------------------------------
+
+
+def content_chars(chat: ChatRequest) -> int:
+    """Characters of text the caller sent: string contents and every string inside parts."""
+    total = 0
+    for message in chat.messages:
+        content = message.content
+        if isinstance(content, str):
+            total += len(content)
+        elif content is not None:
+            for part in content:
+                total += len(part.text or "") + _strings_size(part.model_extra)
+    return total
+
+
+def _strings_size(value: object) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_strings_size(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_strings_size(v) for v in value)
+    return 0
+
+
+def check_chat_request(chat: ChatRequest, settings: RelaySettings) -> None:
+    """Raise 422 when a valid request is larger than this relay accepts."""
+    if settings.max_messages and len(chat.messages) > settings.max_messages:
+        raise ValidationFailed(
+            f"too many messages: {len(chat.messages)} > {settings.max_messages}",
+            param="messages", code="too_many_messages",
+        )
+    if settings.max_content_chars:
+        size = content_chars(chat)
+        if size > settings.max_content_chars:
+            raise ValidationFailed(
+                f"messages carry {size} characters of content; the limit is {settings.max_content_chars}",
+                param="messages", code="content_too_large",
+            )
+    if settings.max_tokens_cap:
+        extra = chat.model_extra or {}
+        for name, value in (("max_tokens", chat.max_tokens), ("max_completion_tokens", extra.get("max_completion_tokens"))):
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValidationFailed(f"{name} must be a positive integer", param=name)
+            if value > settings.max_tokens_cap:
+                raise ValidationFailed(
+                    f"{name} {value} exceeds this relay's cap of {settings.max_tokens_cap}",
+                    param=name, code="max_tokens_too_large",
+                )
+
+
+# -- requests per minute ---------------------------------------------------------------
+
+# GCRA over several buckets at once.  Each key holds the bucket's "theoretical
+# arrival time" (TAT, ms on the Redis clock).  ARGV: emission interval T and
+# burst tolerance tau (ms) per key.  A request is allowed when now >= TAT - tau
+# in every bucket; then each TAT advances by T.  Returns {0, 0} when allowed,
+# else {index of the first full bucket, ms until it has room}.
+_GCRA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local tats = {}
+for i = 1, #KEYS do
+  local period, tau = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
+  local tat = tonumber(redis.call('GET', KEYS[i]) or now)
+  if tat < now then tat = now end
+  if now < tat - tau then return {i, math.ceil(tat - tau - now)} end
+  tats[i] = tat + period
+end
+for i = 1, #KEYS do
+  redis.call('SET', KEYS[i], tostring(tats[i]), 'PX', math.max(1, math.ceil(tats[i] - now)))
+end
+return {0, 0}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """One rate limit: ``per_minute`` requests sustained, bursts of as many."""
+
+    key: str
+    per_minute: int
+    what: str  # for the error message, e.g. "this caller"
+
+
+def retry_after_seconds(ms: float) -> str:
+    return str(max(1, math.ceil(ms / 1000)))
+
+
+class RateLimiter:
+    def __init__(self, redis: Redis):
+        self._gcra = redis.register_script(_GCRA)
+
+    async def hit(self, buckets: list[Bucket]) -> None:
+        """Charge one request to every bucket, or raise 429 without charging any."""
+        active = [b for b in buckets if b.per_minute > 0]
+        if not active:
+            return
+        args: list[float] = []
+        for bucket in active:
+            period = 60_000 / bucket.per_minute
+            args += [period, period * (bucket.per_minute - 1)]
+        index, wait_ms = await self._gcra(keys=[b.key for b in active], args=args)
+        if index:
+            bucket = active[int(index) - 1]
+            raise RateLimited(
+                f"rate limit of {bucket.per_minute} requests per minute for {bucket.what} reached; "
+                f"retry in {retry_after_seconds(wait_ms)} s",
+                code="rate_limited",
+                headers={"Retry-After": retry_after_seconds(wait_ms)},
+            )
+
+
+# -- streams at once ----------------------------------------------------------------------
+
+# Take a lease in every set, or in none.  Expired leases (their node died
+# without releasing them) are swept first.  ARGV: lease id, TTL ms, limits.
+# Returns 0, or the index of the first set that is full.
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+for i = 1, #KEYS do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+  if redis.call('ZCARD', KEYS[i]) >= tonumber(ARGV[i + 2]) then return i end
+end
+for i = 1, #KEYS do
+  redis.call('ZADD', KEYS[i], now + ttl, ARGV[1])
+  redis.call('PEXPIRE', KEYS[i], ttl)
+end
+return 0
+"""
+
+# Push the expiry of live leases forward.  KEYS: sets; ARGV: lease id, TTL ms.
+_RENEW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+for i = 1, #KEYS do
+  if redis.call('ZSCORE', KEYS[i], ARGV[1]) then
+    redis.call('ZADD', KEYS[i], now + ttl, ARGV[1])
+    redis.call('PEXPIRE', KEYS[i], ttl)
+  end
+end
+return 0
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """One concurrency limit: at most ``limit`` leases in the set ``key``."""
+
+    key: str
+    limit: int
+    what: str
+
+
+@dataclass(slots=True)
+class Lease:
+    id: str
+    keys: list[str] = field(default_factory=list)
+
+
+class StreamLeases:
+    def __init__(self, redis: Redis, *, ttl_ms: int):
+        self.redis = redis
+        self.ttl_ms = ttl_ms
+        self.held: dict[str, Lease] = {}
+        self._acquire = redis.register_script(_ACQUIRE)
+        self._renew = redis.register_script(_RENEW)
+
+    async def acquire(self, slots: list[Slot]) -> Lease:
+        active = [s for s in slots if s.limit > 0]
+        lease = Lease(secrets.token_hex(8), [s.key for s in active])
+        if not active:
+            return lease
+        full = await self._acquire(keys=lease.keys, args=[lease.id, self.ttl_ms, *(s.limit for s in active)])
+        if full:
+            slot = active[int(full) - 1]
+            raise RateLimited(
+                f"{slot.what} already has {slot.limit} streams running; retry when one ends",
+                code="too_many_streams", headers={"Retry-After": "1"},
+            )
+        self.held[lease.id] = lease
+        return lease
+
+    async def release(self, lease: Lease) -> None:
+        if self.held.pop(lease.id, None) is None:
+            return
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key in lease.keys:
+                    pipe.zrem(key, lease.id)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            log.debug("could not release stream lease (%s); it expires on its own", exc)
+
+    async def renew_all(self) -> None:
+        """Renew every lease this node holds, in one pipeline."""
+        leases = list(self.held.values())
+        if not leases:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for lease in leases:
+                await self._renew(keys=lease.keys, args=[lease.id, self.ttl_ms], client=pipe)
+            await pipe.execute()
+
+    async def run(self, interval: float) -> None:
+        """Renew leases forever (started by the composition root)."""
+        while True:
+            await anyio.sleep(interval)
+            try:
+                await self.renew_all()
+            except (RedisError, OSError) as exc:
+                log.debug("could not renew stream leases (%s)", exc)
+
+
+# -- agent frames ---------------------------------------------------------------------------
+
+
+class TokenBucket:
+    """``rate`` per second sustained, up to ``burst`` at once; ``rate`` 0 = unlimited."""
+
+    __slots__ = ("rate", "burst", "level", "stamp", "clock")
+
+    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic):
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self.level = burst
+        self.stamp = clock()
+
+    def take(self, amount: float) -> bool:
+        if not self.rate:
+            return True
+        now = self.clock()
+        self.level = min(self.burst, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.level < amount and self.level < self.burst:
+            # A single message larger than the whole burst passes only on a full
+            # bucket (the frame size limit bounds it), so it cannot wedge the agent.
+            return False
+        self.level -= amount
+        return True
+
+
+class FrameBudget:
+    """Frames and bytes per second one agent may send; bursts of twice the rate."""
+
+    __slots__ = ("frames", "bytes")
+
+    def __init__(self, frames_per_second: int, bytes_per_second: int, clock: Callable[[], float] = time.monotonic):
+        self.frames = TokenBucket(frames_per_second, 2 * frames_per_second, clock)
+        self.bytes = TokenBucket(bytes_per_second, 2 * bytes_per_second, clock)
+
+    def allow(self, nbytes: int) -> bool:
+        return self.frames.take(1) and self.bytes.take(nbytes)
+
+    @classmethod
+    def from_settings(cls, settings: RelaySettings) -> "FrameBudget":
+        return cls(settings.agent_frames_per_second, settings.agent_bytes_per_second)
