@@ -468,19 +468,21 @@ async def test_redis_outage_nodes_and_agents_ride_it_out(tmp_path, outage):
                 else:
                     redis.process.send_signal(signal.SIGSTOP)
                     clock = Stopwatch(f"redis {outage}")
-                for node in (node_a, node_b):
-                    await wait_until(lambda: _async_ready_is(node.url, 503), 5, what=f"{node.name} not ready")
+                await asyncio.gather(*(wait_until(lambda node=node: _async_ready_is(node.url, 503), 5,
+                                                  what=f"{node.name} not ready") for node in (node_a, node_b)))
                 clock.lap("/readyz 503 on both nodes")
 
                 # Callers get an answer, not a hang: node A cannot route without
                 # Redis (503); node B holds the agent and may serve it locally
                 # (200) unless its caller checks need Redis (503).
-                for node, allowed in ((node_a, {503}), (node_b, {200, 503})):
+                async def chat_while_down(node, allowed: set[int]) -> None:
                     started = time.monotonic()
                     response = await chat(node.url)
                     took = time.monotonic() - started
                     print(f"[recovery] redis down: chat at {node.name} answered {response.status_code} in {took:.2f}s")
                     assert response.status_code in allowed and took < 3, response.text
+
+                await asyncio.gather(chat_while_down(node_a, {503}), chat_while_down(node_b, {200, 503}))
 
                 await asyncio.sleep(1.5)  # past the heartbeat timeout: node keys expire meanwhile
                 if outage.startswith("kill"):
@@ -488,8 +490,8 @@ async def test_redis_outage_nodes_and_agents_ride_it_out(tmp_path, outage):
                 else:
                     redis.process.send_signal(signal.SIGCONT)
                 clock = Stopwatch(f"redis back after {outage}")
-                for node in (node_a, node_b):
-                    await wait_until(lambda: _async_ready_is(node.url, 200), 8, what=f"{node.name} ready again")
+                await asyncio.gather(*(wait_until(lambda node=node: _async_ready_is(node.url, 200), 8,
+                                                  what=f"{node.name} ready again") for node in (node_a, node_b)))
                 clock.lap("/readyz 200 on both nodes")
                 await wait_until(lambda: _online(node_a.url, instance_id), 8, what="online again")
                 clock.lap("instance online again (presence re-asserted)")
@@ -513,3 +515,64 @@ async def _async_ready_is(url: str, code: int) -> bool:
         return await _ready(url) == code
     except httpx.HTTPError:
         return False
+
+
+# -- a node asked to stop -------------------------------------------------------------------
+
+
+async def test_sigterm_drains_streams_then_sends_agents_elsewhere(redis_url):
+    async with Cluster(redis_url) as cluster:
+        node_a, node_b = cluster.relay("node-a"), cluster.relay("node-b")
+        await wait_ready(node_a, node_b)
+        instance_id, token = await register(node_a.url)
+        # Demo at 25 words/s: a stream lasts about two seconds.
+        agent = cluster.agent(f"{node_a.url},{node_b.url}", token, "--backend", "demo", "--demo-rate", "25")
+        assert node_a.url in await agent.wait_for_line("connected to")
+        await wait_until(lambda: _online(node_b.url, instance_id), 5, what="online")
+
+        async with httpx.AsyncClient(base_url=node_a.url, timeout=10) as client, \
+                httpx.AsyncClient(base_url=node_a.url, timeout=10) as probe:
+            # A kept-alive connection: the draining node accepts no new ones.
+            assert (await probe.get("/readyz")).status_code == 200
+            async with client.stream("POST", f"/api/chat/{instance_id}", json=chat_body()) as response:
+                assert response.status_code == 200
+                events = []
+                lines = response.aiter_lines()
+                async for line in lines:
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+                        if len(events) == 2:
+                            break
+                node_a.signal(signal.SIGTERM)
+                clock = Stopwatch("SIGTERM to a node with a stream in flight")
+
+                # During the drain: not ready, and new chat requests are turned away.
+                await wait_until(lambda: _probe_is(probe, 503), 2, what="/readyz 503 while draining")
+                clock.lap("/readyz 503 (draining)")
+                refused = await probe.post(f"/api/chat/{instance_id}", json=chat_body())
+                assert refused.status_code == 503 and refused.json()["error"]["code"] == "node_draining"
+
+                async with asyncio.timeout(10):
+                    async for line in lines:
+                        if line.startswith("data: "):
+                            events.append(line[6:])
+                clock.lap("in-flight stream completed")
+        assert events[-1] == "[DONE]"
+        chunks = [orjson.loads(e) for e in events[:-1]]
+        assert all("choices" in c for c in chunks), events[-3:]
+        assert "You said: hi" in "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+
+        assert await node_a.wait_exit(10) == 0, node_a.output
+        clock.lap("node exited")
+        assert node_a.count("draining") >= 1
+        # Told to go away, the agent went to the other URL it was given.
+        await agent.wait_for_line("connected to " + re.escape(node_b.url), 5)
+        await wait_until(lambda: _online(node_b.url, instance_id), 5, what="online via node B")
+        clock.lap("agent online again through node B")
+        async with httpx.AsyncClient(base_url=node_b.url, timeout=10) as client:
+            response = await client.post(f"/api/chat/{instance_id}", json=chat_body(max_tokens=3))
+            assert response.status_code == 200
+
+
+async def _probe_is(probe: httpx.AsyncClient, code: int) -> bool:
+    return (await probe.get("/readyz")).status_code == code
