@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--relay-url", help="relay base URL (AGENT_RELAY_URL), e.g. http://127.0.0.1:8080; "
                                            "run accepts several, comma-separated, tried in turn")
         p.add_argument("--credentials", help="credentials file (AGENT_CREDENTIALS)")
+        p.add_argument("--registration-key", help="the relay's registration key, if it requires one "
+                                                  "(AGENT_REGISTRATION_KEY)")
 
     run = sub.add_parser("run", help="connect to the relay and serve requests (registers on first run)")
     common(run)
@@ -69,10 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def registration_headers(settings: AgentSettings) -> dict[str, str]:
+    return {"Authorization": f"Bearer {settings.registration_key}"} if settings.registration_key else {}
+
+
 def settings_from(args: argparse.Namespace) -> AgentSettings:
     overrides: dict[str, Any] = {}
     for name in ("relay_url", "token", "backend", "upstream_url", "upstream_api_key", "model",
-                 "max_concurrency", "name", "description", "credentials", "demo_rate"):
+                 "max_concurrency", "name", "description", "credentials", "demo_rate", "registration_key"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
@@ -97,7 +103,7 @@ async def obtain_credentials(settings: AgentSettings) -> Credentials:
     saved = creds_store.load(settings.credentials, relay_url)
     if saved is not None:
         return saved
-    creds = await register(relay_url, settings.name, settings.description)
+    creds = await register(relay_url, settings.name, settings.description, headers=registration_headers(settings))
     creds_store.save(settings.credentials, creds)
     _say(f"registered instance {creds.instance_id}; credentials saved to {settings.credentials}")
     _say(f"chat URL: {creds.chat_url}")
@@ -169,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             asyncio.run(_run_until_signal(serve(settings)))
         elif args.command == "register":
-            creds = asyncio.run(register(settings.primary_relay_url(), settings.name, settings.description))
+            creds = asyncio.run(register(settings.primary_relay_url(), settings.name, settings.description,
+                                         headers=registration_headers(settings)))
             creds_store.save(settings.credentials, creds)
             print(json.dumps({"instance_id": creds.instance_id, "chat_url": creds.chat_url,
                               "credentials": str(settings.credentials)}, indent=2))

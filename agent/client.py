@@ -21,12 +21,15 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
 
 from relay import protocol as p
+from relay import redaction
 
 from . import __version__
 from .backends import Backend, BackendError
 from .backoff import FatalAgentError, backoff_delays, is_retryable
 
 log = logging.getLogger("agent")
+# websockets logs handshake headers at DEBUG, our Authorization among them.
+redaction.install(("websockets.client",))
 
 #: A connection that stayed up this long resets the backoff.
 HEALTHY_AFTER = 10.0

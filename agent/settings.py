@@ -29,6 +29,8 @@ class AgentSettings(BaseSettings):
     #: Name and description used when registering a new instance.
     name: str = "my-model"
     description: str = ""
+    #: The relay's registration key, when it protects registration (RELAY_REGISTRATION_KEY).
+    registration_key: str | None = None
     credentials: Path = Field(default_factory=default_credentials_path)
     #: Words per second of the demo model (0 = as fast as possible).
     demo_rate: float = Field(default=20.0, ge=0)
