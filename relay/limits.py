@@ -80,6 +80,8 @@ def check_chat_request(chat: ChatRequest, settings: RelaySettings) -> None:
                 param="messages", code="content_too_large",
             )
     if settings.max_tokens_cap:
+        if "max_tokens" not in chat.model_fields_set and chat.max_tokens > settings.max_tokens_cap:
+            chat.max_tokens = settings.max_tokens_cap  # our default, not the caller's choice: lower it
         extra = chat.model_extra or {}
         for name, value in (("max_tokens", chat.max_tokens), ("max_completion_tokens", extra.get("max_completion_tokens"))):
             if value is None:
