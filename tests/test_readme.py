@@ -3,15 +3,18 @@
 Every ``curl`` command in a ```` ```bash ```` block of README.md is executed
 with the real curl, in document order (deletions last), against a running
 relay with a connected demo agent: the host is replaced by the test relay's,
-``$INSTANCE_ID`` and ``$AGENT_TOKEN`` are set.  A ``# → 404 instance_not_found``
-comment under a command states the status (and error code) it must answer;
-without one, any 2xx will do.  The API and configuration tables are checked
-against the routes and settings that exist.
+``$INSTANCE_ID`` and ``$AGENT_TOKEN`` are set.  As a reader would, the test
+keeps what an example hands back for the next ones: a new caller key
+(``$API_KEY``, ``$KEY_ID``) and a rotated agent token (``$AGENT_TOKEN``).  A
+``# → 404 instance_not_found`` comment under a command states the status (and
+error code) it must answer; without one, any 2xx will do.  The API and
+configuration tables are checked against the routes and settings that exist.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -129,9 +132,25 @@ async def test_readme_curl_examples_run(redis_url):
                     assert f'"code":"{example.code}"' in output.replace(" ", ""), where
                 if "/chat/completions" in example.command and status == 200 and '"stream": false' not in example.command:
                     assert output.rstrip().endswith("data: [DONE]"), where
+                env.update(handed_back(example.command, output))
             async with relay.client() as client:
                 gone = await client.get(f"/api/instances/{instance_id}")
     assert gone.status_code == 404  # the README's delete example really deleted it
+
+
+def handed_back(command: str, output: str) -> dict[str, str]:
+    """Values an example returns that later examples use, as a reader would copy them."""
+    try:
+        body = json.loads(output)
+    except ValueError:
+        return {}
+    if not isinstance(body, dict):
+        return {}
+    if re.search(r"-X POST \S+/keys\b", command) and "key" in body:
+        return {"API_KEY": body["key"], "KEY_ID": body["key_id"]}
+    if re.search(r"-X POST \S+/token\b", command) and "agent_token" in body:
+        return {"AGENT_TOKEN": body["agent_token"]}
+    return {}
 
 
 async def run_curl(command: str, base_url: str, env: dict[str, str]) -> tuple[int, str]:
