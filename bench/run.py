@@ -845,12 +845,22 @@ def evaluate_targets(r: dict) -> list[dict]:
         out[-1]["met"] = all_ok
         add(f"{key}: p99 added inter-chunk delay", d.get("added_p99_ms"), 10.0, "ms",
             note=f"relay p99 excess {d['excess_ms'].get('p99')} ms, direct {paths.get('direct', {}).get('excess_ms', {}).get('p99')} ms")
+    for key, paths in conc.items():
+        d = paths.get("relay-2node")
+        if d:
+            add(f"{key} across nodes: all complete, zero errors", d["completed"], d["streams"], "streams",
+                higher_is_better=True, note="; ".join(d.get("error_samples", [])[:1]))
+            out[-1]["met"] = d["completed"] == d["streams"] and d["errors"] == 0
     idle = r.get("idle_agents", {})
     if idle.get("steps"):
         last = idle["steps"][-1]
         add(f"{last['agents']} idle agents: RSS per agent", last.get("rss_per_agent_kib"), 32.0, "KiB")
         add(f"{last['agents']} idle agents: presence correct", int(bool(last.get("presence_correct"))), 1, "bool",
             higher_is_better=True, note=f"{last['online']} online of {last['agents']}")
+        after = idle.get("online_after_disconnect")
+        add("idle agents: all offline after they disconnect", after, 0, "still online",
+            note=f"checked for {idle.get('all_offline_after_s')} s after the last close"
+                 f" (heartbeat timeout {3 * idle['heartbeat_interval_s']:g} s)")
         counts = [s["redis_cmds_per_interval"] for s in idle["steps"]]
         spread = max(counts) - min(counts)
         add("Redis commands per heartbeat interval independent of agent count (max - min over steps)",
@@ -983,14 +993,20 @@ def plot(r: dict, raw: dict, path: Path) -> Path | None:
         ax.legend(fontsize=8)
     ax = axes[1]
     interval = 1000 / r["options"]["rate"] if r["options"]["rate"] else 0
+    colors = {"direct": "tab:blue", "nginx": "tab:orange", "relay": "tab:green", "relay-2node": "tab:red"}
+    styles = ["-", "--", ":", "-."]
+    keys = list(dict.fromkeys(k.split(" ")[0] for k in raw.get("excess", {})))
     for name, values in raw.get("excess", {}).items():
         if values:
-            # plot the arrival gaps that were not coalesced, as ms of delay beyond the nominal interval
+            key, path_name = name.split(" ", 1)
+            # arrival gaps that were not coalesced, as ms of delay beyond the nominal interval
+            # (on time or early is drawn at 0.01 ms)
             xs = sorted(max(v * 1000, 0.01) for v in values if v > -interval / 1000 + 1e-9 or interval == 0)
             if not xs:
                 continue
             ys = [(i + 1) / len(xs) for i in range(len(xs))]
-            ax.step(xs, ys, where="post", label=name)
+            ax.step(xs, ys, where="post", label=f"{key} {LABELS.get(path_name, path_name)}",
+                    color=colors.get(path_name), linestyle=styles[keys.index(key) % len(styles)])
     ax.set_xscale("log")
     ax.set_xlabel("inter-chunk gap beyond the nominal interval, ms (log; coalesced chunks left out)")
     ax.set_ylabel("fraction of gaps")
