@@ -144,6 +144,18 @@ async def _forwarded_in(client: httpx.AsyncClient) -> bool:
     return value(await scrape(client), "relay_crossnode_forwards_total", direction="in") == 1
 
 
+async def test_rate_limited_requests_are_rejections(redis_url):
+    async with running_relay(redis_url, rate_per_caller=1) as relay:
+        instance_id, token = await relay.register()
+        async with running_agent(relay.url, token), relay.client() as client:
+            statuses = [(await client.post(f"/api/chat/{instance_id}", json=CHAT)).status_code for _ in range(3)]
+            await wait_until(lambda: _active_is(client, 0), what="requests to be counted")
+            samples = await scrape(client)
+    assert statuses[0] == 200 and statuses[1:] == [429, 429]
+    assert value(samples, "relay_rejections_total", reason="rate_limited") == 2
+    assert value(samples, "relay_requests_total", endpoint="chat", status="429") == 2
+
+
 async def test_refused_agent_is_a_rejection(redis_url):
     async with running_relay(redis_url) as relay:
         ws_url = relay.url.replace("http://", "ws://") + "/api/agent/connect"
