@@ -59,6 +59,20 @@ ERROR_MEANING = {
 
 ID_PATTERN = "^[A-Za-z0-9_-]{1,64}$"
 
+#: One Server-Sent Event of a chat stream (WHATWG HTML s9.2): ``data`` is a
+#: ``chat.completion.chunk`` JSON object, an ``{"error": ...}`` object, or the
+#: final ``[DONE]``.
+SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "event": {"type": "string"},
+        "data": {"type": "string", "description": "chat.completion.chunk JSON, an error object, or [DONE]"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+    "required": ["data"],
+}
+
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{model.__name__}"}
@@ -109,7 +123,7 @@ def _chat_operation(summary: str) -> dict[str, Any]:
                                "``data: {chat.completion.chunk}``, ending with ``data: [DONE]``. "
                                "``stream: false``: one ``chat.completion``.",
                 "content": {
-                    "text/event-stream": {"schema": {"type": "string"}},
+                    "text/event-stream": {"schema": SSE_EVENT},
                     "application/json": {"schema": _ref(ChatCompletion)},
                 },
             },
