@@ -172,6 +172,19 @@ class Node:
             credential=websocket.state.credential,
             budget=FrameBudget.from_settings(self.settings),
         )
+        # Welcome first, then make the session routable (listed here, then in
+        # Redis): a request routed to an agent that is just reconnecting must
+        # not reach it before its welcome, which the agent rejects as a
+        # protocol error (it then dropped the connection and the request).
+        await session.send_event(
+            p.Welcome(
+                protocol=p.PROTOCOL_VERSION,
+                instance_id=instance_id,
+                node_id=self.node_id,
+                heartbeat_interval=self.settings.heartbeat_interval,
+                chat_url=self.registry.chat_url(instance_id),
+            )
+        )
         stale = self.sessions.add(session)
         if stale is not None:
             await stale.close(p.CloseCode.REPLACED, "replaced by a new connection of the same agent")
@@ -190,15 +203,6 @@ class Node:
                 # The same agent reconnected here while its old session still
                 # looks alive on another node: have that node drop it now.
                 await self.bus.kick(previous.node, instance_id, previous.agent_id, previous.session)
-            await session.send_event(
-                p.Welcome(
-                    protocol=p.PROTOCOL_VERSION,
-                    instance_id=instance_id,
-                    node_id=self.node_id,
-                    heartbeat_interval=self.settings.heartbeat_interval,
-                    chat_url=self.registry.chat_url(instance_id),
-                )
-            )
             log.info(
                 "agent %s connected: instance %s, models %s, concurrency %d, agent version %s",
                 hello.agent_id, instance_id, ",".join(hello.models), hello.max_concurrency, hello.agent_version,

@@ -105,8 +105,8 @@ class Cluster:
         self.redis_url = redis_url
         self.procs: list[Proc] = []
 
-    def relay(self, name: str = "relay", **env: str) -> Proc:
-        port = free_port()
+    def relay(self, name: str = "relay", port: int | None = None, **env: str) -> Proc:
+        port = port or free_port()
         full_env = {**FAST_RELAY_ENV, "REDIS_URL": self.redis_url, **env}
         proc = Proc(name, spawn(["relay.cli", "serve", "--port", str(port)], env=full_env),
                     f"http://127.0.0.1:{port}")

@@ -576,3 +576,29 @@ async def test_sigterm_drains_streams_then_sends_agents_elsewhere(redis_url):
 
 async def _probe_is(probe: httpx.AsyncClient, code: int) -> bool:
     return (await probe.get("/readyz")).status_code == code
+
+
+async def test_relay_node_restarted_agent_comes_back_to_the_same_url(redis_url):
+    async with Cluster(redis_url) as cluster:
+        node = cluster.relay("node")
+        await wait_ready(node)
+        instance_id, token = await register(node.url)
+        agent = cluster.agent(node.url, token, "--backend", "demo", "--demo-rate", "0")
+        await agent.wait_for_line("connected to")
+        await wait_until(lambda: _online(node.url, instance_id), 5, what="online")
+
+        node.kill()
+        clock = Stopwatch("only relay node killed (SIGKILL) and restarted")
+        port = int(node.url.rsplit(":", 1)[1])
+        await asyncio.sleep(1.5)  # down for longer than the heartbeat timeout
+        restarted = cluster.relay("node-restarted", port=port)
+        await wait_ready(restarted)
+        clock.lap("node ready again")
+        # The dead node's entry expired with its liveness key: offline until the agent is back.
+        await wait_until(lambda: _online(restarted.url, instance_id), 10, what="online again")
+        clock.lap("agent reconnected to the same URL, instance online")
+        assert agent.count("connected to") == 2
+        async with httpx.AsyncClient(base_url=restarted.url, timeout=10) as client:
+            response = await client.post(f"/api/chat/{instance_id}", json=chat_body(max_tokens=3))
+            assert response.status_code == 200, response.text
+            assert (await status(restarted.url, instance_id))["agents"] == 1

@@ -244,3 +244,41 @@ async def test_reconnecting_agent_replaces_its_stale_session_at_once(redis_url, 
                     await task
         finally:
             await stale.close()
+
+
+async def test_no_request_reaches_a_reconnecting_agent_before_its_welcome(redis_url):
+    """An agent reconnecting under load: it must get its welcome before any request.
+
+    Recording the agent in Redis is slowed down here so that a request is sure
+    to be routed to the new session while its handshake is still finishing.
+    """
+    async with running_relay(redis_url) as relay:
+        instance_id, token = await relay.register()
+        registry = relay.app.state.registry
+        add_agent = registry.add_agent
+
+        async def slow_add_agent(*args, **kwargs):
+            result = await add_agent(*args, **kwargs)
+            await asyncio.sleep(0.3)  # the agent is routable from here on
+            return result
+
+        registry.add_agent = slow_add_agent
+        async with ws_connect(websocket_url(relay.url), additional_headers={"Authorization": f"Bearer {token}"},
+                              ping_interval=None) as agent_ws:
+            await agent_ws.send(p.encode(p.Hello(p.PROTOCOL_VERSION, "test", "agent-y", ("demo",), 4)))
+
+            async def caller() -> None:
+                await asyncio.sleep(0.15)
+                async with relay.client() as http:
+                    await http.post(f"/api/chat/{instance_id}", json=chat_body(stream=False), timeout=5)
+
+            request = asyncio.create_task(caller())
+            try:
+                first = p.decode(await asyncio.wait_for(agent_ws.recv(), 5))
+                assert type(first) is p.Welcome, f"the agent got {type(first).__name__} before its welcome"
+                second = p.decode(await asyncio.wait_for(agent_ws.recv(), 5))
+                assert type(second) is p.Request
+            finally:
+                request.cancel()
+                with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
+                    await request
