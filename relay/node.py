@@ -85,12 +85,16 @@ class Node:
         Resubscribes after Redis comes back; streams that crossed nodes when the
         subscription broke are failed at once (see ``CrossNode.inbox_lost``).
         """
+        resubscribing = False
         while True:
             try:
                 async with self.registry.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(keys.EVENTS_CHANNEL, self.bus.channel)
                     self.listening.set()
                     self.bus.subscribed = True
+                    if resubscribing:
+                        # Registry events published while we were away are lost.
+                        await self.recheck_credentials()
                     while True:
                         message = await pubsub.get_message(timeout=None)
                         if message is None:
@@ -102,6 +106,7 @@ class Node:
             except (RedisError, OSError) as exc:
                 self.listening.clear()
                 self.bus.inbox_lost()
+                resubscribing = True
                 log.debug("pub/sub connection lost (%s); resubscribing", exc)
                 await anyio.sleep(0.5)
 
@@ -118,6 +123,14 @@ class Node:
             for session in self.sessions.of(str(event["rotated"])):
                 if session.credential == event.get("credential"):
                     await session.close(p.CloseCode.UNAUTHORIZED, "agent token rotated")
+
+    async def recheck_credentials(self) -> None:
+        """Close every agent whose token was rotated (or instance deleted) unseen; one pipeline."""
+        sessions = self.sessions.all()
+        current = await self.registry.token_hashes(sorted({s.instance_id for s in sessions}))
+        for session in sessions:
+            if current.get(session.instance_id) != session.credential:
+                await session.close(p.CloseCode.UNAUTHORIZED, "agent token rotated or instance deleted")
 
     async def close_instance(self, instance_id: str, reason: str) -> None:
         for session in self.sessions.of(instance_id):

@@ -224,6 +224,14 @@ class InstanceRegistry:
         stored = await self.redis.hget(keys.instance(instance_id), "token_hash")
         return stored is not None and hmac.compare_digest(stored.decode(), token_hash)
 
+    async def token_hashes(self, instance_ids: list[str]) -> dict[str, str | None]:
+        """The current agent-token hash of each instance (None when deleted), in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for instance_id in instance_ids:
+                pipe.hget(keys.instance(instance_id), "token_hash")
+            values = await pipe.execute()
+        return {i: (v.decode() if v is not None else None) for i, v in zip(instance_ids, values)}
+
     async def check_owner(self, instance_id: str, token: str | None) -> None:
         """Raise unless ``token`` is the agent token of ``instance_id``."""
         record = await self._record(instance_id)

@@ -323,3 +323,22 @@ async def test_streaming_chat_through_private_instance(redis_url):
                 assert response.status_code == 200
                 events = await sse_lines(response)
         assert events[-1] == "[DONE]"
+
+
+async def test_rotation_missed_while_unsubscribed_is_caught_on_resubscribe(redis_url, redis):
+    """A node that lost its pub/sub subscription re-checks its agents' tokens when it is back."""
+    from relay import keys
+
+    async with running_relay(redis_url) as relay:
+        instance_id, token = await relay.register()
+        other_id, other_token = await relay.register()
+        async with running_agent(relay.url, token), running_agent(relay.url, other_token):
+            # A rotation whose event this node never saw.
+            await redis.hset(keys.instance(instance_id), "token_hash", "0" * 64)
+            await relay.app.state.node.recheck_credentials()
+            await wait_until(lambda: _only(relay, other_id), what="rotated agent closed, other kept")
+
+
+async def _only(relay, instance_id: str) -> bool:
+    sessions = relay.app.state.sessions.all()
+    return [s.instance_id for s in sessions] == [instance_id]
