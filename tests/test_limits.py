@@ -12,7 +12,15 @@ from relay.errors import RateLimited, ValidationFailed
 from relay.limits import Bucket, FrameBudget, RateLimiter, Slot, StreamLeases, check_chat_request, content_chars
 from relay.models import ChatRequest
 from relay.settings import RelaySettings
-from tests.helpers import FakeUpstream, openai_backend, running_agent, running_relay, running_upstream, sse_lines
+from tests.helpers import (
+    FakeUpstream,
+    openai_backend,
+    running_agent,
+    running_relay,
+    running_upstream,
+    sse_lines,
+    wait_until,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -257,14 +265,25 @@ async def test_concurrent_streams_per_caller_and_per_instance_across_nodes(redis
             # The instance has two streams running, whatever the node or the caller.
             third = await a.post(f"/api/chat/{instance_id}", json=CHAT, headers=ip("10.0.0.3"))
             assert third.status_code == 429 and "instance" in third.json()["error"]["message"]
-            # Ending a stream gives its slot back at once.
+            # Ending a stream gives its slot back (as soon as the relay sees the caller leave).
             await first.__aexit__(None, None, None)
+            leases = keys.streams("caller", f"{instance_id}:ip:10.0.0.1")
+            await wait_until(lambda: _empty(node_a.app.state.redis, leases), what="slot released")
             response = await a.post(f"/api/chat/{instance_id}", json=CHAT, headers=ip("10.0.0.1"))
             assert response.status_code == 200
             rest = [line async for line in second_lines if line.startswith("data: ")]
             assert rest[-1] == "data: [DONE]"
             await second.__aexit__(None, None, None)
-        assert await node_a.app.state.redis.zcard(keys.streams("instance", instance_id)) == 0
+            await wait_until(lambda: _empty(node_a.app.state.redis, keys.streams("instance", instance_id)),
+                             what="every slot released")
+
+
+async def _empty(redis, key: str) -> bool:
+    return await redis.zcard(key) == 0
+
+
+async def _no_leases(relay) -> bool:
+    return relay.app.state.stream_leases.held == {}
 
 
 async def test_failed_requests_give_their_stream_slot_back(redis_url):
@@ -278,4 +297,4 @@ async def test_failed_requests_give_their_stream_slot_back(redis_url):
                 async with client.stream("POST", f"/api/chat/{instance_id}", json={**CHAT, "stream": True}) as r:
                     assert r.status_code == 200
                     assert (await sse_lines(r))[-1] == "[DONE]"
-        assert relay.app.state.stream_leases.held == {}
+            await wait_until(lambda: _no_leases(relay), what="every lease released")
