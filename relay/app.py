@@ -14,7 +14,7 @@ import logging
 from typing import AsyncIterator
 
 import anyio
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -66,8 +66,14 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
     if not url:
         raise ValueError("create_app needs a Redis URL (relay serve starts an embedded one)")
     # Short timeouts: a hung Redis must turn into a quick 503, not a hung request.
-    redis = Redis.from_url(url, socket_timeout=settings.redis_timeout,
-                           socket_connect_timeout=min(2.0, settings.redis_timeout), health_check_interval=10)
+    # A blocking pool: a burst (thousands of agents leaving at once) waits its
+    # turn for a connection instead of failing with "Too many connections".
+    pool = BlockingConnectionPool.from_url(
+        url, max_connections=settings.redis_max_connections, timeout=settings.redis_timeout,
+        socket_timeout=settings.redis_timeout, socket_connect_timeout=min(2.0, settings.redis_timeout),
+        health_check_interval=10,
+    )
+    redis = Redis(connection_pool=pool)
     node_id = secrets.token_hex(6)
     sessions = SessionManager()
     registry = InstanceRegistry(redis, heartbeat_timeout=settings.heartbeat_timeout, base_url=settings.base_url())

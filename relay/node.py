@@ -39,6 +39,8 @@ class Node:
         self.node_id = node_id
         self.redis_ok = True
         self.draining = False
+        #: Agent removals that failed (Redis trouble), retried every heartbeat.
+        self.pending_removals: list[tuple[str, str, str]] = []
         self.listening = asyncio.Event()  # set while subscribed to the inbox
         self.bus: CrossNode | None = None  # set by the composition root
         self._inbox = keys.inbox(node_id).encode()
@@ -59,6 +61,9 @@ class Node:
             )
             await session.close(p.CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
         try:
+            while self.pending_removals:
+                await self.registry.remove_agent(*self.pending_removals[-1])
+                self.pending_removals.pop()
             existed = await self.registry.refresh_node(self.node_id)
             idle = [s for s in self.sessions.all() if s.load_dirty and not s.streams]
             if idle:
@@ -228,8 +233,12 @@ class Node:
             with anyio.CancelScope(shield=True):
                 try:
                     await self.registry.remove_agent(instance_id, session.agent_id, session.session_id)
-                except (RedisError, OSError):
-                    pass  # node liveness covers it: the entry dies with this node's key or is re-set
+                except (RedisError, OSError) as exc:
+                    # This node is alive, so nothing would expire the entry:
+                    # keep it and retry on the next heartbeat, or the
+                    # instance would stay "online" with no agent.
+                    log.warning("could not remove agent %s from redis (%s); retrying", session.agent_id, exc)
+                    self.pending_removals.append((instance_id, session.agent_id, session.session_id))
             log.info("agent %s of instance %s disconnected", hello.agent_id, instance_id)
 
     async def _authenticate(self, websocket: WebSocket) -> str | None:

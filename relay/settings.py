@@ -43,6 +43,8 @@ class RelaySettings(BaseSettings):
     stall_timeout: float = 30.0
     #: Seconds a draining node (SIGTERM) lets in-flight streams finish.
     drain_timeout: float = 30.0
+    #: Connections to Redis per node; a burst beyond it waits (up to redis_timeout).
+    redis_max_connections: int = 64
     #: Seconds a Redis command may take before Redis counts as unreachable
     #: (requests that need it get 503, ``/readyz`` turns 503).  A hung Redis
     #: (frozen, network cut) costs each request this long, so keep it short.
