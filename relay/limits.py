@@ -66,7 +66,11 @@ def _strings_size(value: object) -> int:
 
 
 def check_chat_request(chat: ChatRequest, settings: RelaySettings) -> None:
-    """Raise 422 when a valid request is larger than this relay accepts."""
+    """Raise 422 when a valid request is larger than this relay accepts.
+
+    A ``max_tokens`` the caller did not send (the relay's default of 2000) is
+    lowered to the cap rather than refused: the caller made no choice to refuse.
+    """
     if settings.max_messages and len(chat.messages) > settings.max_messages:
         raise ValidationFailed(
             f"too many messages: {len(chat.messages)} > {settings.max_messages}",

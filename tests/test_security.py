@@ -342,3 +342,12 @@ async def test_rotation_missed_while_unsubscribed_is_caught_on_resubscribe(redis
 async def _only(relay, instance_id: str) -> bool:
     sessions = relay.app.state.sessions.all()
     return [s.instance_id for s in sessions] == [instance_id]
+
+
+async def test_agent_token_in_the_url_is_not_accepted(redis_url):
+    async with running_relay(redis_url) as relay:
+        _, token = await relay.register()
+        url = relay.url.replace("http", "ws") + f"/api/agent/connect?token={token}"
+        with pytest.raises(InvalidStatus) as refused:
+            await websockets.connect(url)
+        assert refused.value.response.status_code == 401
