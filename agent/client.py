@@ -267,16 +267,8 @@ class AgentClient:
             if len(self._streams) > self.max_concurrency:
                 raise BackendError(503, "agent at capacity", "agent_at_capacity")
             if request.stream:
-                usage, model = None, None
-                async for batch in self.backend.stream(request.body):
-                    for chunk in batch:
-                        error = _error_of(chunk)
-                        if error is not None:
-                            raise error
-                        usage = _usage_of(chunk) or usage
-                    # Chunks that arrived together leave together: one frame.
-                    await self._send_data(sid, window, b"".join(p.sse_event(c) for c in batch))
-                await self._send(p.encode(p.End(sid, usage, model)))
+                usage = await self._relay_stream(sid, window, request.body, cap=request.window)
+                await self._send(p.encode(p.End(sid, usage, None)))
             else:
                 body = await self.backend.complete(request.body)
                 await self._send_data(sid, window, body)
@@ -294,6 +286,69 @@ class AgentClient:
         finally:
             self._streams.pop(sid, None)
             self.status.inflight = len(self._streams)
+
+    async def _relay_stream(self, sid: int, window: p.SendWindow, body: dict[str, Any], *,
+                            cap: int) -> dict[str, Any] | None:
+        """Read the model's stream and send it on; return the usage if reported.
+
+        Reading and sending are two tasks sharing a buffer.  The reader appends
+        every chunk it parses and never waits for the websocket; the writer
+        runs whenever the reader waits for the model's socket, and sends all
+        that is buffered as one frame.  So a lone chunk leaves at once, and
+        chunks that arrive faster than they can be sent are coalesced instead
+        of costing a frame (and a relay wake-up) each.  The buffer is capped at
+        one window: past that the reader stops reading, and the model's TCP
+        connection pushes back.
+        """
+        pending = bytearray()
+        wake, room = asyncio.Event(), asyncio.Event()
+        finished = False
+
+        async def writer() -> None:
+            while True:
+                if not pending:
+                    if finished:
+                        return
+                    await wake.wait()
+                    wake.clear()
+                    continue
+                payload = bytes(pending)
+                pending.clear()
+                room.set()
+                await self._send_data(sid, window, payload)
+
+        send_task = asyncio.create_task(writer())
+        usage: dict[str, Any] | None = None
+        try:
+            async for batch in self.backend.stream(body):
+                for chunk in batch:
+                    error = _error_of(chunk)
+                    if error is not None:
+                        # What came before the error still reaches the caller, first.
+                        finished = True
+                        wake.set()
+                        await send_task
+                        raise error
+                    usage = _usage_of(chunk) or usage
+                    pending += b"data: "
+                    pending += chunk
+                    pending += b"\n\n"
+                wake.set()
+                while len(pending) >= cap and not send_task.done():
+                    room.clear()
+                    room_waiter = asyncio.ensure_future(room.wait())
+                    await asyncio.wait([send_task, room_waiter], return_when=asyncio.FIRST_COMPLETED)
+                    room_waiter.cancel()
+                if send_task.done():
+                    send_task.result()  # the writer failed (connection lost): stop reading
+                    raise ConnectionError("writer stopped")
+            finished = True
+            wake.set()
+            await send_task
+        finally:
+            if not send_task.done():
+                send_task.cancel()
+        return usage
 
     async def _send_data(self, sid: int, window: p.SendWindow, payload: bytes) -> None:
         while not window.can_send:
