@@ -507,6 +507,8 @@ async def test_redis_outage_nodes_and_agents_ride_it_out(tmp_path, outage):
             assert all(proc.popen.poll() is None for proc in cluster.procs)
             assert node_b.count("presence re-asserted") >= 1
     finally:
+        if redis.process is not None:
+            redis.process.send_signal(signal.SIGCONT)  # a frozen server cannot act on SIGTERM
         redis.stop()
 
 
