@@ -31,7 +31,6 @@ import anyio
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from . import keys
 from .errors import RateLimited, ValidationFailed
 from .models import ChatRequest
 from .settings import RelaySettings

@@ -77,6 +77,21 @@ class ContextFilter(logging.Filter):
         return True
 
 
+class DeliberateEndings(logging.Filter):
+    """Drop uvicorn's errors for responses the relay ends on purpose.
+
+    The relay refuses agent handshakes with a real HTTP response (the ASGI
+    websocket denial extension) and cuts off clients that stopped reading;
+    uvicorn reports both as if the application had failed.  Our own log line
+    already says what happened, at the right level.
+    """
+
+    _MESSAGES = ("ASGI callable returned without completing",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "uvicorn.error" and str(record.msg).startswith(self._MESSAGES))
+
+
 class JSONFormatter(logging.Formatter):
     """One JSON object per line; the ids are always present (null when unknown)."""
 
@@ -103,6 +118,7 @@ class JSONFormatter(logging.Formatter):
 def make_handler(fmt: str = "plain", stream: IO[str] | None = None) -> logging.Handler:
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.addFilter(ContextFilter())
+    handler.addFilter(DeliberateEndings())
     handler.setFormatter(JSONFormatter() if fmt == "json" else logging.Formatter(PLAIN_FORMAT))
     handler._relay_handler = True  # type: ignore[attr-defined]
     return handler

@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket
 
-from . import __version__, keys, logs
+from . import keys, logs
 from . import protocol as p
 from .crossnode import CrossNode
 from .errors import error_body

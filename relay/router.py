@@ -4,8 +4,9 @@
 instance (one atomic Redis script across all nodes, see ``registry.py``),
 then opens the stream on this node's session for that agent or, when the
 agent sits on another node, through the cross-node bus.  The slot is given
-back when the stream closes.  If Redis is unreachable, agents connected to
-this node still serve: routing falls back to the local sessions.
+back when the stream closes.  Without Redis there is no routing: access
+rules, limits and slot counts all live there, so a chat request fails closed
+with 503 (``api.redis_error_handler``) rather than serving unchecked.
 """
 
 from __future__ import annotations
@@ -41,10 +42,7 @@ class StreamRouter:
                                       headers={"Retry-After": "1"})
         excluded: tuple[str, ...] = ()
         for _ in range(MAX_ATTEMPTS):
-            try:
-                verdict, entry = await self.registry.pick_agent(instance_id, excluded)
-            except (RedisError, OSError):
-                return await self._open_local_only(instance_id, request)
+            verdict, entry = await self.registry.pick_agent(instance_id, excluded)
             if entry is None:
                 raise self._no_agent(instance_id, verdict)
 
@@ -74,14 +72,6 @@ class StreamRouter:
             stream.on_close = release
             return stream
         raise InstanceUnavailable(f"instance {instance_id!r} has no reachable agent right now; retry")
-
-    async def _open_local_only(self, instance_id: str, request: ChatRequest) -> Any:
-        session = self.sessions.pick(instance_id)
-        if session is None:
-            raise InstanceUnavailable("relay storage unavailable and no local agent; retry shortly",
-                                      code="not_ready", headers={"Retry-After": "1"})
-        body = request.upstream_body(session.resolve_model(request.model))
-        return await session.open_stream(body, stream=request.stream)
 
     @staticmethod
     def _no_agent(instance_id: str, verdict: str) -> Exception:

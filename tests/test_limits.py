@@ -127,7 +127,7 @@ async def test_rate_limiter_charges_all_buckets_or_none(redis):
 async def test_stream_leases_are_shared_and_expire_when_not_renewed(redis):
     node_a, node_b = StreamLeases(redis, ttl_ms=400), StreamLeases(redis, ttl_ms=400)
     slot = [Slot(keys.streams("t", "x"), 1, "x")]
-    lease = await node_a.acquire(slot)
+    await node_a.acquire(slot)
     with pytest.raises(RateLimited) as raised:
         await node_b.acquire(slot)
     assert raised.value.code == "too_many_streams"
