@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
-import signal
-import subprocess
-import threading
 import time
 from typing import Any
 
 import httpx
 
-from tests.helpers import free_port, spawn
+from tests.helpers import Spawned, free_port, spawn
 
 #: Relay settings for every spawned node: heartbeats every 0.2 s, an agent or
 #: node silent for 1 s is dead.  Tests override single values as they need.
@@ -42,66 +38,7 @@ FAST_RELAY_ENV = {
 }
 
 
-class Proc:
-    """One subprocess and everything it printed so far."""
-
-    def __init__(self, name: str, popen: subprocess.Popen, url: str = ""):
-        self.name = name
-        self.popen = popen
-        self.url = url
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._drain, daemon=True)
-        self._reader.start()
-
-    def _drain(self) -> None:
-        assert self.popen.stdout is not None
-        for raw in iter(self.popen.stdout.readline, b""):
-            self.lines.append(raw.decode(errors="replace").rstrip("\n"))
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    def count(self, pattern: str) -> int:
-        return sum(1 for line in list(self.lines) if re.search(pattern, line))
-
-    async def wait_for_line(self, pattern: str, timeout: float = 10.0, start: int = 0) -> str:
-        """The first line (from index ``start``) matching ``pattern``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for line in list(self.lines)[start:]:
-                if re.search(pattern, line):
-                    return line
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{self.name}: no line matching {pattern!r} within {timeout}s:\n{self.output}")
-            if self.popen.poll() is not None and not self._reader.is_alive():
-                raise AssertionError(f"{self.name} exited ({self.popen.returncode}) without {pattern!r}:\n{self.output}")
-            await asyncio.sleep(0.02)
-
-    def signal(self, sig: int) -> None:
-        if self.popen.poll() is None:
-            os.kill(self.popen.pid, sig)
-
-    def kill(self) -> None:
-        """SIGKILL, and reap (a SIGSTOPped process is resumed first so it can die cleanly)."""
-        if self.popen.poll() is None:
-            os.kill(self.popen.pid, signal.SIGKILL)
-            os.kill(self.popen.pid, signal.SIGCONT)
-        self.popen.wait(5)
-        self._reader.join(2)
-
-    async def wait_exit(self, timeout: float) -> int:
-        deadline = time.monotonic() + timeout
-        while self.popen.poll() is None:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{self.name} still running after {timeout}s:\n{self.output}")
-            await asyncio.sleep(0.02)
-        self._reader.join(2)
-        return self.popen.returncode
+Proc = Spawned  # one subprocess and everything it printed so far
 
 
 class Cluster:

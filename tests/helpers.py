@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
@@ -251,6 +254,84 @@ def spawn(args: list[str], env: dict[str, str] | None = None, **kwargs: Any) -> 
     return subprocess.Popen(
         [sys.executable, "-m", *args], env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs
     )
+
+
+_SIGTERM = signal.SIGTERM
+
+
+class Spawned:
+    """A spawned process and everything it printed so far (stdout+stderr, read by a thread)."""
+
+    def __init__(self, name: str, popen: subprocess.Popen, url: str = ""):
+        self.name = name
+        self.popen = popen
+        self.url = url
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+
+    def _drain(self) -> None:
+        assert self.popen.stdout is not None
+        for raw in iter(self.popen.stdout.readline, b""):
+            self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def count(self, pattern: str) -> int:
+        return sum(1 for line in list(self.lines) if re.search(pattern, line))
+
+    async def wait_for_line(self, pattern: str, timeout: float = 20.0, start: int = 0) -> re.Match:
+        """The first match of ``pattern`` in a line printed (from line ``start`` on)."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in list(self.lines)[start:]:
+                if match := regex.search(line):
+                    return match
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name}: no line matching {pattern!r} within {timeout}s:\n{self.output}")
+            if self.popen.poll() is not None and not self._reader.is_alive():
+                raise AssertionError(f"{self.name} exited ({self.popen.returncode}) without {pattern!r}:\n{self.output}")
+            await asyncio.sleep(0.02)
+
+    def signal(self, sig: int) -> None:
+        if self.popen.poll() is None:
+            os.kill(self.popen.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL, and reap (a SIGSTOPped process is resumed first so it can die cleanly)."""
+        if self.popen.poll() is None:
+            os.kill(self.popen.pid, signal.SIGKILL)
+            os.kill(self.popen.pid, signal.SIGCONT)
+        self.popen.wait(5)
+        self._reader.join(2)
+
+    def stop(self, sig: int = _SIGTERM, timeout: float = 15.0) -> int:
+        """Send ``sig`` and wait; SIGKILL if it does not exit in time.  Returns the exit code."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        self._reader.join(5)
+        return self.popen.returncode
+
+    async def wait_exit(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.popen.poll() is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name} still running after {timeout}s:\n{self.output}")
+            await asyncio.sleep(0.02)
+        self._reader.join(2)
+        return self.popen.returncode
 
 
 async def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):

@@ -20,7 +20,6 @@ import asyncio
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -33,7 +32,7 @@ import pytest
 import yaml
 
 from relay.embedded_redis import find_redis_server
-from tests.helpers import FakeUpstream, free_port, running_upstream, spawn, wait_until
+from tests.helpers import FakeUpstream, Spawned, free_port, running_upstream, spawn, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -101,46 +100,10 @@ def command_of(name: str) -> list[str]:
 # -- running a service locally ---------------------------------------------------
 
 
-class Service:
-    """One compose service run as a local process; its output collected by a thread."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str]):
-        self.name = name
-        program, *args = argv
-        self.popen = spawn([ENTRYPOINTS[program], *args], env=env)
-        self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        for raw in self.popen.stdout:
-            self.lines.append(raw.decode(errors="replace").rstrip("\n"))
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    async def wait_for(self, pattern: str, timeout: float = 20.0) -> re.Match:
-        regex = re.compile(pattern)
-
-        async def found():
-            for line in list(self.lines):
-                if match := regex.search(line):
-                    return match
-            if self.popen.poll() is not None:
-                raise AssertionError(f"{self.name} exited ({self.popen.returncode}):\n{self.output}")
-            return None
-
-        return await wait_until(found, timeout=timeout, what=f"{self.name}: {pattern}")
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(20)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
+def Service(name: str, argv: list[str], env: dict[str, str]) -> Spawned:
+    """One compose service run as a local process (the image's entrypoints mapped to modules)."""
+    program, *args = argv
+    return Spawned(name, spawn([ENTRYPOINTS[program], *args], env=env))
 
 
 class LocalCompose:
@@ -193,7 +156,7 @@ class LocalCompose:
 
     def stop_all(self) -> None:
         for service in reversed(self.running):
-            service.stop()
+            service.stop(timeout=20)
 
 
 def nginx_for(ports: dict[str, int], listen: int, workdir: Path) -> subprocess.Popen | None:
@@ -392,11 +355,11 @@ async def test_compose_services_run_and_chat(redis_url, tmp_path):
 
         # First start: the agent registers and prints its chat URL.
         agent = local.start("agent")
-        instance_id = (await agent.wait_for(r"registered instance ([0-9a-f]+)")).group(1)
-        chat_url = (await agent.wait_for(r"chat URL: (\S+)")).group(1)
+        instance_id = (await agent.wait_for_line(r"registered instance ([0-9a-f]+)")).group(1)
+        chat_url = (await agent.wait_for_line(r"chat URL: (\S+)")).group(1)
         public = interpolate(SERVICES["relay-1"]["environment"]["RELAY_PUBLIC_URL"])
         assert chat_url == f"{public}/api/chat/{instance_id}"
-        await agent.wait_for(r"connected to .* as instance " + instance_id)
+        await agent.wait_for_line(r"connected to .* as instance " + instance_id)
         await wait_until(lambda: local.healthy("agent"), timeout=20, interval=0.3, what="agent healthcheck")
 
         # Through each node (one of them forwards to the other) and the balancer.
@@ -414,7 +377,7 @@ async def test_compose_services_run_and_chat(redis_url, tmp_path):
         # Restart: the credentials on the volume bring back the same instance.
         agent.stop()
         agent = local.start("agent")
-        await agent.wait_for(r"connected to .* as instance " + instance_id)
+        await agent.wait_for_line(r"connected to .* as instance " + instance_id)
         assert "registered instance" not in agent.output
         await wait_until(lambda: _online(relay_2, instance_id), timeout=15, what="online again")
     finally:
@@ -444,8 +407,8 @@ async def test_ollama_profile_agent_runs_against_an_openai_upstream(redis_url, t
             relay_1 = f"http://127.0.0.1:{local.ports['relay-1']}"
             local.urls = {"http://lb:8080": relay_1, "http://ollama:11434/v1": upstream.url}
             agent = local.start("agent-ollama")
-            instance_id = (await agent.wait_for(r"registered instance ([0-9a-f]+)")).group(1)
-            await agent.wait_for(r"connected to .* as instance " + instance_id)
+            instance_id = (await agent.wait_for_line(r"registered instance ([0-9a-f]+)")).group(1)
+            await agent.wait_for_line(r"connected to .* as instance " + instance_id)
             response = await chat(relay_1, instance_id)
             assert_streamed_answer(response)
             assert upstream.requests[-1]["model"] == "llama3.2:1b"

@@ -347,7 +347,7 @@ async def test_relay_node_killed_agent_moves_to_the_other_node(redis_url):
         instance_id, token = await register(node_a.url)
         # Demo at 20 words/s: a stream lasts about two seconds.
         agent = cluster.agent(f"{node_a.url},{node_b.url}", token, "--backend", "demo", "--demo-rate", "20")
-        assert node_a.url in await agent.wait_for_line("connected to")
+        assert node_a.url in (await agent.wait_for_line("connected to")).string
         await wait_until(lambda: _online(node_b.url, instance_id), 5, what="online at B")
 
         async with httpx.AsyncClient(base_url=node_b.url, timeout=10) as client:
@@ -529,7 +529,7 @@ async def test_sigterm_drains_streams_then_sends_agents_elsewhere(redis_url):
         instance_id, token = await register(node_a.url)
         # Demo at 25 words/s: a stream lasts about two seconds.
         agent = cluster.agent(f"{node_a.url},{node_b.url}", token, "--backend", "demo", "--demo-rate", "25")
-        assert node_a.url in await agent.wait_for_line("connected to")
+        assert node_a.url in (await agent.wait_for_line("connected to")).string
         await wait_until(lambda: _online(node_b.url, instance_id), 5, what="online")
 
         async with httpx.AsyncClient(base_url=node_a.url, timeout=10) as client, \

@@ -46,7 +46,7 @@ async def test_request_at_node_a_served_by_agent_on_node_b(redis_url):
         instance_id, token = await register(node_a.url)
         agent = cluster.agent(node_b.url, token, "--backend", "openai", "--upstream-url", upstream.url)
         await agent.wait_for_line(r"connected to http://127\.0\.0\.1")
-        assert node_b.url in await agent.wait_for_line("connected to")
+        assert node_b.url in (await agent.wait_for_line("connected to")).string
 
         async def online_at_a():
             view = await status(node_a.url, instance_id)

@@ -13,14 +13,13 @@ import signal
 import stat
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.helpers import free_port, spawn, wait_until
+from tests.helpers import Spawned, free_port, spawn, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -29,52 +28,9 @@ FAST = {"RELAY_HEARTBEAT_INTERVAL": "0.2", "RELAY_HEARTBEAT_TIMEOUT": str(HEARTB
         "RELAY_LOG_LEVEL": "info"}
 
 
-class Proc:
-    """A spawned console script whose merged output is collected by a thread."""
-
-    def __init__(self, args: list[str], env: dict[str, str]):
-        self.args = args
-        self.popen = spawn(args, env=env)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        for raw in self.popen.stdout:
-            self.lines.append(raw.decode(errors="replace").rstrip("\n"))
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    async def wait_for_line(self, pattern: str, timeout: float = 20.0) -> re.Match:
-        regex = re.compile(pattern)
-
-        async def found():
-            for line in list(self.lines):
-                if match := regex.search(line):
-                    return match
-            if self.popen.poll() is not None:
-                raise AssertionError(f"{self.args[0]} exited ({self.popen.returncode}) before printing "
-                                     f"{pattern!r}:\n{self.output}")
-            return None
-
-        try:
-            return await wait_until(found, timeout=timeout, what=pattern)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n--- output of {' '.join(self.args)} ---\n{self.output}") from None
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
-        self._reader.join(5)
-        return self.popen.returncode
+def Proc(args: list[str], env: dict[str, str]) -> Spawned:
+    """Spawn one of our console scripts (``module``, args...) with its output collected."""
+    return Spawned(" ".join(args), spawn(args, env=env))
 
 
 def redis_servers_using(path: Path) -> list[int]:
