@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import anyio
 import orjson
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
@@ -29,7 +28,13 @@ from .errors import (
     error_body,
 )
 from .limits import Bucket, Lease, Slot, check_chat_request
-from .models import ChatRequest, CreateKeyRequest, RegisterRequest, UpdateInstanceRequest
+from .models import (
+    ChatRequest,
+    CreateKeyRequest,
+    RegisterRequest,
+    UpdateInstanceRequest,
+)
+from .sessions import cleanup_scope
 
 #: Owner-action bodies are tiny: a name, a description.
 SMALL_BODY_BYTES = 16 * 1024
@@ -203,7 +208,7 @@ async def chat_completions(request: Request) -> Response:
     try:
         response = await run_chat(state.router, instance_id, chat, settings, request.receive)
     except BaseException:
-        with anyio.CancelScope(shield=True):
+        with cleanup_scope():
             await state.stream_leases.release(lease)
         raise
     return LeasedResponse(response, state.stream_leases, lease)
@@ -221,7 +226,7 @@ class LeasedResponse(Response):
         try:
             await self.inner(scope, receive, send)
         finally:
-            with anyio.CancelScope(shield=True):
+            with cleanup_scope():
                 await self.leases.release(self.lease)
 
 

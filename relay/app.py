@@ -9,8 +9,8 @@ presence.  Nothing else in the relay creates long-lived objects.
 from __future__ import annotations
 
 import contextlib
-import secrets
 import logging
+import secrets
 from typing import AsyncIterator
 
 import anyio

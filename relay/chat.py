@@ -20,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from . import protocol as p
 from .errors import ModelTimeout, error_body, from_status
-from .sessions import RelayStream, split_items
+from .sessions import RelayStream, cleanup_scope, split_items
 
 log = logging.getLogger("relay.chat")
 
@@ -110,7 +110,7 @@ class EventStreamResponse(Response):
                     pass  # client gone or stalled; the finally clause cancels the stream
                 tg.cancel_scope.cancel()
         finally:
-            with anyio.CancelScope(shield=True):
+            with cleanup_scope():
                 await relay_stream.close("client disconnected")
 
     async def _write(self, send: Send) -> None:
@@ -177,17 +177,17 @@ async def run_chat(router: Any, instance_id: str, request: Any, settings: Any,
                 if watcher is not None:
                     watcher.cancel()
         if waiting.cancelled_caught:
-            with anyio.CancelScope(shield=True):
+            with cleanup_scope():
                 await relay_stream.close("client disconnected")
             return Response(status_code=499)  # nobody is left to read it
         if request.stream:
             # From here the response owns the stream and closes it.
             return EventStreamResponse(relay_stream, items, settings.idle_timeout, settings.stall_timeout)
-        with anyio.CancelScope(shield=True):
+        with cleanup_scope():
             await relay_stream.close("done")
         return Response(body, media_type="application/json")
     except BaseException:
         # Errors and cancellation (client gone while we waited) stop the agent too.
-        with anyio.CancelScope(shield=True):
+        with cleanup_scope():
             await relay_stream.close("request failed")
         raise

@@ -189,6 +189,7 @@ class Node:
             window=self.settings.stream_window,
             credential=websocket.state.credential,
             budget=FrameBudget.from_settings(self.settings),
+            send_timeout=self.settings.heartbeat_timeout,
         )
         # Welcome first, then make the session routable (listed here, then in
         # Redis): a request routed to an agent that is just reconnecting must

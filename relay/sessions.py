@@ -21,6 +21,8 @@ import uuid
 from collections import deque
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
+import anyio
+
 from . import protocol as p
 
 log = logging.getLogger("relay.sessions")
@@ -35,6 +37,16 @@ MAX_DROPPED_STREAMS = 4096
 SendText = Callable[[str], Awaitable[None]]
 SendBytes = Callable[[bytes], Awaitable[None]]
 Close = Callable[[int, str], Awaitable[None]]
+
+
+#: Longest a shielded cleanup (cancel the agent's stream, give slots back) may
+#: take: cleanups must finish even when the caller is gone, but never hang.
+CLEANUP_TIMEOUT = 10.0
+
+
+def cleanup_scope() -> anyio.CancelScope:
+    """A cancel scope for cleanup that cancellation cannot interrupt, bounded in time."""
+    return anyio.CancelScope(shield=True, deadline=anyio.current_time() + CLEANUP_TIMEOUT)
 
 
 def resolve_model(models: tuple[str, ...], requested: str | None) -> str:
@@ -189,8 +201,13 @@ class AgentSession:
         window: int,
         credential: str = "",
         budget: FrameBudget | None = None,
+        send_timeout: float = 15.0,
     ):
         self.instance_id = instance_id
+        #: An agent that takes longer than this to accept a message is treated
+        #: as gone: its socket is jammed, and waiting would stall every stream
+        #: (and every cleanup) behind the send lock.
+        self.send_timeout = send_timeout
         #: Hash of the agent token this session authenticated with: a rotation
         #: of that token closes the session (see ``Node._registry_event``).
         self.credential = credential
@@ -232,11 +249,19 @@ class AgentSession:
     # -- outgoing -----------------------------------------------------------
 
     async def _send(self, message: str | bytes) -> None:
-        async with self._send_lock:
-            if isinstance(message, bytes):
-                await self._send_bytes(message)
-            else:
-                await self._send_text(message)
+        if self.closed:
+            raise ConnectionError("agent session closed")
+        try:
+            async with asyncio.timeout(self.send_timeout), self._send_lock:
+                if isinstance(message, bytes):
+                    await self._send_bytes(message)
+                else:
+                    await self._send_text(message)
+        except TimeoutError:
+            log.warning("agent %s of instance %s accepted nothing for %gs; closing it",
+                        self.agent_id, self.instance_id, self.send_timeout)
+            asyncio.get_running_loop().create_task(self.close(p.CloseCode.HEARTBEAT_TIMEOUT, "agent not reading"))
+            raise ConnectionError("agent not reading") from None
 
     async def open_stream(self, body: dict[str, Any], *, stream: bool) -> RelayStream:
         self._next_id += 1
@@ -305,7 +330,8 @@ class AgentSession:
         self.closed = True
         self.fail_all(f"agent connection closed: {reason}")
         try:
-            await self._close(code, reason)
+            async with asyncio.timeout(self.send_timeout):
+                await self._close(code, reason)
         except Exception:
             pass
 

@@ -32,7 +32,14 @@ import pytest
 import yaml
 
 from relay.embedded_redis import find_redis_server
-from tests.helpers import FakeUpstream, Spawned, free_port, running_upstream, spawn, wait_until
+from tests.helpers import (
+    FakeUpstream,
+    Spawned,
+    free_port,
+    running_upstream,
+    spawn,
+    wait_until,
+)
 
 pytestmark = pytest.mark.anyio
 

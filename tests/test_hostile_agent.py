@@ -23,7 +23,14 @@ from websockets.exceptions import ConnectionClosed
 
 from relay import protocol as p
 from relay.sessions import AgentSession
-from tests.helpers import FakeUpstream, openai_backend, running_agent, running_relay, running_upstream, sse_lines
+from tests.helpers import (
+    FakeUpstream,
+    openai_backend,
+    running_agent,
+    running_relay,
+    running_upstream,
+    sse_lines,
+)
 
 pytestmark = pytest.mark.anyio
 

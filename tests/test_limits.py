@@ -9,7 +9,15 @@ import pytest
 
 from relay import keys
 from relay.errors import RateLimited, ValidationFailed
-from relay.limits import Bucket, FrameBudget, RateLimiter, Slot, StreamLeases, check_chat_request, content_chars
+from relay.limits import (
+    Bucket,
+    FrameBudget,
+    RateLimiter,
+    Slot,
+    StreamLeases,
+    check_chat_request,
+    content_chars,
+)
 from relay.models import ChatRequest
 from relay.settings import RelaySettings
 from tests.helpers import (

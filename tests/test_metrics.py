@@ -17,7 +17,14 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from relay import protocol as p
-from tests.helpers import FakeUpstream, openai_backend, running_agent, running_relay, running_upstream, wait_until
+from tests.helpers import (
+    FakeUpstream,
+    openai_backend,
+    running_agent,
+    running_relay,
+    running_upstream,
+    wait_until,
+)
 
 pytestmark = pytest.mark.anyio
 

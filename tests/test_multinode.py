@@ -23,7 +23,13 @@ from agent.client import AgentClient, websocket_url
 from relay import keys
 from relay import protocol as p
 from tests.cluster import Cluster, Stopwatch, chat_body, register, status, wait_ready
-from tests.helpers import FakeUpstream, running_relay, running_upstream, sse_lines, wait_until
+from tests.helpers import (
+    FakeUpstream,
+    running_relay,
+    running_upstream,
+    sse_lines,
+    wait_until,
+)
 
 pytestmark = pytest.mark.anyio
 

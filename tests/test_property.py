@@ -23,7 +23,12 @@ from relay import protocol as p
 from relay.api import validate
 from relay.errors import ValidationFailed
 from relay.limits import check_chat_request
-from relay.models import ChatRequest, CreateKeyRequest, RegisterRequest, UpdateInstanceRequest
+from relay.models import (
+    ChatRequest,
+    CreateKeyRequest,
+    RegisterRequest,
+    UpdateInstanceRequest,
+)
 from relay.settings import RelaySettings
 
 json_values = st.recursive(
