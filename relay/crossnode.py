@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections import deque
 from typing import Any, Awaitable, Callable
 
 import orjson
@@ -35,7 +34,7 @@ from . import keys, logs
 from . import protocol as p
 from .errors import ServiceNotReady
 from .registry import AgentEntry, InstanceRegistry
-from .sessions import RelayStream, SessionManager, split_items
+from .sessions import Backlog, RelayStream, SessionManager, split_items
 
 log = logging.getLogger("relay.crossnode")
 
@@ -76,8 +75,7 @@ class RemoteStream:
         self.window = window
         self.state = p.StreamState.OPEN
         self.on_close: Callable[[], Awaitable[None]] | None = None
-        self._items: deque[bytes | p.End | p.StreamError] = deque()
-        self._waiter: asyncio.Future[None] | None = None
+        self._items = Backlog()
         self._unreported = 0
         self._closed = False
 
@@ -94,9 +92,7 @@ class RemoteStream:
             self.state = p.StreamState.FAILED
         else:
             self.state = p.StreamState.STREAMING
-        self._items.append(item)
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        self._items.push(item)
 
     async def next(self, timeout: float | None) -> list:
         loop = asyncio.get_running_loop()
@@ -108,19 +104,13 @@ class RemoteStream:
             if remaining is not None and remaining <= 0:
                 raise TimeoutError
             slice_ = self.bus.heartbeat_timeout if remaining is None else min(remaining, self.bus.heartbeat_timeout)
-            self._waiter = loop.create_future()
             try:
-                async with asyncio.timeout(slice_):
-                    await self._waiter
+                await self._items.wait(slice_)
             except TimeoutError:
                 if not self._items and not await self.bus.node_alive(self.node):
                     self.feed(p.StreamError(0, 502, f"relay node {self.node} holding the agent is gone",
                                             "agent_disconnected"))
-            finally:
-                self._waiter = None
-        items = list(self._items)
-        self._items.clear()
-        return items
+        return self._items.take()
 
     async def consumed(self, nbytes: int) -> None:
         # Report in batches of half a window, as a local stream grants credit.

@@ -75,6 +75,46 @@ def split_items(items: list) -> tuple[bytes, p.End | p.StreamError | None]:
     return bytes(payload), last
 
 
+class Backlog:
+    """Items queued for one reader, and the one waiter the reader may be.
+
+    Shared by local and cross-node streams: the feeder pushes without ever
+    blocking, the reader takes everything queued at once (so it can coalesce
+    it into one write) or waits for the next item.
+    """
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: deque[bytes | p.End | p.StreamError] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+    def push(self, item: bytes | p.End | p.StreamError) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self, timeout: float | None) -> None:
+        """Return once something is queued; TimeoutError after ``timeout`` seconds."""
+        if self._items:
+            return
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._waiter
+        finally:
+            self._waiter = None
+
+    def take(self) -> list[bytes | p.End | p.StreamError]:
+        items = list(self._items)
+        self._items.clear()
+        return items
+
+
 class RelayStream:
     """One request in flight: the agent's frames queued for the HTTP client.
 
@@ -84,7 +124,7 @@ class RelayStream:
     tracker closes the agent if it does not.
     """
 
-    __slots__ = ("id", "session", "tracker", "stream", "model", "_items", "_waiter", "usage", "on_close", "_closed")
+    __slots__ = ("id", "session", "tracker", "stream", "model", "_items", "usage", "on_close", "_closed")
 
     def __init__(self, session: "AgentSession", stream_id: int, *, window: int, stream: bool, model: str):
         self.id = stream_id
@@ -93,8 +133,7 @@ class RelayStream:
         self.stream = stream
         self.model = model
         self.usage: dict[str, Any] | None = None
-        self._items: deque[bytes | p.End | p.StreamError] = deque()
-        self._waiter: asyncio.Future[None] | None = None
+        self._items = Backlog()
         #: Awaited once when the stream is closed (the router releases its slot).
         self.on_close: Callable[[], Awaitable[None]] | None = None
         self._closed = False
@@ -108,25 +147,18 @@ class RelayStream:
     def feed(self, event: p.Data | p.End | p.StreamError) -> None:
         self.tracker.receive(event)  # raises ProtocolError on a bad transition
         if type(event) is p.Data:
-            self._items.append(event.payload)
+            self._items.push(event.payload)
         else:
             if type(event) is p.End:
                 self.usage = event.usage
-            self._items.append(event)
-        self._wake()
+            self._items.push(event)
 
     def fail(self, status: int, message: str, code: str | None = None) -> None:
         """End the stream from the relay's side (agent lost, timeout ...)."""
         if self.finished:
             return
         self.tracker.state = p.StreamState.FAILED
-        self._items.append(p.StreamError(self.id, status, message, code))
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._items.push(p.StreamError(self.id, status, message, code))
 
     # -- drained by the HTTP response -----------------------------------------
 
@@ -136,16 +168,8 @@ class RelayStream:
         Returning the whole backlog lets the response coalesce chunks that are
         already waiting into one socket write without delaying a lone chunk.
         """
-        if not self._items:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                async with asyncio.timeout(timeout):
-                    await self._waiter
-            finally:
-                self._waiter = None
-        items = list(self._items)
-        self._items.clear()
-        return items
+        await self._items.wait(timeout)
+        return self._items.take()
 
     async def consumed(self, nbytes: int) -> None:
         """The client took ``nbytes``: return credit to the agent when due."""
@@ -315,7 +339,8 @@ class AgentSession:
                 traffic.frames += 1
                 traffic.bytes += len(event.payload)  # type: ignore[union-attr]
             if relay_stream.finished:
-                self.streams.pop(relay_stream.id, None)
+                del self.streams[relay_stream.id]
+                self.load_dirty = True
         elif kind is p.Ping:
             await self._send(p.encode(p.Pong(event.ts)))  # type: ignore[union-attr]
         elif kind is p.Pong:

@@ -1,0 +1,26 @@
+"""Slot counters in Redis follow the streams: reserved on pick, cleared when agents go idle."""
+
+from __future__ import annotations
+
+import pytest
+
+from relay import keys
+from tests.helpers import running_agent, running_relay, sse_lines
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_finished_stream_marks_its_agent_for_reconciliation(redis_url, redis):
+    async with running_relay(redis_url) as relay:
+        instance_id, token = await relay.register()
+        async with running_agent(relay.url, token), relay.client() as client:
+            async with client.stream("POST", f"/api/chat/{instance_id}",
+                                     json={"messages": [{"role": "user", "content": "hi"}]}) as response:
+                assert (await sse_lines(response))[-1] == "[DONE]"
+            (session,) = relay.app.state.sessions.of(instance_id)
+            assert session.load_dirty and not session.streams
+            # Simulate a node that died before giving its slot back.
+            await redis.hincrby(keys.load(instance_id), session.session_id, 3)
+            await relay.app.state.node.tick()
+            assert await redis.hget(keys.load(instance_id), session.session_id) is None
+            assert not session.load_dirty
