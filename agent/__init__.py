@@ -1,8 +1,10 @@
 """The instance-relay agent: runs next to the model, keeps one websocket to the relay.
 
-Import-light by design: ``import agent`` pulls in the wire protocol and the
-HTTP/websocket clients, never the relay's server stack (starlette, uvicorn,
-redis).  tests/test_agent_imports.py keeps it that way.
+It depends on the wire protocol (the ``wire`` package) and its HTTP and
+websocket clients, and on nothing of the relay's: ``import agent`` never
+pulls in starlette, uvicorn or redis (tests/test_agent_imports.py).
 """
 
-__version__ = "0.1.0"
+from wire import __version__
+
+__all__ = ["__version__"]

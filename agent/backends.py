@@ -11,13 +11,14 @@ Cancelling the consuming task aborts the upstream HTTP request at once
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 import uuid
 from typing import Any, AsyncIterator, Protocol
 
 import httpx
 import orjson
+
+import wire
 
 
 class BackendError(Exception):
@@ -29,6 +30,9 @@ class BackendError(Exception):
 
 
 class Backend(Protocol):
+    #: Operations it can run (``wire.OP_CHAT`` ...), declared to the relay in ``hello``.
+    capabilities: tuple[str, ...]
+
     async def models(self) -> list[str]: ...
 
     def stream(self, body: dict[str, Any]) -> AsyncIterator[list[bytes]]: ...
@@ -41,90 +45,9 @@ class Backend(Protocol):
 # -- OpenAI-compatible upstream -------------------------------------------------
 
 
-_LINE_END = re.compile(rb"\r\n|\r|\n")
-
-
-def iter_sse_data(buffer: bytearray, data: bytes) -> list[bytes]:
-    """Feed bytes of an event stream; return the ``data`` of each complete event.
-
-    A small incremental parser for the subset of the SSE format (WHATWG HTML
-    s9.2.6) that OpenAI-style servers emit: ``data`` fields, comments, blank
-    line = dispatch; lines may end in CRLF, LF or CR, even mixed in one stream
-    (so the parser works line by line rather than looking for one fixed
-    blank-line pattern); multi-line data joined by LF.  ``buffer`` keeps the
-    unfinished event between calls.
-    """
-    buffer += data
-    if b"\r" not in buffer:
-        return _lf_events(buffer)
-    events: list[bytes] = []
-    lines: list[bytes] = []
-    pos = event_start = 0
-    size = len(buffer)
-    while (match := _LINE_END.search(buffer, pos)) is not None:
-        line = bytes(buffer[pos : match.start()])
-        if match.end() == size and match.group() == b"\r" and line:
-            # A CR ending the buffer may be the first half of a CRLF split
-            # across feeds; wait for the next byte.  (After an empty line it is
-            # safe to dispatch now: a following LF is just one more empty line.)
-            break
-        pos = match.end()
-        if not line:
-            if lines:
-                events.append(b"\n".join(lines))
-                lines = []
-            event_start = pos
-        elif line.startswith(b"data:"):
-            value = line[5:]
-            lines.append(value[1:] if value.startswith(b" ") else value)
-        elif line == b"data":
-            lines.append(b"")
-    del buffer[:event_start]
-    return events
-
-
-def _lf_events(buffer: bytearray) -> list[bytes]:
-    """The fast path of :func:`iter_sse_data` for LF-only streams (what servers send).
-
-    Splits whole events at blank lines in one pass instead of line by line;
-    an event that is exactly one ``data:`` line (nearly all of them) costs one
-    slice.
-    """
-    end = buffer.rfind(b"\n\n")
-    if end == -1:
-        return []
-    block = bytes(buffer[:end])
-    del buffer[: end + 2]
-    events: list[bytes] = []
-    for event in block.split(b"\n\n"):
-        if not event.strip(b"\n"):
-            continue
-        if event.startswith(b"data: ") and b"\n" not in event:
-            events.append(event[6:])
-            continue
-        lines = []
-        for line in event.split(b"\n"):
-            if line.startswith(b"data:"):
-                value = line[5:]
-                lines.append(value[1:] if value.startswith(b" ") else value)
-            elif line == b"data":
-                lines.append(b"")
-        if lines:
-            events.append(b"\n".join(lines))
-    return events
-
-
 def _upstream_error(status: int, payload: bytes) -> BackendError:
-    message = payload.decode(errors="replace")[:500] or f"upstream answered HTTP {status}"
-    try:
-        obj = orjson.loads(payload)
-        err = obj.get("error") if isinstance(obj, dict) else None
-        if isinstance(err, dict) and isinstance(err.get("message"), str):
-            message = err["message"]
-        elif isinstance(err, str):
-            message = err
-    except orjson.JSONDecodeError:
-        pass
+    message = (wire.error_message(payload) or payload.decode(errors="replace")[:500]
+               or f"upstream answered HTTP {status}")
     # The caller's mistakes (4xx) keep their status; the model server's own
     # failures become 502, since for the caller the gateway's upstream failed.
     mapped = status if 400 <= status < 500 and status not in (401, 403, 407) else 502
@@ -133,6 +56,8 @@ def _upstream_error(status: int, payload: bytes) -> BackendError:
 
 class OpenAIBackend:
     """Any server that speaks OpenAI's ``/chat/completions`` and ``/models``."""
+
+    capabilities = (wire.OP_CHAT,)
 
     def __init__(self, base_url: str, *, api_key: str | None = None, models: list[str] | None = None,
                  timeout: float = 600.0, transport: httpx.AsyncBaseTransport | None = None):
@@ -174,7 +99,7 @@ class OpenAIBackend:
                 async for data in response.aiter_raw():
                     if done:
                         continue  # read the body to its end so the connection is reused
-                    events = iter_sse_data(buffer, data)
+                    events = wire.iter_sse_data(buffer, data)
                     if b"[DONE]" in events:
                         events = events[: events.index(b"[DONE]")]
                         done = True
@@ -202,15 +127,27 @@ class OpenAIBackend:
 DEMO_MODEL = "demo"
 
 
+def text_of(content: Any) -> str:
+    """The text of a message's ``content``, whatever the caller put there.
+
+    The relay's schema allows a string, null, or a list of parts of any type,
+    where only ``text`` parts must carry a string ``text``: an image part has
+    none, and another part may say ``"text": null``.  Anything that is not a
+    string contributes nothing.
+    """
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
 def demo_reply(messages: list[dict[str, Any]]) -> list[str]:
     """The demo model's deterministic answer, as the words it streams."""
     last = ""
     for message in reversed(messages):
-        if message.get("role") == "user":
-            content = message.get("content")
-            if isinstance(content, list):
-                content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
-            last = str(content or "")
+        if isinstance(message, dict) and message.get("role") == "user":
+            last = text_of(message.get("content"))
             break
     said = " ".join(last.split()[:24]) or "nothing"
     text = (
@@ -223,17 +160,13 @@ def demo_reply(messages: list[dict[str, Any]]) -> list[str]:
 
 
 def _count_tokens(messages: list[dict[str, Any]]) -> int:
-    total = 0
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, list):
-            content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
-        total += len(str(content or "").split()) + 3
-    return total
+    return sum(len(text_of(m.get("content")).split()) + 3 for m in messages if isinstance(m, dict))
 
 
 class DemoBackend:
     """A built-in model that streams a fixed reply word by word at ``rate`` words/s."""
+
+    capabilities = (wire.OP_CHAT,)
 
     def __init__(self, rate: float = 20.0, model: str = DEMO_MODEL):
         self.rate = rate

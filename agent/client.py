@@ -16,12 +16,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
 
-from relay import protocol as p
-from relay import redaction
+import wire
+from wire import redaction
 
 from . import __version__
 from .backends import Backend, BackendError
@@ -56,39 +55,27 @@ class AgentStatus:
     failed: int = 0
     inflight: int = 0
     last_error: str = ""
+    upgrade: str = ""  # a newer agent version the relay announced
 
 
 @dataclass
 class _Stream:
     task: asyncio.Task
-    window: p.SendWindow
+    window: wire.SendWindow
     credit: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-def _usage_of(chunk: bytes) -> dict[str, Any] | None:
-    # Parse only chunks that can carry usage: most are plain deltas.
-    if b'"usage"' not in chunk:
-        return None
-    try:
-        usage = orjson.loads(chunk).get("usage")
-    except (orjson.JSONDecodeError, AttributeError):
-        return None
-    return usage if isinstance(usage, dict) else None
 
 
 def _error_of(chunk: bytes) -> BackendError | None:
     # Some servers report a mid-stream failure as an event with an "error" key.
     if not chunk.startswith(b'{"error"') and b'"error":' not in chunk[:40]:
         return None
-    try:
-        obj = orjson.loads(chunk)
-    except orjson.JSONDecodeError:
-        return None
-    err = obj.get("error") if isinstance(obj, dict) else None
-    if err is None:
-        return None
-    message = err.get("message") if isinstance(err, dict) else str(err)
-    return BackendError(502, f"model server: {message}", "upstream_error")
+    message = wire.error_message(chunk)
+    return None if message is None else BackendError(502, f"model server: {message}", "upstream_error")
+
+
+def newer_version(latest: str, mine: str) -> bool:
+    """Whether the relay's ``latest`` agent version is newer than ours."""
+    return bool(latest) and wire.parse_version(latest) > wire.parse_version(mine)
 
 
 class AgentClient:
@@ -111,6 +98,9 @@ class AgentClient:
         self.backend = backend
         self.models = models
         self.max_concurrency = max_concurrency
+        #: Operations this agent can run, declared in its hello (protocol 2).
+        self.capabilities = tuple(getattr(backend, "capabilities", (wire.OP_CHAT,)))
+        self.protocol = wire.PROTOCOL_VERSION  # the version agreed with the relay
         self.max_backoff = max_backoff
         self.agent_id = uuid.uuid4().hex  # stable across reconnects of this process
         self.status = AgentStatus(relay_url=self.relay_urls[0])
@@ -165,7 +155,7 @@ class AgentClient:
         except InvalidStatus as exc:
             status = exc.response.status_code
             body = exc.response.body.decode(errors="replace") if exc.response.body else ""
-            message = _error_message(body) or f"HTTP {status}"
+            message = wire.error_message(body) or body[:200] or f"HTTP {status}"
             if not is_retryable(status=status):
                 raise FatalAgentError(f"relay refused the agent token ({status}): {message}") from None
             return f"relay answered {status}: {message}"
@@ -175,7 +165,9 @@ class AgentClient:
             raise FatalAgentError(f"bad relay URL {self.relay_url!r}: {exc}") from None
         except (OSError, TimeoutError, asyncio.TimeoutError) as exc:
             return f"cannot reach relay ({type(exc).__name__}: {exc})"
-        except p.ProtocolError as exc:
+        except wire.ProtocolError as exc:
+            if exc.close_code == wire.CloseCode.UNSUPPORTED_VERSION:
+                raise FatalAgentError(str(exc)) from None
             return f"protocol error: {exc}"
         finally:
             self._abort_all()
@@ -189,7 +181,7 @@ class AgentClient:
         code, reason = (rcvd.code, rcvd.reason) if rcvd else (None, "")
         if not is_retryable(close_code=code):
             raise FatalAgentError(f"relay closed the connection ({code}): {reason}") from None
-        if code == p.CloseCode.GOING_AWAY:
+        if code == wire.CloseCode.GOING_AWAY:
             return "relay going away"
         return f"connection closed ({code}{': ' + reason if reason else ''})"
 
@@ -197,18 +189,29 @@ class AgentClient:
 
     async def _serve(self, ws: ClientConnection) -> str:
         self._ws = ws
-        await ws.send(
-            p.encode(p.Hello(p.PROTOCOL_VERSION, __version__, self.agent_id, tuple(self.models), self.max_concurrency))
+        hello = wire.Hello(
+            protocol=wire.PROTOCOL_VERSION, agent_version=__version__, agent_id=self.agent_id,
+            models=tuple(self.models), max_concurrency=self.max_concurrency,
+            capabilities=self.capabilities, min_protocol=min(wire.SUPPORTED_VERSIONS),
         )
-        welcome = p.decode(await asyncio.wait_for(ws.recv(), 10))
-        if type(welcome) is not p.Welcome:
-            raise p.ProtocolError(f"expected welcome, got {type(welcome).__name__}")
+        await ws.send(wire.encode(hello))
+        welcome = wire.decode(await asyncio.wait_for(ws.recv(), 10))
+        if type(welcome) is not wire.Welcome:
+            raise wire.ProtocolError(f"expected welcome, got {type(welcome).__name__}")
+        if welcome.protocol not in wire.SUPPORTED_VERSIONS:
+            raise wire.ProtocolError(f"relay chose protocol {welcome.protocol}, which this agent does not speak",
+                                     wire.CloseCode.UNSUPPORTED_VERSION)
+        self.protocol = welcome.protocol
         self.status.connected, self.status.instance_id, self.status.node_id = True, welcome.instance_id, welcome.node_id
         self.connected.set()
         self.on_status(
             f"connected to {self.relay_url} (node {welcome.node_id}) as instance {welcome.instance_id}; "
             f"models {', '.join(self.models)}; chat URL {welcome.chat_url}"
         )
+        if newer_version(welcome.latest_agent_version, __version__):
+            self.status.upgrade = welcome.latest_agent_version
+            self.on_status(f"upgrade available: relay-agent {welcome.latest_agent_version} "
+                           f"(this is {__version__}): pip install -U instance-relay")
         interval = welcome.heartbeat_interval
         heartbeat = asyncio.create_task(self._heartbeat(ws, interval))
         try:
@@ -219,7 +222,7 @@ class AgentClient:
     async def _heartbeat(self, ws: ClientConnection, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
-            await self._send(p.encode(p.Ping(time.time())))
+            await self._send(wire.encode(wire.Ping(time.time())))
 
     async def _read(self, ws: ClientConnection, interval: float) -> str:
         # The relay answers every ping, so hearing nothing for three intervals
@@ -229,67 +232,66 @@ class AgentClient:
             try:
                 message = await asyncio.wait_for(ws.recv(), silence)
             except (asyncio.TimeoutError, TimeoutError):
-                await ws.close(p.CloseCode.HEARTBEAT_TIMEOUT, "relay silent")
+                await ws.close(wire.CloseCode.HEARTBEAT_TIMEOUT, "relay silent")
                 return f"relay silent for {silence:.0f}s"
-            event = p.decode(message)
+            event = wire.decode(message)
             kind = type(event)
-            if kind is p.Credit:
+            if kind is wire.Credit:
                 stream = self._streams.get(event.id)
                 if stream is not None:
                     stream.window.grant(event.amount)
                     stream.credit.set()
-            elif kind is p.Request:
+            elif kind is wire.Request:
                 self._start(event)
-            elif kind is p.Cancel:
+            elif kind is wire.Cancel:
                 stream = self._streams.pop(event.id, None)
                 if stream is not None:
                     stream.task.cancel()
-            elif kind is p.Pong or kind is p.Ping:
+            elif kind is wire.Pong or kind is wire.Ping:
                 pass
-            elif kind is p.GoAway:
+            elif kind is wire.GoAway:
                 return "relay going away"
             else:
-                raise p.ProtocolError(f"relay sent unexpected {kind.__name__}")
+                raise wire.ProtocolError(f"relay sent unexpected {kind.__name__}")
 
     # -- requests -------------------------------------------------------------
 
-    def _start(self, request: p.Request) -> None:
+    def _start(self, request: wire.Request) -> None:
         if request.id in self._streams:
-            raise p.ProtocolError(f"relay reused stream id {request.id}")
-        window = p.SendWindow(request.window)
+            raise wire.ProtocolError(f"relay reused stream id {request.id}")
+        window = wire.SendWindow(request.window)
         task = asyncio.create_task(self._handle(request, window))
         self._streams[request.id] = _Stream(task, window)
         self.status.inflight = len(self._streams)
 
-    async def _handle(self, request: p.Request, window: p.SendWindow) -> None:
+    async def _handle(self, request: wire.Request, window: wire.SendWindow) -> None:
         sid = request.id
         try:
             if len(self._streams) > self.max_concurrency:
                 raise BackendError(503, "agent at capacity", "agent_at_capacity")
+            if request.op not in self.capabilities:
+                raise BackendError(501, f"this agent cannot run {request.op!r}", "capability_not_supported")
             if request.stream:
-                usage = await self._relay_stream(sid, window, request.body, cap=request.window)
-                await self._send(p.encode(p.End(sid, usage, None)))
+                await self._relay_stream(sid, window, request.body, cap=request.window)
             else:
-                body = await self.backend.complete(request.body)
-                await self._send_data(sid, window, body)
-                await self._send(p.encode(p.End(sid, _usage_of(body), None)))
+                await self._send_data(sid, window, await self.backend.complete(request.body))
+            await self._send(wire.encode(wire.End(sid)))
             self.status.served += 1
         except BackendError as exc:
             self.status.failed += 1
-            await self._try_send(p.encode(p.StreamError(sid, exc.status, exc.message, exc.code)))
+            await self._try_send(wire.encode(wire.StreamError(sid, exc.status, exc.message, exc.code)))
         except asyncio.CancelledError:
             raise  # cancelled by the relay or by losing the connection: nothing to say
         except Exception as exc:  # a bug or an odd upstream: fail this stream, not the agent
-            log.exception("request %s failed", sid)
+            log.exception("request %s (relay request %s) failed", sid, request.request_id or "-")
             self.status.failed += 1
-            await self._try_send(p.encode(p.StreamError(sid, 502, f"agent error: {type(exc).__name__}", "agent_error")))
+            await self._try_send(wire.encode(wire.StreamError(sid, 502, f"agent error: {type(exc).__name__}", "agent_error")))
         finally:
             self._streams.pop(sid, None)
             self.status.inflight = len(self._streams)
 
-    async def _relay_stream(self, sid: int, window: p.SendWindow, body: dict[str, Any], *,
-                            cap: int) -> dict[str, Any] | None:
-        """Read the model's stream and send it on; return the usage if reported.
+    async def _relay_stream(self, sid: int, window: wire.SendWindow, body: dict[str, Any], *, cap: int) -> None:
+        """Read the model's stream and send it on.
 
         Reading and sending are two tasks sharing a buffer.  The reader appends
         every chunk it parses and never waits for the websocket; the writer
@@ -318,7 +320,6 @@ class AgentClient:
                 await self._send_data(sid, window, payload)
 
         send_task = asyncio.create_task(writer())
-        usage: dict[str, Any] | None = None
         try:
             async for batch in self.backend.stream(body):
                 for chunk in batch:
@@ -329,7 +330,6 @@ class AgentClient:
                         wake.set()
                         await send_task
                         raise error
-                    usage = _usage_of(chunk) or usage
                     pending += b"data: "
                     pending += chunk
                     pending += b"\n\n"
@@ -348,16 +348,15 @@ class AgentClient:
         finally:
             if not send_task.done():
                 send_task.cancel()
-        return usage
 
-    async def _send_data(self, sid: int, window: p.SendWindow, payload: bytes) -> None:
+    async def _send_data(self, sid: int, window: wire.SendWindow, payload: bytes) -> None:
         while not window.can_send:
             stream = self._streams.get(sid)
             if stream is None:
                 raise asyncio.CancelledError()
             stream.credit.clear()
             await stream.credit.wait()
-        await self._send(p.encode_data(sid, payload))
+        await self._send(wire.encode_data(sid, payload))
         window.sent(len(payload))
 
     async def _send(self, message: str | bytes) -> None:
@@ -378,11 +377,3 @@ class AgentClient:
             stream.task.cancel()
         self._streams.clear()
         self.status.inflight = 0
-
-
-def _error_message(body: str) -> str:
-    try:
-        obj = orjson.loads(body)
-        return obj["error"]["message"]
-    except (orjson.JSONDecodeError, KeyError, TypeError):
-        return body[:200]

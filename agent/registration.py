@@ -6,6 +6,8 @@ from typing import Any
 
 import httpx
 
+import wire
+
 from .credentials import Credentials
 
 
@@ -16,10 +18,7 @@ class RelayHTTPError(Exception):
 def _raise_for(response: httpx.Response) -> None:
     if response.status_code < 400:
         return
-    try:
-        message = response.json()["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        message = response.text[:200]
+    message = wire.error_message(response.content) or response.text[:200]
     raise RelayHTTPError(f"relay answered {response.status_code}: {message}")
 
 

@@ -31,7 +31,7 @@ import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from relay import protocol as p
+import wire
 
 from .loadgen import check_loopback
 
@@ -64,11 +64,11 @@ class IdleAgents:
                     close_timeout=2,
                     max_size=None,
                 )
-                await ws.send(p.encode(p.Hello(p.PROTOCOL_VERSION, "bench-idle", uuid.uuid4().hex, ("bench",), 1)))
-                welcome = p.decode(await asyncio.wait_for(ws.recv(), 30))
-                if type(welcome) is not p.Welcome:
-                    raise p.ProtocolError(f"expected welcome, got {type(welcome).__name__}")
-            except (OSError, TimeoutError, asyncio.TimeoutError, ConnectionClosed, InvalidStatus, p.ProtocolError) as exc:
+                await ws.send(wire.encode(wire.Hello(wire.PROTOCOL_VERSION, "bench-idle", uuid.uuid4().hex, ("bench",), 1)))
+                welcome = wire.decode(await asyncio.wait_for(ws.recv(), 30))
+                if type(welcome) is not wire.Welcome:
+                    raise wire.ProtocolError(f"expected welcome, got {type(welcome).__name__}")
+            except (OSError, TimeoutError, asyncio.TimeoutError, ConnectionClosed, InvalidStatus, wire.ProtocolError) as exc:
                 self.failed += 1
                 if len(self.errors) < 5:
                     self.errors.append(f"{type(exc).__name__}: {exc}")
@@ -80,16 +80,16 @@ class IdleAgents:
         async def heartbeat() -> None:
             await asyncio.sleep(random.uniform(0, interval))
             while True:
-                await ws.send(p.encode(p.Ping(time.time())))
+                await ws.send(wire.encode(wire.Ping(time.time())))
                 self.pings += 1
                 await asyncio.sleep(interval)
 
         beat = asyncio.create_task(heartbeat())
         try:
             async for message in ws:
-                if type(p.decode(message)) is p.Pong:
+                if type(wire.decode(message)) is wire.Pong:
                     self.pongs += 1
-        except (ConnectionClosed, p.ProtocolError):
+        except (ConnectionClosed, wire.ProtocolError):
             pass
         finally:
             beat.cancel()

@@ -1,7 +1,9 @@
 """instance-relay: a public, OpenAI-compatible chat URL for a model on your own machine.
 
-This package must stay import-light: the agent imports ``relay.protocol`` and
-must not pull in the server stack (starlette, uvicorn, redis) by doing so.
+The relay server.  It shares the wire protocol (the ``wire`` package) with
+the agent; the version of the whole distribution is ``wire.__version__``.
 """
 
-__version__ = "0.1.0"
+from wire import __version__
+
+__all__ = ["__version__"]

@@ -13,7 +13,7 @@ import orjson
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from . import keys
@@ -21,11 +21,11 @@ from .access import bearer
 from .chat import run_chat
 from .errors import (
     InvalidRequest,
+    ORJSONResponse,
     PayloadTooLarge,
-    RelayError,
     ServiceNotReady,
     ValidationFailed,
-    error_body,
+    error_response,
 )
 from .limits import Bucket, Lease, Slot, check_chat_request
 from .models import (
@@ -34,15 +34,10 @@ from .models import (
     RegisterRequest,
     UpdateInstanceRequest,
 )
-from .sessions import cleanup_scope
+from .streams import cleanup_scope
 
 #: Owner-action bodies are tiny: a name, a description.
 SMALL_BODY_BYTES = 16 * 1024
-
-
-class ORJSONResponse(JSONResponse):
-    def render(self, content: Any) -> bytes:
-        return orjson.dumps(content)
 
 
 def bearer_token(request: Request) -> str | None:
@@ -139,7 +134,7 @@ async def delete_instance(request: Request) -> Response:
     await state.registry.check_owner(instance_id, bearer_token(request))
     await state.registry.delete(instance_id)
     await state.access.purge(instance_id)
-    await state.node.close_instance(instance_id, "instance deleted")
+    await state.gateway.close_instance(instance_id, "instance deleted")
     return Response(status_code=204)
 
 
@@ -269,26 +264,9 @@ async def readyz(request: Request) -> Response:
     return ORJSONResponse({"status": "ready", "node_id": state.node.node_id, "agents": len(state.sessions)})
 
 
-# -- errors: the one place exceptions become HTTP ------------------------------
+# -- errors ------------------------------------------------------------------------
 
 
-async def relay_error_handler(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RelayError)
-    return ORJSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-
-async def redis_error_handler(request: Request, exc: Exception) -> Response:
-    # Redis down is an outage of this node, not a bug: say so and let the
-    # caller (or the load balancer, via /readyz) try another node.
-    return ORJSONResponse(
-        error_body("relay storage unavailable, retry shortly", "service_unavailable", None, "not_ready"),
-        status_code=503,
-        headers={"Retry-After": "1"},
-    )
-
-
-async def http_error_handler(request: Request, exc: Exception) -> Response:
-    status = getattr(exc, "status_code", 500)
-    detail = getattr(exc, "detail", "error")
-    kinds = {404: "not_found_error", 405: "invalid_request_error"}
-    return ORJSONResponse(error_body(str(detail), kinds.get(status, "invalid_request_error")), status_code=status)
+async def error_handler(request: Request, exc: Exception) -> Response:
+    """The exception handler for everything a route may raise (see ``errors.as_relay_error``)."""
+    return error_response(exc)

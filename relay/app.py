@@ -1,16 +1,18 @@
-"""The composition root: every relay component is built and wired here.
+"""The composition root: every relay component is built and wired here, once.
 
-``create_app(settings)`` returns the Starlette app; its lifespan connects to
-Redis (the caller owns an embedded server, if any), starts this node's
-housekeeping, and on shutdown tells agents to go away and drops the node's
-presence.  Nothing else in the relay creates long-lived objects.
+``create_app(settings)`` builds the parts (each gets what it needs through
+its constructor; nothing is wired after construction) and returns the
+Starlette app.  Its lifespan starts the node's background tasks
+(housekeeping, the pub/sub subscriber, lease renewal), serves, and on exit
+sends any agents still connected away, drops the node's presence and closes
+Redis: the node's one shutdown.  ``server.RelayServer`` drains in-flight
+streams before that, while connections are still open.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import secrets
 from typing import AsyncIterator
 
 import anyio
@@ -19,26 +21,32 @@ from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import BaseRoute, Route, WebSocketRoute
 
-from . import api, keys, redaction
+from wire import redaction
+
+from . import api, keys
 from .access import AccessControl, ChatCORS
 from .crossnode import CrossNode
+from .embedded_redis import safe_url
 from .errors import RelayError
+from .gateway import AgentGateway
 from .limits import RateLimiter, StreamLeases
 from .metrics import RelayMetrics, metrics_endpoint
-from .node import Node
+from .node import NodeState
 from .observe import RequestObserver
 from .openapi import build_openapi
+from .presence import Presence
 from .registry import InstanceRegistry
 from .router import StreamRouter
 from .sessions import SessionManager
 from .settings import RelaySettings
+from .subscriber import Subscriber
 
 log = logging.getLogger("relay.app")
 
 
-def routes(node_endpoint) -> list:
+def routes(gateway: AgentGateway) -> list[BaseRoute]:
     return [
         Route("/api/instances", api.register_instance, methods=["POST"]),
         Route("/api/instances", api.list_instances, methods=["GET"]),
@@ -52,7 +60,7 @@ def routes(node_endpoint) -> list:
         Route("/api/chat/{instance_id}", api.chat_completions, methods=["POST"]),
         Route("/api/chat/{instance_id}/chat/completions", api.chat_completions, methods=["POST"]),
         Route("/api/chat/{instance_id}/models", api.list_models, methods=["GET"]),
-        WebSocketRoute("/api/agent/connect", node_endpoint),
+        WebSocketRoute("/api/agent/connect", gateway),
         Route("/healthz", api.healthz, methods=["GET"]),
         Route("/readyz", api.readyz, methods=["GET"]),
         Route("/openapi.json", api.openapi, methods=["GET"]),
@@ -74,19 +82,31 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
         health_check_interval=10,
     )
     redis = Redis(connection_pool=pool)
-    node_id = secrets.token_hex(6)
+    node = NodeState()
     sessions = SessionManager()
     registry = InstanceRegistry(redis, heartbeat_timeout=settings.heartbeat_timeout, base_url=settings.base_url())
-    node = Node(settings, registry, sessions, node_id)
-    bus = CrossNode(redis, node_id, sessions, registry,
+    presence = Presence(node, registry, sessions, heartbeat_interval=settings.heartbeat_interval,
+                        heartbeat_timeout=settings.heartbeat_timeout)
+    bus = CrossNode(redis, node.node_id, sessions, registry,
                     heartbeat_timeout=settings.heartbeat_timeout, window=settings.stream_window)
-    node.bus = bus
-    router = StreamRouter(node_id, sessions, registry, bus)
+    gateway = AgentGateway(settings, node, registry, sessions, presence, bus)
+
+    async def subscribed(again: bool) -> None:
+        bus.subscribed = True
+        await gateway.on_subscribed(again)
+
+    subscriber = Subscriber(
+        redis,
+        {keys.EVENTS_CHANNEL: gateway.on_registry_event, bus.channel: bus.handle},
+        on_subscribed=subscribed,
+        on_lost=bus.inbox_lost,
+    )
+    router = StreamRouter(node, sessions, registry, bus)
     access = AccessControl(redis, registry, registration_key=settings.registration_key)
     stream_leases = StreamLeases(
         redis, ttl_ms=keys.stream_lease_ttl_ms(settings.heartbeat_interval, settings.heartbeat_timeout))
     redaction.install()  # no credential in any log record, even at DEBUG
-    metrics = RelayMetrics(node_id, sessions, bus)  # a registry per app: no globals
+    metrics = RelayMetrics(node.node_id, sessions, bus)  # a registry per app: no globals
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -96,46 +116,42 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
             log.error("redis at %s unreachable at startup (%s); will keep trying", safe_url(url), exc)
         log.info("relay node %s using redis %s; public URL %s", node.node_id, safe_url(url), settings.base_url())
         async with anyio.create_task_group() as tg:
-            tg.start_soon(node.run)
-            tg.start_soon(node.listen)
+            tg.start_soon(presence.run)
+            tg.start_soon(subscriber.run)
             tg.start_soon(stream_leases.run, settings.heartbeat_interval)
             # Serve only once this node can receive cross-node traffic (bounded:
             # with Redis down we still start, and /readyz says not ready).
             with anyio.move_on_after(5):
-                await node.listening.wait()
+                await subscriber.listening.wait()
             try:
                 yield
             finally:
                 with anyio.CancelScope(shield=True):
-                    await node.shutdown()
+                    node.draining = True
+                    await gateway.send_all_away()  # none left when RelayServer drained first
+                    await presence.leave()
                 tg.cancel_scope.cancel()
         await redis.aclose()
 
     app = Starlette(
-        routes=routes(node.agent_endpoint),
+        routes=routes(gateway),
         exception_handlers={
-            RelayError: metrics.counting(api.relay_error_handler),
-            RedisError: metrics.counting(api.redis_error_handler, reason="storage_unavailable"),
-            HTTPException: api.http_error_handler,
+            RelayError: metrics.counting(api.error_handler),
+            RedisError: metrics.counting(api.error_handler, reason="storage_unavailable"),
+            HTTPException: api.error_handler,
         },
         middleware=[
-            Middleware(RequestObserver, metrics=metrics, node_id=node_id, log_requests=settings.access_log),
+            Middleware(RequestObserver, metrics=metrics, node_id=node.node_id, log_requests=settings.access_log),
             Middleware(ChatCORS, origins=settings.cors_origin_list()),
         ],
         lifespan=lifespan,
     )
-    app.state.settings = settings
-    app.state.redis = redis
-    app.state.sessions = sessions
-    app.state.registry = registry
-    app.state.node = node
-    app.state.router = router
-    app.state.bus = bus
-    app.state.access = access
-    app.state.rate_limiter = RateLimiter(redis)
-    app.state.stream_leases = stream_leases
-    app.state.openapi = build_openapi(settings.base_url())
-    app.state.metrics = metrics
+    state = app.state
+    state.settings, state.redis, state.node, state.sessions = settings, redis, node, sessions
+    state.registry, state.presence, state.bus, state.gateway = registry, presence, bus, gateway
+    state.router, state.access, state.stream_leases, state.metrics = router, access, stream_leases, metrics
+    state.rate_limiter = RateLimiter(redis)
+    state.openapi = build_openapi(settings.base_url())
     return app
 
 
@@ -144,14 +160,6 @@ async def warn_if_not_persistent(redis: Redis) -> None:
     config = {_text(k): _text(v) for k, v in (await redis.config_get("*")).items() if _text(k) in ("appendonly", "save")}
     if config.get("appendonly") != "yes" and not config.get("save"):
         log.warning("redis persists nothing (no AOF, no RDB): registrations are lost when it restarts")
-
-
-def safe_url(url: str) -> str:
-    """The Redis URL without its password, for logs."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
-    return url
 
 
 def _text(value: bytes | str) -> str:

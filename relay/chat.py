@@ -4,7 +4,9 @@ A request is validated, given to the least busy agent of the instance, and
 answered once the agent's first frame arrives, so the HTTP status can still
 say what happened (a model that fails at once is a 4xx/5xx, not a 200 with an
 error inside).  After that the response is Server-Sent Events written as the
-agent's bytes arrive, exactly in OpenAI's format, ending in ``data: [DONE]``.
+agent's bytes arrive, exactly in OpenAI's format, ending in ``data: [DONE]``;
+whatever breaks after that point ends the stream with an error event and
+``data: [DONE]`` (DESIGN.md), unless the caller is the one who left.
 """
 
 from __future__ import annotations
@@ -14,13 +16,18 @@ import logging
 from typing import Any
 
 import anyio
-import orjson
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
-from . import protocol as p
-from .errors import ModelTimeout, error_body, from_status
-from .sessions import RelayStream, cleanup_scope, split_items
+import wire
+
+from . import logs
+from .errors import ModelTimeout, RelayError, from_status, sse_error
+from .models import ChatRequest
+from .router import StreamRouter
+from .sessions import resolve_model
+from .settings import RelaySettings
+from .streams import Item, Stream, cleanup_scope, split_items
 
 log = logging.getLogger("relay.chat")
 
@@ -32,51 +39,47 @@ SSE_HEADERS = [
 ]
 
 
-async def first_items(relay_stream: RelayStream, timeout: float) -> list:
+async def first_items(stream: Stream, timeout: float) -> list[Item]:
     """Wait for the model's first frame; 504 if nothing comes in time."""
     try:
-        return await relay_stream.next(timeout)
+        return await stream.next(timeout)
     except TimeoutError:
-        await relay_stream.close("no first chunk in time")
+        await stream.close("no first chunk in time")
         raise ModelTimeout(f"the model sent nothing within {timeout:g} s") from None
 
 
-def raise_if_error(items: list) -> None:
+def raise_if_error(items: list[Item]) -> None:
     """Turn an error the agent reported before any data into an HTTP error."""
     head = items[0]
-    if type(head) is p.StreamError:
+    if type(head) is wire.StreamError:
         raise from_status(head.status, head.message, head.code)
 
 
-async def collect(relay_stream: RelayStream, items: list, idle_timeout: float) -> bytes:
+async def collect(stream: Stream, items: list[Item], idle_timeout: float) -> bytes:
     """Gather a non-streaming answer: the agent sends the JSON body as data."""
     parts: list[bytes] = []
     while True:
         for item in items:
             if type(item) is bytes:
                 parts.append(item)
-                await relay_stream.consumed(len(item))
-            elif type(item) is p.End:
+                await stream.consumed(len(item))
+            elif type(item) is wire.End:
                 return b"".join(parts)
-            else:  # StreamError after some data: still report it as an error
+            elif type(item) is wire.StreamError:  # after some data: still an error
                 raise from_status(item.status, item.message, item.code)
         try:
-            items = await relay_stream.next(idle_timeout)
+            items = await stream.next(idle_timeout)
         except TimeoutError:
-            await relay_stream.close("idle timeout")
+            await stream.close("idle timeout")
             raise ModelTimeout(f"the model went silent for {idle_timeout:g} s") from None
 
 
-def sse_error(message: str, type_: str, code: str | None) -> bytes:
-    return p.sse_event(orjson.dumps(error_body(message, type_, None, code))) + p.SSE_DONE
-
-
-class SlowReader(Exception):
-    """The client stopped reading for longer than the stall limit."""
+class ClientGone(Exception):
+    """The caller hung up, or stopped reading for longer than the stall limit."""
 
 
 class EventStreamResponse(Response):
-    """Writes a relay stream to the client as Server-Sent Events.
+    """Writes a stream to the client as Server-Sent Events.
 
     Two tasks share one cancel scope: the writer forwards the agent's bytes
     (several queued chunks in one write, a lone chunk at once), the watcher
@@ -84,8 +87,8 @@ class EventStreamResponse(Response):
     if the stream is still running the agent is told to cancel it.
     """
 
-    def __init__(self, relay_stream: RelayStream, first: list, idle_timeout: float, stall_timeout: float):
-        self.relay_stream = relay_stream
+    def __init__(self, stream: Stream, first: list[Item], idle_timeout: float, stall_timeout: float):
+        self.stream = stream
         self.first = first
         self.idle_timeout = idle_timeout
         self.stall_timeout = stall_timeout
@@ -93,7 +96,6 @@ class EventStreamResponse(Response):
         self.background = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        relay_stream = self.relay_stream
         try:
             await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
             async with anyio.create_task_group() as tg:
@@ -106,45 +108,57 @@ class EventStreamResponse(Response):
                 tg.start_soon(watch_disconnect)
                 try:
                     await self._write(send)
-                except (OSError, SlowReader):
-                    pass  # client gone or stalled; the finally clause cancels the stream
+                except ClientGone:
+                    pass  # the finally clause cancels the stream at the agent
                 tg.cancel_scope.cancel()
         finally:
             with cleanup_scope():
-                await relay_stream.close("client disconnected")
+                await self.stream.close("client disconnected")
+
+    async def _send(self, send: Send, body: bytes, more: bool) -> None:
+        message: Message = {"type": "http.response.body", "body": body, "more_body": more}
+        try:
+            # A client that stops reading blocks this send (uvicorn waits for
+            # the socket to drain); the agent stops too once the window is
+            # spent.  Past the stall limit, give up on the client.
+            async with asyncio.timeout(self.stall_timeout):
+                await send(message)
+        except TimeoutError:
+            log.warning("stream %s: client read nothing for %gs; cutting it off", self.stream.id, self.stall_timeout)
+            logs.ended_on_purpose()
+            raise ClientGone() from None
+        except OSError:
+            raise ClientGone() from None
 
     async def _write(self, send: Send) -> None:
-        relay_stream, items = self.relay_stream, self.first
+        try:
+            await self._relay(send)
+        except ClientGone:
+            raise
+        except Exception as exc:  # a bug on our side: still end the caller's stream properly
+            log.exception("stream %s failed in the relay", self.stream.id)
+            await self._send(send, sse_error(RelayError(f"relay error: {type(exc).__name__}")), False)
+
+    async def _relay(self, send: Send) -> None:
+        stream, items = self.stream, self.first
         while True:
             payload, last = split_items(items)
-            if last is None:
-                tail = None
-            elif type(last) is p.End:
-                tail = p.SSE_DONE
-            else:
-                tail = sse_error(last.message, "upstream_error", last.code)
             if payload:
-                try:
-                    # A client that stops reading blocks this send (uvicorn
-                    # waits for the socket to drain); the agent stops too once
-                    # the window is spent.  Past the stall limit, give up.
-                    async with asyncio.timeout(self.stall_timeout):
-                        await send({"type": "http.response.body", "body": payload, "more_body": True})
-                except TimeoutError:
-                    log.warning("stream %s: client read nothing for %gs; cutting it off",
-                                relay_stream.id, self.stall_timeout)
-                    raise SlowReader() from None
-                await relay_stream.consumed(len(payload))
-            if tail is not None:
-                await send({"type": "http.response.body", "body": tail, "more_body": False})
+                await self._send(send, payload, True)
+                await stream.consumed(len(payload))  # never raises: a lost link fails the stream
+            if type(last) is wire.End:
+                await self._send(send, wire.SSE_DONE, False)
+                return
+            if type(last) is wire.StreamError:
+                await self._send(send, sse_error(from_status(last.status, last.message, last.code)), False)
                 return
             try:
-                items = await relay_stream.next(self.idle_timeout)
+                items = await stream.next(self.idle_timeout)
             except TimeoutError:
-                log.warning("stream %s: model idle for %gs, ending it", relay_stream.id, self.idle_timeout)
-                await relay_stream.close("idle timeout")
-                body = sse_error(f"the model went silent for {self.idle_timeout:g} s", "timeout_error", "model_timeout")
-                await send({"type": "http.response.body", "body": body, "more_body": False})
+                log.warning("stream %s: model idle for %gs, ending it", stream.id, self.idle_timeout)
+                await stream.close("idle timeout")
+                error = ModelTimeout(f"the model went silent for {self.idle_timeout:g} s")
+                await self._send(send, sse_error(error), False)
                 return
 
 
@@ -154,7 +168,7 @@ async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> N
     scope.cancel()
 
 
-async def run_chat(router: Any, instance_id: str, request: Any, settings: Any,
+async def run_chat(router: StreamRouter, instance_id: str, request: ChatRequest, settings: RelaySettings,
                    receive: Receive | None = None) -> Response:
     """Route one validated chat request and build its response.
 
@@ -163,31 +177,35 @@ async def run_chat(router: Any, instance_id: str, request: Any, settings: Any,
     soon as the caller hangs up: the server does not cancel a handler whose
     client left, and the model would otherwise work for nobody until a timeout.
     """
-    relay_stream = await router.open(instance_id, request)
+
+    def body_for(models: tuple[str, ...]) -> dict[str, Any]:
+        return request.upstream_body(resolve_model(models, request.model))
+
+    stream = await router.open(instance_id, wire.OP_CHAT, body_for, stream=request.stream)
     try:
         body = None
         with anyio.CancelScope() as waiting:
             watcher = asyncio.create_task(_cancel_on_disconnect(receive, waiting)) if receive else None
             try:
-                items = await first_items(relay_stream, settings.first_chunk_timeout)
+                items = await first_items(stream, settings.first_chunk_timeout)
                 raise_if_error(items)
                 if not request.stream:
-                    body = await collect(relay_stream, items, settings.idle_timeout)
+                    body = await collect(stream, items, settings.idle_timeout)
             finally:
                 if watcher is not None:
                     watcher.cancel()
         if waiting.cancelled_caught:
             with cleanup_scope():
-                await relay_stream.close("client disconnected")
+                await stream.close("client disconnected")
             return Response(status_code=499)  # nobody is left to read it
         if request.stream:
             # From here the response owns the stream and closes it.
-            return EventStreamResponse(relay_stream, items, settings.idle_timeout, settings.stall_timeout)
+            return EventStreamResponse(stream, items, settings.idle_timeout, settings.stall_timeout)
         with cleanup_scope():
-            await relay_stream.close("done")
+            await stream.close("done")
         return Response(body, media_type="application/json")
     except BaseException:
         # Errors and cancellation (client gone while we waited) stop the agent too.
         with cleanup_scope():
-            await relay_stream.close("request failed")
+            await stream.close("request failed")
         raise

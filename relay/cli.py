@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import signal
 import sys
-from pathlib import Path
 
 from . import logs
-from .app import create_app, safe_url
-from .embedded_redis import EmbeddedRedis
+from .app import create_app
+from .demo import run_demo
+from .embedded_redis import redis_for
 from .server import RelayServer, uvicorn_config
 from .settings import RelaySettings
 
@@ -55,17 +54,6 @@ def configure_logging(level: str, fmt: str = "plain") -> None:
     logs.configure(level, fmt, sys.stderr)
 
 
-@contextlib.contextmanager
-def redis_for(settings: RelaySettings, data_subdir: str = "redis"):
-    """Yield the Redis URL to use, starting an embedded server when none is given."""
-    if settings.redis_url:
-        log.info("using external redis %s", safe_url(settings.redis_url))
-        yield settings.redis_url
-        return
-    with EmbeddedRedis(Path(settings.data_dir) / data_subdir) as embedded:
-        yield embedded.url
-
-
 def serve(settings: RelaySettings) -> None:
     with redis_for(settings) as url:
         app = create_app(settings, redis_url=url)
@@ -90,8 +78,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             serve(settings)
         else:
-            from .demo import run_demo
-
             asyncio.run(run_demo(settings))
     except KeyboardInterrupt:
         pass

@@ -1,141 +1,85 @@
-"""Streams that cross relay nodes, carried by Redis pub/sub.
+"""Streams that cross relay nodes: the same wire frames, carried by Redis pub/sub.
 
 A chat request may arrive at node A while the chosen agent is connected to
-node B.  A publishes an ``open`` message to B's inbox channel; B opens a
-normal stream on its agent session and publishes the agent's bytes back to
-A's inbox as they arrive; A writes them to its HTTP client.  Credit flows
-A -> B as A's client consumes, so B's agent is held to the same per-stream
-window as a local one; ``cancel`` flows A -> B; ``end``/``error`` B -> A.
+node B.  A publishes the ``request`` frame to B's inbox channel, in a
+:mod:`wire.bus` envelope naming the agent's session; B opens a normal stream
+on that session and publishes the agent's ``data``/``end``/``error`` frames
+back to A's inbox as they arrive.  A's ``credit`` and ``cancel`` frames flow
+to B, so B's agent is held to the same per-stream window as a local one.  On
+A the stream is an ordinary :class:`streams.Stream` whose link is a
+:class:`RemoteLink`: one stream machine, two transports.
 
 Why pub/sub rather than Redis streams: this traffic is live and only useful
-to the one node waiting for it.  Pub/sub delivers with one hop and stores
+to the one node waiting for it.  Pub/sub delivers in one hop and stores
 nothing; a stream would need XADD + XREAD + trimming per chunk and would keep
-bytes nobody will read after a node dies.  What pub/sub does not give, we
-get cheaply: PUBLISH returns the number of receivers, so a publisher learns at
-once when the other node is gone, and each node's liveness key covers the
-rest.  Order is preserved because each stream has a single publishing task
-on each side, which awaits every PUBLISH before the next.
+bytes nobody reads after a node dies.  What pub/sub does not give, we get
+cheaply: PUBLISH returns the number of receivers, so a publisher learns at
+once that the other node is gone, and each node's liveness key covers the
+rest.  Order holds because each stream has one publishing task per side,
+which awaits every PUBLISH before the next.
 
-Message layout (binary): ``kind (1 byte) | request id (16 ASCII) | payload``.
+A message this node cannot decode, or that names a stream it does not know,
+is logged and dropped: another node's bug never takes this one down.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
-from typing import Any, Awaitable, Callable
+from typing import Any, Coroutine
 
-import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+import wire
+
 from . import keys, logs
-from . import protocol as p
 from .errors import ServiceNotReady
 from .registry import AgentEntry, InstanceRegistry
-from .sessions import Backlog, RelayStream, SessionManager, split_items
+from .sessions import SessionManager
+from .streams import LinkLost, Stream, split_items
 
 log = logging.getLogger("relay.crossnode")
 
-OPEN, DATA, END, ERROR, CREDIT, CANCEL, KICK = b"O", b"D", b"E", b"X", b"C", b"K", b"R"
-RID_LEN = 16
 
-
-class NodeGone(Exception):
+class NodeGone(LinkLost):
     """The other node has no subscriber on its inbox: it is down."""
 
 
-def new_rid() -> str:
-    return secrets.token_hex(RID_LEN // 2)
+class RemoteLink:
+    """The :class:`streams.StreamLink` of a stream whose agent sits on another node."""
 
+    __slots__ = ("bus", "node")
 
-def encode(kind: bytes, rid: str, payload: bytes = b"") -> bytes:
-    return kind + rid.encode() + payload
-
-
-def decode(message: bytes) -> tuple[bytes, str, bytes]:
-    if len(message) < 1 + RID_LEN:
-        raise ValueError("cross-node message too short")
-    return message[:1], message[1 : 1 + RID_LEN].decode(), message[1 + RID_LEN :]
-
-
-class RemoteStream:
-    """Node A's side of a stream whose agent is on node B.
-
-    Same interface as :class:`sessions.RelayStream` (``next``, ``consumed``,
-    ``close``, ``finished``), so the chat endpoint does not care where the
-    agent is.
-    """
-
-    def __init__(self, bus: "CrossNode", rid: str, node: str, window: int):
-        self.id = rid
+    def __init__(self, bus: CrossNode, node: str):
         self.bus = bus
         self.node = node
-        self.window = window
-        self.state = p.StreamState.OPEN
-        self.on_close: Callable[[], Awaitable[None]] | None = None
-        self._items = Backlog()
-        self._unreported = 0
-        self._closed = False
 
-    @property
-    def finished(self) -> bool:
-        return self.state.finished
+    async def send_credit(self, stream_id: int, amount: int) -> None:
+        await self.bus.send(self.node, wire.Credit(stream_id, amount))
 
-    def feed(self, item: bytes | p.End | p.StreamError) -> None:
-        if self.finished:
-            return
-        if type(item) is p.End:
-            self.state = p.StreamState.ENDED
-        elif type(item) is p.StreamError:
-            self.state = p.StreamState.FAILED
-        else:
-            self.state = p.StreamState.STREAMING
-        self._items.push(item)
+    async def send_cancel(self, stream_id: int, reason: str) -> None:
+        await self.bus.send(self.node, wire.Cancel(stream_id, reason))
 
-    async def next(self, timeout: float | None) -> list:
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        while not self._items:
-            # Wait in slices of one heartbeat timeout, checking between them
-            # that node B is still alive: a dead node sends no error.
-            remaining = None if deadline is None else deadline - loop.time()
-            if remaining is not None and remaining <= 0:
-                raise TimeoutError
-            slice_ = self.bus.heartbeat_timeout if remaining is None else min(remaining, self.bus.heartbeat_timeout)
-            try:
-                await self._items.wait(slice_)
-            except TimeoutError:
-                if not self._items and not await self.bus.node_alive(self.node):
-                    self.feed(p.StreamError(0, 502, f"relay node {self.node} holding the agent is gone",
-                                            "agent_disconnected"))
-        return self._items.take()
+    def forget(self, stream_id: int) -> None:
+        self.bus.ingress.pop(stream_id, None)
 
-    async def consumed(self, nbytes: int) -> None:
-        # Report in batches of half a window, as a local stream grants credit.
-        self._unreported += nbytes
-        if self._unreported >= self.window // 2 and not self.finished:
-            amount, self._unreported = self._unreported, 0
-            await self.bus.publish(self.node, encode(CREDIT, self.id, str(amount).encode()))
+    async def alive(self) -> bool:
+        return await self.bus.node_alive(self.node)
 
-    async def close(self, reason: str = "client disconnected") -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self.bus.ingress.pop(self.id, None)
-        if not self.finished:
-            self.state = p.StreamState.CANCELLED
-            try:
-                await self.bus.publish(self.node, encode(CANCEL, self.id, reason.encode()))
-            except (NodeGone, RedisError, OSError):
-                pass
-        if self.on_close is not None:
-            await self.on_close()
+
+class _Served:
+    """A stream this node's agent serves for another node (node B's side)."""
+
+    __slots__ = ("stream", "task")
+
+    def __init__(self, stream: Stream, task: asyncio.Task[None]):
+        self.stream = stream
+        self.task = task
 
 
 class CrossNode:
-    """This node's end of the cross-node bus: opens remote streams, serves them."""
+    """This node's end of the bus: opens streams on other nodes' agents, serves theirs."""
 
     def __init__(self, redis: Redis, node_id: str, sessions: SessionManager, registry: InstanceRegistry,
                  *, heartbeat_timeout: float, window: int):
@@ -145,10 +89,11 @@ class CrossNode:
         self.registry = registry
         self.heartbeat_timeout = heartbeat_timeout
         self.window = window
-        self.ingress: dict[str, RemoteStream] = {}  # streams we serve to our HTTP clients
-        self.egress: dict[str, tuple[RelayStream, asyncio.Task]] = {}  # streams our agents serve for others
-        self._opening: dict[str, asyncio.Task] = {}
-        #: Whether our inbox subscription is up (set by ``Node.listen``).  While
+        self.ingress: dict[int, Stream] = {}  # streams we serve to our HTTP clients, by our id
+        self.egress: dict[tuple[str, int], _Served] = {}  # streams our agents serve: (their node, their id)
+        self._next_id = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        #: Whether our inbox subscription is up (set by the subscriber).  While
         #: it is down, replies to us are dropped by Redis (PUBLISH reaches no
         #: one), so we must not open remote streams.
         self.subscribed = False
@@ -159,9 +104,14 @@ class CrossNode:
     def channel(self) -> str:
         return keys.inbox(self.node_id)
 
-    async def publish(self, node: str, message: bytes) -> None:
-        if not await self.redis.publish(keys.inbox(node), message):
-            raise NodeGone(node)
+    async def send(self, node: str, event: wire.Event, session: str = "") -> None:
+        """Publish one frame to another node; LinkLost (NodeGone) when it cannot arrive."""
+        try:
+            receivers = await self.redis.publish(keys.inbox(node), wire.encode_envelope(self.node_id, event, session))
+        except (RedisError, OSError) as exc:
+            raise LinkLost(f"message bus unavailable ({type(exc).__name__})") from None
+        if not receivers:
+            raise NodeGone(f"relay node {node} is gone")
 
     async def node_alive(self, node: str) -> bool:
         try:
@@ -171,25 +121,22 @@ class CrossNode:
 
     # -- node A: the node the caller talks to ---------------------------------
 
-    async def open(self, entry: AgentEntry, instance_id: str, body: dict[str, Any], stream: bool) -> RemoteStream:
+    async def open(self, entry: AgentEntry, op: str, body: dict[str, Any], stream: bool) -> Stream:
+        """Open a stream on ``entry``'s agent, on its node; NodeGone if that node is down."""
         if not self.subscribed:
             # Node B would answer into the void and the caller would wait for
             # the first-chunk timeout: refuse now instead (just after a Redis
-            # restart, until the listener has resubscribed).
+            # restart, until the subscriber is back).
             raise ServiceNotReady("this relay node is reconnecting to its message bus; retry",
                                   headers={"Retry-After": "1"})
-        rid = new_rid()
-        remote = RemoteStream(self, rid, entry.node, self.window)
-        self.ingress[rid] = remote
-        message = {
-            "iid": instance_id, "agent": entry.agent_id, "session": entry.session,
-            "body": body, "stream": stream, "reply": self.node_id,
-            "req": logs.request_id.get(),  # so both nodes log the same request id
-        }
+        self._next_id = self._next_id % wire.MAX_STREAM_ID + 1
+        remote = Stream(RemoteLink(self, entry.node), self._next_id, self.window, check_every=self.heartbeat_timeout)
+        self.ingress[remote.id] = remote
+        request = wire.Request(remote.id, body, stream, self.window, op, logs.request_id.get() or "")
         try:
-            await self.publish(entry.node, encode(OPEN, rid, orjson.dumps(message)))
+            await self.send(entry.node, request, entry.session)
         except BaseException:
-            self.ingress.pop(rid, None)
+            self.ingress.pop(remote.id, None)
             raise
         self.forwarded_out += 1
         return remote
@@ -208,122 +155,113 @@ class CrossNode:
             log.warning("message bus connection lost: failing %d cross-node streams",
                         len(self.ingress) + len(self.egress))
         for remote in list(self.ingress.values()):
-            remote.feed(p.StreamError(0, 502, "relay lost its message bus mid-stream; retry", "relay_unavailable"))
-        for _, task in list(self.egress.values()):
-            task.cancel()
+            remote.fail(502, "relay lost its message bus mid-stream; retry", "relay_unavailable")
+        for served in list(self.egress.values()):
+            served.task.cancel()
 
-    async def kick(self, node: str, instance_id: str, agent_id: str, session: str) -> None:
+    async def kick(self, node: str, session: str) -> None:
         """Tell another node to drop a stale session of an agent that reconnected here."""
-        payload = orjson.dumps({"iid": instance_id, "agent": agent_id, "session": session})
         try:
-            await self.publish(node, encode(KICK, "0" * RID_LEN, payload))
-        except (NodeGone, RedisError, OSError):
+            await self.send(node, wire.Kick(), session)
+        except LinkLost:
             pass  # that node is gone, and its session with it
 
-    # -- dispatch of our inbox -------------------------------------------------
+    # -- our inbox -------------------------------------------------------------
 
     def handle(self, message: bytes) -> None:
+        """Dispatch one message of our inbox; a bad one is logged and dropped."""
         try:
-            kind, rid, payload = decode(message)
-        except (ValueError, UnicodeDecodeError):
-            log.warning("dropping malformed cross-node message")
+            envelope = wire.decode_envelope(message)
+        except wire.ProtocolError as exc:
+            log.warning("dropping malformed cross-node message: %s", exc)
             return
-        if kind == DATA or kind == END or kind == ERROR:
-            remote = self.ingress.get(rid)
-            if remote is None:
-                return  # stream already closed here: late bytes are dropped
-            if kind == DATA:
-                remote.feed(payload)
-            elif kind == END:
-                remote.feed(p.End(0, orjson.loads(payload) if payload else None))
-            else:
-                err = orjson.loads(payload)
-                remote.feed(p.StreamError(0, err["status"], err["message"], err.get("code")))
-        elif kind == CREDIT:
-            held = self.egress.get(rid)
-            if held is not None:
-                self._spawn(held[0].consumed(int(payload)))
-        elif kind == CANCEL:
-            held = self.egress.pop(rid, None)
-            if held is not None:
-                held[1].cancel()
-        elif kind == OPEN:
-            task = asyncio.create_task(self._serve(rid, orjson.loads(payload)))
-            self._opening[rid] = task
-            task.add_done_callback(lambda _t, rid=rid: self._opening.pop(rid, None))
-        elif kind == KICK:
-            info = orjson.loads(payload)
-            for session in self.sessions.of(info["iid"]):
-                if session.agent_id == info["agent"] and session.session_id == info["session"]:
-                    self._spawn(session.close(p.CloseCode.REPLACED, "replaced by a newer connection"))
+        event, sender = envelope.event, envelope.sender
+        kind = type(event)
+        if kind is wire.Data or kind is wire.End or kind is wire.StreamError:
+            remote = self.ingress.get(event.id)  # type: ignore[union-attr]
+            if remote is None or not isinstance(remote.link, RemoteLink) or remote.link.node != sender:
+                return  # closed here already (late frames), or not that node's stream
+            try:
+                remote.feed(event)  # type: ignore[arg-type]
+            except wire.ProtocolError as exc:
+                log.warning("node %s broke stream %s: %s", sender, remote.id, exc)
+                remote.fail(502, "the relay node holding the agent sent a bad frame", "relay_protocol_error")
+            if remote.finished:
+                self.ingress.pop(remote.id, None)
+        elif kind is wire.Credit:
+            served = self.egress.get((sender, event.id))  # type: ignore[union-attr]
+            if served is not None:
+                self._spawn(served.stream.consumed(event.amount))  # type: ignore[union-attr]
+        elif kind is wire.Cancel:
+            served = self.egress.pop((sender, event.id), None)  # type: ignore[union-attr]
+            if served is not None:
+                served.task.cancel()
+        elif kind is wire.Request:
+            self._spawn(self._serve(sender, envelope.session, event))  # type: ignore[arg-type]
+        elif kind is wire.Kick:
+            session = self.sessions.by_session(envelope.session)
+            if session is not None:
+                self._spawn(session.close(wire.CloseCode.REPLACED, event.reason))  # type: ignore[union-attr]
+        else:
+            log.warning("dropping %s frame from node %s: not a cross-node frame", kind.__name__, sender)
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
-        task.add_done_callback(_log_failure)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("cross-node task failed: %r", task.exception())
 
     # -- node B: the node the agent is connected to ----------------------------
 
-    async def _serve(self, rid: str, msg: dict[str, Any]) -> None:
-        logs.bind(request_id=msg.get("req"), instance_id=msg["iid"])
-        reply = msg["reply"]
-        session = self.sessions.get(msg["iid"], msg["agent"])
-        if session is None or session.session_id != msg["session"] or not session.has_capacity:
-            await self._reply_error(reply, rid, 503, "agent no longer available on its relay node",
-                                    "instance_offline")
+    async def _serve(self, reply: str, session_id: str, request: wire.Request) -> None:
+        logs.bind(request_id=request.request_id or None)
+        session = self.sessions.by_session(session_id)
+        if session is None or not session.has_capacity or request.op not in session.capabilities:
+            await self._reply_error(reply, request.id, "agent no longer available on its relay node")
             return
+        logs.bind(instance_id=session.instance_id)
         try:
-            relay_stream = await session.open_stream(msg["body"], stream=msg["stream"])
-        except Exception:
-            await self._reply_error(reply, rid, 503, "agent connection lost", "instance_offline")
+            local = await session.open_stream(request.op, request.body, stream=request.stream,
+                                              request_id=request.request_id, window=request.window)
+        except LinkLost:
+            await self._reply_error(reply, request.id, "agent connection lost")
             return
         task = asyncio.current_task()
         assert task is not None
-        self.egress[rid] = (relay_stream, task)
+        self.egress[(reply, request.id)] = _Served(local, task)
         self.forwarded_in += 1
         try:
-            await self._forward(rid, relay_stream, reply)
-        except (NodeGone, asyncio.CancelledError):
+            await self._forward(reply, request.id, local)
+        except (LinkLost, asyncio.CancelledError):
             pass  # the caller's node went away, or the caller cancelled
-        except (RedisError, OSError) as exc:
-            log.warning("cross-node stream %s lost redis (%s)", rid, exc)
         finally:
-            self.egress.pop(rid, None)
-            await asyncio.shield(relay_stream.close("caller's relay node cancelled"))
+            self.egress.pop((reply, request.id), None)
+            await asyncio.shield(local.close("caller's relay node cancelled"))
 
-    async def _forward(self, rid: str, relay_stream: RelayStream, reply: str) -> None:
+    async def _forward(self, reply: str, stream_id: int, local: Stream) -> None:
         while True:
             try:
-                items = await relay_stream.next(self.heartbeat_timeout)
+                items = await local.next(self.heartbeat_timeout)
             except TimeoutError:
                 if not await self.node_alive(reply):
                     return
                 continue
             payload, last = split_items(items)
-            if last is None:
-                tail = None
-            elif type(last) is p.End:
-                tail = encode(END, rid, orjson.dumps(last.usage) if last.usage else b"")
-            else:
-                tail = encode(ERROR, rid, orjson.dumps(
-                    {"status": last.status, "message": last.message, "code": last.code}))
             if payload:
-                await self.publish(reply, encode(DATA, rid, payload))
-            if tail is not None:
-                await self.publish(reply, tail)
+                await self.send(reply, wire.Data(stream_id, payload))
+            if type(last) is wire.End:
+                await self.send(reply, wire.End(stream_id))
+                return
+            if type(last) is wire.StreamError:
+                await self.send(reply, wire.StreamError(stream_id, last.status, last.message, last.code))
                 return
 
-    async def _reply_error(self, reply: str, rid: str, status: int, message: str, code: str) -> None:
+    async def _reply_error(self, reply: str, stream_id: int, message: str) -> None:
         try:
-            await self.publish(reply, encode(ERROR, rid, orjson.dumps(
-                {"status": status, "message": message, "code": code})))
-        except (NodeGone, RedisError, OSError):
+            await self.send(reply, wire.StreamError(stream_id, 503, message, "instance_offline"))
+        except LinkLost:
             pass
-
-    @property
-    def active(self) -> int:
-        return len(self.ingress) + len(self.egress)
-
-
-def _log_failure(task: asyncio.Task) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("cross-node task failed: %r", task.exception())

@@ -18,7 +18,7 @@ from agent.client import AgentClient
 from agent.registration import register
 
 from .app import create_app
-from .cli import redis_for
+from .embedded_redis import redis_for
 from .server import RelayServer, uvicorn_config
 from .settings import RelaySettings
 

@@ -9,6 +9,7 @@ the relay dies without cleaning up (PR_SET_PDEATHSIG).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import shutil
@@ -18,6 +19,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:
+    from .settings import RelaySettings
 
 log = logging.getLogger("relay.redis")
 
@@ -154,3 +159,22 @@ class EmbeddedRedis:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def redis_for(settings: RelaySettings, data_subdir: str = "redis") -> Iterator[str]:
+    """Yield the Redis URL to use, starting an embedded server when none is given."""
+    if settings.redis_url:
+        log.info("using external redis %s", safe_url(settings.redis_url))
+        yield settings.redis_url
+        return
+    with EmbeddedRedis(Path(settings.data_dir) / data_subdir) as embedded:
+        yield embedded.url
+
+
+def safe_url(url: str) -> str:
+    """The Redis URL without its password, for logs."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return url

@@ -8,18 +8,30 @@
     ├── NotFound               404 not_found_error
     ├── PayloadTooLarge        413 invalid_request_error
     ├── RateLimited            429 rate_limit_error        (carries Retry-After)
+    ├── OperationUnsupported   501 not_implemented_error   (no agent can run the operation)
     ├── UpstreamError          502 upstream_error          (the agent or model failed)
     ├── InstanceUnavailable    503 service_unavailable     (offline, or at capacity)
     ├── ServiceNotReady        503 service_unavailable     (Redis unreachable)
     └── ModelTimeout           504 timeout_error           (nothing arrived in time)
 
 Bodies follow OpenAI's error shape so SDKs surface the message:
-``{"error": {"message", "type", "param", "code"}}``.
+``{"error": {"message", "type", "param", "code"}}``.  :func:`as_relay_error`
+is the one mapping from anything raised while serving a request (ours,
+Redis's, Starlette's) to status, body and headers; the HTTP exception
+handlers, the agent websocket's refusals and the SSE error events all go
+through it.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import orjson
+from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
+
+from wire import SSE_DONE, error_body, sse_event
 
 
 class RelayError(Exception):
@@ -49,10 +61,6 @@ class RelayError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
-def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
 class InvalidRequest(RelayError):
     status, type, code = 400, "invalid_request_error", "invalid_request"
 
@@ -73,12 +81,20 @@ class NotFound(RelayError):
     status, type, code = 404, "not_found_error", "instance_not_found"
 
 
+class NoSuchRoute(RelayError):
+    status, type, code = 404, "not_found_error", None
+
+
 class PayloadTooLarge(RelayError):
     status, type, code = 413, "invalid_request_error", "payload_too_large"
 
 
 class RateLimited(RelayError):
     status, type, code = 429, "rate_limit_error", "rate_limited"
+
+
+class OperationUnsupported(RelayError):
+    status, type, code = 501, "not_implemented_error", "capability_not_supported"
 
 
 class UpstreamError(RelayError):
@@ -101,7 +117,7 @@ _BY_STATUS = {
     cls.status: cls
     for cls in (
         InvalidRequest, ValidationFailed, Unauthorized, Forbidden, NotFound, PayloadTooLarge,
-        RateLimited, UpstreamError, InstanceUnavailable, ModelTimeout,
+        RateLimited, OperationUnsupported, UpstreamError, InstanceUnavailable, ModelTimeout,
     )
 }
 
@@ -110,3 +126,33 @@ def from_status(status: int, message: str, code: str | None = None) -> RelayErro
     """Build the error matching an HTTP status an agent reported for a stream."""
     cls = _BY_STATUS.get(status, UpstreamError)
     return cls(message, code=code, status=status)
+
+
+def as_relay_error(exc: BaseException) -> RelayError:
+    """Any exception met while serving a request, as the RelayError the caller sees."""
+    if isinstance(exc, RelayError):
+        return exc
+    if isinstance(exc, (RedisError, OSError, TimeoutError)):
+        # Redis down is an outage of this node, not a bug: say so and let the
+        # caller (or the load balancer, via /readyz) try another node.
+        return ServiceNotReady("relay storage unavailable, retry shortly", headers={"Retry-After": "1"})
+    if isinstance(exc, HTTPException):  # Starlette's routing: no such path, wrong method
+        cls = NoSuchRoute if exc.status_code == 404 else InvalidRequest
+        return cls(str(exc.detail), status=exc.status_code)
+    return RelayError("internal error")
+
+
+class ORJSONResponse(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def error_response(exc: BaseException) -> ORJSONResponse:
+    """The HTTP response for an exception (exception handlers, websocket refusals)."""
+    error = as_relay_error(exc)
+    return ORJSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def sse_error(error: RelayError) -> bytes:
+    """An error after streaming began: one event with the error body, then the end (DESIGN.md)."""
+    return sse_event(orjson.dumps(error.body())) + SSE_DONE

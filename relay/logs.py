@@ -24,21 +24,21 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
-import re
 import sys
 import time
 from typing import IO
+
+from wire.redaction import REDACTED, contains_secret, redact
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("relay_request_id", default=None)
 instance_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("relay_instance_id", default=None)
 node_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("relay_node_id", default=None)
 
-_VARS = {"request_id": request_id, "instance_id": instance_id, "node_id": node_id}
+#: Set when the relay ends a response or handshake on purpose (a refused
+#: agent, a client that stopped reading): uvicorn's complaint about it is noise.
+_ended_on_purpose: contextvars.ContextVar[bool] = contextvars.ContextVar("relay_ended_on_purpose", default=False)
 
-#: Agent tokens (``ira_``), caller keys (``irk_``), bearer credentials and
-#: OpenAI-style keys.  Redacted from every message above DEBUG.
-_SECRET = re.compile(r"\b(?:ira|irk)_[A-Za-z0-9_\-]{16,}|(?i:bearer)\s+[^\s\"',;]+|\bsk-[A-Za-z0-9_\-]{16,}")
-REDACTED = "[redacted]"
+_VARS = {"request_id": request_id, "instance_id": instance_id, "node_id": node_id}
 
 PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s%(ids)s: %(message)s"
 
@@ -49,12 +49,13 @@ def bind(**ids: str | None) -> None:
         _VARS[name].set(value)
 
 
+def ended_on_purpose() -> None:
+    """This task's response is being cut short deliberately (see :class:`DeliberateEndings`)."""
+    _ended_on_purpose.set(True)
+
+
 def current() -> dict[str, str | None]:
     return {name: var.get() for name, var in _VARS.items()}
-
-
-def redact(text: str) -> str:
-    return _SECRET.sub(REDACTED, text)
 
 
 class ContextFilter(logging.Filter):
@@ -72,24 +73,27 @@ class ContextFilter(logging.Filter):
         record.ids = f" [{joined}]" if joined else ""
         if record.levelno > logging.DEBUG:
             message = record.getMessage()
-            if _SECRET.search(message):
+            if contains_secret(message):
                 record.msg, record.args = redact(message), None
         return True
 
 
 class DeliberateEndings(logging.Filter):
-    """Drop uvicorn's errors for responses the relay ends on purpose.
+    """Drop uvicorn's errors for responses the relay ends on purpose, and only those.
 
     The relay refuses agent handshakes with a real HTTP response (the ASGI
     websocket denial extension) and cuts off clients that stopped reading;
     uvicorn reports both as if the application had failed.  Our own log line
-    already says what happened, at the right level.
+    already says what happened, at the right level.  uvicorn logs from the
+    request's own task, so the flag set by :func:`ended_on_purpose` is seen
+    here for that request alone: any other incomplete response still shows.
     """
 
     _MESSAGES = ("ASGI callable returned without completing",)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.name == "uvicorn.error" and str(record.msg).startswith(self._MESSAGES))
+        return not (record.name == "uvicorn.error" and _ended_on_purpose.get()
+                    and str(record.msg).startswith(self._MESSAGES))
 
 
 class JSONFormatter(logging.Formatter):

@@ -19,6 +19,8 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
+from wire import OP_CHAT
+
 from . import keys
 from .errors import Forbidden, NotFound, Unauthorized
 
@@ -50,6 +52,8 @@ class AgentEntry:
     max_concurrency: int
     models: tuple[str, ...]
     connected_at: float
+    #: Operations the agent can run (``hello.capabilities``); routing reads them.
+    capabilities: tuple[str, ...] = (OP_CHAT,)
 
     def encode(self) -> bytes:
         return orjson.dumps(
@@ -59,11 +63,12 @@ class AgentEntry:
                 "max_concurrency": self.max_concurrency,
                 "models": list(self.models),
                 "connected_at": self.connected_at,
+                "capabilities": list(self.capabilities),
             }
         )
 
     @classmethod
-    def decode(cls, agent_id: str, raw: bytes | str) -> "AgentEntry":
+    def decode(cls, agent_id: str, raw: bytes | str) -> AgentEntry:
         obj = orjson.loads(raw)
         return cls(
             agent_id=agent_id,
@@ -72,72 +77,93 @@ class AgentEntry:
             max_concurrency=int(obj["max_concurrency"]),
             models=tuple(obj["models"]),
             connected_at=float(obj["connected_at"]),
+            capabilities=tuple(obj.get("capabilities") or (OP_CHAT,)),
         )
 
 
-# Agents of one instance whose node is alive.  Entries of dead nodes are
-# removed on the way (a dead node cannot clean up after itself).  One round
-# trip per call, whatever the number of agents.
-_LIVE_AGENTS = """
-local entries = redis.call('HGETALL', KEYS[1])
-local out = {}
-for i = 1, #entries, 2 do
-  local entry = cjson.decode(entries[i + 1])
-  if redis.call('EXISTS', ARGV[1] .. entry['node']) == 1 then
-    table.insert(out, entries[i])
-    table.insert(out, entries[i + 1])
-  else
-    redis.call('HDEL', KEYS[1], entries[i])
-    redis.call('HDEL', KEYS[2], entry['session'])
+# The agents of one instance whose node is alive, as {field, raw, decoded}.
+# Entries of dead nodes are removed on the way (a dead node cannot clean up
+# after itself), with their load counters.  Shared by the scripts below.
+_LIVE_ENTRIES = """
+local function live_entries(agents_key, load_key, node_prefix)
+  local entries = redis.call('HGETALL', agents_key)
+  local live = {}
+  for i = 1, #entries, 2 do
+    local entry = cjson.decode(entries[i + 1])
+    if redis.call('EXISTS', node_prefix .. entry['node']) == 1 then
+      table.insert(live, {entries[i], entries[i + 1], entry})
+    else
+      redis.call('HDEL', agents_key, entries[i])
+      redis.call('HDEL', load_key, entry['session'])
+    end
   end
+  return live
+end
+"""
+
+# KEYS: agents, load.  ARGV: node key prefix.  Flat {agent id, entry, ...}.
+_LIVE_AGENTS = _LIVE_ENTRIES + """
+local out = {}
+for _, e in ipairs(live_entries(KEYS[1], KEYS[2], ARGV[1])) do
+  table.insert(out, e[1])
+  table.insert(out, e[2])
 end
 return out
 """
 
 # Choose the agent for one request and count it, atomically, so that
 # concurrent requests on different nodes never overfill the same agent.
-# The least busy agent relative to its declared concurrency wins; agents at
-# capacity and agents on nodes listed in ARGV[3..] are skipped.  Ties are
-# broken by where the scan starts (ARGV[2], rotated by the caller): scanning
-# HGETALL order from the top let the first agent win every tie, so with
-# requests arriving one at a time a replica never got any.
-# Returns {'ok', agent_id, entry} | {'busy'} | {'offline'} | {'missing'}.
-_PICK_AGENT = """
-local entries = redis.call('HGETALL', KEYS[1])
-if #entries == 0 then
+# The least busy agent relative to its declared concurrency wins, among
+# those that can run the operation (ARGV[3]; an entry without capabilities
+# is a version-1 agent: chat only); agents at capacity and agents on nodes
+# listed in ARGV[4..] are skipped.  Ties are broken by where the scan
+# starts (ARGV[2], rotated by the caller): scanning from the top let the
+# first agent win every tie, so a replica never got a request that arrived
+# alone.  KEYS: agents, load, instance.
+# Returns {'ok', agent_id, entry} | {'busy'} | {'incapable'} | {'offline'} | {'missing'}.
+_PICK_AGENT = _LIVE_ENTRIES + """
+local live = live_entries(KEYS[1], KEYS[2], ARGV[1])
+if #live == 0 then
   if redis.call('EXISTS', KEYS[3]) == 0 then return {'missing'} end
   return {'offline'}
 end
+local op = ARGV[3]
 local excluded = {}
-for i = 3, #ARGV do excluded[ARGV[i]] = true end
-local best, best_raw, best_session, best_load = nil, nil, nil, nil
-local seen = false
-local count = #entries / 2
+for i = 4, #ARGV do excluded[ARGV[i]] = true end
+local best, best_load = nil, nil
+local reachable, capable = false, false
+local count = #live
 local start = tonumber(ARGV[2]) % count
 for k = 0, count - 1 do
-  local i = ((start + k) % count) * 2 + 1
-  local entry = cjson.decode(entries[i + 1])
-  if redis.call('EXISTS', ARGV[1] .. entry['node']) == 0 then
-    redis.call('HDEL', KEYS[1], entries[i])
-    redis.call('HDEL', KEYS[2], entry['session'])
-  elseif not excluded[entry['node']] then
-    seen = true
-    local inflight = tonumber(redis.call('HGET', KEYS[2], entry['session']) or '0')
-    if inflight < entry['max_concurrency'] then
-      local load = inflight / entry['max_concurrency']
-      if best_load == nil or load < best_load then
-        best, best_raw, best_session, best_load = entries[i], entries[i + 1], entry['session'], load
+  local e = live[((start + k) % count) + 1]
+  local entry = e[3]
+  if not excluded[entry['node']] then
+    reachable = true
+    local can = entry['capabilities'] == nil and op == 'chat'
+    if entry['capabilities'] ~= nil then
+      for _, c in ipairs(entry['capabilities']) do
+        if c == op then can = true end
+      end
+    end
+    if can then
+      capable = true
+      local inflight = tonumber(redis.call('HGET', KEYS[2], entry['session']) or '0')
+      if inflight < entry['max_concurrency'] then
+        local load = inflight / entry['max_concurrency']
+        if best_load == nil or load < best_load then
+          best, best_load = e, load
+        end
       end
     end
   end
 end
 if best == nil then
-  if seen then return {'busy'} end
-  if redis.call('EXISTS', KEYS[3]) == 0 then return {'missing'} end
-  return {'offline'}
+  if not reachable then return {'offline'} end
+  if not capable then return {'incapable'} end
+  return {'busy'}
 end
-redis.call('HINCRBY', KEYS[2], best_session, 1)
-return {'ok', best, best_raw}
+redis.call('HINCRBY', KEYS[2], best[3]['session'], 1)
+return {'ok', best[1], best[2]}
 """
 
 # Remove an agent only if the entry still belongs to the session that is
@@ -279,14 +305,15 @@ class InstanceRegistry:
         )
         return [AgentEntry.decode(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
 
-    async def pick_agent(self, instance_id: str, exclude_nodes: tuple[str, ...] = ()) -> tuple[str, AgentEntry | None]:
-        """Reserve a slot on the least busy agent: ``("ok", entry)`` or ``(reason, None)``.
+    async def pick_agent(self, instance_id: str, op: str = OP_CHAT,
+                         exclude_nodes: tuple[str, ...] = ()) -> tuple[str, AgentEntry | None]:
+        """Reserve a slot on the least busy agent that can run ``op``: ``("ok", entry)`` or ``(reason, None)``.
 
         Every "ok" must be paired with :meth:`release_agent` when the request ends.
         """
         result = await self._pick_agent(
             keys=[keys.agents(instance_id), keys.load(instance_id), keys.instance(instance_id)],
-            args=[keys.NODE_PREFIX, next(self._tie_break), *exclude_nodes],
+            args=[keys.NODE_PREFIX, next(self._tie_break), op, *exclude_nodes],
         )
         verdict = result[0].decode()
         if verdict != "ok":

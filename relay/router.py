@@ -1,12 +1,12 @@
 """Which agent answers a request, wherever it is connected.
 
 ``StreamRouter.open`` reserves a slot on the least busy agent of the
-instance (one atomic Redis script across all nodes, see ``registry.py``),
-then opens the stream on this node's session for that agent or, when the
-agent sits on another node, through the cross-node bus.  The slot is given
-back when the stream closes.  Without Redis there is no routing: access
-rules, limits and slot counts all live there, so a chat request fails closed
-with 503 (``api.redis_error_handler``) rather than serving unchecked.
+instance that can run the operation (one atomic Redis script across all
+nodes, see ``registry.py``), then opens the stream on this node's session of
+that agent or, when the agent sits on another node, over the bus.  The slot
+is given back when the stream closes.  Without Redis there is no routing:
+access rules, limits and slot counts all live there, so a chat request fails
+closed with 503 rather than being served unchecked.
 """
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from . import logs
 from .crossnode import CrossNode, NodeGone
-from .errors import InstanceUnavailable, NotFound
-from .models import ChatRequest
+from .errors import InstanceUnavailable, NotFound, OperationUnsupported
+from .node import NodeState
 from .registry import InstanceRegistry
-from .sessions import SessionManager, resolve_model
+from .sessions import SessionManager
+from .streams import LinkLost, Stream
 
 log = logging.getLogger("relay.router")
 
@@ -29,57 +31,70 @@ MAX_ATTEMPTS = 3
 
 
 class StreamRouter:
-    def __init__(self, node_id: str, sessions: SessionManager, registry: InstanceRegistry, bus: CrossNode):
-        self.node_id = node_id
+    def __init__(self, node: NodeState, sessions: SessionManager, registry: InstanceRegistry, bus: CrossNode):
+        self.node = node
         self.sessions = sessions
         self.registry = registry
         self.bus = bus
-        self.draining = False
 
-    async def open(self, instance_id: str, request: ChatRequest) -> Any:
-        if self.draining:
+    async def open(self, instance_id: str, op: str, build_body: Any, *, stream: bool) -> Stream:
+        """Open a stream for ``op`` on an agent of the instance.
+
+        ``build_body(models)`` makes the agent's request body once the agent
+        (and so its list of models) is known.
+        """
+        if self.node.draining:
             raise InstanceUnavailable("this relay node is shutting down; retry", code="node_draining",
                                       headers={"Retry-After": "1"})
         excluded: tuple[str, ...] = ()
         for _ in range(MAX_ATTEMPTS):
-            verdict, entry = await self.registry.pick_agent(instance_id, excluded)
+            verdict, entry = await self.registry.pick_agent(instance_id, op, excluded)
             if entry is None:
-                raise self._no_agent(instance_id, verdict)
+                raise no_agent(instance_id, op, verdict)
+            chosen = entry
 
-            async def release(session: str = entry.session) -> None:
+            async def release(session: str = chosen.session) -> None:
                 try:
                     await self.registry.release_agent(instance_id, session)
                 except (RedisError, OSError):
                     pass  # the slot counter dies with the session's entry
 
             try:
-                body = request.upstream_body(resolve_model(entry.models, request.model))
-                if entry.node == self.node_id:
-                    session = self.sessions.get(instance_id, entry.agent_id)
-                    if session is None or session.session_id != entry.session or session.closed:
+                body = build_body(chosen.models)
+                if chosen.node == self.node.node_id:
+                    session = self.sessions.by_session(chosen.session)
+                    if session is None or session.closed:
                         await release()  # it just left; its entry is being removed
                         continue
-                    stream = await session.open_stream(body, stream=request.stream)
+                    opened = await session.open_stream(op, body, stream=stream,
+                                                       request_id=logs.request_id.get() or "")
                 else:
-                    stream = await self.bus.open(entry, instance_id, body, request.stream)
+                    opened = await self.bus.open(chosen, op, body, stream)
             except NodeGone:
                 await release()
-                excluded += (entry.node,)
+                excluded += (chosen.node,)
+                continue
+            except LinkLost:
+                await release()  # the local agent went away as we sent: pick again
                 continue
             except BaseException:
                 await release()
                 raise
-            stream.on_close = release
-            return stream
+            opened.on_close = release
+            return opened
         raise InstanceUnavailable(f"instance {instance_id!r} has no reachable agent right now; retry")
 
-    @staticmethod
-    def _no_agent(instance_id: str, verdict: str) -> Exception:
-        if verdict == "missing":
-            return NotFound(f"instance {instance_id!r} not found", param="instance_id")
-        if verdict == "busy":
-            return InstanceUnavailable(
-                f"every agent of instance {instance_id!r} is at capacity; retry shortly",
-                code="instance_at_capacity", headers={"Retry-After": "1"},
-            )
-        return InstanceUnavailable(f"instance {instance_id!r} is offline: no agent is connected")
+
+def no_agent(instance_id: str, op: str, verdict: str) -> Exception:
+    """The error for a pick that found no agent, by the script's verdict."""
+    if verdict == "missing":
+        return NotFound(f"instance {instance_id!r} not found", param="instance_id")
+    if verdict == "busy":
+        return InstanceUnavailable(
+            f"every agent of instance {instance_id!r} is at capacity; retry shortly",
+            code="instance_at_capacity", headers={"Retry-After": "1"},
+        )
+    if verdict == "incapable":
+        return OperationUnsupported(f"no connected agent of instance {instance_id!r} can run {op!r}; "
+                                    "its agents must be upgraded or configured for it")
+    return InstanceUnavailable(f"instance {instance_id!r} is offline: no agent is connected")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 import uvicorn
 
@@ -20,7 +21,7 @@ from .settings import RelaySettings
 log = logging.getLogger("relay.server")
 
 
-def uvicorn_config(app, settings: RelaySettings) -> uvicorn.Config:
+def uvicorn_config(app: Any, settings: RelaySettings) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         host=settings.host,
@@ -36,20 +37,21 @@ def uvicorn_config(app, settings: RelaySettings) -> uvicorn.Config:
 
 
 class RelayServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, app) -> None:
+    """uvicorn, draining the node before it closes connections."""
+
+    def __init__(self, config: uvicorn.Config, app: Any) -> None:
         super().__init__(config)
         self.relay_app = app
 
     def active_streams(self) -> int:
         state = self.relay_app.state
-        return sum(s.inflight for s in state.sessions.all()) + len(state.bus.ingress)
+        return int(state.sessions.inflight() + len(state.bus.ingress))
 
-    async def shutdown(self, sockets=None) -> None:
+    async def shutdown(self, sockets: Any = None) -> None:
         state = self.relay_app.state
         for server in self.servers:
             server.close()  # stop accepting connections
-        state.router.draining = True  # keep-alive connections get 503 + Retry-After
-        state.node.draining = True  # /readyz turns 503 so load balancers move on
+        state.node.draining = True  # new chats get 503 + Retry-After; /readyz turns 503
         deadline = time.monotonic() + state.settings.drain_timeout
         active = self.active_streams()
         if active:
@@ -59,5 +61,7 @@ class RelayServer(uvicorn.Server):
         left = self.active_streams()
         if left:
             log.warning("drain timeout: cutting %d streams still running", left)
-        await state.node.shutdown()
+        # While the websockets are still open (uvicorn closes them next): agents
+        # reconnect elsewhere at once.  The lifespan's exit does the rest.
+        await state.gateway.send_all_away()
         await super().shutdown(sockets)

@@ -11,7 +11,7 @@ import stat
 import pytest
 
 from agent import credentials as store
-from agent.backends import iter_sse_data
+from wire import iter_sse_data
 from agent.backoff import backoff_delays, is_retryable
 from agent.credentials import Credentials
 

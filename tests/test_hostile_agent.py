@@ -21,7 +21,7 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed
 
-from relay import protocol as p
+import wire
 from relay.sessions import AgentSession
 from tests.helpers import (
     FakeUpstream,
@@ -50,7 +50,7 @@ class RawAgent:
     async def next_event(self, kind: type, timeout: float = 5.0) -> Any:
         async with asyncio.timeout(timeout):
             while True:
-                event = p.decode(await self.ws.recv())
+                event = wire.decode(await self.ws.recv())
                 if type(event) is kind:
                     return event
 
@@ -73,8 +73,8 @@ async def raw_agent(relay_url: str, token: str, *, hello: bool = True, agent_id:
         if not hello:
             yield agent
             return
-        await ws.send(p.encode(p.Hello(p.PROTOCOL_VERSION, "raw", agent_id, ("raw-model",), 4)))
-        assert type(p.decode(await ws.recv())) is p.Welcome
+        await ws.send(wire.encode(wire.Hello(wire.PROTOCOL_VERSION, "raw", agent_id, ("raw-model",), 4)))
+        assert type(wire.decode(await ws.recv())) is wire.Welcome
         heartbeat = asyncio.create_task(_heartbeat(ws))
         try:
             yield agent
@@ -88,11 +88,11 @@ async def _heartbeat(ws) -> None:
     with contextlib.suppress(ConnectionClosed):
         while True:
             await asyncio.sleep(0.2)
-            await ws.send(p.encode(p.Ping(0.0)))
+            await ws.send(wire.encode(wire.Ping(0.0)))
 
 
 def chunk(text: str) -> bytes:
-    return p.sse_event(orjson.dumps({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "raw-model",
+    return wire.sse_event(orjson.dumps({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "raw-model",
                                      "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}))
 
 
@@ -109,27 +109,27 @@ BAD_FRAMES: list[tuple[str, str | bytes, int]] = [
     ("bool as id", '{"type": "end", "id": true}', 1002),
     ("id out of range", '{"type": "end", "id": 4294967296}', 1002),
     ("error with a 200 status", '{"type": "error", "id": 1, "status": 200, "message": "ok"}', 1002),
-    ("relay-only frame: request", p.encode(p.Request(1, {"model": "m"}, True)), 1002),
-    ("relay-only frame: credit", p.encode_credit(1, 100), 1002),
-    ("relay-only frame: cancel", p.encode(p.Cancel(1)), 1002),
-    ("relay-only frame: goaway", p.encode(p.GoAway()), 1002),
-    ("relay-only frame: welcome", p.encode(p.Welcome(1, "i", "n", 1.0)), 1002),
-    ("second hello", p.encode(p.Hello(1, "raw", "raw", ("m",), 1)), 1002),
-    ("data for a stream never opened", p.encode_data(1, chunk("stolen")), 1002),
-    ("end for a stream never opened", p.encode(p.End(7)), 1002),
-    ("error for a stream never opened", p.encode(p.StreamError(3, 500, "x")), 1002),
+    ("relay-only frame: request", wire.encode(wire.Request(1, {"model": "m"}, True)), 1002),
+    ("relay-only frame: credit", wire.encode_credit(1, 100), 1002),
+    ("relay-only frame: cancel", wire.encode(wire.Cancel(1)), 1002),
+    ("relay-only frame: goaway", wire.encode(wire.GoAway()), 1002),
+    ("relay-only frame: welcome", wire.encode(wire.Welcome(1, "i", "n", 1.0)), 1002),
+    ("second hello", wire.encode(wire.Hello(1, "raw", "raw", ("m",), 1)), 1002),
+    ("data for a stream never opened", wire.encode_data(1, chunk("stolen")), 1002),
+    ("end for a stream never opened", wire.encode(wire.End(7)), 1002),
+    ("error for a stream never opened", wire.encode(wire.StreamError(3, 500, "x")), 1002),
     ("frame larger than RELAY_MAX_FRAME_BYTES", b"\x01\x00\x00\x00\x01" + b"x" * (MAX_FRAME + 1), 1009),
 ]
 
 BAD_HANDSHAKES: list[tuple[str, str | bytes, int]] = [
-    ("ping instead of hello", p.encode(p.Ping(1.0)), 1002),
+    ("ping instead of hello", wire.encode(wire.Ping(1.0)), 1002),
     ("garbage instead of hello", b"\xff\xfe", 1002),
-    ("unsupported protocol version", p.encode(p.Hello(99, "raw", "raw", ("m",), 1)), 4001),
+    ("unsupported protocol version", wire.encode(wire.Hello(99, "raw", "raw", ("m",), 1)), 4001),
     ("hello without models", '{"type": "hello", "protocol": 1, "agent_version": "x", "agent_id": "a", '
                              '"models": [], "max_concurrency": 1}', 1002),
     ("hello with concurrency 0", '{"type": "hello", "protocol": 1, "agent_version": "x", "agent_id": "a", '
                                  '"models": ["m"], "max_concurrency": 0}', 1002),
-    ("hello with a huge agent id", p.encode(p.Hello(1, "raw", "a" * 500, ("m",), 1)), 1002),
+    ("hello with a huge agent id", wire.encode(wire.Hello(1, "raw", "a" * 500, ("m",), 1)), 1002),
 ]
 
 
@@ -167,7 +167,7 @@ async def test_hostile_agents_are_closed_and_other_streams_complete_intact(redis
             async with raw_agent(relay.url, bad_token) as agent:
                 with contextlib.suppress(ConnectionClosed):
                     for _ in range(5 * FRAMES_PER_SECOND):
-                        await agent.send(p.encode(p.Ping(0.0)))
+                        await agent.send(wire.encode(wire.Ping(0.0)))
                 outcomes["flood of pings"] = await agent.close_code()
 
             outcomes.update(await callers_of_a_bad_agent_get_clean_errors(relay, client, bad_id, bad_token))
@@ -193,7 +193,7 @@ async def callers_of_a_bad_agent_get_clean_errors(relay, client, instance_id: st
     # Before any data: the caller gets an HTTP error, OpenAI-shaped.
     async with raw_agent(relay.url, token) as agent:
         caller = asyncio.create_task(client.post(url, json=body))
-        await agent.next_event(p.Request)
+        await agent.next_event(wire.Request)
         await agent.send("{garbage")
         outcomes["garbage before any data"] = await agent.close_code()
         response = await caller
@@ -208,10 +208,10 @@ async def callers_of_a_bad_agent_get_clean_errors(relay, client, instance_id: st
                 return await sse_lines(response)
 
         caller = asyncio.create_task(read_stream())
-        request = await agent.next_event(p.Request)
-        await agent.send(p.encode_data(request.id, chunk("partial")))
+        request = await agent.next_event(wire.Request)
+        await agent.send(wire.encode_data(request.id, chunk("partial")))
         await asyncio.sleep(0.1)
-        await agent.send(p.encode_data(request.id + 100, chunk("not yours")))
+        await agent.send(wire.encode_data(request.id + 100, chunk("not yours")))
         outcomes["garbage mid-stream"] = await agent.close_code()
         events = await caller
         assert orjson.loads(events[0])["choices"][0]["delta"]["content"] == "partial"
@@ -221,15 +221,15 @@ async def callers_of_a_bad_agent_get_clean_errors(relay, client, instance_id: st
     # After the end: the caller already has its whole answer; the agent is closed.
     async with raw_agent(relay.url, token) as agent:
         caller = asyncio.create_task(client.post(url, json={**body, "stream": False}))
-        request = await agent.next_event(p.Request)
+        request = await agent.next_event(wire.Request)
         answer = orjson.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "raw-model",
                                "choices": [{"index": 0, "message": {"role": "assistant", "content": "done"},
                                             "finish_reason": "stop"}]})
-        await agent.send(p.encode_data(request.id, answer))
-        await agent.send(p.encode(p.End(request.id)))
+        await agent.send(wire.encode_data(request.id, answer))
+        await agent.send(wire.encode(wire.End(request.id)))
         response = await caller
         assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] == "done"
-        await agent.send(p.encode_data(request.id, b"more"))
+        await agent.send(wire.encode_data(request.id, b"more"))
         outcomes["data after end"] = await agent.close_code()
 
     # Frames still in flight for a stream the relay cancelled are expected: dropped, no close.
@@ -238,15 +238,15 @@ async def callers_of_a_bad_agent_get_clean_errors(relay, client, instance_id: st
         payload = orjson.dumps(body)
         writer.write(f"POST {url} HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n"
                      f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
-        request = await agent.next_event(p.Request)
-        await agent.send(p.encode_data(request.id, chunk("first")))
+        request = await agent.next_event(wire.Request)
+        await agent.send(wire.encode_data(request.id, chunk("first")))
         await reader.readuntil(b"data: ")
         writer.close()  # the caller hangs up mid-stream
-        await agent.next_event(p.Cancel)
-        await agent.send(p.encode_data(request.id, chunk("late")))
-        await agent.send(p.encode(p.End(request.id)))
-        await agent.send(p.encode(p.Ping(42.0)))
-        pong = await agent.next_event(p.Pong)
+        await agent.next_event(wire.Cancel)
+        await agent.send(wire.encode_data(request.id, chunk("late")))
+        await agent.send(wire.encode(wire.End(request.id)))
+        await agent.send(wire.encode(wire.Ping(42.0)))
+        pong = await agent.next_event(wire.Pong)
         outcomes["late frames of a cancelled stream"] = "still connected" if pong.ts == 42.0 else "closed"
     return outcomes
 
@@ -260,11 +260,11 @@ async def test_an_agent_cannot_answer_for_another_instance(redis_url):
                 raw_agent(relay.url, b_token, agent_id="b") as agent_b:
             caller = asyncio.create_task(client.post(f"/api/chat/{a_id}",
                                                      json={"messages": [{"role": "user", "content": "hi"}]}))
-            request = await agent_a.next_event(p.Request)
-            await agent_b.send(p.encode_data(request.id, chunk("forged answer")))
+            request = await agent_a.next_event(wire.Request)
+            await agent_b.send(wire.encode_data(request.id, chunk("forged answer")))
             assert await agent_b.close_code() == 1002
-            await agent_a.send(p.encode_data(request.id, chunk("real answer")))
-            await agent_a.send(p.encode(p.End(request.id)))
+            await agent_a.send(wire.encode_data(request.id, chunk("real answer")))
+            await agent_a.send(wire.encode(wire.End(request.id)))
             response = await caller
             assert response.status_code == 200
             assert "real answer" in response.text and "forged" not in response.text
@@ -279,9 +279,9 @@ async def test_window_overrun_is_a_protocol_error():
     async def close(code, reason):
         pass
 
-    session = AgentSession(instance_id="i", hello=p.Hello(1, "v", "a", ("m",), 1), send_text=send,
+    session = AgentSession(instance_id="i", hello=wire.Hello(1, "v", "a", ("m",), 1), send_text=send,
                            send_bytes=send, close=close, window=1000)
     stream = await session.open_stream({"model": "m"}, stream=True)
-    await session.receive(p.encode_data(stream.id, b"x" * 1000))  # the whole window, no credit yet
-    with pytest.raises(p.ProtocolError, match="window"):
-        await session.receive(p.encode_data(stream.id, b"x"))
+    await session.receive(wire.encode_data(stream.id, b"x" * 1000))  # the whole window, no credit yet
+    with pytest.raises(wire.ProtocolError, match="window"):
+        await session.receive(wire.encode_data(stream.id, b"x"))

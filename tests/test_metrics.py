@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from relay import protocol as p
+import wire
 from tests.helpers import (
     FakeUpstream,
     openai_backend,
@@ -93,7 +93,7 @@ async def test_counters_move_with_requests(redis_url):
     assert value(after, "relay_active_streams") == 0
     # Relayed bytes are exactly the agent's payloads: the SSE events of the two
     # streams (the relay adds only the [DONE] tail) plus the JSON body.
-    expected = sum(len(body) - len(p.SSE_DONE) for body in streamed) + len(whole.content)
+    expected = sum(len(body) - len(wire.SSE_DONE) for body in streamed) + len(whole.content)
     assert value(after, "relay_relayed_bytes_total") == expected
     events = sum(body.count(b"data: ") - 1 for body in streamed)
     assert 3 <= value(after, "relay_relayed_chunks_total") <= events + 1
@@ -130,7 +130,7 @@ async def test_cross_node_forwards_and_per_app_registries(redis_url):
             async with node_b.client() as client:
                 response = await client.post(f"/api/chat/{instance_id}", json=CHAT)
                 assert response.status_code == 200
-                assert response.content.endswith(p.SSE_DONE)
+                assert response.content.endswith(wire.SSE_DONE)
                 await wait_until(lambda: _active_is(client, 0), what="request to be counted")
                 b = await scrape(client)
             async with node_a.client() as client:

@@ -21,7 +21,7 @@ from websockets.exceptions import ConnectionClosed
 from agent.backends import DemoBackend
 from agent.client import AgentClient, websocket_url
 from relay import keys
-from relay import protocol as p
+import wire
 from tests.cluster import Cluster, Stopwatch, chat_body, register, status, wait_ready
 from tests.helpers import (
     FakeUpstream,
@@ -216,8 +216,8 @@ async def test_reconnecting_agent_replaces_its_stale_session_at_once(redis_url, 
         stale = await ws_connect(websocket_url(node_a.url), additional_headers={"Authorization": f"Bearer {token}"},
                                  ping_interval=None)
         try:
-            await stale.send(p.encode(p.Hello(p.PROTOCOL_VERSION, "test", "agent-x", ("demo",), 4)))
-            assert type(p.decode(await stale.recv())) is p.Welcome
+            await stale.send(wire.encode(wire.Hello(wire.PROTOCOL_VERSION, "test", "agent-x", ("demo",), 4)))
+            assert type(wire.decode(await stale.recv())) is wire.Welcome
             assert (await node_a.registry.view(instance_id))["agents"] == 1
 
             target = node_a if where == "same node" else node_b
@@ -234,7 +234,7 @@ async def test_reconnecting_agent_replaces_its_stale_session_at_once(redis_url, 
                         while True:
                             await stale.recv()
                 clock.lap("stale session closed")
-                assert closed.value.rcvd is not None and closed.value.rcvd.code == p.CloseCode.REPLACED
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == wire.CloseCode.REPLACED
 
                 view = await node_b.registry.view(instance_id)
                 assert view["status"] == "online" and view["agents"] == 1
@@ -273,7 +273,7 @@ async def test_no_request_reaches_a_reconnecting_agent_before_its_welcome(redis_
         registry.add_agent = slow_add_agent
         async with ws_connect(websocket_url(relay.url), additional_headers={"Authorization": f"Bearer {token}"},
                               ping_interval=None) as agent_ws:
-            await agent_ws.send(p.encode(p.Hello(p.PROTOCOL_VERSION, "test", "agent-y", ("demo",), 4)))
+            await agent_ws.send(wire.encode(wire.Hello(wire.PROTOCOL_VERSION, "test", "agent-y", ("demo",), 4)))
 
             async def caller() -> None:
                 await asyncio.sleep(0.15)
@@ -282,10 +282,10 @@ async def test_no_request_reaches_a_reconnecting_agent_before_its_welcome(redis_
 
             request = asyncio.create_task(caller())
             try:
-                first = p.decode(await asyncio.wait_for(agent_ws.recv(), 5))
-                assert type(first) is p.Welcome, f"the agent got {type(first).__name__} before its welcome"
-                second = p.decode(await asyncio.wait_for(agent_ws.recv(), 5))
-                assert type(second) is p.Request
+                first = wire.decode(await asyncio.wait_for(agent_ws.recv(), 5))
+                assert type(first) is wire.Welcome, f"the agent got {type(first).__name__} before its welcome"
+                second = wire.decode(await asyncio.wait_for(agent_ws.recv(), 5))
+                assert type(second) is wire.Request
             finally:
                 request.cancel()
                 with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):

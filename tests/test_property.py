@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from relay import protocol as p
+import wire
 from relay.api import validate
 from relay.errors import ValidationFailed
 from relay.limits import check_chat_request
@@ -45,12 +45,12 @@ TAGS = ["hello", "welcome", "request", "cancel", "end", "error", "ping", "pong",
 
 def decode_only_fails_with_protocol_error(message: str | bytes) -> None:
     try:
-        event = p.decode(message)
-    except p.ProtocolError as exc:
-        assert exc.close_code in set(p.CloseCode)
+        event = wire.decode(message)
+    except wire.ProtocolError as exc:
+        assert exc.close_code in set(wire.CloseCode)
     else:
         # Whatever decodes re-encodes to something that decodes to the same event.
-        assert p.decode(p.encode(event)) == event
+        assert wire.decode(wire.encode(event)) == event
 
 
 @settings(max_examples=300, deadline=None)

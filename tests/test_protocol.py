@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay import protocol as p
-from relay.protocol import (
+import wire
+from wire import (
     Cancel,
     CloseCode,
     Credit,
@@ -37,7 +37,7 @@ EVERY_MESSAGE = [
             stream=False, window=1024),
     Cancel(id=7, reason="client disconnected"),
     Data(id=7, payload=b'data: {"x": 1}\n\n'),
-    Data(id=p.MAX_STREAM_ID, payload=b""),
+    Data(id=wire.MAX_STREAM_ID, payload=b""),
     Credit(id=7, amount=4096),
     Credit(id=1, amount=2**32 - 1),
     End(id=7, usage={"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}, model="m1"),
@@ -52,8 +52,8 @@ EVERY_MESSAGE = [
 
 @pytest.mark.parametrize("event", EVERY_MESSAGE, ids=lambda e: type(e).__name__)
 def test_round_trip(event):
-    wire = p.encode(event)
-    assert p.decode(wire) == event
+    wire = wire.encode(event)
+    assert wire.decode(wire) == event
     # Hot-path frames are binary; control messages are JSON text.
     if type(event) in (Data, Credit):
         assert isinstance(wire, bytes)
@@ -64,20 +64,20 @@ def test_round_trip(event):
 
 def test_every_message_type_is_covered():
     covered = {type(e) for e in EVERY_MESSAGE}
-    assert covered == set(p.Event.__args__)  # type: ignore[attr-defined]
+    assert covered == set(wire.Event.__args__)  # type: ignore[attr-defined]
 
 
 def test_defaults_are_filled_when_optional_fields_are_absent():
-    assert p.decode('{"type": "request", "id": 3, "body": {}, "stream": true}') == Request(3, {}, True, p.DEFAULT_WINDOW)
-    assert p.decode('{"type": "cancel", "id": 3}') == Cancel(3, "cancelled")
-    assert p.decode('{"type": "ping"}') == Ping(0.0)
-    assert p.decode('{"type": "goaway"}') == GoAway("shutting down")
+    assert wire.decode('{"type": "request", "id": 3, "body": {}, "stream": true}') == Request(3, {}, True, wire.DEFAULT_WINDOW)
+    assert wire.decode('{"type": "cancel", "id": 3}') == Cancel(3, "cancelled")
+    assert wire.decode('{"type": "ping"}') == Ping(0.0)
+    assert wire.decode('{"type": "goaway"}') == GoAway("shutting down")
 
 
 def test_data_payload_is_not_interpreted():
     payload = bytes(range(256)) * 3
-    assert p.decode(p.encode_data(5, payload)) == Data(5, payload)
-    assert p.decode(memoryview(p.encode_data(5, payload))) == Data(5, payload)
+    assert wire.decode(wire.encode_data(5, payload)) == Data(5, payload)
+    assert wire.decode(memoryview(wire.encode_data(5, payload))) == Data(5, payload)
 
 
 def _hello(**changes):
@@ -158,21 +158,21 @@ MALFORMED = [
 @pytest.mark.parametrize("message", MALFORMED, ids=repr)
 def test_malformed_frames_raise_protocol_error(message):
     with pytest.raises(ProtocolError) as info:
-        p.decode(message)
+        wire.decode(message)
     assert info.value.close_code == CloseCode.PROTOCOL_ERROR
 
 
 @pytest.mark.parametrize("message", [None, 42, ["hello"], {"type": "ping"}])
 def test_non_message_types_raise_protocol_error(message):
     with pytest.raises(ProtocolError):
-        p.decode(message)  # type: ignore[arg-type]
+        wire.decode(message)  # type: ignore[arg-type]
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(st.binary(max_size=64), st.text(max_size=64)))
 def test_decode_of_arbitrary_input_raises_only_protocol_error(message):
     try:
-        p.decode(message)
+        wire.decode(message)
     except ProtocolError:
         pass
 
@@ -189,27 +189,27 @@ def test_decode_of_arbitrary_input_raises_only_protocol_error(message):
 def test_decode_of_arbitrary_control_objects_raises_only_protocol_error(obj):
     # JSON objects shaped almost like real messages reach the field validators.
     try:
-        p.decode(orjson.dumps(obj).decode())
+        wire.decode(orjson.dumps(obj).decode())
     except ProtocolError:
         pass
 
 
 def test_encode_rejects_non_events():
     with pytest.raises(TypeError):
-        p.encode({"type": "ping"})  # type: ignore[arg-type]
+        wire.encode({"type": "ping"})  # type: ignore[arg-type]
 
 
 # -- handshake version ---------------------------------------------------------
 
 
 def test_check_version_accepts_supported():
-    p.check_version(Hello(p.PROTOCOL_VERSION, "x", "a", ("m",), 1))
+    wire.check_version(Hello(wire.PROTOCOL_VERSION, "x", "a", ("m",), 1))
 
 
 @pytest.mark.parametrize("version", [0, 2, 99])
 def test_check_version_refuses_with_unsupported_version_close_code(version):
     with pytest.raises(ProtocolError) as info:
-        p.check_version(Hello(version, "x", "a", ("m",), 1))
+        wire.check_version(Hello(version, "x", "a", ("m",), 1))
     assert info.value.close_code == CloseCode.UNSUPPORTED_VERSION
     assert str(version) in str(info.value)
     assert "Upgrade" in str(info.value)
@@ -304,7 +304,7 @@ def test_no_credit_is_granted_to_a_finished_stream():
 
 
 def test_send_window_tracks_credit():
-    window = p.SendWindow(10)
+    window = wire.SendWindow(10)
     assert window.can_send
     window.sent(15)  # one frame may overshoot
     assert not window.can_send
@@ -315,8 +315,8 @@ def test_send_window_tracks_credit():
 
 
 def test_sse_helpers():
-    assert p.sse_event(b'{"a":1}') == b'data: {"a":1}\n\n'
-    assert p.SSE_DONE == b"data: [DONE]\n\n"
+    assert wire.sse_event(b'{"a":1}') == b'data: {"a":1}\n\n'
+    assert wire.SSE_DONE == b"data: [DONE]\n\n"
 
 
 def test_protocol_module_imports_no_io_stack():

@@ -1,0 +1,213 @@
+"""One request in flight, as the relay's HTTP side sees it, wherever its agent is.
+
+A :class:`Stream` is the wire protocol's stream machine
+(:class:`wire.StreamTracker`) plus a queue of what arrived for the HTTP
+response, over a :class:`StreamLink`: the agent's websocket when the agent
+is connected to this node (``sessions.AgentSession``), the bus to the node
+holding it otherwise (``crossnode.RemoteLink``).  The chat response reads
+the same interface either way: ``next``, ``consumed``, ``close``.
+
+Every ending goes through the machine: the agent's ``end``/``error``, the
+relay's own failures (:meth:`Stream.fail`), the caller leaving
+(:meth:`Stream.close`).  Whatever breaks on the way, including the link
+refusing a credit frame, turns into a ``StreamError`` in the queue, so the
+caller always gets an error event and the end of the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import Awaitable, Callable, Protocol, Union
+
+import anyio
+
+import wire
+
+log = logging.getLogger("relay.streams")
+
+#: What the queue holds: payload bytes, or the event that ended the stream.
+Item = Union[bytes, wire.End, wire.StreamError]
+
+#: Longest a shielded cleanup (cancel the agent's stream, give slots back) may
+#: take: cleanups must finish even when the caller is gone, but never hang.
+CLEANUP_TIMEOUT = 10.0
+
+
+def cleanup_scope() -> anyio.CancelScope:
+    """A cancel scope for cleanup that cancellation cannot interrupt, bounded in time."""
+    return anyio.CancelScope(shield=True, deadline=anyio.current_time() + CLEANUP_TIMEOUT)
+
+
+class LinkLost(Exception):
+    """The transport of a stream cannot carry frames any more (agent or node gone)."""
+
+
+class StreamLink(Protocol):
+    """Where a stream's credit and cancel frames go; raises :class:`LinkLost` when it cannot."""
+
+    async def send_credit(self, stream_id: int, amount: int) -> None: ...
+
+    async def send_cancel(self, stream_id: int, reason: str) -> None: ...
+
+    def forget(self, stream_id: int) -> None: ...
+
+    async def alive(self) -> bool:
+        """Checked when the stream has been silent a while: is the other end still there?"""
+        ...
+
+
+def split_items(items: list[Item]) -> tuple[bytes, wire.End | wire.StreamError | None]:
+    """Join the payloads of a backlog; return them with the final event, if any.
+
+    Whoever drains a stream writes everything queued in one go (one socket
+    write or one publish), then handles the end or error.
+    """
+    if len(items) == 1 and type(items[0]) is bytes:
+        return items[0], None  # the common case: one chunk, no copy
+    payload = bytearray()
+    last: wire.End | wire.StreamError | None = None
+    for item in items:
+        if type(item) is bytes:
+            payload += item
+        else:
+            last = item  # type: ignore[assignment]
+    return bytes(payload), last
+
+
+class Backlog:
+    """Items queued for one reader, and the one waiter the reader may be.
+
+    The feeder pushes without ever blocking; the reader takes everything
+    queued at once (so it can coalesce it into one write) or waits.
+    """
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: deque[Item] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+    def push(self, item: Item) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self, timeout: float | None) -> None:
+        """Return once something is queued; TimeoutError after ``timeout`` seconds."""
+        if self._items:
+            return
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._waiter
+        finally:
+            self._waiter = None
+
+    def take(self) -> list[Item]:
+        items = list(self._items)
+        self._items.clear()
+        return items
+
+
+class Stream:
+    """One request in flight: the machine, the queue, the link.
+
+    The queue cannot grow past the window plus one frame: the sender must
+    wait for credit, and the machine refuses a sender that does not.
+    """
+
+    __slots__ = ("id", "link", "tracker", "on_close", "check_every", "_items", "_closed")
+
+    def __init__(self, link: StreamLink, stream_id: int, window: int, *, check_every: float | None = None):
+        self.id = stream_id
+        self.link = link
+        self.tracker = wire.StreamTracker(stream_id, window)
+        #: Awaited once when the stream is closed (the router gives its slot back).
+        self.on_close: Callable[[], Awaitable[None]] | None = None
+        #: How long a silent stream waits before asking ``link.alive()`` (None: never).
+        self.check_every = check_every
+        self._items = Backlog()
+        self._closed = False
+
+    @property
+    def finished(self) -> bool:
+        return self.tracker.finished
+
+    # -- fed by the transport ----------------------------------------------------
+
+    def feed(self, event: wire.Data | wire.End | wire.StreamError) -> None:
+        """A frame from the sender; ProtocolError when it is illegal (the sender's fault)."""
+        self.tracker.receive(event)
+        self._items.push(event.payload if type(event) is wire.Data else event)  # type: ignore[union-attr]
+
+    def fail(self, status: int, message: str, code: str | None = None) -> None:
+        """End the stream from the relay's side (agent lost, node gone ...); idempotent."""
+        error = wire.StreamError(self.id, status, message, code)
+        if self.tracker.end_here(error):
+            self._items.push(error)
+
+    # -- drained by the HTTP response --------------------------------------------
+
+    async def next(self, timeout: float | None) -> list[Item]:
+        """Everything queued so far (at least one item), or TimeoutError.
+
+        Returning the whole backlog lets the response coalesce chunks already
+        waiting into one socket write without delaying a lone chunk.  A link
+        that can die silently (another node) is checked every ``check_every``
+        seconds of silence, and a dead one fails the stream.
+        """
+        if self.check_every is None or self._items:
+            await self._items.wait(timeout)
+            return self._items.take()
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while not self._items:
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError
+            slice_ = self.check_every if remaining is None else min(remaining, self.check_every)
+            try:
+                await self._items.wait(slice_)
+            except TimeoutError:
+                if not self._items and not await self.link.alive():
+                    self.fail(502, "the relay node holding the agent is gone", "agent_disconnected")
+        return self._items.take()
+
+    async def consumed(self, nbytes: int) -> None:
+        """The client took ``nbytes``: return credit to the sender when due.
+
+        Never raises: a link that cannot carry the credit fails the stream,
+        and the caller reads that as the stream's error and end.
+        """
+        grant = self.tracker.consumed(nbytes)
+        if not grant:
+            return
+        try:
+            await self.link.send_credit(self.id, grant)
+        except LinkLost as exc:
+            log.warning("stream %s: credit not delivered (%s); failing it", self.id, exc)
+            self.fail(502, f"lost the agent mid-stream: {exc}", "agent_disconnected")
+
+    async def close(self, reason: str = "client disconnected") -> None:
+        """Done with this stream, for whatever reason; idempotent.
+
+        A stream still running is cancelled at the agent (which aborts the
+        model's request); late frames for it are then dropped.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if self.tracker.end_here(wire.Cancel(self.id, reason)):
+            try:
+                await self.link.send_cancel(self.id, reason)
+            except LinkLost:
+                pass  # agent or node already gone: nothing left to cancel
+        self.link.forget(self.id)
+        if self.on_close is not None:
+            await self.on_close()
