@@ -37,7 +37,7 @@ from . import keys, logs
 from .errors import ServiceNotReady
 from .registry import AgentEntry, InstanceRegistry
 from .sessions import SessionManager
-from .streams import LinkLost, Stream, split_items
+from .streams import LinkLost, Stream, cleanup_scope, split_items
 
 log = logging.getLogger("relay.crossnode")
 
@@ -71,11 +71,13 @@ class RemoteLink:
 class _Served:
     """A stream this node's agent serves for another node (node B's side)."""
 
-    __slots__ = ("stream", "task")
+    __slots__ = ("stream", "task", "stopped_because")
 
     def __init__(self, stream: Stream, task: asyncio.Task[None]):
         self.stream = stream
         self.task = task
+        #: Set when this node stops the stream itself: the caller's node is told why.
+        self.stopped_because = ""
 
 
 class CrossNode:
@@ -157,6 +159,7 @@ class CrossNode:
         for remote in list(self.ingress.values()):
             remote.fail(502, "relay lost its message bus mid-stream; retry", "relay_unavailable")
         for served in list(self.egress.values()):
+            served.stopped_because = "the relay node holding the agent lost its message bus mid-stream; retry"
             served.task.cancel()
 
     async def kick(self, node: str, session: str) -> None:
@@ -232,15 +235,18 @@ class CrossNode:
             return
         task = asyncio.current_task()
         assert task is not None
-        self.egress[(reply, request.id)] = _Served(local, task)
+        served = self.egress[(reply, request.id)] = _Served(local, task)
         self.forwarded_in += 1
         try:
             await self._forward(reply, request.id, local)
         except (LinkLost, asyncio.CancelledError):
-            pass  # the caller's node went away, or the caller cancelled
+            pass  # the caller's node went away, the caller cancelled, or we stopped it
         finally:
             self.egress.pop((reply, request.id), None)
-            await asyncio.shield(local.close("caller's relay node cancelled"))
+            with cleanup_scope():
+                await local.close("caller's relay node cancelled")
+                if served.stopped_because:  # publishing may still work: tell the caller's node now
+                    await self._reply_error(reply, request.id, served.stopped_because, 502, "relay_unavailable")
 
     async def _forward(self, reply: str, stream_id: int, local: Stream) -> None:
         while True:
@@ -260,8 +266,9 @@ class CrossNode:
                 await self.send(reply, wire.StreamError(stream_id, last.status, last.message, last.code))
                 return
 
-    async def _reply_error(self, reply: str, stream_id: int, message: str) -> None:
+    async def _reply_error(self, reply: str, stream_id: int, message: str, status: int = 503,
+                           code: str = "instance_offline") -> None:
         try:
-            await self.send(reply, wire.StreamError(stream_id, 503, message, "instance_offline"))
+            await self.send(reply, wire.StreamError(stream_id, status, message, code))
         except LinkLost:
             pass

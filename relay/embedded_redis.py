@@ -163,9 +163,11 @@ class EmbeddedRedis:
 
 @contextlib.contextmanager
 def redis_for(settings: RelaySettings, data_subdir: str = "redis") -> Iterator[str]:
-    """Yield the Redis URL to use, starting an embedded server when none is given."""
+    """Yield the Redis URL to use, starting an embedded server when none is given.
+
+    (The app logs which Redis it uses once it has a node id to stamp the line with.)
+    """
     if settings.redis_url:
-        log.info("using external redis %s", safe_url(settings.redis_url))
         yield settings.redis_url
         return
     with EmbeddedRedis(Path(settings.data_dir) / data_subdir) as embedded:

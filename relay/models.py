@@ -14,10 +14,19 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 Role = Literal["system", "user", "assistant", "tool", "developer", "function"]
 
 
+#: What ``ContentPart``'s validator checks, said in its JSON schema too: a part of
+#: type ``text`` carries a ``text`` string; a part of any other type may have
+#: none, or ``null`` (an ``image_url`` part has no text).
+_TEXT_PART_RULE: dict[str, Any] = {
+    "if": {"properties": {"type": {"const": "text"}}, "required": ["type"]},
+    "then": {"properties": {"text": {"type": "string"}}, "required": ["text"]},
+}
+
+
 class ContentPart(BaseModel):
     """One part of a multi-part message (``text``, ``image_url``, ``input_audio`` ...)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", json_schema_extra=_TEXT_PART_RULE)
     type: str = Field(min_length=1)
     text: str | None = None
 
@@ -35,10 +44,26 @@ class Message(BaseModel):
     content: str | list[ContentPart] | None = None
 
 
+#: Token counts: JSON Schema counts ``2.0`` as an integer, and so does the relay
+#: (it passes on ``2``).  Larger than any signed 64-bit count is left alone
+#: (then refused as not an integer): the body must stay encodable for the agent.
+_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
+
+
+def _chat_request_schema(schema: dict[str, Any]) -> None:
+    # ``max_completion_tokens`` stays an extra field (forwarded as sent), but the
+    # relay checks it like ``max_tokens`` (relay.limits): say so in the document.
+    schema["properties"]["max_completion_tokens"] = {
+        "anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}],
+        "title": "Max Completion Tokens",
+        "description": "Like max_tokens (OpenAI's newer name); forwarded to the model as sent",
+    }
+
+
 class ChatRequest(BaseModel):
     """An OpenAI chat completion request, with the relay's defaults."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", json_schema_extra=_chat_request_schema)
 
     messages: list[Message] = Field(min_length=1)
     model: str | None = None
@@ -47,6 +72,16 @@ class ChatRequest(BaseModel):
     max_tokens: int = Field(default=2000, ge=1, strict=True)
     stream: bool = Field(default=True, strict=True)
     metadata: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_token_counts(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name in _TOKEN_FIELDS:
+                value = data.get(name)
+                if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+                    data = {**data, name: int(value)}
+        return data
 
     def upstream_body(self, model: str) -> dict[str, Any]:
         """The body the agent receives: everything the caller sent, defaults filled."""

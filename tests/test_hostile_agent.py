@@ -1,6 +1,6 @@
 """Hostile or buggy agents: every kind of bad frame is refused, and nobody else notices.
 
-A raw agent speaks the protocol by hand (``websockets`` + ``relay.protocol``)
+A raw agent speaks the protocol by hand (``websockets`` + ``wire``)
 and misbehaves in one way per connection, while a real agent of another
 instance streams answers to several callers at the same time.  Each bad
 agent must be closed with the right code, its own caller must get a clean
@@ -43,6 +43,7 @@ class RawAgent:
 
     def __init__(self, ws):
         self.ws = ws
+        self.welcome: wire.Welcome | None = None
 
     async def send(self, message: str | bytes) -> None:
         await self.ws.send(message)
@@ -65,7 +66,8 @@ class RawAgent:
 
 
 @contextlib.asynccontextmanager
-async def raw_agent(relay_url: str, token: str, *, hello: bool = True, agent_id: str = "raw") -> AsyncIterator[RawAgent]:
+async def raw_agent(relay_url: str, token: str, *, hello: bool = True, agent_id: str = "raw",
+                    hello_event: wire.Hello | None = None) -> AsyncIterator[RawAgent]:
     url = relay_url.replace("http://", "ws://") + "/api/agent/connect"
     async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {token}"},
                                   max_size=None, ping_interval=None, close_timeout=1) as ws:
@@ -73,8 +75,10 @@ async def raw_agent(relay_url: str, token: str, *, hello: bool = True, agent_id:
         if not hello:
             yield agent
             return
-        await ws.send(wire.encode(wire.Hello(wire.PROTOCOL_VERSION, "raw", agent_id, ("raw-model",), 4)))
-        assert type(wire.decode(await ws.recv())) is wire.Welcome
+        await ws.send(wire.encode(hello_event or wire.Hello(wire.PROTOCOL_VERSION, "raw", agent_id, ("raw-model",), 4)))
+        welcome = wire.decode(await ws.recv())
+        assert type(welcome) is wire.Welcome
+        agent.welcome = welcome
         heartbeat = asyncio.create_task(_heartbeat(ws))
         try:
             yield agent
@@ -124,7 +128,8 @@ BAD_FRAMES: list[tuple[str, str | bytes, int]] = [
 BAD_HANDSHAKES: list[tuple[str, str | bytes, int]] = [
     ("ping instead of hello", wire.encode(wire.Ping(1.0)), 1002),
     ("garbage instead of hello", b"\xff\xfe", 1002),
-    ("unsupported protocol version", wire.encode(wire.Hello(99, "raw", "raw", ("m",), 1)), 4001),
+    ("protocol too new for this relay", wire.encode(wire.Hello(99, "raw", "raw", ("m",), 1, min_protocol=99)), 4001),
+    ("protocol too old for this relay", wire.encode(wire.Hello(0, "raw", "raw", ("m",), 1, min_protocol=0)), 4001),
     ("hello without models", '{"type": "hello", "protocol": 1, "agent_version": "x", "agent_id": "a", '
                              '"models": [], "max_concurrency": 1}', 1002),
     ("hello with concurrency 0", '{"type": "hello", "protocol": 1, "agent_version": "x", "agent_id": "a", '
@@ -279,9 +284,9 @@ async def test_window_overrun_is_a_protocol_error():
     async def close(code, reason):
         pass
 
-    session = AgentSession(instance_id="i", hello=wire.Hello(1, "v", "a", ("m",), 1), send_text=send,
+    session = AgentSession(instance_id="i", hello=wire.Hello(1, "v", "a", ("m",), 1), protocol=1, send_text=send,
                            send_bytes=send, close=close, window=1000)
-    stream = await session.open_stream({"model": "m"}, stream=True)
+    stream = await session.open_stream(wire.OP_CHAT, {"model": "m"}, stream=True)
     await session.receive(wire.encode_data(stream.id, b"x" * 1000))  # the whole window, no credit yet
     with pytest.raises(wire.ProtocolError, match="window"):
         await session.receive(wire.encode_data(stream.id, b"x"))

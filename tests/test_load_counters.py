@@ -21,6 +21,6 @@ async def test_a_finished_stream_marks_its_agent_for_reconciliation(redis_url, r
             assert session.load_dirty and not session.streams
             # Simulate a node that died before giving its slot back.
             await redis.hincrby(keys.load(instance_id), session.session_id, 3)
-            await relay.app.state.node.tick()
+            await relay.app.state.presence.tick()
             assert await redis.hget(keys.load(instance_id), session.session_id) is None
             assert not session.load_dirty

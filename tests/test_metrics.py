@@ -144,7 +144,7 @@ async def test_cross_node_forwards_and_per_app_registries(redis_url):
     assert value(a, "relay_connected_agents") == 1
     assert value(a, "relay_relayed_chunks_total") > 0
     assert value(a, "relay_requests_total", endpoint="chat", status="200") == 0
-    assert value(a, "relay_node_info", node_id=node_a.app.state.node.node_id, version="0.1.0") == 1
+    assert value(a, "relay_node_info", node_id=node_a.app.state.node.node_id, version=wire.__version__) == 1
 
 
 async def _forwarded_in(client: httpx.AsyncClient) -> bool:

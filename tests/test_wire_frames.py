@@ -1,4 +1,4 @@
-"""The sans-I/O wire protocol on its own: encode/decode, validation, stream state."""
+"""The wire protocol's frames on their own: exact bytes, decode/validation, versions."""
 
 from __future__ import annotations
 
@@ -18,48 +18,50 @@ from wire import (
     End,
     GoAway,
     Hello,
+    Kick,
     Ping,
     Pong,
     ProtocolError,
     Request,
     StreamError,
-    StreamState,
-    StreamTracker,
     Welcome,
 )
+from wire import frames
 
 # One example of every message type, with non-default values wherever a field
 # has a default, so a field dropped by encode or decode cannot go unnoticed.
 EVERY_MESSAGE = [
-    Hello(protocol=1, agent_version="0.1.0", agent_id="agent-1", models=("m1", "m2"), max_concurrency=4),
-    Welcome(protocol=1, instance_id="abc", node_id="node-1", heartbeat_interval=2.5, chat_url="http://x/api/chat/abc"),
+    Hello(protocol=2, agent_version="0.1.0", agent_id="agent-1", models=("m1", "m2"), max_concurrency=4,
+          capabilities=("chat", "images"), min_protocol=2),
+    Welcome(protocol=2, instance_id="abc", node_id="node-1", heartbeat_interval=2.5, chat_url="http://x/api/chat/abc",
+            latest_agent_version="0.9.1"),
     Request(id=7, body={"model": "m1", "messages": [{"role": "user", "content": "hi"}], "metadata": {"k": [1]}},
-            stream=False, window=1024),
+            stream=False, window=1024, op="images", request_id="req-1"),
     Cancel(id=7, reason="client disconnected"),
     Data(id=7, payload=b'data: {"x": 1}\n\n'),
     Data(id=wire.MAX_STREAM_ID, payload=b""),
     Credit(id=7, amount=4096),
     Credit(id=1, amount=2**32 - 1),
-    End(id=7, usage={"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}, model="m1"),
     End(id=8),
     StreamError(id=7, status=502, message="model server: boom", code="upstream_error"),
     StreamError(id=9, status=400, message="bad"),
     Ping(ts=1234.5),
     Pong(ts=1234.5),
     GoAway(reason="draining"),
+    Kick(reason="replaced"),
 ]
 
 
 @pytest.mark.parametrize("event", EVERY_MESSAGE, ids=lambda e: type(e).__name__)
 def test_round_trip(event):
-    wire = wire.encode(event)
-    assert wire.decode(wire) == event
+    encoded = wire.encode(event)
+    assert wire.decode(encoded) == event
     # Hot-path frames are binary; control messages are JSON text.
     if type(event) in (Data, Credit):
-        assert isinstance(wire, bytes)
+        assert isinstance(encoded, bytes)
     else:
-        assert isinstance(wire, str)
-        assert orjson.loads(wire)["type"]
+        assert isinstance(encoded, str)
+        assert orjson.loads(encoded)["type"]
 
 
 def test_every_message_type_is_covered():
@@ -67,8 +69,59 @@ def test_every_message_type_is_covered():
     assert covered == set(wire.Event.__args__)  # type: ignore[attr-defined]
 
 
+# The exact bytes of every frame type: a renamed field, a reordered header or a
+# changed tag breaks every agent in the field, so it must break a test first.
+EXACT = [
+    (Hello(2, "0.2.0", "a1", ("m",), 4, ("chat",), 1),
+     '{"type":"hello","protocol":2,"agent_version":"0.2.0","agent_id":"a1","models":["m"],"max_concurrency":4,'
+     '"capabilities":["chat"],"min_protocol":1}'),
+    (Welcome(2, "i1", "n1", 5.0, "http://r/api/chat/i1", "0.2.0"),
+     '{"type":"welcome","protocol":2,"instance_id":"i1","node_id":"n1","heartbeat_interval":5.0,'
+     '"chat_url":"http://r/api/chat/i1","latest_agent_version":"0.2.0"}'),
+    (Request(3, {"model": "m"}, True, 65536, "chat", "r9"),
+     '{"type":"request","id":3,"body":{"model":"m"},"stream":true,"window":65536,"op":"chat","request_id":"r9"}'),
+    (Cancel(3, "client disconnected"), '{"type":"cancel","id":3,"reason":"client disconnected"}'),
+    (End(3), '{"type":"end","id":3}'),
+    (StreamError(3, 502, "boom", "upstream_error"),
+     '{"type":"error","id":3,"status":502,"message":"boom","code":"upstream_error"}'),
+    (Ping(1.5), '{"type":"ping","ts":1.5}'),
+    (Pong(1.5), '{"type":"pong","ts":1.5}'),
+    (GoAway("bye"), '{"type":"goaway","reason":"bye"}'),
+    (Kick("replaced"), '{"type":"kick","reason":"replaced"}'),
+    (Data(3, b"data: x\n\n"), b"\x01\x00\x00\x00\x03data: x\n\n"),
+    (Credit(258, 65536), b"\x02\x00\x00\x01\x02\x00\x01\x00\x00"),
+]
+
+
+@pytest.mark.parametrize("event, expected", EXACT, ids=lambda x: type(x).__name__)
+def test_exact_encoding_of_every_frame_type(event, expected):
+    assert wire.encode(event) == expected
+    assert wire.decode(expected) == event
+    if isinstance(expected, str):  # the bus carries control frames as bytes
+        assert wire.decode(expected.encode()) == event
+
+
+def test_exact_encoding_covers_every_frame_type():
+    assert {type(e) for e, _ in EXACT} == set(wire.Event.__args__)  # type: ignore[attr-defined]
+
+
+def test_a_version_1_hello_means_chat_only():
+    v1 = wire.decode('{"type": "hello", "protocol": 1, "agent_version": "0.1.0", "agent_id": "a", '
+                     '"models": ["m"], "max_concurrency": 2}')
+    assert v1 == Hello(1, "0.1.0", "a", ("m",), 2, ("chat",), 1)
+    assert wire.negotiate(v1) == 1
+
+
+def test_fields_a_side_does_not_know_are_ignored():
+    # How version-1 agents read version-2 requests, and how an End with the
+    # usage an old agent sends is still read.
+    assert wire.decode('{"type": "end", "id": 4, "usage": {"total_tokens": 3}, "model": "m"}') == End(4)
+    assert wire.decode('{"type": "cancel", "id": 4, "future": [1, 2]}') == Cancel(4)
+
+
 def test_defaults_are_filled_when_optional_fields_are_absent():
-    assert wire.decode('{"type": "request", "id": 3, "body": {}, "stream": true}') == Request(3, {}, True, wire.DEFAULT_WINDOW)
+    assert wire.decode('{"type": "request", "id": 3, "body": {}, "stream": true}') == Request(
+        3, {}, True, wire.DEFAULT_WINDOW, "chat", "")
     assert wire.decode('{"type": "cancel", "id": 3}') == Cancel(3, "cancelled")
     assert wire.decode('{"type": "ping"}') == Ping(0.0)
     assert wire.decode('{"type": "goaway"}') == GoAway("shutting down")
@@ -125,8 +178,14 @@ MALFORMED = [
     '{"type": "error", "id": 1, "status": "500", "message": "x"}',
     '{"type": "error", "id": 1, "status": 500, "message": null}',
     '{"type": "error", "id": 1, "status": 500, "message": "x", "code": 3}',
-    '{"type": "end", "id": 1, "usage": []}',
-    '{"type": "end", "id": 1, "model": 3}',
+    '{"type": "request", "id": 1, "body": {}, "stream": true, "op": ""}',
+    '{"type": "request", "id": 1, "body": {}, "stream": true, "op": 3}',
+    '{"type": "request", "id": 1, "body": {}, "stream": true, "request_id": 3}',
+    '{"type": "welcome", "protocol": 2, "instance_id": "a", "node_id": "n", "heartbeat_interval": 1, '
+    '"latest_agent_version": 2}',
+    '{"type": "kick", "reason": 1}',
+    _hello(capabilities=[]), _hello(capabilities="chat"), _hello(capabilities=[""]), _hello(capabilities=[1]),
+    _hello(capabilities=["c"] * 33), _hello(min_protocol="1"), _hello(protocol=1, min_protocol=2),
     '{"type": "ping", "ts": "now"}',
     '{"type": "ping", "ts": true}',
     '{"type": "pong", "ts": null}',
@@ -181,8 +240,9 @@ def test_decode_of_arbitrary_input_raises_only_protocol_error(message):
 @given(st.dictionaries(
     st.sampled_from(["type", "id", "body", "stream", "window", "status", "message", "code", "usage", "model",
                      "reason", "ts", "protocol", "agent_version", "agent_id", "models", "max_concurrency",
-                     "instance_id", "node_id", "heartbeat_interval", "chat_url"]),
-    st.one_of(st.sampled_from(list(p._CONTROL_TYPES)), st.none(), st.booleans(),
+                     "instance_id", "node_id", "heartbeat_interval", "chat_url", "capabilities", "min_protocol",
+                     "op", "request_id", "latest_agent_version"]),
+    st.one_of(st.sampled_from(list(frames._CONTROL_TYPES)), st.none(), st.booleans(),
               st.integers(-2**40, 2**40), st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=8),
               st.lists(st.text(max_size=3), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(-2**40, 2**40), max_size=2)),
 ))
@@ -199,119 +259,33 @@ def test_encode_rejects_non_events():
         wire.encode({"type": "ping"})  # type: ignore[arg-type]
 
 
-# -- handshake version ---------------------------------------------------------
+# -- versions -----------------------------------------------------------------
 
 
-def test_check_version_accepts_supported():
-    wire.check_version(Hello(wire.PROTOCOL_VERSION, "x", "a", ("m",), 1))
+@pytest.mark.parametrize("speaks, agreed", [((1, 1), 1), ((1, 2), 2), ((2, 2), 2), ((1, 7), 2), ((2, 9), 2)])
+def test_negotiate_picks_the_newest_version_both_speak(speaks, agreed):
+    low, high = speaks
+    assert wire.negotiate(Hello(high, "x", "a", ("m",), 1, min_protocol=low)) == agreed
 
 
-@pytest.mark.parametrize("version", [0, 2, 99])
-def test_check_version_refuses_with_unsupported_version_close_code(version):
-    with pytest.raises(ProtocolError) as info:
-        wire.check_version(Hello(version, "x", "a", ("m",), 1))
-    assert info.value.close_code == CloseCode.UNSUPPORTED_VERSION
-    assert str(version) in str(info.value)
-    assert "Upgrade" in str(info.value)
+def test_negotiate_names_the_side_to_upgrade():
+    with pytest.raises(ProtocolError) as old_agent:
+        wire.negotiate(Hello(0, "x", "a", ("m",), 1, min_protocol=0))
+    assert old_agent.value.close_code == CloseCode.UNSUPPORTED_VERSION
+    assert "upgrade the agent" in str(old_agent.value)
+    with pytest.raises(ProtocolError) as old_relay:
+        wire.negotiate(Hello(5, "x", "a", ("m",), 1, min_protocol=3))
+    assert old_relay.value.close_code == CloseCode.UNSUPPORTED_VERSION
+    assert "upgrade the relay" in str(old_relay.value)
+    # A relay that speaks only version 1 cannot serve an agent that needs 2.
+    with pytest.raises(ProtocolError, match="upgrade the relay"):
+        wire.negotiate(Hello(2, "x", "a", ("m",), 1, min_protocol=2), supported=frozenset({1}))
 
 
-# -- stream state ----------------------------------------------------------------
-
-DATA, END, ERROR, CANCEL = Data(1, b"x"), End(1), StreamError(1, 500, "e"), Cancel(1)
-
-TRANSITIONS = [
-    (StreamState.OPEN, DATA, StreamState.STREAMING),
-    (StreamState.OPEN, END, StreamState.ENDED),
-    (StreamState.OPEN, ERROR, StreamState.FAILED),
-    (StreamState.OPEN, CANCEL, StreamState.CANCELLED),
-    (StreamState.STREAMING, DATA, StreamState.STREAMING),
-    (StreamState.STREAMING, END, StreamState.ENDED),
-    (StreamState.STREAMING, ERROR, StreamState.FAILED),
-    (StreamState.STREAMING, CANCEL, StreamState.CANCELLED),
-]
-_ALLOWED = {(s, type(e)) for s, e, _ in TRANSITIONS}
-ILLEGAL = [
-    (state, event)
-    for state in StreamState
-    for event in (DATA, END, ERROR, CANCEL)
-    if (state, type(event)) not in _ALLOWED
-]
-
-
-@pytest.mark.parametrize("state, event, expected", TRANSITIONS, ids=lambda x: getattr(x, "name", type(x).__name__))
-def test_legal_transitions(state, event, expected):
-    tracker = StreamTracker(1, window=100, state=state)
-    assert tracker.receive(event) is expected
-    assert tracker.state is expected
-
-
-@pytest.mark.parametrize("state, event", ILLEGAL, ids=lambda x: getattr(x, "name", type(x).__name__))
-def test_illegal_transitions_raise(state, event):
-    assert state.finished  # only finished streams refuse events
-    tracker = StreamTracker(1, window=100, state=state)
-    with pytest.raises(ProtocolError):
-        tracker.receive(event)
-    assert tracker.state is state
-
-
-def test_finished_states():
-    assert {s for s in StreamState if s.finished} == {StreamState.ENDED, StreamState.FAILED, StreamState.CANCELLED}
-
-
-def test_window_overshoot_by_more_than_one_frame_is_a_protocol_error():
-    tracker = StreamTracker(1, window=10)
-    tracker.receive(Data(1, b"x" * 8))  # 8 of 10
-    tracker.receive(Data(1, b"x" * 8))  # credit was left: may overshoot by one frame (16)
-    assert tracker.unacked == 16
-    with pytest.raises(ProtocolError):
-        tracker.receive(Data(1, b"x"))  # no credit left at all
-
-
-def test_consumed_bytes_reopen_the_window():
-    tracker = StreamTracker(1, window=10)
-    tracker.receive(Data(1, b"x" * 10))
-    with pytest.raises(ProtocolError):
-        tracker.receive(Data(1, b"x"))
-    tracker = StreamTracker(1, window=10)
-    tracker.receive(Data(1, b"x" * 10))
-    tracker.consumed(4)
-    assert tracker.unacked == 6
-    tracker.receive(Data(1, b"x" * 4))
-    assert tracker.unacked == 10
-
-
-def test_a_single_frame_larger_than_the_window_is_allowed():
-    tracker = StreamTracker(1, window=10)
-    tracker.receive(Data(1, b"x" * 1000))
-    assert tracker.state is StreamState.STREAMING
-
-
-def test_credit_is_granted_in_batches_of_half_a_window():
-    tracker = StreamTracker(1, window=100)
-    tracker.receive(Data(1, b"x" * 100))
-    assert [tracker.consumed(10) for _ in range(4)] == [0, 0, 0, 0]
-    assert tracker.consumed(10) == 50  # 50 consumed: half a window, grant it all
-    assert tracker.consumed(49) == 0
-    assert tracker.consumed(1) == 50
-    assert tracker.unacked == 0
-
-
-def test_no_credit_is_granted_to_a_finished_stream():
-    tracker = StreamTracker(1, window=100)
-    tracker.receive(Data(1, b"x" * 100))
-    tracker.receive(End(1))
-    assert tracker.consumed(100) == 0
-
-
-def test_send_window_tracks_credit():
-    window = wire.SendWindow(10)
-    assert window.can_send
-    window.sent(15)  # one frame may overshoot
-    assert not window.can_send
-    window.grant(5)
-    assert not window.can_send
-    window.grant(1)
-    assert window.can_send and window.credit == 1
+@pytest.mark.parametrize("text, parsed", [("0.2.0", (0, 2, 0)), ("1.10", (1, 10)), ("0.3.0rc1", (0, 3, 0)),
+                                          ("2.0.dev4", (2, 0)), ("", ()), ("x", ())])
+def test_parse_version(text, parsed):
+    assert wire.parse_version(text) == parsed
 
 
 def test_sse_helpers():
@@ -319,10 +293,34 @@ def test_sse_helpers():
     assert wire.SSE_DONE == b"data: [DONE]\n\n"
 
 
-def test_protocol_module_imports_no_io_stack():
+@pytest.mark.parametrize("payload, message", [
+    (b'{"error": {"message": "model not found", "type": "x"}}', "model not found"),
+    (b'{"error": "plain text error"}', "plain text error"),
+    ({"error": {"message": "as dict"}}, "as dict"),
+    (b'{"error": {"message": 5}}', None),
+    (b'{"choices": []}', None),
+    (b"<html>502</html>", None),
+    (b"[1]", None),
+])
+def test_error_message_of_openai_error_bodies(payload, message):
+    assert wire.error_message(payload) == message
+
+
+def test_redaction_agrees_on_every_secret_shape():
+    from wire import redaction
+
+    text = ("agent ira_" + "a" * 40 + " key irk_" + "b" * 40 + " upstream sk-" + "c" * 40
+            + " header Bearer xyz.123")
+    redacted = redaction.redact(text)
+    assert "a" * 40 not in redacted and "b" * 40 not in redacted and "c" * 40 not in redacted
+    assert "xyz.123" not in redacted and redacted.count(redaction.REDACTED) == 4
+
+
+def test_wire_imports_nothing_of_either_side_nor_the_io_stack():
     import subprocess
     import sys
 
-    code = "import sys, relay.protocol; print(sorted(m for m in ('starlette','uvicorn','redis','websockets','httpx','anyio') if m in sys.modules))"
+    code = ("import sys, wire; print(sorted(m for m in ('relay', 'agent', 'starlette', 'uvicorn', 'redis', "
+            "'websockets', 'httpx', 'anyio') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

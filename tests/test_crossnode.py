@@ -1,0 +1,160 @@
+"""Cross-node streams with real Redis pub/sub: frames in, frames out, nothing fatal.
+
+Two in-process relay nodes share the session's Redis; the agent sits on
+node B and callers talk to node A, so every stream crosses the bus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+import wire
+from relay import keys
+from relay.crossnode import CrossNode, RemoteLink
+from relay.registry import InstanceRegistry
+from relay.sessions import SessionManager
+from relay.streams import Stream
+from tests.helpers import running_agent, running_relay, sse_lines, wait_until
+
+pytestmark = pytest.mark.anyio
+
+GARBAGE = [
+    b"",
+    b"x",
+    b"I",
+    b"I\x07\x05nodeA\x00{}",  # unknown envelope version
+    b"I\x01\xffnodeA",  # truncated
+    b"I\x01\x05nodeA\x00{not json",
+    b"I\x01\x05nodeA\x00" + orjson.dumps({"type": "error", "id": 1, "status": "x", "message": 1}),
+    b"I\x01\x05nodeA\x00" + orjson.dumps({"type": "hello", "protocol": 2}),
+    # well-formed, but not a cross-node frame, or for streams that do not exist
+    wire.encode_envelope("nodeZ", wire.Hello(2, "x", "a", ("m",), 1)),
+    wire.encode_envelope("nodeZ", wire.Ping(1.0)),
+    wire.encode_envelope("nodeZ", wire.Data(999, b"data: {}\n\n")),
+    wire.encode_envelope("nodeZ", wire.StreamError(999, 502, "x")),
+    wire.encode_envelope("nodeZ", wire.Credit(999, 10)),
+    wire.encode_envelope("nodeZ", wire.Cancel(999)),
+    wire.encode_envelope("nodeZ", wire.Kick(), "no-such-session"),
+    # a request for a session that is not here: answered with an error to a node that is not there
+    wire.encode_envelope("nodeZ", wire.Request(1, {"model": "m"}, True), "no-such-session"),
+    # the old unversioned 0.1 codec
+    b"O" + b"0" * 16 + b'{"iid": "x"}',
+    b"C" + b"0" * 16 + b"not a number",
+    b"X" + b"0" * 16 + b"{}",
+]
+
+
+async def test_malformed_cross_node_messages_are_dropped_and_the_node_keeps_working(redis_url, caplog):
+    # Bug: one malformed message (orjson.loads, int(...), err["status"]
+    # unguarded) escaped the pub/sub loop into the task group that also runs
+    # the heartbeat and lease renewal.
+    async with running_relay(redis_url) as node_a, running_relay(redis_url) as node_b:
+        instance_id, token = await node_a.register()
+        async with running_agent(node_b.url, token), node_a.client() as client:
+            redis = Redis.from_url(redis_url)
+            try:
+                for message in GARBAGE:
+                    await redis.publish(keys.inbox(node_a.app.state.node.node_id), message)
+                    await redis.publish(keys.inbox(node_b.app.state.node.node_id), message)
+                # Node A still serves a stream that crosses to node B, after all of it.
+                for _ in range(3):
+                    response = await client.post(f"/api/chat/{instance_id}",
+                                                 json={"messages": [{"role": "user", "content": "still there?"}]})
+                    assert response.status_code == 200
+                    assert (await sse_lines(response))[-1] == "[DONE]"
+                assert node_a.app.state.bus.forwarded_out >= 3
+                # Both nodes' housekeeping still runs: their liveness keys get refreshed.
+                for node in (node_a, node_b):
+                    key = keys.node(node.app.state.node.node_id)
+                    before = await redis.get(key)
+                    await wait_until(lambda: _changed(redis, key, before), timeout=10, what="node key refreshed")
+            finally:
+                await redis.aclose()
+    assert any("dropping malformed cross-node message" in r.getMessage() for r in caplog.records)
+
+
+async def _changed(redis: Redis, key: str, before: bytes | None) -> bool:
+    return (await redis.get(key)) not in (None, before)
+
+
+async def test_a_credit_that_cannot_be_published_fails_the_stream(redis):
+    # Bug: publishing a credit to the agent's node failed (that node gone) and
+    # the caller's stream just stopped.  Now the stream fails, so the caller
+    # reads an error event and the end.
+    registry = InstanceRegistry(redis, heartbeat_timeout=1.0, base_url="http://relay")
+    bus = CrossNode(redis, "node-a", SessionManager(), registry, heartbeat_timeout=1.0, window=100)
+    stream = Stream(RemoteLink(bus, "node-nobody-listens-to"), 1, 100)
+    stream.feed(wire.Data(1, b"x" * 60))
+    assert await stream.next(1) == [b"x" * 60]
+    await stream.consumed(60)  # due a credit; PUBLISH reaches no subscriber
+    (error,) = await stream.next(1)
+    assert type(error) is wire.StreamError and error.code == "agent_disconnected"
+    assert "is gone" in error.message
+
+
+async def test_the_frames_on_the_bus_are_the_agent_frames(redis_url):
+    """Watch the inbox of node A while a stream crosses: request out, data and end back, all enveloped."""
+    async with running_relay(redis_url) as node_a, running_relay(redis_url) as node_b:
+        instance_id, token = await node_a.register()
+        a_id, b_id = node_a.app.state.node.node_id, node_b.app.state.node.node_id
+        redis = Redis.from_url(redis_url)
+        pubsub = redis.pubsub()
+        await pubsub.subscribe(keys.inbox(a_id), keys.inbox(b_id))
+        try:
+            async with running_agent(node_b.url, token), node_a.client() as client:
+                response = await client.post(f"/api/chat/{instance_id}", json={
+                    "stream": False, "messages": [{"role": "user", "content": "x"}]})
+                assert response.status_code == 200
+            seen: list[tuple[str, wire.Envelope]] = []
+
+            async def collect() -> bool:
+                while (message := await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)):
+                    seen.append((message["channel"].decode(), wire.decode_envelope(message["data"])))
+                return any(type(e.event) is wire.End for _, e in seen)
+
+            await wait_until(collect, timeout=5, what="the end frame on the bus")
+        finally:
+            await pubsub.aclose()
+            await redis.aclose()
+    to_b = [e for channel, e in seen if channel == keys.inbox(b_id)]
+    to_a = [e for channel, e in seen if channel == keys.inbox(a_id)]
+    request = next(e for e in to_b if type(e.event) is wire.Request)
+    assert request.sender == a_id and request.session and request.event.op == "chat"
+    assert request.event.body["messages"] == [{"role": "user", "content": "x"}]
+    kinds = [type(e.event) for e in to_a]
+    assert kinds[0] is wire.Data and kinds[-1] is wire.End and {e.sender for e in to_a} == {b_id}
+    assert b'"chat.completion"' in b"".join(e.event.payload for e in to_a if type(e.event) is wire.Data)
+
+
+async def test_a_handler_that_fails_does_not_end_the_subscription(redis_url):
+    from relay.subscriber import Subscriber
+
+    redis = Redis.from_url(redis_url)
+    got: list[bytes] = []
+
+    def handler(data: bytes) -> None:
+        if data == b"boom":
+            raise ValueError("a bug in a handler")
+        got.append(data)
+
+    async def subscribed(again: bool) -> None:
+        pass
+
+    subscriber = Subscriber(redis, {"ch": handler}, on_subscribed=subscribed, on_lost=lambda: None)
+    task = asyncio.create_task(subscriber.run())
+    try:
+        await asyncio.wait_for(subscriber.listening.wait(), 5)
+        await redis.publish("ch", b"boom")
+        await redis.publish("ch", b"after")
+        await wait_until(lambda: _true(got == [b"after"]), timeout=5, what="the message after the bad one")
+    finally:
+        task.cancel()
+        await redis.aclose()
+
+
+async def _true(value: bool) -> bool:
+    return value
