@@ -1,0 +1,110 @@
+"""The router's choice: which agent a request goes to, decided by one Redis script.
+
+Entries are written straight into a real Redis, so each case states exactly
+which agents exist, on which nodes, how busy they are and what they can do.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from relay import keys
+from relay.errors import InstanceUnavailable, NotFound, OperationUnsupported
+from relay.registry import AgentEntry, InstanceRegistry
+from relay.router import no_agent
+
+pytestmark = pytest.mark.anyio
+
+INSTANCE = "inst1"
+
+
+@pytest.fixture
+async def registry(redis):
+    registry = InstanceRegistry(redis, heartbeat_timeout=30.0, base_url="http://relay")
+    await redis.hset(keys.instance(INSTANCE), mapping={"name": "x", "created_at": "0"})
+    return registry
+
+
+async def add(redis, agent_id: str, node: str = "n1", *, concurrency: int = 2, inflight: int = 0,
+              capabilities: tuple[str, ...] = ("chat",), alive: bool = True) -> AgentEntry:
+    entry = AgentEntry(agent_id, node, f"s-{agent_id}", concurrency, ("m",), 0.0, capabilities)
+    await redis.hset(keys.agents(INSTANCE), agent_id, entry.encode())
+    if inflight:
+        await redis.hset(keys.load(INSTANCE), entry.session, inflight)
+    if alive:
+        await redis.set(keys.node(node), "1")
+    return entry
+
+
+async def picks(registry, n: int, op: str = "chat", exclude: tuple[str, ...] = ()) -> list[str | None]:
+    out = []
+    for _ in range(n):
+        verdict, entry = await registry.pick_agent(INSTANCE, op, exclude)
+        out.append(entry.agent_id if entry else verdict)
+    return out
+
+
+async def test_the_least_busy_agent_relative_to_its_concurrency_wins(registry, redis):
+    await add(redis, "big", concurrency=10, inflight=4)  # 40 % busy
+    await add(redis, "small", concurrency=2, inflight=1)  # 50 % busy
+    assert await picks(registry, 1) == ["big"]
+    assert int(await redis.hget(keys.load(INSTANCE), "s-big")) == 5  # the pick took the slot
+
+
+async def test_agents_at_capacity_are_skipped_then_busy(registry, redis):
+    await add(redis, "a", concurrency=1, inflight=1)
+    await add(redis, "b", concurrency=2)
+    assert await picks(registry, 3) == ["b", "b", "busy"]
+    await registry.release_agent(INSTANCE, "s-b")
+    assert await picks(registry, 1) == ["b"]
+
+
+async def test_ties_go_round(registry, redis):
+    for name in ("a", "b", "c"):
+        await add(redis, name, concurrency=100)
+    chosen = await picks(registry, 30)
+    assert set(chosen) == {"a", "b", "c"}  # each replica gets requests, even one at a time
+
+
+async def test_only_agents_that_can_run_the_operation(registry, redis):
+    await add(redis, "chatter", capabilities=("chat",))
+    await add(redis, "painter", capabilities=("images",))
+    assert await picks(registry, 2, "images") == ["painter", "painter"]
+    assert await picks(registry, 2, "chat") == ["chatter", "chatter"]
+    assert await picks(registry, 1, "transcribe") == ["incapable"]
+
+
+async def test_an_entry_without_capabilities_is_a_chat_only_agent(registry, redis):
+    # Entries written by 0.1 relays during a rolling upgrade carry no capabilities.
+    await redis.hset(keys.agents(INSTANCE), "old", b'{"node":"n1","session":"s-old","max_concurrency":1,'
+                                                   b'"models":["m"],"connected_at":0}')
+    await redis.set(keys.node("n1"), "1")
+    assert await picks(registry, 1, "chat") == ["old"]
+    assert await picks(registry, 1, "images") == ["incapable"]
+    (entry,) = await registry.live_agents(INSTANCE)
+    assert entry.capabilities == ("chat",)
+
+
+async def test_excluded_nodes_and_dead_nodes(registry, redis):
+    await add(redis, "on-gone-node", node="n-gone", alive=False)
+    await add(redis, "on-excluded", node="n2")
+    assert await picks(registry, 1, exclude=("n2",)) == ["offline"]
+    # The dead node's entry was swept on the way, with its load counter.
+    assert await redis.hkeys(keys.agents(INSTANCE)) == [b"on-excluded"]
+    assert await picks(registry, 1) == ["on-excluded"]
+
+
+async def test_unknown_and_offline_instances(registry, redis):
+    assert (await registry.pick_agent("nope"))[0] == "missing"
+    assert (await registry.pick_agent(INSTANCE))[0] == "offline"
+
+
+@pytest.mark.parametrize("verdict, error, status", [
+    ("missing", NotFound, 404), ("offline", InstanceUnavailable, 503), ("busy", InstanceUnavailable, 503),
+    ("incapable", OperationUnsupported, 501),
+])
+def test_each_verdict_has_its_error(verdict, error, status):
+    exc = no_agent(INSTANCE, "chat", verdict)
+    assert isinstance(exc, error) and exc.status == status
+    if verdict == "busy":
+        assert exc.headers["Retry-After"] == "1" and exc.code == "instance_at_capacity"
