@@ -101,6 +101,11 @@ class AgentClient:
         #: Operations this agent can run, declared in its hello (protocol 2).
         self.capabilities = tuple(getattr(backend, "capabilities", (wire.OP_CHAT,)))
         self.protocol = wire.PROTOCOL_VERSION  # the version agreed with the relay
+        #: The newest version the next hello offers.  A relay older than this
+        #: agent reads only that number and refuses one it does not speak
+        #: (4001), so after such a refusal the agent offers the one before.
+        self._offer = wire.PROTOCOL_VERSION
+        self._retry_now = False
         self.max_backoff = max_backoff
         self.agent_id = uuid.uuid4().hex  # stable across reconnects of this process
         self.status = AgentStatus(relay_url=self.relay_urls[0])
@@ -126,6 +131,10 @@ class AgentClient:
         while True:
             started = time.monotonic()
             reason = await self._connect_once()
+            if self._retry_now:  # same relay, an older protocol: no backoff, no other URL
+                self._retry_now = False
+                self.on_status(reason)
+                continue
             if time.monotonic() - started >= HEALTHY_AFTER or reason == "relay going away":
                 delays = backoff_delays(cap=self.max_backoff)
             delay = next(delays)
@@ -179,6 +188,11 @@ class AgentClient:
     def _closed_reason(self, exc: ConnectionClosed) -> str:
         rcvd = exc.rcvd
         code, reason = (rcvd.code, rcvd.reason) if rcvd else (None, "")
+        if code == wire.CloseCode.UNSUPPORTED_VERSION and not self.status.connected \
+                and self._offer > min(wire.SUPPORTED_VERSIONS):
+            self._offer -= 1
+            self._retry_now = True
+            return f"relay refused protocol {self._offer + 1} ({reason}); offering protocol {self._offer}"
         if not is_retryable(close_code=code):
             raise FatalAgentError(f"relay closed the connection ({code}): {reason}") from None
         if code == wire.CloseCode.GOING_AWAY:
@@ -190,7 +204,7 @@ class AgentClient:
     async def _serve(self, ws: ClientConnection) -> str:
         self._ws = ws
         hello = wire.Hello(
-            protocol=wire.PROTOCOL_VERSION, agent_version=__version__, agent_id=self.agent_id,
+            protocol=self._offer, agent_version=__version__, agent_id=self.agent_id,
             models=tuple(self.models), max_concurrency=self.max_concurrency,
             capabilities=self.capabilities, min_protocol=min(wire.SUPPORTED_VERSIONS),
         )
@@ -202,6 +216,7 @@ class AgentClient:
             raise wire.ProtocolError(f"relay chose protocol {welcome.protocol}, which this agent does not speak",
                                      wire.CloseCode.UNSUPPORTED_VERSION)
         self.protocol = welcome.protocol
+        self._offer = wire.PROTOCOL_VERSION  # the next connection may reach an upgraded relay
         self.status.connected, self.status.instance_id, self.status.node_id = True, welcome.instance_id, welcome.node_id
         self.connected.set()
         self.on_status(

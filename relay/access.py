@@ -132,10 +132,6 @@ class AccessControl:
 
     # -- registration ----------------------------------------------------------
 
-    @property
-    def registration_open(self) -> bool:
-        return self._registration_key_hash is None
-
     def check_registration(self, presented: str | None) -> None:
         """Raise unless registration is open or ``presented`` is the registration key."""
         if self._registration_key_hash is None:

@@ -2,8 +2,9 @@
 
 Both directions of an upgrade: a version-1 agent on a version-2 relay keeps
 serving chat (and is never given anything else); a version-2 agent on a
-relay that cannot speak its version is refused with 4001 and stops with a
-message naming what to upgrade.  Requests go only to agents that declared
+version-1 relay is refused with 4001, offers version 1 and serves chat; an
+agent and a relay with no version in common stop with a message naming what
+to upgrade.  Requests go only to agents that declared
 the operation; the welcome tells an older agent that a newer one exists.
 """
 
@@ -92,19 +93,61 @@ async def test_requests_go_only_to_agents_that_declared_the_operation(redis_url)
                     assert ok.json()["model"] == "demo"
 
 
-async def test_a_relay_too_old_for_the_agent_refuses_it_and_the_agent_says_what_to_upgrade():
-    # A relay that speaks only version 1, as 0.1 did: it refuses any other
-    # version with close code 4001 and a reason.
+async def test_an_agent_on_a_relay_too_old_for_it_falls_back_to_protocol_1():
+    # What a 0.1 relay does: it reads only hello.protocol, refuses anything
+    # but 1 with close code 4001, and speaks version 1 (no op, no capabilities).
+    hellos: list[dict] = []
+    answered = asyncio.get_running_loop().create_future()
+
     async def old_relay(ws) -> None:
         hello = orjson.loads(await ws.recv())
+        hellos.append(hello)
         if hello["protocol"] != 1:
-            await ws.close(4001, f"agent speaks protocol {hello['protocol']}; this relay speaks 1. Upgrade the relay")
+            await ws.close(4001, f"agent speaks protocol {hello['protocol']}; this relay speaks 1. "
+                                 "Upgrade the agent (or the relay) so they match.")
+            return
+        await ws.send(orjson.dumps({"type": "welcome", "protocol": 1, "instance_id": "i", "node_id": "n",
+                                    "heartbeat_interval": 5}).decode())
+        await ws.send(orjson.dumps({"type": "request", "id": 1, "stream": False,
+                                    "body": {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}}).decode())
+        frames = []
+        with contextlib.suppress(websockets.ConnectionClosed):
+            while not frames or type(frames[-1]) is not wire.End:
+                event = wire.decode(await ws.recv())
+                if type(event) is not wire.Ping:
+                    frames.append(event)
+        answered.set_result(frames)
+        await ws.wait_closed()
 
     port = free_port()
+    lines: list[str] = []
     async with websockets.serve(old_relay, "127.0.0.1", port):
         client = AgentClient(relay_url=f"http://127.0.0.1:{port}", token="ira_x", backend=DemoBackend(rate=0),
+                             models=["demo"], on_status=lines.append)
+        task = asyncio.create_task(client.run())
+        try:
+            frames = await asyncio.wait_for(answered, 10)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    assert [h["protocol"] for h in hellos] == [2, 1]
+    assert client.protocol == 1
+    assert type(frames[0]) is wire.Data and b'"chat.completion"' in frames[0].payload
+    assert type(frames[-1]) is wire.End
+    assert any("offering protocol 1" in line for line in lines)
+
+
+async def test_a_relay_that_speaks_none_of_the_agent_versions_stops_it():
+    async def strict_relay(ws) -> None:
+        hello = orjson.loads(await ws.recv())
+        await ws.close(4001, f"agent speaks protocol {hello['protocol']}; upgrade the agent")
+
+    port = free_port()
+    async with websockets.serve(strict_relay, "127.0.0.1", port):
+        client = AgentClient(relay_url=f"http://127.0.0.1:{port}", token="ira_x", backend=DemoBackend(rate=0),
                              models=["demo"], on_status=lambda line: None)
-        with pytest.raises(FatalAgentError, match="4001.*Upgrade the relay"):
+        with pytest.raises(FatalAgentError, match="4001.*protocol 1; upgrade the agent"):
             await asyncio.wait_for(client.run(), 10)
 
 
