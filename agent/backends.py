@@ -57,7 +57,7 @@ def _upstream_error(status: int, payload: bytes) -> BackendError:
 class OpenAIBackend:
     """Any server that speaks OpenAI's ``/chat/completions`` and ``/models``."""
 
-    capabilities = (wire.OP_CHAT,)
+    capabilities: tuple[str, ...] = (wire.OP_CHAT,)
 
     def __init__(self, base_url: str, *, api_key: str | None = None, models: list[str] | None = None,
                  timeout: float = 600.0, transport: httpx.AsyncBaseTransport | None = None):
@@ -142,10 +142,10 @@ def text_of(content: Any) -> str:
     return ""
 
 
-def demo_reply(messages: list[dict[str, Any]]) -> list[str]:
+def demo_reply(messages: Any) -> list[str]:
     """The demo model's deterministic answer, as the words it streams."""
     last = ""
-    for message in reversed(messages):
+    for message in reversed(messages if isinstance(messages, list) else []):
         if isinstance(message, dict) and message.get("role") == "user":
             last = text_of(message.get("content"))
             break
@@ -159,14 +159,16 @@ def demo_reply(messages: list[dict[str, Any]]) -> list[str]:
     return [w if i == 0 else " " + w for i, w in enumerate(words)]
 
 
-def _count_tokens(messages: list[dict[str, Any]]) -> int:
+def _count_tokens(messages: Any) -> int:
+    if not isinstance(messages, list):
+        return 0
     return sum(len(text_of(m.get("content")).split()) + 3 for m in messages if isinstance(m, dict))
 
 
 class DemoBackend:
     """A built-in model that streams a fixed reply word by word at ``rate`` words/s."""
 
-    capabilities = (wire.OP_CHAT,)
+    capabilities: tuple[str, ...] = (wire.OP_CHAT,)
 
     def __init__(self, rate: float = 20.0, model: str = DEMO_MODEL):
         self.rate = rate
@@ -176,12 +178,16 @@ class DemoBackend:
         return [self.model]
 
     def _words(self, body: dict[str, Any]) -> tuple[list[str], str]:
-        words = demo_reply(body.get("messages", []))
-        limit = int(body.get("max_tokens") or len(words))
+        words = demo_reply(body.get("messages"))
+        # The tighter of max_tokens and max_completion_tokens (OpenAI's newer
+        # name); a value that is not a positive count sets no limit.
+        asked = (body.get("max_tokens"), body.get("max_completion_tokens"))
+        limit = min((n for n in asked if isinstance(n, int) and not isinstance(n, bool) and n > 0),
+                    default=len(words))
         return words[:limit], ("stop" if limit >= len(words) else "length")
 
     def _usage(self, body: dict[str, Any], completion: int) -> dict[str, int]:
-        prompt = _count_tokens(body.get("messages", []))
+        prompt = _count_tokens(body.get("messages"))
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     async def stream(self, body: dict[str, Any]) -> AsyncIterator[list[bytes]]:
@@ -199,7 +205,8 @@ class DemoBackend:
                 await asyncio.sleep(delay)
             yield [chunk({"content": word})]
         tail = [chunk({}, finish)]
-        if (body.get("stream_options") or {}).get("include_usage"):
+        options = body.get("stream_options")  # an object or null; anything else is no options
+        if isinstance(options, dict) and options.get("include_usage") is True:
             tail.append(orjson.dumps({**base, "choices": [], "usage": self._usage(body, len(words))}))
         yield tail
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from typing import Iterator
+from collections.abc import Iterator
 
 
 def backoff_delays(base: float = 0.5, cap: float = 30.0, rng: random.Random | None = None) -> Iterator[float]:
@@ -31,8 +31,4 @@ def is_retryable(status: int | None = None, close_code: int | None = None) -> bo
     version" and "unauthorized" are final; everything else (relay down,
     restarting, overloaded, network trouble) is temporary.
     """
-    if status in (401, 403):
-        return False
-    if close_code in (4001, 4003):
-        return False
-    return True
+    return status not in (401, 403) and close_code not in (4001, 4003)

@@ -51,9 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     common(run)
     run.add_argument("--token", help="agent token (AGENT_TOKEN); default: saved credentials or register")
     run.add_argument("--backend", choices=["demo", "openai"], help="where answers come from (AGENT_BACKEND)")
-    run.add_argument("--upstream-url", help="OpenAI base URL of the model, e.g. http://127.0.0.1:11434/v1 (AGENT_UPSTREAM_URL)")
+    run.add_argument("--upstream-url",
+                     help="OpenAI base URL of the model, e.g. http://127.0.0.1:11434/v1 (AGENT_UPSTREAM_URL)")
     run.add_argument("--upstream-api-key", help="API key for the upstream (AGENT_UPSTREAM_API_KEY)")
-    run.add_argument("--model", help="model name(s) to serve, comma-separated (AGENT_MODEL); default: the upstream's /models")
+    run.add_argument("--model",
+                     help="model name(s) to serve, comma-separated (AGENT_MODEL); default: the upstream's /models")
     run.add_argument("--max-concurrency", type=int, help="requests served at once (AGENT_MAX_CONCURRENCY, default 8)")
     run.add_argument("--name", help="instance name when registering (AGENT_NAME)")
     run.add_argument("--demo-rate", type=float, help="demo model words per second, 0 = unthrottled (AGENT_DEMO_RATE)")

@@ -13,8 +13,9 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
@@ -172,7 +173,7 @@ class AgentClient:
             return self._closed_reason(exc)
         except InvalidURI as exc:
             raise FatalAgentError(f"bad relay URL {self.relay_url!r}: {exc}") from None
-        except (OSError, TimeoutError, asyncio.TimeoutError) as exc:
+        except (OSError, TimeoutError) as exc:
             return f"cannot reach relay ({type(exc).__name__}: {exc})"
         except wire.ProtocolError as exc:
             if exc.close_code == wire.CloseCode.UNSUPPORTED_VERSION:
@@ -246,28 +247,27 @@ class AgentClient:
         while True:
             try:
                 message = await asyncio.wait_for(ws.recv(), silence)
-            except (asyncio.TimeoutError, TimeoutError):
+            except TimeoutError:
                 await ws.close(wire.CloseCode.HEARTBEAT_TIMEOUT, "relay silent")
                 return f"relay silent for {silence:.0f}s"
-            event = wire.decode(message)
-            kind = type(event)
-            if kind is wire.Credit:
-                stream = self._streams.get(event.id)
-                if stream is not None:
-                    stream.window.grant(event.amount)
-                    stream.credit.set()
-            elif kind is wire.Request:
-                self._start(event)
-            elif kind is wire.Cancel:
-                stream = self._streams.pop(event.id, None)
-                if stream is not None:
-                    stream.task.cancel()
-            elif kind is wire.Pong or kind is wire.Ping:
-                pass
-            elif kind is wire.GoAway:
-                return "relay going away"
-            else:
-                raise wire.ProtocolError(f"relay sent unexpected {kind.__name__}")
+            match wire.decode(message):
+                case wire.Credit(id=sid, amount=amount):
+                    stream = self._streams.get(sid)
+                    if stream is not None:
+                        stream.window.grant(amount)
+                        stream.credit.set()
+                case wire.Request() as request:
+                    self._start(request)
+                case wire.Cancel(id=sid):
+                    stream = self._streams.pop(sid, None)
+                    if stream is not None:
+                        stream.task.cancel()
+                case wire.Pong() | wire.Ping():
+                    pass
+                case wire.GoAway():
+                    return "relay going away"
+                case other:
+                    raise wire.ProtocolError(f"relay sent unexpected {type(other).__name__}")
 
     # -- requests -------------------------------------------------------------
 
@@ -300,7 +300,8 @@ class AgentClient:
         except Exception as exc:  # a bug or an odd upstream: fail this stream, not the agent
             log.exception("request %s (relay request %s) failed", sid, request.request_id or "-")
             self.status.failed += 1
-            await self._try_send(wire.encode(wire.StreamError(sid, 502, f"agent error: {type(exc).__name__}", "agent_error")))
+            error = wire.StreamError(sid, 502, f"agent error: {type(exc).__name__}", "agent_error")
+            await self._try_send(wire.encode(error))
         finally:
             self._streams.pop(sid, None)
             self.status.inflight = len(self._streams)

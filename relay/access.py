@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import keys
 from .errors import Forbidden, InvalidRequest, NotFound, Unauthorized, ValidationFailed
-from .registry import InstanceRegistry, hash_token, new_token
+from .registry import InstanceRegistry, hash_token, new_token, text
 
 CALLER_KEY_PREFIX = "irk_"
 #: Caller keys one instance may have at once (422 ``too_many_keys`` past it).
@@ -53,7 +53,7 @@ def new_key_id() -> str:
 
 def bearer(headers, query_params=None) -> str | None:
     """The bearer credential of a request, or None; refuses credentials in the URL."""
-    if query_params is not None and any(name.lower() in URL_CREDENTIAL_PARAMS for name in query_params.keys()):
+    if query_params is not None and any(name.lower() in URL_CREDENTIAL_PARAMS for name in query_params):
         raise InvalidRequest(
             "credentials must be sent in the Authorization header, never in the URL",
             code="credentials_in_url",
@@ -187,7 +187,7 @@ class AccessControl:
         out = []
         for key_id, value in raw.items():
             record = orjson.loads(value)
-            out.append({"key_id": key_id.decode(), "name": record["name"], "created_at": record["created_at"]})
+            out.append({"key_id": text(key_id), "name": record["name"], "created_at": record["created_at"]})
         return sorted(out, key=lambda k: (k["created_at"], k["key_id"]))
 
     async def revoke_key(self, instance_id: str, key_id: str) -> None:
@@ -215,7 +215,7 @@ class AccessControl:
         if created_at is None:
             raise NotFound(f"instance {instance_id!r} not found", param="instance_id")
         private = visibility == b"private"
-        key_id = await self._verify_key(instance_id, key_hash, index) if index is not None else None
+        key_id = await self._verify_key(instance_id, key_hash, index) if key_hash and index is not None else None
         if key_id is not None:
             return Caller(f"key:{key_id}", key_id)
         if private:

@@ -82,7 +82,8 @@ async def register_instance(request: Request) -> Response:
     state = request.app.state
     state.access.check_registration(bearer_token(request))
     ip = client_ip(request)
-    await state.rate_limiter.hit([Bucket(keys.rate("register", ip), state.settings.rate_register_per_ip, "this address")])
+    await state.rate_limiter.hit(
+        [Bucket(keys.rate("register", ip), state.settings.rate_register_per_ip, "this address")])
     body = validate(RegisterRequest, await read_json(request, min(state.settings.max_body_bytes, SMALL_BODY_BYTES)))
     instance_id, token = await state.registry.register(body.name, body.description)
     return ORJSONResponse(
@@ -159,7 +160,8 @@ async def update_instance(request: Request) -> Response:
 
 async def rotate_token(request: Request) -> Response:
     state, instance_id, token = await _owner(request)
-    return ORJSONResponse({"instance_id": instance_id, "agent_token": await state.access.rotate_token(instance_id, token)})
+    new_token = await state.access.rotate_token(instance_id, token)
+    return ORJSONResponse({"instance_id": instance_id, "agent_token": new_token})
 
 
 async def create_key(request: Request) -> Response:

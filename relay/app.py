@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import anyio
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -37,7 +37,7 @@ from .node import NodeState
 from .observe import RequestObserver
 from .openapi import build_openapi
 from .presence import Presence
-from .registry import InstanceRegistry
+from .registry import InstanceRegistry, text
 from .router import StreamRouter
 from .sessions import SessionManager
 from .settings import RelaySettings
@@ -157,10 +157,7 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
 
 async def warn_if_not_persistent(redis: Redis) -> None:
     """Registrations live in Redis: say loudly when it would lose them."""
-    config = {_text(k): _text(v) for k, v in (await redis.config_get("*")).items() if _text(k) in ("appendonly", "save")}
+    found = await redis.config_get("*")
+    config = {text(k): text(v) for k, v in found.items() if text(k) in ("appendonly", "save")}
     if config.get("appendonly") != "yes" and not config.get("save"):
         log.warning("redis persists nothing (no AOF, no RDB): registrations are lost when it restarts")
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Coroutine
+from collections.abc import Coroutine
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -178,35 +179,35 @@ class CrossNode:
         except wire.ProtocolError as exc:
             log.warning("dropping malformed cross-node message: %s", exc)
             return
-        event, sender = envelope.event, envelope.sender
-        kind = type(event)
-        if kind is wire.Data or kind is wire.End or kind is wire.StreamError:
-            remote = self.ingress.get(event.id)  # type: ignore[union-attr]
-            if remote is None or not isinstance(remote.link, RemoteLink) or remote.link.node != sender:
-                return  # closed here already (late frames), or not that node's stream
-            try:
-                remote.feed(event)  # type: ignore[arg-type]
-            except wire.ProtocolError as exc:
-                log.warning("node %s broke stream %s: %s", sender, remote.id, exc)
-                remote.fail(502, "the relay node holding the agent sent a bad frame", "relay_protocol_error")
-            if remote.finished:
-                self.ingress.pop(remote.id, None)
-        elif kind is wire.Credit:
-            served = self.egress.get((sender, event.id))  # type: ignore[union-attr]
-            if served is not None:
-                self._spawn(served.stream.consumed(event.amount))  # type: ignore[union-attr]
-        elif kind is wire.Cancel:
-            served = self.egress.pop((sender, event.id), None)  # type: ignore[union-attr]
-            if served is not None:
-                served.task.cancel()
-        elif kind is wire.Request:
-            self._spawn(self._serve(sender, envelope.session, event))  # type: ignore[arg-type]
-        elif kind is wire.Kick:
-            session = self.sessions.by_session(envelope.session)
-            if session is not None:
-                self._spawn(session.close(wire.CloseCode.REPLACED, event.reason))  # type: ignore[union-attr]
-        else:
-            log.warning("dropping %s frame from node %s: not a cross-node frame", kind.__name__, sender)
+        sender = envelope.sender
+        match envelope.event:
+            case wire.Data() | wire.End() | wire.StreamError() as event:  # node B -> us (node A)
+                remote = self.ingress.get(event.id)
+                if remote is None or not isinstance(remote.link, RemoteLink) or remote.link.node != sender:
+                    return  # closed here already (late frames), or not that node's stream
+                try:
+                    remote.feed(event)
+                except wire.ProtocolError as exc:
+                    log.warning("node %s broke stream %s: %s", sender, remote.id, exc)
+                    remote.fail(502, "the relay node holding the agent sent a bad frame", "relay_protocol_error")
+                if remote.finished:
+                    self.ingress.pop(remote.id, None)
+            case wire.Credit(id=sid, amount=amount):  # node A -> us (node B)
+                served = self.egress.get((sender, sid))
+                if served is not None:
+                    self._spawn(served.stream.consumed(amount))
+            case wire.Cancel(id=sid):
+                served = self.egress.pop((sender, sid), None)
+                if served is not None:
+                    served.task.cancel()
+            case wire.Request() as request:
+                self._spawn(self._serve(sender, envelope.session, request))
+            case wire.Kick(reason=reason):
+                session = self.sessions.by_session(envelope.session)
+                if session is not None:
+                    self._spawn(session.close(wire.CloseCode.REPLACED, reason))
+            case other:
+                log.warning("dropping %s frame from node %s: not a cross-node frame", type(other).__name__, sender)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)

@@ -24,8 +24,8 @@ import logging
 import math
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import anyio
 from redis.asyncio import Redis
@@ -86,7 +86,8 @@ def check_chat_request(chat: ChatRequest, settings: RelaySettings) -> None:
         if "max_tokens" not in chat.model_fields_set and chat.max_tokens > settings.max_tokens_cap:
             chat.max_tokens = settings.max_tokens_cap  # our default, not the caller's choice: lower it
         extra = chat.model_extra or {}
-        for name, value in (("max_tokens", chat.max_tokens), ("max_completion_tokens", extra.get("max_completion_tokens"))):
+        asked = (("max_tokens", chat.max_tokens), ("max_completion_tokens", extra.get("max_completion_tokens")))
+        for name, value in asked:
             if value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -304,5 +305,5 @@ class FrameBudget:
         return self.frames.take(1) and self.bytes.take(nbytes)
 
     @classmethod
-    def from_settings(cls, settings: RelaySettings) -> "FrameBudget":
+    def from_settings(cls, settings: RelaySettings) -> FrameBudget:
         return cls(settings.agent_frames_per_second, settings.agent_bytes_per_second)

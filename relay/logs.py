@@ -28,7 +28,7 @@ import sys
 import time
 from typing import IO
 
-from wire.redaction import REDACTED, contains_secret, redact
+from wire.redaction import contains_secret, redact
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("relay_request_id", default=None)
 instance_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("relay_instance_id", default=None)

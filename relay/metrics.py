@@ -39,7 +39,8 @@ cluster-wide answer.
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,

@@ -7,9 +7,9 @@ are kept and forwarded to the model untouched.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 Role = Literal["system", "user", "assistant", "tool", "developer", "function"]
 
@@ -37,24 +37,49 @@ class ContentPart(BaseModel):
         return self
 
 
+def _content_kind(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "parts"
+    return "null" if value is None else None
+
+
+#: A message's content: a string, a list of parts, or null (an assistant turn
+#: with tool_calls).  Tagged by its JSON type, so that a bad part is reported
+#: as itself (``messages.0.content.parts.1``) rather than as "not a string".
+Content = Annotated[
+    Annotated[str, Tag("string")] | Annotated[list[ContentPart], Tag("parts")] | Annotated[None, Tag("null")],
+    Discriminator(_content_kind, custom_error_type="content_type",
+                  custom_error_message="content must be a string, a list of parts, or null"),
+]
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")  # name, tool_calls, tool_call_id ...
     role: Role
-    # Assistant messages that carry tool_calls may have null content (OpenAI).
-    content: str | list[ContentPart] | None = None
+    content: Content = None
+
+
+class StreamOptions(BaseModel):
+    """``stream_options`` (OpenAI): ``include_usage`` adds a last chunk with ``usage`` and no choices."""
+
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool | None = Field(default=None, strict=True)
 
 
 #: Token counts: JSON Schema counts ``2.0`` as an integer, and so does the relay
-#: (it passes on ``2``).  Larger than any signed 64-bit count is left alone
-#: (then refused as not an integer): the body must stay encodable for the agent.
+#: (it passes on ``2``).  At most a signed 64-bit integer: the relay's JSON
+#: parser reads larger numbers as floats, and the agent's encoder has no bigger ints.
 _TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
+MAX_COUNT = 2**63 - 1
 
 
 def _chat_request_schema(schema: dict[str, Any]) -> None:
     # ``max_completion_tokens`` stays an extra field (forwarded as sent), but the
     # relay checks it like ``max_tokens`` (relay.limits): say so in the document.
     schema["properties"]["max_completion_tokens"] = {
-        "anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}],
+        "anyOf": [{"type": "integer", "minimum": 1, "maximum": MAX_COUNT}, {"type": "null"}],
         "title": "Max Completion Tokens",
         "description": "Like max_tokens (OpenAI's newer name); forwarded to the model as sent",
     }
@@ -69,9 +94,10 @@ class ChatRequest(BaseModel):
     model: str | None = None
     temperature: float = Field(default=0.7, ge=0, le=2, strict=True)
     top_p: float | None = Field(default=None, ge=0, le=1, strict=True)
-    max_tokens: int = Field(default=2000, ge=1, strict=True)
+    max_tokens: int = Field(default=2000, ge=1, le=MAX_COUNT, strict=True)
     stream: bool = Field(default=True, strict=True)
     metadata: dict[str, Any] | None = None
+    stream_options: StreamOptions | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -79,7 +105,7 @@ class ChatRequest(BaseModel):
         if isinstance(data, dict):
             for name in _TOKEN_FIELDS:
                 value = data.get(name)
-                if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+                if isinstance(value, float) and value.is_integer() and abs(value) <= MAX_COUNT:
                     data = {**data, name: int(value)}
         return data
 
@@ -107,10 +133,18 @@ Status = Literal["online", "offline"]
 Visibility = Literal["public", "private"]
 
 
+#: ``UpdateInstanceRequest``'s validator, in its JSON schema too: at least one
+#: of the fields is present and not null.
+_SOMETHING_TO_CHANGE: dict[str, Any] = {
+    "anyOf": [{"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+              for name in ("name", "description", "visibility")],
+}
+
+
 class UpdateInstanceRequest(BaseModel):
     """``PATCH /api/instances/{id}``: the fields to change (at least one)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_SOMETHING_TO_CHANGE)
     name: str | None = Field(default=None, min_length=1, max_length=100)
     description: str | None = Field(default=None, max_length=1000)
     visibility: Visibility | None = None

@@ -13,8 +13,9 @@ import hmac
 import itertools
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from redis.asyncio import Redis
@@ -36,6 +37,11 @@ def hash_token(token: str) -> str:
     # Tokens carry 256 bits of entropy, so a fast hash is enough: there is
     # nothing to brute-force, and agents authenticate on every reconnect.
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def text(value: bytes | str | Any) -> str:
+    """A Redis reply as text (the client is not set to decode: chunks stay bytes elsewhere)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def new_instance_id() -> str:
@@ -226,7 +232,7 @@ class InstanceRegistry:
         record = await self.redis.hgetall(keys.instance(instance_id))
         if not record:
             raise NotFound(f"instance {instance_id!r} not found", param="instance_id")
-        return {k.decode(): v.decode() for k, v in record.items()}
+        return {text(k): text(v) for k, v in record.items()}
 
     async def exists(self, instance_id: str) -> bool:
         return bool(await self.redis.exists(keys.instance(instance_id)))
@@ -234,21 +240,21 @@ class InstanceRegistry:
     async def authenticate(self, token: str) -> str | None:
         """The instance an agent token belongs to, or None."""
         token_hash = hash_token(token)
-        instance_id = await self.redis.get(keys.token(token_hash))
-        if instance_id is None:
+        found = await self.redis.get(keys.token(token_hash))
+        if found is None:
             return None
-        instance_id = instance_id.decode()
+        instance_id = text(found)
         stored = await self.redis.hget(keys.instance(instance_id), "token_hash")
         # The lookup above is by hash; the constant-time compare guards the
         # record itself against a stale or tampered index entry.
-        if stored is None or not hmac.compare_digest(stored.decode(), token_hash):
+        if stored is None or not hmac.compare_digest(text(stored), token_hash):
             return None
         return instance_id
 
     async def credential_current(self, instance_id: str, token_hash: str) -> bool:
         """Whether ``token_hash`` is still the agent token hash of the instance."""
         stored = await self.redis.hget(keys.instance(instance_id), "token_hash")
-        return stored is not None and hmac.compare_digest(stored.decode(), token_hash)
+        return stored is not None and hmac.compare_digest(text(stored), token_hash)
 
     async def token_hashes(self, instance_ids: list[str]) -> dict[str, str | None]:
         """The current agent-token hash of each instance (None when deleted), in one round trip."""
@@ -256,7 +262,7 @@ class InstanceRegistry:
             for instance_id in instance_ids:
                 pipe.hget(keys.instance(instance_id), "token_hash")
             values = await pipe.execute()
-        return {i: (v.decode() if v is not None else None) for i, v in zip(instance_ids, values)}
+        return {i: (v.decode() if v is not None else None) for i, v in zip(instance_ids, values, strict=True)}
 
     async def check_owner(self, instance_id: str, token: str | None) -> None:
         """Raise unless ``token`` is the agent token of ``instance_id``."""
@@ -323,7 +329,7 @@ class InstanceRegistry:
     async def release_agent(self, instance_id: str, session: str) -> None:
         await self.redis.hincrby(keys.load(instance_id), session, -1)
 
-    async def refresh_node(self, node_id: str, entries: list[tuple[str, AgentEntry]] = ()) -> bool:
+    async def refresh_node(self, node_id: str, entries: Sequence[tuple[str, AgentEntry]] = ()) -> bool:
         """Mark this node alive for one more heartbeat timeout.
 
         Returns False when the liveness key was missing: Redis restarted or lost
@@ -395,29 +401,29 @@ class InstanceRegistry:
         out: list[dict[str, Any]] = []
         position = cursor
         while len(out) < limit:
-            batch = await self.redis.zrangebyscore(
+            batch = cast("list[tuple[bytes, float]]", await self.redis.zrangebyscore(
                 keys.INSTANCES, f"({position}", "+inf", start=0, num=limit, withscores=True
-            )
+            ))
             if not batch:
                 return out, None
             async with self.redis.pipeline(transaction=False) as pipe:
                 for member, _ in batch:
-                    pipe.hgetall(keys.instance(member.decode()))
-                    pipe.hgetall(keys.agents(member.decode()))
+                    pipe.hgetall(keys.instance(text(member)))
+                    pipe.hgetall(keys.agents(text(member)))
                 results = await pipe.execute()
             agent_maps = [
-                [AgentEntry.decode(k.decode(), v) for k, v in raw.items()] for raw in results[1::2]
+                [AgentEntry.decode(text(k), v) for k, v in raw.items()] for raw in results[1::2]
             ]
             # One liveness read per distinct node in the batch, not per agent.
             nodes = sorted({e.node for entries in agent_maps for e in entries})
-            alive = dict(zip(nodes, await self.redis.mget([keys.node(n) for n in nodes]))) if nodes else {}
-            for (member, score), record, entries in zip(batch, results[0::2], agent_maps):
+            alive = dict(zip(nodes, await self.redis.mget([keys.node(n) for n in nodes]), strict=True)) if nodes else {}
+            for (member, score), record, entries in zip(batch, results[0::2], agent_maps, strict=True):
                 position = int(score)
                 if not record:
                     continue  # deleted between the two reads
-                iid = member.decode()
+                iid = text(member)
                 live = [e for e in entries if alive.get(e.node) is not None]
-                view = self._view(iid, {k.decode(): v.decode() for k, v in record.items()}, live)
+                view = self._view(iid, {text(k): text(v) for k, v in record.items()}, live)
                 if view["visibility"] != "public":
                     continue  # private instances are not advertised; their owners know the id
                 if status is None or view["status"] == status:

@@ -13,7 +13,8 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import wire
 
@@ -181,29 +182,29 @@ class AgentSession:
         if self.budget is not None and not self.budget.allow(len(message)):
             raise wire.ProtocolError("agent sends more frames or bytes per second than this relay allows",
                                      wire.CloseCode.POLICY_VIOLATION)
-        event = wire.decode(message)
-        kind = type(event)
-        if kind is wire.Data or kind is wire.End or kind is wire.StreamError:
-            sid: int = event.id  # type: ignore[union-attr]
-            target = self.streams.get(sid)
-            if target is None:
-                if sid in self._dropped:
-                    return  # late frame of a stream we cancelled: drop it
-                if sid <= self._next_id:
-                    raise wire.ProtocolError(f"frame for stream {sid} after it ended")
-                raise wire.ProtocolError(f"frame for stream {sid} that was never opened")
-            target.feed(event)  # type: ignore[arg-type]
-            if kind is wire.Data:
-                traffic = self.traffic
-                traffic.frames += 1
-                traffic.bytes += len(event.payload)  # type: ignore[union-attr]
-            elif target.finished:
-                del self.streams[sid]
-                self.load_dirty = True
-        elif kind is wire.Ping:
-            await self._send(wire.encode(wire.Pong(event.ts)))  # type: ignore[union-attr]
-        elif kind is not wire.Pong:
-            raise wire.ProtocolError(f"agents may not send {kind.__name__} frames")
+        match wire.decode(message):
+            case wire.Data() | wire.End() | wire.StreamError() as event:
+                target = self.streams.get(event.id)
+                if target is None:
+                    if event.id in self._dropped:
+                        return  # late frame of a stream we cancelled: drop it
+                    if event.id <= self._next_id:
+                        raise wire.ProtocolError(f"frame for stream {event.id} after it ended")
+                    raise wire.ProtocolError(f"frame for stream {event.id} that was never opened")
+                target.feed(event)
+                if type(event) is wire.Data:
+                    traffic = self.traffic
+                    traffic.frames += 1
+                    traffic.bytes += len(event.payload)
+                elif target.finished:
+                    del self.streams[event.id]
+                    self.load_dirty = True
+            case wire.Ping(ts=ts):
+                await self._send(wire.encode(wire.Pong(ts)))
+            case wire.Pong():
+                pass
+            case other:
+                raise wire.ProtocolError(f"agents may not send {type(other).__name__} frames")
 
     async def close(self, code: int, reason: str) -> None:
         """Close the websocket and fail whatever was still running on it."""

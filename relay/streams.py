@@ -19,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import Awaitable, Callable, Protocol, Union
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import anyio
 
@@ -28,7 +29,7 @@ import wire
 log = logging.getLogger("relay.streams")
 
 #: What the queue holds: payload bytes, or the event that ended the stream.
-Item = Union[bytes, wire.End, wire.StreamError]
+Item = bytes | wire.End | wire.StreamError
 
 #: Longest a shielded cleanup (cancel the agent's stream, give slots back) may
 #: take: cleanups must finish even when the caller is gone, but never hang.
@@ -144,7 +145,7 @@ class Stream:
     def feed(self, event: wire.Data | wire.End | wire.StreamError) -> None:
         """A frame from the sender; ProtocolError when it is illegal (the sender's fault)."""
         self.tracker.receive(event)
-        self._items.push(event.payload if type(event) is wire.Data else event)  # type: ignore[union-attr]
+        self._items.push(event.payload if isinstance(event, wire.Data) else event)
 
     def fail(self, status: int, message: str, code: str | None = None) -> None:
         """End the stream from the relay's side (agent lost, node gone ...); idempotent."""

@@ -50,7 +50,7 @@ from .frames import (
 )
 from .openai import error_body, error_message
 from .sse import SSE_DONE, iter_sse_data, sse_event
-from .streams import SendWindow, StreamState, StreamTracker, TerminalEvent
+from .streams import SendWindow, StreamState, StreamTracker
 
 __version__ = "0.2.0"
 
@@ -58,6 +58,7 @@ __all__ = [
     "DEFAULT_WINDOW", "MAX_STREAM_ID", "OP_CHAT", "PROTOCOL_VERSION", "SSE_DONE", "SUPPORTED_VERSIONS",
     "Cancel", "CloseCode", "Credit", "Data", "End", "Envelope", "Event", "FrameKind", "GoAway", "Hello", "Kick",
     "Ping", "Pong", "ProtocolError", "Request", "SendWindow", "StreamError", "StreamState",
-    "StreamTracker", "TerminalEvent", "Welcome", "__version__", "decode", "decode_envelope", "encode",
-    "encode_credit", "encode_data", "encode_envelope", "error_body", "error_message", "iter_sse_data", "negotiate", "parse_version", "sse_event",
+    "StreamTracker", "Welcome", "__version__", "decode", "decode_envelope", "encode", "encode_credit",
+    "encode_data", "encode_envelope", "error_body", "error_message", "iter_sse_data", "negotiate", "parse_version",
+    "sse_event",
 ]

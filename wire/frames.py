@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Union
+from typing import Any
 
 import orjson
 
@@ -202,7 +203,7 @@ class Kick:
     reason: str = "replaced by a newer connection"
 
 
-Event = Union[Hello, Welcome, Request, Cancel, Data, Credit, End, StreamError, Ping, Pong, GoAway, Kick]
+Event = Hello | Welcome | Request | Cancel | Data | Credit | End | StreamError | Ping | Pong | GoAway | Kick
 
 _CONTROL_TYPES: dict[str, type] = {
     "hello": Hello,

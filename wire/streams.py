@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Union
 
 from .frames import DEFAULT_WINDOW, Cancel, Data, End, ProtocolError, StreamError
 
@@ -38,9 +37,8 @@ class StreamState(enum.Enum):
 
 _FINISHED = frozenset({StreamState.ENDED, StreamState.FAILED, StreamState.CANCELLED})
 
-#: What ends a stream: the sender's End or StreamError, or the relay's Cancel.
-TerminalEvent = Union[End, StreamError]
-StreamEvent = Union[Data, End, StreamError, Cancel]
+#: What a stream's machine receives: the sender's frames, and the relay's Cancel.
+StreamEvent = Data | End | StreamError | Cancel
 
 # (state, event type) -> next state.  Anything not listed is illegal.
 TRANSITIONS: dict[tuple[StreamState, type], StreamState] = {
