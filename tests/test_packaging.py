@@ -145,3 +145,9 @@ def test_the_hook_really_blocks():
     plain = subprocess.run([sys.executable, "-c", "import relay.app"], cwd=ROOT, capture_output=True, text=True,
                            timeout=60)
     assert plain.returncode == 0, plain.stderr
+
+
+def test_relay_without_the_server_extra_says_how_to_install_it():
+    result = run_blocked("import sys, relay.cli; sys.exit(relay.cli.main())", "serve")
+    assert result.returncode == 2, result.stderr
+    assert "pip install 'instance-relay[server]'" in result.stderr
