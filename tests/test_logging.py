@@ -173,3 +173,20 @@ def test_log_format_setting_is_validated(monkeypatch):
     monkeypatch.setenv("RELAY_LOG_FORMAT", "xml")
     with pytest.raises(ValueError):
         RelaySettings()
+
+
+def test_uvicorn_incomplete_response_line_is_hidden_only_when_the_relay_ended_it_on_purpose():
+    import contextvars
+
+    record = logging.LogRecord("uvicorn.error", logging.ERROR, __file__, 1,
+                               "ASGI callable returned without completing response.", None, None)
+    quiet = logs.DeliberateEndings()
+    # A response that stopped by accident (the bug this once hid) stays visible...
+    assert contextvars.copy_context().run(quiet.filter, record) is True
+
+    def cut_short() -> bool:
+        logs.ended_on_purpose()
+        return quiet.filter(record)
+
+    # ... one the relay cut short itself (a client that stopped reading) does not.
+    assert contextvars.copy_context().run(cut_short) is False
