@@ -143,12 +143,8 @@ async def test_a_relay_that_speaks_none_of_the_agent_versions_stops_it():
         hello = orjson.loads(await ws.recv())
         await ws.close(4001, f"agent speaks protocol {hello['protocol']}; upgrade the agent")
 
-    port = free_port()
-    async with websockets.serve(strict_relay, "127.0.0.1", port):
-        client = AgentClient(relay_url=f"http://127.0.0.1:{port}", token="ira_x", backend=DemoBackend(rate=0),
-                             models=["demo"], on_status=lambda line: None)
-        with pytest.raises(FatalAgentError, match="4001.*protocol 1; upgrade the agent"):
-            await asyncio.wait_for(client.run(), 10)
+    with pytest.raises(FatalAgentError, match="4001.*protocol 1; upgrade the agent"):
+        await run_agent_against(strict_relay)
 
 
 async def test_a_relay_that_picks_a_version_the_agent_does_not_speak_is_left_for_good():
@@ -158,12 +154,17 @@ async def test_a_relay_that_picks_a_version_the_agent_does_not_speak_is_left_for
         with contextlib.suppress(websockets.ConnectionClosed):
             await ws.recv()
 
+    with pytest.raises(FatalAgentError, match="protocol 7"):
+        await run_agent_against(odd_relay)
+
+
+async def run_agent_against(relay_handler) -> None:
+    """Run a real agent against a hand-written relay until the agent gives up."""
     port = free_port()
-    async with websockets.serve(odd_relay, "127.0.0.1", port):
+    async with websockets.serve(relay_handler, "127.0.0.1", port):
         client = AgentClient(relay_url=f"http://127.0.0.1:{port}", token="ira_x", backend=DemoBackend(rate=0),
                              models=["demo"], on_status=lambda line: None)
-        with pytest.raises(FatalAgentError, match="protocol 7"):
-            await asyncio.wait_for(client.run(), 10)
+        await asyncio.wait_for(client.run(), 10)
 
 
 async def test_the_welcome_announces_a_newer_agent(redis_url, monkeypatch):
