@@ -8,7 +8,8 @@ relay's.  The relay picks its loop itself (uvicorn's ``loop="auto"``).
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Coroutine
+from collections.abc import Coroutine
+from typing import Any
 
 
 def loop_name() -> str:

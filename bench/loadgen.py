@@ -104,7 +104,7 @@ class HTTPConnection:
             except (OSError, ConnectionError):
                 pass
 
-    async def __aenter__(self) -> "HTTPConnection":
+    async def __aenter__(self) -> HTTPConnection:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -305,7 +305,7 @@ def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
-    k = max(0, min(len(ordered) - 1, int(round(q / 100 * len(ordered) + 0.5)) - 1))
+    k = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
     return ordered[k]
 
 

@@ -82,16 +82,16 @@ class CpuWindow:
     _t0: float = field(default=0.0, repr=False)
     _m0: tuple[float, float] = field(default=(0.0, 0.0), repr=False)
 
-    def start(self) -> "CpuWindow":
+    def start(self) -> CpuWindow:
         self._start = {name: _safe_cpu(pid) for name, pid in self.pids.items()}
         self._m0 = machine_cpu()
         self._t0 = time.perf_counter()
         return self
 
-    def stop(self) -> "CpuWindow":
+    def stop(self) -> CpuWindow:
         self.wall = time.perf_counter() - self._t0
         self.used = {name: round(_safe_cpu(pid) - self._start[name], 3) for name, pid in self.pids.items()}
-        busy, total = machine_cpu()
+        busy, _total = machine_cpu()
         self.machine_busy_cores = round((busy - self._m0[0]) / max(self.wall, 1e-9), 2)
         return self
 
@@ -146,8 +146,8 @@ class ProcessGroup:
     def start(self, name: str, args: list[str], env: dict[str, str] | None = None, *,
               stdin: bool = False, stdout_pipe: bool = False) -> Proc:
         log = self.workdir / f"{name}.log"
-        log_file = open(log, "ab")
-        try:
+        # The child gets its own copy of the descriptor; ours is closed as soon as it has started.
+        with open(log, "ab") as log_file:
             popen = subprocess.Popen(
                 args,
                 env=self.env(env),
@@ -157,8 +157,6 @@ class ProcessGroup:
                 stderr=log_file,
                 start_new_session=True,  # our Ctrl-C must not reach them before we stop them in order
             )
-        finally:
-            log_file.close()
         proc = Proc(name, popen, log)
         self.procs.append(proc)
         return proc
@@ -186,7 +184,7 @@ class ProcessGroup:
         for proc in reversed(list(self.procs)):
             self.stop(proc)
 
-    def __enter__(self) -> "ProcessGroup":
+    def __enter__(self) -> ProcessGroup:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -61,7 +61,7 @@ class Profiler:
         self.proc: subprocess.Popen | None = None
         self.error: str | None = None
 
-    def __enter__(self) -> "Profiler":
+    def __enter__(self) -> Profiler:
         exe = py_spy()
         if exe is None:
             self.error = "py-spy not installed"

@@ -38,7 +38,17 @@ from typing import Any
 import orjson
 
 from . import loadgen as lg
-from .procs import CpuWindow, ProcessGroup, Proc, console_script, free_port, nginx_binary, nginx_config, raise_fd_limit, rss_bytes
+from .procs import (
+    CpuWindow,
+    Proc,
+    ProcessGroup,
+    console_script,
+    free_port,
+    nginx_binary,
+    nginx_config,
+    raise_fd_limit,
+    rss_bytes,
+)
 from .profile import Profiler, format_summary, summarize
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -205,7 +215,7 @@ class Bench:
         return {
             "commit": git("rev-parse", "--short", "HEAD"),
             "relay_or_agent_modified": bool(dirty),
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "cores": os.cpu_count(),
             "cpu": cpu,
             "python": platform.python_version(),
@@ -235,7 +245,8 @@ class Bench:
         self.restart[name] = lambda: self.start_relay(name)
         proc = self.group.start(
             name,
-            console_script("relay", "relay.cli") + [
+            [
+                *console_script("relay", "relay.cli"),
                 "serve", "--host", HOST, "--port", str(port), "--redis-url", self.redis.url,
                 "--data-dir", str(self.work / name), "--log-level", "warning",
             ],
@@ -247,7 +258,8 @@ class Bench:
     def start_agent(self, name: str, relay: str, token: str, concurrency: int) -> Proc:
         proc = self.group.start(
             name,
-            console_script("relay-agent", "agent.cli") + [
+            [
+                *console_script("relay-agent", "agent.cli"),
                 "run", "--relay-url", f"http://{HOST}:{self.ports[relay]}", "--token", token,
                 "--backend", "openai", "--upstream-url", f"http://{HOST}:{self.ports['upstream']}/v1",
                 "--model", "bench", "--max-concurrency", str(concurrency),
@@ -369,7 +381,10 @@ class Bench:
                 del self.paths[name]
                 self.say(f"path {name} skipped: {reason}")
         self.results["paths"] = {
-            name: ({"status": "ok"} if name in self.paths else {"status": "unsupported", "reason": self.unsupported.get(name, "")})
+            name: (
+                {"status": "ok"} if name in self.paths
+                else {"status": "unsupported", "reason": self.unsupported.get(name, "")}
+            )
             for name in PATH_ORDER if name in want or name == "direct"
         }
 
@@ -392,7 +407,7 @@ class Bench:
         self.say(f"ttfc: {o.ttfc_requests} requests per path, interleaved ({', '.join(self.paths)})")
         conns = {name: lg.HTTPConnection(HOST, port) for name, (port, _) in self.paths.items()}
         samples: dict[str, list[float]] = {name: [] for name in self.paths}
-        errors: dict[str, int] = {name: 0 for name in self.paths}
+        errors: dict[str, int] = dict.fromkeys(self.paths, 0)
         body = lg.chat_body(o.ttfc_chunks)
         client = None
         if o.httpx:
@@ -475,7 +490,7 @@ class Bench:
             out[name] = await self.one_stream(name, o.one_stream_chunks)
             await asyncio.sleep(self.o.settle)
         direct = out.get("direct", {}).get("chunks_per_s")
-        for name, d in out.items():
+        for d in out.values():
             if direct and d.get("chunks_per_s"):
                 d["pct_of_direct"] = round(100 * d["chunks_per_s"] / direct, 1)
         if o.httpx:
@@ -607,7 +622,9 @@ class Bench:
                         await conn.request("POST", path, lg.chat_body(self.o.ttfc_chunks))
                 after = _redis_calls(rcli)
                 calls = {k: after.get(k, 0) - before.get(k, 0) for k in after}
-                calls = {k: round(v / n, 2) for k, v in sorted(calls.items(), key=lambda kv: -kv[1]) if v and k != "info"}
+                calls = {
+                    k: round(v / n, 2) for k, v in sorted(calls.items(), key=lambda kv: -kv[1]) if v and k != "info"
+                }
                 out[name] = {"per_request": round(sum(calls.values()), 2), "by_command": calls}
         finally:
             rcli.close()
@@ -799,14 +816,16 @@ async def _httpx_one_stream(url: str, body: bytes) -> dict:
 
     events, done = 0, False
     cpu0, t0 = time.process_time(), time.perf_counter()
-    async with httpx.AsyncClient(timeout=120) as client:
-        async with client.stream("POST", url, content=body, headers={"content-type": "application/json"}) as resp:
-            async for line in resp.aiter_lines():
-                if line.startswith("data: "):
-                    if line == "data: [DONE]":
-                        done = True
-                    else:
-                        events += 1
+    async with (
+        httpx.AsyncClient(timeout=120) as client,
+        client.stream("POST", url, content=body, headers={"content-type": "application/json"}) as resp,
+    ):
+        async for line in resp.aiter_lines():
+            if line.startswith("data: "):
+                if line == "data: [DONE]":
+                    done = True
+                else:
+                    events += 1
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     return {"events": events, "ok": done, "seconds": round(wall, 3), "chunks_per_s": round(events / wall),
             "loadgen_cpu_s_per_100k": round(cpu / max(events, 1) * 1e5, 3)}
@@ -844,7 +863,8 @@ def evaluate_targets(r: dict) -> list[dict]:
             note=f"{d['errors']} errors")
         out[-1]["met"] = all_ok
         add(f"{key}: p99 added inter-chunk delay", d.get("added_p99_ms"), 10.0, "ms",
-            note=f"relay p99 excess {d['excess_ms'].get('p99')} ms, direct {paths.get('direct', {}).get('excess_ms', {}).get('p99')} ms")
+            note=f"relay p99 excess {d['excess_ms'].get('p99')} ms,"
+                 f" direct {paths.get('direct', {}).get('excess_ms', {}).get('p99')} ms")
     for key, paths in conc.items():
         d = paths.get("relay-2node")
         if d:
@@ -864,14 +884,17 @@ def evaluate_targets(r: dict) -> list[dict]:
         counts = [s["redis_cmds_per_interval"] for s in idle["steps"]]
         spread = max(counts) - min(counts)
         add("Redis commands per heartbeat interval independent of agent count (max - min over steps)",
-            round(spread, 1), 2.0, "cmds", note=f"per interval at {[s['agents'] for s in idle['steps']]} agents: {counts}")
+            round(spread, 1), 2.0, "cmds",
+            note=f"per interval at {[s['agents'] for s in idle['steps']]} agents: {counts}")
     hop = r.get("ttfc_ms", {}).get("relay-2node", {}).get("hop_p50_over_relay")
     add("cross-node hop: added p50 over single node", hop, 0.5, "ms",
         note="" if hop is not None else r.get("paths", {}).get("relay-2node", {}).get("reason", ""))
     cpc = r.get("cpu_per_chunk", {})
     ratio = cpc.get("ratio_large_to_small")
     add("relay CPU per chunk does not grow with size (large/small ratio)", ratio, 1.25, "x",
-        note=", ".join(f"{v['event_bytes']} B: {v['relay_cpu_s_per_100k']} s/100k" for k, v in cpc.items() if isinstance(v, dict)))
+        note=", ".join(
+            f"{v['event_bytes']} B: {v['relay_cpu_s_per_100k']} s/100k" for v in cpc.values() if isinstance(v, dict)
+        ))
     return out
 
 
@@ -894,8 +917,10 @@ def table(r: dict) -> str:
     m = r["meta"]
     paths = [p for p in PATH_ORDER if p in r.get("paths", {})]
     lines = [
-        f"instance-relay bench - {m['date']} - {m['cores']} cores ({m['cpu']}) - Python {m['python']}"
-        f" - {m.get('duration_s', '?')} s",
+        (
+            f"instance-relay bench - {m['date']} - {m['cores']} cores ({m['cpu']}) - Python {m['python']}"
+            f" - {m.get('duration_s', '?')} s"
+        ),
         "",
     ]
     w0, w = 38, 16
@@ -931,10 +956,11 @@ def table(r: dict) -> str:
     cpc = r.get("cpu_per_chunk", {})
     if cpc:
         lines.append("relay CPU per relayed chunk (paced, same coalescing for both sizes):")
-        for k, v in cpc.items():
+        for v in cpc.values():
             if isinstance(v, dict):
                 lines.append(f"  {v['event_bytes']:>6} B events: relay {v['relay_cpu_s_per_100k']:.2f} s/100k chunks,"
-                             f" agent {v['agent_cpu_s_per_100k']:.2f} s/100k ({v['completed']} streams, {v['errors']} errors)")
+                             f" agent {v['agent_cpu_s_per_100k']:.2f} s/100k"
+                             f" ({v['completed']} streams, {v['errors']} errors)")
         if "ratio_large_to_small" in cpc:
             lines.append(f"  large/small ratio: {cpc['ratio_large_to_small']}")
     idle = r.get("idle_agents")
@@ -963,7 +989,10 @@ def table(r: dict) -> str:
     lines.append("targets (issue 5):")
     for tg in r.get("targets", []):
         mark = {True: "MET   ", False: "MISSED", None: "n/a   "}[tg["met"]]
-        dist = f" (distance {tg['distance']:+g} {tg['unit']})" if tg.get("distance") is not None and tg["met"] is False else ""
+        dist = (
+            f" (distance {tg['distance']:+g} {tg['unit']})"
+            if tg.get("distance") is not None and tg["met"] is False else ""
+        )
         lines.append(f"  {mark} {tg['target']}: {_fmt(tg['measured'])} vs {tg['limit']} {tg['unit']}{dist}"
                      + (f"  [{tg['note']}]" if tg.get("note") else ""))
     return "\n".join(lines)
@@ -1030,21 +1059,44 @@ def _ints(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     d = Options()
-    p = argparse.ArgumentParser(prog="python -m bench", description="instance-relay benchmark: relay vs direct, one run.")
+    p = argparse.ArgumentParser(
+        prog="python -m bench", description="instance-relay benchmark: relay vs direct, one run."
+    )
     p.add_argument("--quick", action="store_true", help="tiny counts everywhere (plumbing check, ~15 s)")
     p.add_argument("--ttfc-requests", type=int, help=f"requests per path for TTFC (default {d.ttfc_requests})")
-    p.add_argument("--one-stream-chunks", type=int, help=f"chunks in the single-stream test (default {d.one_stream_chunks})")
+    p.add_argument(
+        "--one-stream-chunks", type=int,
+        help=f"chunks in the single-stream test (default {d.one_stream_chunks})",
+    )
     p.add_argument("--concurrency", type=_ints, help="concurrent streams C, comma-separated for a sweep (default 1000)")
-    p.add_argument("--chunks-per-stream", type=int, help=f"M chunks per concurrent stream (default {d.chunks_per_stream})")
+    p.add_argument(
+        "--chunks-per-stream", type=int,
+        help=f"M chunks per concurrent stream (default {d.chunks_per_stream})",
+    )
     p.add_argument("--rate", type=float, help=f"r chunks/s per concurrent stream (default {d.rate:g})")
     p.add_argument("--ramp", type=float, help=f"seconds over which concurrent streams start (default {d.ramp:g})")
     p.add_argument("--cpu-streams", type=int, help=f"streams in the CPU-per-chunk test (default {d.cpu_streams})")
-    p.add_argument("--cpu-chunks", type=int, help=f"chunks per stream in the CPU-per-chunk test (default {d.cpu_chunks})")
-    p.add_argument("--cpu-rate", type=float, help=f"chunks/s per stream in the CPU-per-chunk test (default {d.cpu_rate:g})")
+    p.add_argument(
+        "--cpu-chunks", type=int,
+        help=f"chunks per stream in the CPU-per-chunk test (default {d.cpu_chunks})",
+    )
+    p.add_argument(
+        "--cpu-rate", type=float,
+        help=f"chunks/s per stream in the CPU-per-chunk test (default {d.cpu_rate:g})",
+    )
     p.add_argument("--sizes", type=_ints, help="content characters per chunk for the CPU test (default 16,2048)")
-    p.add_argument("--idle-agents", type=_ints, help="idle agent counts, comma-separated (default 1000,5000,10000; 0 = skip)")
-    p.add_argument("--heartbeat-interval", type=float, help=f"relay heartbeat interval, s (default {d.heartbeat_interval:g})")
-    p.add_argument("--idle-intervals", type=int, help=f"heartbeat intervals per idle measurement window (default {d.idle_intervals})")
+    p.add_argument(
+        "--idle-agents", type=_ints,
+        help="idle agent counts, comma-separated (default 1000,5000,10000; 0 = skip)",
+    )
+    p.add_argument(
+        "--heartbeat-interval", type=float,
+        help=f"relay heartbeat interval, s (default {d.heartbeat_interval:g})",
+    )
+    p.add_argument(
+        "--idle-intervals", type=int,
+        help=f"heartbeat intervals per idle measurement window (default {d.idle_intervals})",
+    )
     p.add_argument("--paths", help="comma-separated subset of direct,nginx,relay,relay-2node")
     p.add_argument("--no-nginx", action="store_true", help="skip nginx even if installed")
     p.add_argument("--no-httpx", action="store_true", help="skip the generic-client comparison")

@@ -83,7 +83,7 @@ def _int(meta: dict, name: str, default: int, lo: int = 0) -> int:
 class UpstreamProtocol(asyncio.Protocol):
     """One client connection; requests are served one after another (keep-alive)."""
 
-    def __init__(self, server: "UpstreamServer"):
+    def __init__(self, server: UpstreamServer):
         self.server = server
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
@@ -162,7 +162,7 @@ class UpstreamProtocol(asyncio.Protocol):
     def _handle(self, head: bytes, body: bytes) -> None:
         assert self.transport is not None
         request_line = head.split(b"\r\n", 1)[0].split(b" ")
-        method, target = (request_line + [b"", b""])[:2]
+        method, target = [*request_line, b"", b""][:2]
         path = target.split(b"?", 1)[0].rstrip(b"/")
         if method == b"GET" and path.endswith(b"/models"):
             models = {"object": "list", "data": [{"id": MODEL, "object": "model", "created": 0, "owned_by": "bench"}]}
@@ -175,7 +175,8 @@ class UpstreamProtocol(asyncio.Protocol):
             request = orjson.loads(body)
             meta = request.get("metadata") or {}
         except (orjson.JSONDecodeError, AttributeError):
-            self.transport.write(_response("400 Bad Request", b'{"error":{"message":"bad json","type":"invalid_request_error"}}'))
+            error = b'{"error":{"message":"bad json","type":"invalid_request_error"}}'
+            self.transport.write(_response("400 Bad Request", error))
             return
         self.server.requests += 1
         n = _int(meta, "bench_n", 10, 1)
@@ -259,7 +260,7 @@ class UpstreamServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}/v1"
 
-    async def start(self) -> "UpstreamServer":
+    async def start(self) -> UpstreamServer:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: UpstreamProtocol(self), self.host, self.port, backlog=4096)
         self.port = self._server.sockets[0].getsockname()[1]
@@ -270,7 +271,7 @@ class UpstreamServer:
             self._server.close()
             self._server = None
 
-    async def __aenter__(self) -> "UpstreamServer":
+    async def __aenter__(self) -> UpstreamServer:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:
