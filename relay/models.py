@@ -31,7 +31,7 @@ class ContentPart(BaseModel):
     text: str | None = None
 
     @model_validator(mode="after")
-    def _text_part_has_text(self) -> "ContentPart":
+    def _text_part_has_text(self) -> ContentPart:
         if self.type == "text" and self.text is None:
             raise ValueError("a text part needs a 'text' string")
         return self
@@ -150,7 +150,7 @@ class UpdateInstanceRequest(BaseModel):
     visibility: Visibility | None = None
 
     @model_validator(mode="after")
-    def _something_to_change(self) -> "UpdateInstanceRequest":
+    def _something_to_change(self) -> UpdateInstanceRequest:
         if self.name is None and self.description is None and self.visibility is None:
             raise ValueError("give at least one of name, description, visibility")
         return self

@@ -13,7 +13,7 @@ fuzzers leave it alone.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
@@ -101,8 +101,8 @@ def _path_param(name: str, description: str) -> dict[str, Any]:
 
 INSTANCE_ID = _path_param("instance_id", "Instance id, as returned at registration")
 KEY_ID = _path_param("key_id", "Caller key id, as returned when the key was created")
-OWNER = [{"agentToken": []}]
-CALLER = [{}, {"callerKey": []}]  # public instances need nothing; private ones a caller key
+OWNER: list[dict[str, list[str]]] = [{"agentToken": []}]
+CALLER: list[dict[str, list[str]]] = [{}, {"callerKey": []}]  # public instances need nothing; private ones a caller key
 
 
 def _body(model: type[BaseModel]) -> dict[str, Any]:
@@ -150,11 +150,14 @@ def operations() -> dict[str, dict[str, Any]]:
             "get": {
                 "summary": "List public instances, in registration order",
                 "operationId": "listInstances", "tags": ["instances"],
+                # An empty parameter (``?status=&limit=``, as forms send them) means its default.
                 "parameters": [
-                    {"name": "status", "in": "query", "schema": {"type": "string", "enum": ["online", "offline"]}},
-                    {"name": "limit", "in": "query",
+                    {"name": "status", "in": "query", "allowEmptyValue": True,
+                     "schema": {"type": "string", "enum": ["online", "offline"]}},
+                    {"name": "limit", "in": "query", "allowEmptyValue": True,
                      "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}},
-                    {"name": "cursor", "in": "query", "description": "``next_cursor`` of the previous page",
+                    {"name": "cursor", "in": "query", "allowEmptyValue": True,
+                     "description": "``next_cursor`` of the previous page",
                      "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"}},
                 ],
                 "responses": {"200": {"description": "One page", "content": _json(InstancePage)},
@@ -233,14 +236,17 @@ def operations() -> dict[str, dict[str, Any]]:
         "/metrics": {"get": {"summary": "Prometheus metrics of this node", "operationId": "metrics", "tags": ["ops"],
                              "responses": {"200": {"description": "Prometheus text format",
                                                    "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
-        "/openapi.json": {"get": {"summary": "This document", "operationId": "openapi", "tags": ["ops"],
-                                  "responses": {"200": {"description": "OpenAPI 3.1",
-                                                        "content": {"application/json": {"schema": {"type": "object"}}}}}}},
+        "/openapi.json": {"get": {
+            "summary": "This document", "operationId": "openapi", "tags": ["ops"],
+            "responses": {"200": {"description": "OpenAPI 3.1",
+                                  "content": {"application/json": {"schema": {"type": "object"}}}}},
+        }},
     }
 
 
 def schemas() -> dict[str, Any]:
-    pairs = [(m, "validation") for m in REQUEST_MODELS] + [(m, "serialization") for m in RESPONSE_MODELS]
+    pairs: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [
+        *((m, "validation") for m in REQUEST_MODELS), *((m, "serialization") for m in RESPONSE_MODELS)]
     _, top = models_json_schema(pairs, ref_template="#/components/schemas/{model}")
     return top.get("$defs", {})
 
