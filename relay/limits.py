@@ -82,21 +82,20 @@ def check_chat_request(chat: ChatRequest, settings: RelaySettings) -> None:
                 f"messages carry {size} characters of content; the limit is {settings.max_content_chars}",
                 param="messages", code="content_too_large",
             )
-    if settings.max_tokens_cap:
-        if "max_tokens" not in chat.model_fields_set and chat.max_tokens > settings.max_tokens_cap:
-            chat.max_tokens = settings.max_tokens_cap  # our default, not the caller's choice: lower it
-        extra = chat.model_extra or {}
-        asked = (("max_tokens", chat.max_tokens), ("max_completion_tokens", extra.get("max_completion_tokens")))
-        for name, value in asked:
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValidationFailed(f"{name} must be a positive integer", param=name)
-            if value > settings.max_tokens_cap:
-                raise ValidationFailed(
-                    f"{name} {value} exceeds this relay's cap of {settings.max_tokens_cap}",
-                    param=name, code="max_tokens_too_large",
-                )
+    cap = settings.max_tokens_cap
+    if cap and "max_tokens" not in chat.model_fields_set and chat.max_tokens > cap:
+        chat.max_tokens = cap  # our default, not the caller's choice: lower it
+    extra = chat.model_extra or {}
+    # The schema promises both are positive integers, with or without a cap.
+    asked = (("max_tokens", chat.max_tokens), ("max_completion_tokens", extra.get("max_completion_tokens")))
+    for name, value in asked:
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValidationFailed(f"{name} must be a positive integer", param=name)
+        if cap and value > cap:
+            raise ValidationFailed(f"{name} {value} exceeds this relay's cap of {cap}",
+                                   param=name, code="max_tokens_too_large")
 
 
 # -- requests per minute ---------------------------------------------------------------
