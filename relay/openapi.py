@@ -52,6 +52,7 @@ ERROR_MEANING = {
     413: "Request body too large",
     422: "Invalid parameters, or a request limit exceeded (the error names the field)",
     429: "Rate or concurrency limit reached; see Retry-After",
+    501: "No connected agent of the instance can run this operation (capability_not_supported)",
     502: "The agent or its model failed",
     503: "Instance offline or at capacity, or relay storage unavailable; see Retry-After",
     504: "The model sent nothing in time",
@@ -127,7 +128,7 @@ def _chat_operation(summary: str) -> dict[str, Any]:
                     "application/json": {"schema": _ref(ChatCompletion)},
                 },
             },
-            **_errors(400, 401, 403, 404, 413, 422, 429, 502, 503, 504),
+            **_errors(400, 401, 403, 404, 413, 422, 429, 501, 502, 503, 504),
         },
     }
 
@@ -279,14 +280,14 @@ def build_openapi(base_url: str) -> dict[str, Any]:
         },
         "x-websockets": {
             "/api/agent/connect": {
-                "summary": "Agent connection (websocket; relay.protocol)",
+                "summary": "Agent connection (websocket; the wire protocol, versions 1 and 2, see ARCHITECTURE.md)",
                 "security": "Authorization: Bearer <agent_token> on the upgrade request",
                 "denials": {"401": "unknown or rotated token", "503": "relay storage unavailable"},
                 "close_codes": {
                     "1002": "protocol error (malformed frame, unknown or ended stream, window overrun)",
                     "1008": "policy violation (frame or byte rate above the limit)",
                     "1009": "frame larger than RELAY_MAX_FRAME_BYTES",
-                    "4001": "unsupported protocol version",
+                    "4001": "no protocol version in common (the reason names the side to upgrade)",
                     "4003": "token rotated or instance deleted",
                     "4008": "heartbeat timeout",
                     "4009": "replaced by a newer connection of the same agent",
