@@ -3,7 +3,8 @@
 A backend turns one OpenAI chat request into either a stream of chunk JSON
 documents (``stream``, yielding them in batches: all the chunks that arrived
 together, so the agent can send them in one frame without waiting for more)
-or one ``chat.completion`` JSON body (``complete``), as raw bytes.  Failures are :class:`BackendError` with an HTTP status hint.
+or one ``chat.completion`` JSON body (``complete``), as raw bytes.  Failures are
+:class:`BackendError` with an HTTP status hint.
 Cancelling the consuming task aborts the upstream HTTP request at once
 (httpx closes the connection when its stream context is left).
 """
@@ -13,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Any, AsyncIterator, Protocol
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
 
 import httpx
 import orjson

@@ -87,8 +87,8 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
     registry = InstanceRegistry(redis, heartbeat_timeout=settings.heartbeat_timeout, base_url=settings.base_url())
     presence = Presence(node, registry, sessions, heartbeat_interval=settings.heartbeat_interval,
                         heartbeat_timeout=settings.heartbeat_timeout)
-    bus = CrossNode(redis, node.node_id, sessions, registry,
-                    heartbeat_timeout=settings.heartbeat_timeout, window=settings.stream_window)
+    bus = CrossNode(redis, node.node_id, sessions, registry, heartbeat_timeout=settings.heartbeat_timeout,
+                    window=settings.stream_window, idle_timeout=settings.idle_timeout)
     gateway = AgentGateway(settings, node, registry, sessions, presence, bus)
 
     async def subscribed(again: bool) -> None:

@@ -29,6 +29,8 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
+import anyio
+import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -41,6 +43,11 @@ from .sessions import SessionManager
 from .streams import LinkLost, Stream, cleanup_scope, split_items
 
 log = logging.getLogger("relay.crossnode")
+
+#: Unknown remote streams remembered, so each gets one extra cancel at most.
+MAX_STOPPED = 4096
+#: The 0.1 codec: kind byte, 16 ASCII request-id bytes, payload.
+LEGACY_RID_LEN = 16
 
 
 class NodeGone(LinkLost):
@@ -72,30 +79,36 @@ class RemoteLink:
 class _Served:
     """A stream this node's agent serves for another node (node B's side)."""
 
-    __slots__ = ("stream", "task", "stopped_because")
+    __slots__ = ("scope", "stream", "stopped_because")
 
-    def __init__(self, stream: Stream, task: asyncio.Task[None]):
-        self.stream = stream
-        self.task = task
+    def __init__(self, scope: anyio.CancelScope):
+        self.scope = scope
+        self.stream: Stream | None = None  # once the request is on its way to the agent
         #: Set when this node stops the stream itself: the caller's node is told why.
         self.stopped_because = ""
+
+    def stop(self, because: str = "") -> None:
+        self.stopped_because = self.stopped_because or because
+        self.scope.cancel()
 
 
 class CrossNode:
     """This node's end of the bus: opens streams on other nodes' agents, serves theirs."""
 
     def __init__(self, redis: Redis, node_id: str, sessions: SessionManager, registry: InstanceRegistry,
-                 *, heartbeat_timeout: float, window: int):
+                 *, heartbeat_timeout: float, window: int, idle_timeout: float = 60.0):
         self.redis = redis
         self.node_id = node_id
         self.sessions = sessions
         self.registry = registry
         self.heartbeat_timeout = heartbeat_timeout
+        self.idle_timeout = idle_timeout  # B gives up on a silent agent after this, as A does
         self.window = window
         self.ingress: dict[int, Stream] = {}  # streams we serve to our HTTP clients, by our id
         self.egress: dict[tuple[str, int], _Served] = {}  # streams our agents serve: (their node, their id)
         self._next_id = 0
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopped: dict[tuple[str, int], None] = {}  # unknown streams we sent a cancel for
         #: Whether our inbox subscription is up (set by the subscriber).  While
         #: it is down, replies to us are dropped by Redis (PUBLISH reaches no
         #: one), so we must not open remote streams.
@@ -160,8 +173,7 @@ class CrossNode:
         for remote in list(self.ingress.values()):
             remote.fail(502, "relay lost its message bus mid-stream; retry", "relay_unavailable")
         for served in list(self.egress.values()):
-            served.stopped_because = "the relay node holding the agent lost its message bus mid-stream; retry"
-            served.task.cancel()
+            served.stop("the relay node holding the agent lost its message bus mid-stream; retry")
 
     async def kick(self, node: str, session: str) -> None:
         """Tell another node to drop a stale session of an agent that reconnected here."""
@@ -177,13 +189,16 @@ class CrossNode:
         try:
             envelope = wire.decode_envelope(message)
         except wire.ProtocolError as exc:
-            log.warning("dropping malformed cross-node message: %s", exc)
+            if not self._answer_legacy_open(message):
+                log.warning("dropping malformed cross-node message: %s", exc)
             return
         sender = envelope.sender
         match envelope.event:
             case wire.Data() | wire.End() | wire.StreamError() as event:  # node B -> us (node A)
                 remote = self.ingress.get(event.id)
                 if remote is None or not isinstance(remote.link, RemoteLink) or remote.link.node != sender:
+                    if type(event) is wire.Data:
+                        self._stop_unknown(sender, event.id)
                     return  # closed here already (late frames), or not that node's stream
                 try:
                     remote.feed(event)
@@ -194,12 +209,12 @@ class CrossNode:
                     self.ingress.pop(remote.id, None)
             case wire.Credit(id=sid, amount=amount):  # node A -> us (node B)
                 served = self.egress.get((sender, sid))
-                if served is not None:
+                if served is not None and served.stream is not None:
                     self._spawn(served.stream.consumed(amount))
             case wire.Cancel(id=sid):
-                served = self.egress.pop((sender, sid), None)
+                served = self.egress.get((sender, sid))
                 if served is not None:
-                    served.task.cancel()
+                    served.stop()
             case wire.Request() as request:
                 self._spawn(self._serve(sender, envelope.session, request))
             case wire.Kick(reason=reason):
@@ -208,6 +223,45 @@ class CrossNode:
                     self._spawn(session.close(wire.CloseCode.REPLACED, reason))
             case other:
                 log.warning("dropping %s frame from node %s: not a cross-node frame", type(other).__name__, sender)
+
+    def _stop_unknown(self, node: str, stream_id: int) -> None:
+        """Data for a stream we do not have: its cancel was lost; send one more, once."""
+        key = (node, stream_id)
+        if key in self._stopped:
+            return
+        self._stopped[key] = None
+        if len(self._stopped) > MAX_STOPPED:
+            del self._stopped[next(iter(self._stopped))]
+        self._spawn(self._cancel_quietly(node, stream_id))
+
+    async def _cancel_quietly(self, node: str, stream_id: int) -> None:
+        try:
+            await self.send(node, wire.Cancel(stream_id, "stream unknown to the caller's relay node"))
+        except LinkLost:
+            pass
+
+    def _answer_legacy_open(self, message: bytes) -> bool:
+        """A 0.1 node's ``open`` (its unversioned codec): refuse it in that codec, so its caller
+        gets a 503 at once rather than a timeout while the nodes are being upgraded."""
+        if message[:1] != b"O" or len(message) < 1 + LEGACY_RID_LEN:
+            return False
+        try:
+            reply = orjson.loads(message[1 + LEGACY_RID_LEN:])["reply"]
+            channel = keys.inbox(str(reply))
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return False
+        error = {"status": 503, "message": "the agent's relay node runs a newer version; retry",
+                 "code": "instance_offline"}
+        refusal = b"X" + message[1 : 1 + LEGACY_RID_LEN] + orjson.dumps(error)
+        self._spawn(self._publish_quietly(channel, refusal))
+        log.info("refused a stream from a relay node of an older version (upgrade it)")
+        return True
+
+    async def _publish_quietly(self, channel: str, message: bytes) -> None:
+        try:
+            await self.redis.publish(channel, message)
+        except (RedisError, OSError):
+            pass
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -223,40 +277,51 @@ class CrossNode:
 
     async def _serve(self, reply: str, session_id: str, request: wire.Request) -> None:
         logs.bind(request_id=request.request_id or None)
+        key = (reply, request.id)
         session = self.sessions.by_session(session_id)
-        if session is None or not session.has_capacity or request.op not in session.capabilities:
+        if session is None or not session.has_capacity or request.op not in session.capabilities \
+                or key in self.egress:
             await self._reply_error(reply, request.id, "agent no longer available on its relay node")
             return
         logs.bind(instance_id=session.instance_id)
-        try:
-            local = await session.open_stream(request.op, request.body, stream=request.stream,
-                                              request_id=request.request_id, window=request.window)
-        except LinkLost:
-            await self._reply_error(reply, request.id, "agent connection lost")
-            return
-        task = asyncio.current_task()
-        assert task is not None
-        served = self.egress[(reply, request.id)] = _Served(local, task)
+        # Listed before the first await, so a cancel that arrives while the
+        # request is on its way to the agent is not lost.  The scope, unlike a
+        # task's cancel(), stays cancelled: no await inside can swallow it.
+        served = self.egress[key] = _Served(anyio.CancelScope())
         self.forwarded_in += 1
+        local: Stream | None = None
         try:
-            await self._forward(reply, request.id, local)
-        except (LinkLost, asyncio.CancelledError):
-            pass  # the caller's node went away, the caller cancelled, or we stopped it
+            with served.scope:
+                local = await session.open_stream(request.op, request.body, stream=request.stream,
+                                                  request_id=request.request_id, window=request.window)
+                served.stream = local
+                await self._forward(reply, request.id, local)
+        except NodeGone:
+            pass  # the caller's node went away: nobody to tell
+        except LinkLost as exc:  # the agent, or Redis for a moment: tell the caller's node if we can
+            served.stopped_because = served.stopped_because or f"relay node holding the agent: {exc}"
         finally:
-            self.egress.pop((reply, request.id), None)
+            self.egress.pop(key, None)
             with cleanup_scope():
-                await local.close("caller's relay node cancelled")
-                if served.stopped_because:  # publishing may still work: tell the caller's node now
+                if local is not None:
+                    await local.close("caller's relay node cancelled")
+                if served.stopped_because:
                     await self._reply_error(reply, request.id, served.stopped_because, 502, "relay_unavailable")
 
     async def _forward(self, reply: str, stream_id: int, local: Stream) -> None:
+        silent = 0.0
         while True:
             try:
                 items = await local.next(self.heartbeat_timeout)
             except TimeoutError:
+                silent += self.heartbeat_timeout
                 if not await self.node_alive(reply):
                     return
+                if silent >= self.idle_timeout:  # the caller's node gave up by now; so do we
+                    await self.send(reply, wire.StreamError(stream_id, 504, "the model went silent", "model_timeout"))
+                    return
                 continue
+            silent = 0.0
             payload, last = split_items(items)
             if payload:
                 await self.send(reply, wire.Data(stream_id, payload))

@@ -21,6 +21,7 @@ import orjson
 from redis.asyncio import Redis
 
 from wire import OP_CHAT
+from wire.bus import ENVELOPE_VERSION
 
 from . import keys
 from .errors import Forbidden, NotFound, Unauthorized
@@ -70,6 +71,9 @@ class AgentEntry:
                 "models": list(self.models),
                 "connected_at": self.connected_at,
                 "capabilities": list(self.capabilities),
+                # Which bus envelope its node reads: a 0.1 node's entry has none,
+                # and other nodes cannot reach its agents (see the pick script).
+                "bus": ENVELOPE_VERSION,
             }
         )
 
@@ -121,38 +125,46 @@ return out
 # concurrent requests on different nodes never overfill the same agent.
 # The least busy agent relative to its declared concurrency wins, among
 # those that can run the operation (ARGV[3]; an entry without capabilities
-# is a version-1 agent: chat only); agents at capacity and agents on nodes
-# listed in ARGV[4..] are skipped.  Ties are broken by where the scan
-# starts (ARGV[2], rotated by the caller): scanning from the top let the
-# first agent win every tie, so a replica never got a request that arrived
-# alone.  KEYS: agents, load, instance.
-# Returns {'ok', agent_id, entry} | {'busy'} | {'incapable'} | {'offline'} | {'missing'}.
+# is a version-1 agent: chat only); agents at capacity, agents on nodes
+# listed in ARGV[5..], and agents on other nodes that do not read this bus
+# envelope (entries of 0.1 nodes, during a rolling upgrade; ARGV[4] is the
+# calling node) are skipped.  Ties are broken by where the scan starts
+# (ARGV[2], rotated by the caller): scanning from the top let the first
+# agent win every tie, so a replica never got a request that arrived alone.
+# KEYS: agents, load, instance.
+# Returns {'ok', agent_id, entry} | {'busy'} | {'incapable'} | {'offline'} | {'missing'}:
+# incapable when no connected agent can run the operation at all, offline
+# when those that can are out of reach.
 _PICK_AGENT = _LIVE_ENTRIES + """
 local live = live_entries(KEYS[1], KEYS[2], ARGV[1])
 if #live == 0 then
   if redis.call('EXISTS', KEYS[3]) == 0 then return {'missing'} end
   return {'offline'}
 end
-local op = ARGV[3]
+local op, here = ARGV[3], ARGV[4]
 local excluded = {}
-for i = 4, #ARGV do excluded[ARGV[i]] = true end
+for i = 5, #ARGV do excluded[ARGV[i]] = true end
 local best, best_load = nil, nil
-local reachable, capable = false, false
+local capable, reachable = false, false
 local count = #live
 local start = tonumber(ARGV[2]) % count
 for k = 0, count - 1 do
   local e = live[((start + k) % count) + 1]
   local entry = e[3]
-  if not excluded[entry['node']] then
-    reachable = true
-    local can = entry['capabilities'] == nil and op == 'chat'
-    if entry['capabilities'] ~= nil then
-      for _, c in ipairs(entry['capabilities']) do
-        if c == op then can = true end
-      end
+  local caps = entry['capabilities']
+  local can = false
+  if type(caps) == 'table' then
+    for _, c in ipairs(caps) do
+      if c == op then can = true end
     end
-    if can then
-      capable = true
+  else
+    can = op == 'chat'
+  end
+  if can then
+    capable = true
+    local node = entry['node']
+    if not excluded[node] and (node == here or entry['bus'] ~= nil) then
+      reachable = true
       local inflight = tonumber(redis.call('HGET', KEYS[2], entry['session']) or '0')
       if inflight < entry['max_concurrency'] then
         local load = inflight / entry['max_concurrency']
@@ -164,8 +176,8 @@ for k = 0, count - 1 do
   end
 end
 if best == nil then
-  if not reachable then return {'offline'} end
   if not capable then return {'incapable'} end
+  if not reachable then return {'offline'} end
   return {'busy'}
 end
 redis.call('HINCRBY', KEYS[2], best[3]['session'], 1)
@@ -311,15 +323,15 @@ class InstanceRegistry:
         )
         return [AgentEntry.decode(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
 
-    async def pick_agent(self, instance_id: str, op: str = OP_CHAT,
-                         exclude_nodes: tuple[str, ...] = ()) -> tuple[str, AgentEntry | None]:
+    async def pick_agent(self, instance_id: str, op: str = OP_CHAT, exclude_nodes: tuple[str, ...] = (),
+                         *, here: str = "") -> tuple[str, AgentEntry | None]:
         """Reserve a slot on the least busy agent that can run ``op``: ``("ok", entry)`` or ``(reason, None)``.
 
         Every "ok" must be paired with :meth:`release_agent` when the request ends.
         """
         result = await self._pick_agent(
             keys=[keys.agents(instance_id), keys.load(instance_id), keys.instance(instance_id)],
-            args=[keys.NODE_PREFIX, next(self._tie_break), op, *exclude_nodes],
+            args=[keys.NODE_PREFIX, next(self._tie_break), op, here, *exclude_nodes],
         )
         verdict = result[0].decode()
         if verdict != "ok":

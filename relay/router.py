@@ -48,7 +48,7 @@ class StreamRouter:
                                       headers={"Retry-After": "1"})
         excluded: tuple[str, ...] = ()
         for _ in range(MAX_ATTEMPTS):
-            verdict, entry = await self.registry.pick_agent(instance_id, op, excluded)
+            verdict, entry = await self.registry.pick_agent(instance_id, op, excluded, here=self.node.node_id)
             if entry is None:
                 raise no_agent(instance_id, op, verdict)
             chosen = entry

@@ -133,7 +133,7 @@ class AgentSession:
                         self.agent_id, self.instance_id, self.send_timeout)
             asyncio.get_running_loop().create_task(self.close(wire.CloseCode.HEARTBEAT_TIMEOUT, "agent not reading"))
             raise LinkLost("agent not reading") from None
-        except (OSError, RuntimeError) as exc:  # the socket went away under us
+        except Exception as exc:  # whatever the transport raises (OSError, WebSocketDisconnect ...): gone
             raise LinkLost(f"agent connection lost ({type(exc).__name__})") from None
 
     async def open_stream(self, op: str, body: dict[str, Any], *, stream: bool, request_id: str = "",
@@ -141,16 +141,18 @@ class AgentSession:
         """Send a request to the agent; LinkLost if it cannot take it.
 
         ``window`` is the requesting node's, for a stream served across nodes:
-        the agent must not be allowed more than that node will buffer.
+        the agent may send what that node buffers, no more (it grants credit
+        in halves of its own window) and no less (or that node would never
+        grant any).
         """
         self._next_id += 1
-        window = min(window or self.window, self.window)
+        window = window or self.window
         opened = Stream(self, self._next_id, window)
         self.streams[opened.id] = opened
         try:
             await self._send(wire.encode(wire.Request(opened.id, body, stream, window, op, request_id)))
         except BaseException:
-            self.streams.pop(opened.id, None)
+            self.forget(opened.id)  # it may have reached the agent: its frames are then late, not foreign
             raise
         return opened
 

@@ -123,7 +123,7 @@ class Stream:
     wait for credit, and the machine refuses a sender that does not.
     """
 
-    __slots__ = ("id", "link", "tracker", "on_close", "check_every", "_items", "_closed")
+    __slots__ = ("id", "link", "tracker", "on_close", "check_every", "_items", "_closed", "_sender_done")
 
     def __init__(self, link: StreamLink, stream_id: int, window: int, *, check_every: float | None = None):
         self.id = stream_id
@@ -135,6 +135,8 @@ class Stream:
         self.check_every = check_every
         self._items = Backlog()
         self._closed = False
+        #: The sender ended the stream itself (end or error): nothing to cancel.
+        self._sender_done = False
 
     @property
     def finished(self) -> bool:
@@ -144,8 +146,17 @@ class Stream:
 
     def feed(self, event: wire.Data | wire.End | wire.StreamError) -> None:
         """A frame from the sender; ProtocolError when it is illegal (the sender's fault)."""
+        if self.tracker.finished and not self._sender_done:
+            # The relay ended this stream (failed or cancelled it) and the
+            # sender has not heard yet: its frames in flight are expected.
+            self._sender_done = not isinstance(event, wire.Data)
+            return
         self.tracker.receive(event)
-        self._items.push(event.payload if isinstance(event, wire.Data) else event)
+        if isinstance(event, wire.Data):
+            self._items.push(event.payload)
+        else:
+            self._sender_done = True
+            self._items.push(event)
 
     def fail(self, status: int, message: str, code: str | None = None) -> None:
         """End the stream from the relay's side (agent lost, node gone ...); idempotent."""
@@ -204,11 +215,16 @@ class Stream:
         if self._closed:
             return
         self._closed = True
-        if self.tracker.end_here(wire.Cancel(self.id, reason)):
-            try:
-                await self.link.send_cancel(self.id, reason)
-            except LinkLost:
-                pass  # agent or node already gone: nothing left to cancel
+        self.tracker.end_here(wire.Cancel(self.id, reason))
+        # Forgotten first: frames the sender sends while the cancel is on its
+        # way are dropped as late, never taken for a protocol violation.
         self.link.forget(self.id)
-        if self.on_close is not None:
-            await self.on_close()
+        try:
+            if not self._sender_done:  # running, or ended by the relay alone: stop the sender
+                try:
+                    await self.link.send_cancel(self.id, reason)
+                except LinkLost:
+                    pass  # agent or node already gone: nothing left to cancel
+        finally:
+            if self.on_close is not None:
+                await self.on_close()

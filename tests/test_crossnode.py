@@ -18,7 +18,15 @@ from relay.crossnode import CrossNode, RemoteLink
 from relay.registry import InstanceRegistry
 from relay.sessions import SessionManager
 from relay.streams import Stream
-from tests.helpers import running_agent, running_relay, sse_lines, wait_until
+from tests.helpers import (
+    FakeUpstream,
+    openai_backend,
+    running_agent,
+    running_relay,
+    running_upstream,
+    sse_lines,
+    wait_until,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -158,3 +166,81 @@ async def test_a_handler_that_fails_does_not_end_the_subscription(redis_url):
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def _served_clean(node_b, agent) -> bool:
+    state = node_b.app.state
+    return not state.bus.egress and not any(s.streams for s in state.sessions.all()) and agent.status.inflight == 0
+
+
+async def test_callers_hanging_up_leave_nothing_running_on_the_agents_node(redis_url):
+    # A single task.cancel() of B's forwarding task could be swallowed inside
+    # a Redis call; then the agent kept its slot forever.  B now serves each
+    # stream in a cancel scope, which stays cancelled.
+    upstream = FakeUpstream(chunks=100_000, delay=0.001)
+    async with running_upstream(upstream), running_relay(redis_url) as node_a, running_relay(redis_url) as node_b:
+        instance_id, token = await node_a.register()
+        async with running_agent(node_b.url, token, openai_backend(upstream)) as agent, node_a.client() as client:
+            for _ in range(30):
+                async with client.stream("POST", f"/api/chat/{instance_id}",
+                                         json={"messages": [{"role": "user", "content": "x"}]}) as response:
+                    async for _line in response.aiter_lines():
+                        break  # hang up after the first event
+            await wait_until(lambda: _served_clean(node_b, agent), timeout=15, what="B and the agent idle again")
+            assert not node_a.app.state.bus.ingress
+
+
+async def test_a_stream_node_a_fails_on_its_own_is_stopped_on_node_b(redis_url):
+    upstream = FakeUpstream(chunks=3, hold_after=1)
+    async with running_upstream(upstream), running_relay(redis_url) as node_a, running_relay(redis_url) as node_b:
+        instance_id, token = await node_a.register()
+        async with running_agent(node_b.url, token, openai_backend(upstream)) as agent, node_a.client() as client:
+            async with client.stream("POST", f"/api/chat/{instance_id}",
+                                     json={"messages": [{"role": "user", "content": "x"}]}) as response:
+                lines = response.aiter_lines()
+                async for line in lines:
+                    if line.startswith("data: "):
+                        break
+                await wait_until(lambda: _true(bool(node_b.app.state.bus.egress)), what="B serving the stream")
+                node_a.app.state.bus.inbox_lost()  # A fails the stream itself; B hears nothing of it
+                rest = [line async for line in lines if line.startswith("data: ")]
+            assert rest[-1] == "data: [DONE]" and "relay_unavailable" in rest[-2]
+            # Closing it sent B a cancel: the agent and the model stop.
+            await wait_until(lambda: _served_clean(node_b, agent), timeout=10, what="the stream stopped on B")
+            await wait_until(lambda: _true(upstream.disconnects == 1), what="the model's request aborted")
+
+
+async def test_nodes_with_different_windows_still_stream(redis_url):
+    # B used to give the agent min(A's window, B's); A grants credit only after
+    # half of its own window, so with B's window below that nothing ever moved.
+    upstream = FakeUpstream(chunks=5000)
+    async with running_upstream(upstream), running_relay(redis_url, stream_window=256 * 1024) as node_a, \
+            running_relay(redis_url, stream_window=16 * 1024) as node_b:
+        instance_id, token = await node_a.register()
+        async with running_agent(node_b.url, token, openai_backend(upstream)), node_a.client() as client:
+            response = await client.post(f"/api/chat/{instance_id}", json={"messages": [{"role": "user", "content": "x"}]})
+            events = await sse_lines(response)
+    assert events[-1] == "[DONE]" and len(events) >= 5000
+
+
+async def test_a_0_1_node_asking_for_a_stream_is_refused_in_its_own_codec(redis_url):
+    async with running_relay(redis_url) as node:
+        redis = Redis.from_url(redis_url)
+        pubsub = redis.pubsub()
+        await pubsub.subscribe(keys.inbox("old-node"))
+        try:
+            rid = b"0123456789abcdef"
+            old_open = b"O" + rid + orjson.dumps({"iid": "x", "agent": "a", "session": "s", "body": {},
+                                                  "stream": True, "reply": "old-node"})
+            await redis.publish(keys.inbox(node.app.state.node.node_id), old_open)
+
+            async def refusal() -> bytes | None:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)
+                return message["data"] if message else None
+
+            answer = await wait_until(refusal, timeout=5, what="the refusal")
+        finally:
+            await pubsub.aclose()
+            await redis.aclose()
+    assert answer[:17] == b"X" + rid
+    assert orjson.loads(answer[17:])["status"] == 503

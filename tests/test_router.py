@@ -36,10 +36,10 @@ async def add(redis, agent_id: str, node: str = "n1", *, concurrency: int = 2, i
     return entry
 
 
-async def picks(registry, n: int, op: str = "chat", exclude: tuple[str, ...] = ()) -> list[str | None]:
+async def picks(registry, n: int, op: str = "chat", exclude: tuple[str, ...] = (), here: str = "n1") -> list[str | None]:
     out = []
     for _ in range(n):
-        verdict, entry = await registry.pick_agent(INSTANCE, op, exclude)
+        verdict, entry = await registry.pick_agent(INSTANCE, op, exclude, here=here)
         out.append(entry.agent_id if entry else verdict)
     return out
 
@@ -74,15 +74,39 @@ async def test_only_agents_that_can_run_the_operation(registry, redis):
     assert await picks(registry, 1, "transcribe") == ["incapable"]
 
 
+OLD_ENTRY = b'{"node":"n-old","session":"s-old","max_concurrency":1,"models":["m"],"connected_at":0}'
+
+
 async def test_an_entry_without_capabilities_is_a_chat_only_agent(registry, redis):
-    # Entries written by 0.1 relays during a rolling upgrade carry no capabilities.
-    await redis.hset(keys.agents(INSTANCE), "old", b'{"node":"n1","session":"s-old","max_concurrency":1,'
-                                                   b'"models":["m"],"connected_at":0}')
-    await redis.set(keys.node("n1"), "1")
-    assert await picks(registry, 1, "chat") == ["old"]
-    assert await picks(registry, 1, "images") == ["incapable"]
+    # Entries written by 0.1 relays carry no capabilities (nor a bus version).
+    await redis.hset(keys.agents(INSTANCE), "old", OLD_ENTRY)
+    await redis.set(keys.node("n-old"), "1")
+    assert await picks(registry, 1, "chat", here="n-old") == ["old"]
+    assert await picks(registry, 1, "images", here="n-old") == ["incapable"]
     (entry,) = await registry.live_agents(INSTANCE)
     assert entry.capabilities == ("chat",)
+
+
+async def test_agents_of_a_node_that_cannot_read_our_bus_are_out_of_reach(registry, redis):
+    # During a rolling upgrade a 0.2 node must not send a stream to a 0.1 node's agent.
+    await redis.hset(keys.agents(INSTANCE), "old", OLD_ENTRY)
+    await redis.set(keys.node("n-old"), "1")
+    assert await picks(registry, 1, "chat", here="n-new") == ["offline"]
+    await add(redis, "new", node="n-new2")
+    assert await picks(registry, 2, "chat", here="n-new") == ["new", "new"]
+
+
+async def test_null_capabilities_mean_chat(registry, redis):
+    await redis.hset(keys.agents(INSTANCE), "odd", OLD_ENTRY.replace(b'"connected_at":0', b'"connected_at":0,'
+                                                                      b'"capabilities":null,"bus":1'))
+    await redis.set(keys.node("n-old"), "1")
+    assert await picks(registry, 1, "chat") == ["odd"]
+
+
+async def test_capable_agents_out_of_reach_are_offline_not_unsupported(registry, redis):
+    await add(redis, "chatter", node="n2")
+    await add(redis, "painter", node="n3", capabilities=("images",))
+    assert await picks(registry, 1, "chat", exclude=("n2",)) == ["offline"]  # 503, and the caller may retry
 
 
 async def test_excluded_nodes_and_dead_nodes(registry, redis):

@@ -117,8 +117,53 @@ async def test_a_relay_side_failure_is_delivered_once():
     stream.fail(502, "again", "agent_disconnected")  # idempotent: one error only
     items = await stream.next(1)
     assert len(items) == 1 and items[0].message == "agent lost"
+    # The sender has not heard yet: what it still sends is late, not a violation...
+    stream.feed(wire.Data(1, b"late"))
+    stream.feed(wire.End(1))
+    assert not stream._items
+    # ... but once it has ended the stream itself, one frame more is.
     with pytest.raises(wire.ProtocolError):
-        stream.feed(wire.Data(1, b"late"))  # the machine refuses frames after the end
+        stream.feed(wire.Data(1, b"after its own end"))
+
+
+async def test_a_stream_the_relay_failed_is_still_cancelled_at_the_sender():
+    # The relay failed it (say a credit could not be sent); the sender never
+    # ended it, so closing the stream must tell the sender to stop.
+    link = Link()
+    stream = Stream(link, 1, window=1000)
+    stream.feed(wire.Data(1, b"x"))
+    stream.fail(502, "lost the bus", "relay_unavailable")
+    await stream.close("client disconnected")
+    assert link.cancels == ["client disconnected"] and link.forgotten == [1]
+
+
+async def test_a_stream_the_sender_ended_is_not_cancelled():
+    link = Link()
+    stream = Stream(link, 1, window=1000)
+    stream.feed(wire.StreamError(1, 502, "model failed"))
+    await stream.close()
+    assert link.cancels == []
+
+
+async def test_close_forgets_and_releases_even_when_cancelled():
+    class SlowLink(Link):
+        async def send_cancel(self, stream_id: int, reason: str) -> None:
+            await asyncio.sleep(3600)
+
+    link, released = SlowLink(), []
+    stream = Stream(link, 1, window=1000)
+
+    async def release() -> None:
+        released.append(True)
+
+    stream.on_close = release
+    task = asyncio.create_task(stream.close())
+    await asyncio.sleep(0)
+    assert link.forgotten == [1]  # before the cancel is even on its way
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert released == [True]
 
 
 async def test_a_silent_link_that_died_fails_the_stream():

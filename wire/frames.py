@@ -52,6 +52,9 @@ DEFAULT_WINDOW = 256 * 1024
 MAX_STREAM_ID = 2**32 - 1
 MAX_CAPABILITIES = 32
 MAX_NAME_LENGTH = 128
+#: Model names come from model servers' ``/models``, some of which use long
+#: ids (paths, hub names): bounded, but generously.
+MAX_MODEL_NAME_LENGTH = 1024
 
 _HEADER = struct.Struct("!BI")
 _U32 = struct.Struct("!I")
@@ -329,12 +332,13 @@ def _stream_id(obj: dict[str, Any]) -> int:
     return value
 
 
-def _names(obj: dict[str, Any], name: str, default: Any = _MISSING, *, limit: int = 10_000) -> tuple[str, ...]:
+def _names(obj: dict[str, Any], name: str, default: Any = _MISSING, *, limit: int = 10_000,
+           length: int = MAX_NAME_LENGTH) -> tuple[str, ...]:
     values = _field(obj, name, list, default)
     if not isinstance(values, (list, tuple)) or not values or len(values) > limit:
         raise ProtocolError(f"hello.{name} must be a non-empty list of at most {limit} names")
-    if not all(isinstance(v, str) and 0 < len(v) <= MAX_NAME_LENGTH for v in values):
-        raise ProtocolError(f"hello.{name} must hold names of 1-{MAX_NAME_LENGTH} characters")
+    if not all(isinstance(v, str) and 0 < len(v) <= length for v in values):
+        raise ProtocolError(f"hello.{name} must hold names of 1-{length} characters")
     return tuple(values)
 
 
@@ -353,7 +357,7 @@ def _hello(obj: dict[str, Any]) -> Hello:
         protocol=protocol,
         agent_version=_field(obj, "agent_version", str),
         agent_id=agent_id,
-        models=_names(obj, "models"),
+        models=_names(obj, "models", length=MAX_MODEL_NAME_LENGTH),
         max_concurrency=max_concurrency,
         # A version-1 agent declares nothing: it can chat, and only chat.
         capabilities=_names(obj, "capabilities", [OP_CHAT], limit=MAX_CAPABILITIES),
@@ -445,7 +449,10 @@ _VALIDATORS: dict[type, Callable[[dict[str, Any]], Event]] = {
 
 def negotiate(hello: Hello, supported: frozenset[int] = SUPPORTED_VERSIONS) -> int:
     """The newest version both sides speak; ProtocolError (4001) naming who must upgrade."""
-    common = set(range(hello.min_protocol, hello.protocol + 1)) & supported
+    # Arithmetic on the bounds, never a range of the peer's numbers: a hello
+    # may claim any version, 2**62 included.
+    low, high = max(hello.min_protocol, min(supported)), min(hello.protocol, max(supported))
+    common = [v for v in supported if low <= v <= high]
     if common:
         return max(common)
     if hello.protocol < min(supported):
