@@ -93,7 +93,7 @@ async def test_run_on_a_terminal_shows_live_status(redis_url, tmp_path):
         try:
             await wait_until(lambda: shows(f"instance {instance_id}  served 0  in flight 0"), timeout=20,
                              what="live status line")
-            assert "online  relay".encode() in screen and b"\x1b[32m" in screen  # green on a terminal
+            assert b"online  relay" in screen and b"\x1b[32m" in screen  # green on a terminal
             async with relay.client() as client:
                 response = await client.post(f"/api/chat/{instance_id}",
                                              json={"messages": [{"role": "user", "content": "hi"}]})

@@ -11,9 +11,9 @@ import stat
 import pytest
 
 from agent import credentials as store
-from wire import iter_sse_data
 from agent.backoff import backoff_delays, is_retryable
 from agent.credentials import Credentials
+from wire import iter_sse_data
 
 # -- backoff --------------------------------------------------------------------
 
@@ -58,7 +58,7 @@ def test_a_new_generator_starts_over():
     first = backoff_delays(1.0, 30.0, rng)
     take(first, 6)  # well into the backoff: bound 32 -> capped at 30
     fresh = backoff_delays(1.0, 30.0, rng)
-    assert [d <= b for d, b in zip(take(fresh, 3), (1.0, 2.0, 4.0))] == [True] * 3
+    assert [d <= b for d, b in zip(take(fresh, 3), (1.0, 2.0, 4.0), strict=False)] == [True] * 3
 
 
 @pytest.mark.parametrize("status, close_code, retry", [
@@ -86,7 +86,8 @@ def test_is_retryable(status, close_code, retry):
 
 
 def creds(relay="http://relay.example:8080", iid="abc123"):
-    return Credentials(relay_url=relay, instance_id=iid, agent_token=f"ira_secret_{iid}", chat_url=f"{relay}/api/chat/{iid}")
+    return Credentials(relay_url=relay, instance_id=iid, agent_token=f"ira_secret_{iid}",
+                       chat_url=f"{relay}/api/chat/{iid}")
 
 
 def mode(path):

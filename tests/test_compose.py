@@ -316,7 +316,8 @@ def test_dockerfile_is_multi_stage_slim_and_unprivileged():
     stages = dockerfile_stages()
     assert len(stages) >= 2
     args = dict(re.findall(r"^ARG (\w+)=(\S+)", DOCKERFILE, re.M))
-    base = lambda stage: stages[stage][0].split()[1].replace("${PYTHON_IMAGE}", args.get("PYTHON_IMAGE", ""))
+    def base(stage):
+        return stages[stage][0].split()[1].replace("${PYTHON_IMAGE}", args.get("PYTHON_IMAGE", ""))
     assert base(0) == base(-1) == "python:3.11-slim"
     builder, final = " ".join(stages[0]), " ".join(stages[-1])
     assert "pip wheel" in builder and "build-essential" in builder

@@ -218,7 +218,8 @@ async def test_nodes_with_different_windows_still_stream(redis_url):
             running_relay(redis_url, stream_window=16 * 1024) as node_b:
         instance_id, token = await node_a.register()
         async with running_agent(node_b.url, token, openai_backend(upstream)), node_a.client() as client:
-            response = await client.post(f"/api/chat/{instance_id}", json={"messages": [{"role": "user", "content": "x"}]})
+            response = await client.post(f"/api/chat/{instance_id}",
+                                         json={"messages": [{"role": "user", "content": "x"}]})
             events = await sse_lines(response)
     assert events[-1] == "[DONE]" and len(events) >= 5000
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import orjson
@@ -96,8 +97,10 @@ async def _heartbeat(ws) -> None:
 
 
 def chunk(text: str) -> bytes:
-    return wire.sse_event(orjson.dumps({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "raw-model",
-                                     "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}))
+    return wire.sse_event(orjson.dumps({
+        "id": "x", "object": "chat.completion.chunk", "created": 0, "model": "raw-model",
+        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
+    }))
 
 
 # Frames that break the protocol on their own, no stream needed: (name, message, expected close code).
@@ -159,11 +162,11 @@ async def test_hostile_agents_are_closed_and_other_streams_complete_intact(redis
             good = [asyncio.create_task(good_stream(client, good_id, n)) for n in range(4)]
             await asyncio.sleep(0.2)  # the good streams are running
 
-            for name, frame, code in BAD_FRAMES:
+            for name, frame, _code in BAD_FRAMES:
                 async with raw_agent(relay.url, bad_token) as agent:
                     await agent.send(frame)
                     outcomes[name] = await agent.close_code()
-            for name, frame, code in BAD_HANDSHAKES:
+            for name, frame, _code in BAD_HANDSHAKES:
                 async with raw_agent(relay.url, bad_token, hello=False) as agent:
                     await agent.send(frame)
                     outcomes[name] = await agent.close_code()

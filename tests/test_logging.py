@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from relay import logs
-from wire.redaction import REDACTED
 from tests.helpers import free_port, running_agent, running_relay, spawn, wait_until
+from wire.redaction import REDACTED
 
 pytestmark = pytest.mark.anyio
 

@@ -69,14 +69,16 @@ async def test_no_secret_in_any_log_line(redis_url, capture, tmp_path):
             key = (await client.post(f"/api/instances/{instance_id}/keys", headers=bearer(token),
                                      json={"name": "k"})).json()
             secrets.append(key["key"])
-            assert (await client.post(f"/api/chat/{instance_id}", json=chat, headers=bearer(key["key"]))).status_code == 200
+            answered = await client.post(f"/api/chat/{instance_id}", json=chat, headers=bearer(key["key"]))
+            assert answered.status_code == 200
             wrong_key = "irk_" + "W" * 43
             secrets.append(wrong_key)
             await client.post(f"/api/chat/{instance_id}", json=chat, headers=bearer(wrong_key))
             await client.post(f"/api/chat/{instance_id}?api_key={key['key']}", json=chat)
             await client.delete(f"/api/instances/{instance_id}/keys/{key['key_id']}", headers=bearer(token))
             await client.post(f"/api/chat/{instance_id}", json=chat, headers=bearer(key["key"]))
-            new = (await client.post(f"/api/instances/{instance_id}/token", headers=bearer(token))).json()["agent_token"]
+            rotated = await client.post(f"/api/instances/{instance_id}/token", headers=bearer(token))
+            new = rotated.json()["agent_token"]
             secrets.append(new)
             await wait_until(lambda: _offline(client, instance_id), what="old agent closed")
 

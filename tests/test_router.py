@@ -36,7 +36,8 @@ async def add(redis, agent_id: str, node: str = "n1", *, concurrency: int = 2, i
     return entry
 
 
-async def picks(registry, n: int, op: str = "chat", exclude: tuple[str, ...] = (), here: str = "n1") -> list[str | None]:
+async def picks(registry, n: int, op: str = "chat", exclude: tuple[str, ...] = (),
+                here: str = "n1") -> list[str | None]:
     out = []
     for _ in range(n):
         verdict, entry = await registry.pick_agent(INSTANCE, op, exclude, here=here)

@@ -26,6 +26,8 @@ from tests.test_hostile_agent import chunk, raw_agent
 
 pytestmark = pytest.mark.anyio
 
+HELLO = {"messages": [{"role": "user", "content": "x"}]}
+
 
 def v1_hello(agent_id: str = "old-agent") -> str:
     # Exactly what a 0.1 agent sent: no capabilities, no min_protocol.
@@ -81,7 +83,7 @@ async def test_requests_go_only_to_agents_that_declared_the_operation(redis_url)
         instance_id, token = await relay.register()
         cannot_chat = wire.Hello(2, "raw", "imager", ("img-model",), 4, capabilities=("images",))
         async with raw_agent(relay.url, token, hello_event=cannot_chat), relay.client() as client:
-            response = await client.post(f"/api/chat/{instance_id}", json={"messages": [{"role": "user", "content": "x"}]})
+            response = await client.post(f"/api/chat/{instance_id}", json=HELLO)
             assert response.status_code == 501
             assert response.json()["error"]["code"] == "capability_not_supported"
             # A real agent joins: chat now goes to it, never to the image-only one.
@@ -108,8 +110,8 @@ async def test_an_agent_on_a_relay_too_old_for_it_falls_back_to_protocol_1():
             return
         await ws.send(orjson.dumps({"type": "welcome", "protocol": 1, "instance_id": "i", "node_id": "n",
                                     "heartbeat_interval": 5}).decode())
-        await ws.send(orjson.dumps({"type": "request", "id": 1, "stream": False,
-                                    "body": {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}}).decode())
+        body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
+        await ws.send(orjson.dumps({"type": "request", "id": 1, "stream": False, "body": body}).decode())
         frames = []
         with contextlib.suppress(websockets.ConnectionClosed):
             while not frames or type(frames[-1]) is not wire.End:
@@ -143,7 +145,7 @@ async def test_a_relay_that_speaks_none_of_the_agent_versions_stops_it():
         hello = orjson.loads(await ws.recv())
         await ws.close(4001, f"agent speaks protocol {hello['protocol']}; upgrade the agent")
 
-    with pytest.raises(FatalAgentError, match="4001.*protocol 1; upgrade the agent"):
+    with pytest.raises(FatalAgentError, match=r"4001.*protocol 1; upgrade the agent"):
         await run_agent_against(strict_relay)
 
 
@@ -180,7 +182,7 @@ async def test_the_welcome_announces_a_newer_agent(redis_url, monkeypatch):
             await wait_until(lambda: _true(any("upgrade available" in line for line in lines)), what="upgrade line")
             assert client.status.upgrade == "99.0.0"
             async with relay.client() as http:  # and it still works
-                response = await http.post(f"/api/chat/{instance_id}", json={"messages": [{"role": "user", "content": "x"}]})
+                response = await http.post(f"/api/chat/{instance_id}", json=HELLO)
                 assert (await sse_lines(response))[-1] == "[DONE]"
         finally:
             task.cancel()

@@ -25,8 +25,8 @@ from wire import (
     Request,
     StreamError,
     Welcome,
+    frames,
 )
-from wire import frames
 
 # One example of every message type, with non-default values wherever a field
 # has a default, so a field dropped by encode or decode cannot go unnoticed.
@@ -244,7 +244,8 @@ def test_decode_of_arbitrary_input_raises_only_protocol_error(message):
                      "op", "request_id", "latest_agent_version"]),
     st.one_of(st.sampled_from(list(frames._CONTROL_TYPES)), st.none(), st.booleans(),
               st.integers(-2**40, 2**40), st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=8),
-              st.lists(st.text(max_size=3), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(-2**40, 2**40), max_size=2)),
+              st.lists(st.text(max_size=3), max_size=3),
+              st.dictionaries(st.text(max_size=3), st.integers(-2**40, 2**40), max_size=2)),
 ))
 def test_decode_of_arbitrary_control_objects_raises_only_protocol_error(obj):
     # JSON objects shaped almost like real messages reach the field validators.
