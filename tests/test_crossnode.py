@@ -191,7 +191,7 @@ async def test_callers_hanging_up_leave_nothing_running_on_the_agents_node(redis
 
 
 async def test_a_stream_node_a_fails_on_its_own_is_stopped_on_node_b(redis_url):
-    upstream = FakeUpstream(chunks=3, hold_after=1)
+    upstream = FakeUpstream(chunks=10_000, delay=0.02)  # surely still streaming when A fails it
     async with running_upstream(upstream), running_relay(redis_url) as node_a, running_relay(redis_url) as node_b:
         instance_id, token = await node_a.register()
         async with running_agent(node_b.url, token, openai_backend(upstream)) as agent, node_a.client() as client:
