@@ -186,6 +186,15 @@ return {'ok', best[1], best[2]}
 
 # Remove an agent only if the entry still belongs to the session that is
 # leaving: a reconnect may already have replaced it with a newer session.
+# Give a slot back.  The agent's own node may have zeroed the counter already
+# (it reconciles counters of agents it sees idle, see ``reset_load``), so the
+# counter never goes below zero: a negative one would let a busy agent be
+# picked past its concurrency.  KEYS: load.  ARGV: session.
+_RELEASE_AGENT = """
+if redis.call('HINCRBY', KEYS[1], ARGV[1], -1) <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 0
+"""
+
 _REMOVE_AGENT = """
 redis.call('HDEL', KEYS[3], ARGV[2])
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
@@ -205,6 +214,7 @@ class InstanceRegistry:
         self.base_url = base_url.rstrip("/")
         self._live_agents = redis.register_script(_LIVE_AGENTS)
         self._remove_agent = redis.register_script(_REMOVE_AGENT)
+        self._release_agent = redis.register_script(_RELEASE_AGENT)
         self._pick_agent = redis.register_script(_PICK_AGENT)
         # Where each pick starts scanning the agents: rotates, so ties go round.
         self._tie_break = itertools.count(secrets.randbelow(1 << 20))
@@ -339,7 +349,7 @@ class InstanceRegistry:
         return verdict, AgentEntry.decode(result[1].decode(), result[2])
 
     async def release_agent(self, instance_id: str, session: str) -> None:
-        await self.redis.hincrby(keys.load(instance_id), session, -1)
+        await self._release_agent(keys=[keys.load(instance_id)], args=[session])
 
     async def refresh_node(self, node_id: str, entries: Sequence[tuple[str, AgentEntry]] = ()) -> bool:
         """Mark this node alive for one more heartbeat timeout.

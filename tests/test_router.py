@@ -133,3 +133,12 @@ def test_each_verdict_has_its_error(verdict, error, status):
     assert isinstance(exc, error) and exc.status == status
     if verdict == "busy":
         assert exc.headers["Retry-After"] == "1" and exc.code == "instance_at_capacity"
+
+
+async def test_a_slot_given_back_after_the_agents_node_reset_the_counter_does_not_go_negative(registry, redis):
+    await add(redis, "a", concurrency=1)
+    assert await picks(registry, 1) == ["a"]
+    await registry.reset_load([(INSTANCE, "s-a")])  # the agent's node saw it idle first
+    await registry.release_agent(INSTANCE, "s-a")  # then the routing node gives its slot back
+    assert await redis.hget(keys.load(INSTANCE), "s-a") is None
+    assert await picks(registry, 2) == ["a", "busy"]  # still one slot, not two
