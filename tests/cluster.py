@@ -3,8 +3,8 @@
 ``Cluster`` spawns ``relay serve`` and ``relay-agent run`` as subprocesses
 (same interpreter, see ``helpers.spawn``), drains their output on a thread so a
 chatty process never blocks on a full pipe, and kills every one of them when
-the test ends, whatever happened.  Timing helpers print the recovery times the
-fault tests measure (run pytest with ``-s`` to see them).
+the test ends, whatever happened.  ``Stopwatch`` prints the recovery times the
+fault tests measure (run pytest with ``-s`` to see them); nothing asserts on them.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from typing import Any
 
 import httpx
 
-from tests.helpers import Spawned, free_port, spawn
+from tests.helpers import Spawned, Stopwatch, free_port, instance_view, spawn
+
+__all__ = ["FAST_RELAY_ENV", "Cluster", "Proc", "Stopwatch", "chat_body", "register", "status", "wait_ready"]
 
 #: Relay settings for every spawned node: heartbeats every 0.2 s, an agent or
 #: node silent for 1 s is dead.  Tests override single values as they need.
@@ -56,6 +58,12 @@ class Cluster:
         self.procs.append(proc)
         return proc
 
+    async def nodes(self, *names: str, **env: str) -> list[Proc]:
+        """Relay nodes, one per name, all ready."""
+        nodes = [self.relay(name, **env) for name in names]
+        await wait_ready(*nodes)
+        return nodes
+
     def agent(self, relay_urls: str, token: str, *args: str, name: str = "agent", **env: str) -> Proc:
         full_env = {"AGENT_MAX_BACKOFF": "1", "AGENT_CREDENTIALS": os.devnull, **env}
         proc = Proc(name, spawn(["agent.cli", "run", "--relay-url", relay_urls, "--token", token, *args],
@@ -70,7 +78,7 @@ class Cluster:
             except Exception:  # already gone, or stuck: keep killing the others
                 pass
 
-    async def __aenter__(self) -> "Cluster":
+    async def __aenter__(self) -> Cluster:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -84,7 +92,7 @@ class Cluster:
 # -- talking to nodes -------------------------------------------------------------
 
 
-async def wait_ready(*nodes: Proc, timeout: float = 15.0) -> None:
+async def wait_ready(*nodes: Proc, timeout: float = 30.0) -> None:
     """Wait until every node answers ``/readyz`` with 200."""
     async with httpx.AsyncClient(timeout=2) as client:
         for node in nodes:
@@ -110,25 +118,8 @@ async def register(url: str, name: str = "test") -> tuple[str, str]:
     return data["instance_id"], data["agent_token"]
 
 
-async def status(url: str, instance_id: str) -> dict[str, Any]:
-    async with httpx.AsyncClient(timeout=10) as client:
-        response = await client.get(f"{url}/api/instances/{instance_id}")
-        response.raise_for_status()
-        return response.json()
+status = instance_view  # GET /api/instances/{id} at a node
 
 
 def chat_body(text: str = "hi", **extra: Any) -> dict[str, Any]:
     return {"messages": [{"role": "user", "content": text}], **extra}
-
-
-class Stopwatch:
-    """Measures one recovery and prints it, so a ``-s`` run shows the figures."""
-
-    def __init__(self, what: str):
-        self.what = what
-        self.start = time.monotonic()
-
-    def lap(self, event: str) -> float:
-        elapsed = time.monotonic() - self.start
-        print(f"\n[recovery] {self.what}: {event} after {elapsed:.2f}s")
-        return elapsed

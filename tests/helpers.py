@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import re
 import signal
@@ -17,8 +18,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 import httpx
 import orjson
@@ -96,17 +98,34 @@ class RunningRelay:
         return data["instance_id"], data["agent_token"]
 
 
+#: The relays this process runs (``running_relay``), by URL.
+_in_process: dict[str, RunningRelay] = {}
+
+
 @contextlib.asynccontextmanager
 async def running_relay(redis_url: str, **overrides: Any) -> AsyncIterator[RunningRelay]:
     settings = fast_settings(redis_url=redis_url, **overrides)
     app = create_app(settings)
     async with serve_app(app, uvicorn_config(app, settings), RelayServer) as server:
-        yield RunningRelay(f"http://127.0.0.1:{settings.port}", app, settings, server)
+        relay = RunningRelay(f"http://127.0.0.1:{settings.port}", app, settings, server)
+        _in_process[relay.url] = relay
+        try:
+            yield relay
+        finally:
+            _in_process.pop(relay.url, None)
 
 
 @contextlib.asynccontextmanager
 async def running_agent(relay_url: str, token: str, backend=None, *, models=None, max_concurrency: int = 16,
                         ) -> AsyncIterator[AgentClient]:
+    """A connected agent; with an in-process relay, one that requests can already reach.
+
+    The relay sends its welcome before it records the agent in Redis (a request
+    must never reach an agent before its welcome), so "connected" alone does not
+    mean routable: a request sent at once, at this node or another, could find
+    the instance offline.  Waits for the agent's entry (or for the connection
+    to end: some tests connect agents the relay closes at once).
+    """
     backend = backend or DemoBackend(rate=0)
     client = AgentClient(
         relay_url=relay_url, token=token, backend=backend, models=models or await backend.models(),
@@ -115,11 +134,92 @@ async def running_agent(relay_url: str, token: str, backend=None, *, models=None
     task = asyncio.create_task(client.run())
     try:
         await asyncio.wait_for(client.connected.wait(), 10)
+        relay = _in_process.get(relay_url)
+        if relay is not None:
+            async def recorded_or_gone() -> bool:
+                if not client.connected.is_set() or task.done():
+                    return True
+                try:
+                    live = await relay.registry.live_agents(client.status.instance_id)
+                except Exception:  # Redis down in this test: nothing to wait for
+                    return True
+                return any(entry.agent_id == client.agent_id for entry in live)
+
+            await wait_until(recorded_or_gone, 10, what="the agent recorded by the relay")
         yield client
     finally:
-        task.cancel()
+        swallowed = await _stop(task)
+    if swallowed:  # (only when the test itself passed: its own failure comes first)
+        raise AssertionError("AgentClient.run() went on after it was cancelled (a swallowed CancelledError: "
+                             "the agent would not stop on SIGTERM either)")
+
+
+async def _stop(task: asyncio.Task, deadline: float = 15.0) -> bool:
+    """Cancel ``task`` and wait for it to end; True if it swallowed the cancellation.
+
+    A task that swallows it is cancelled again until it ends, so that a bug
+    there fails the test that met it instead of hanging the whole run.
+    """
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=deadline)
+    if done:
         with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+            task.result()
+        return False
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=1)
+    return True
+
+
+# -- what callers see -------------------------------------------------------------
+
+
+def _url_of(where: str | RunningRelay | Any) -> str:
+    return where if isinstance(where, str) else where.url
+
+
+async def instance_view(where: str | RunningRelay | httpx.AsyncClient | Any, instance_id: str) -> dict[str, Any]:
+    """``GET /api/instances/{id}`` at a relay: a URL, a ``RunningRelay``, a spawned node, or a client."""
+    if isinstance(where, httpx.AsyncClient):
+        response = await where.get(f"/api/instances/{instance_id}")
+    else:
+        async with httpx.AsyncClient(timeout=10) as client:
+            response = await client.get(f"{_url_of(where)}/api/instances/{instance_id}")
+    response.raise_for_status()
+    return response.json()
+
+
+async def online(where: Any, instance_id: str, agents: int | None = None) -> dict[str, Any] | None:
+    """The instance's view if it is online (with exactly ``agents`` agents, if given), else None."""
+    view = await instance_view(where, instance_id)
+    if view["status"] == "online" and (agents is None or view["agents"] == agents):
+        return view
+    return None
+
+
+async def offline(where: Any, instance_id: str) -> bool:
+    return (await instance_view(where, instance_id))["status"] == "offline"
+
+
+def assert_openai_error(response: httpx.Response, status: int, *, type_: str | None = None,
+                        code: str | None = None, param: str | None = None) -> dict:
+    """``response`` is an error in OpenAI's shape, with this status (and type, code, param if given)."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    assert isinstance(error["type"], str) and error["type"]
+    if type_ is not None:
+        assert error["type"] == type_
+    if code is not None:
+        assert error["code"] == code
+    if param is not None:
+        assert error["param"] == param
+    return error
 
 
 # -- the fake model --------------------------------------------------------------
@@ -137,6 +237,9 @@ class FakeUpstream:
     concurrent callers can tell their answers apart; ``gate=N`` holds every
     stream until N are in flight at once (proof of concurrency, not timing);
     ``error_after=N`` sends an error event after N words, mid-stream.
+    ``hold_after=N`` streams N words, then holds each stream until
+    ``release()`` (a stream that is surely still in flight when a test breaks
+    something, however slow the machine; a caller hanging up still ends it).
     ``inflight``/``max_inflight`` count streams being answered.
     """
 
@@ -151,10 +254,16 @@ class FakeUpstream:
     echo: bool = False
     gate: int = 0
     error_after: int | None = None
+    hold_after: int | None = None
     inflight: int = 0
     max_inflight: int = 0
     url: str = ""
     _gate_open: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    _released: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    def release(self) -> None:
+        """Let held streams (and every later one) run to their end."""
+        self._released.set()
 
     def app(self) -> Starlette:
         return Starlette(routes=[
@@ -203,6 +312,8 @@ class FakeUpstream:
                         self._gate_open.set()
                     await asyncio.wait_for(self._gate_open.wait(), 30)
                 for i in range(self.chunks):
+                    if i == self.hold_after:
+                        await self._released.wait()
                     if self.delay:
                         await asyncio.sleep(self.delay)
                     if i == self.error_after:
@@ -238,7 +349,10 @@ async def running_upstream(upstream: FakeUpstream) -> AsyncIterator[FakeUpstream
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
     async with serve_app(app, config):
         upstream.url = f"http://127.0.0.1:{port}/v1"
-        yield upstream
+        try:
+            yield upstream
+        finally:
+            upstream.release()  # a held stream must not hold up the server's shutdown
 
 
 def openai_backend(upstream: FakeUpstream) -> OpenAIBackend:
@@ -286,6 +400,15 @@ class Spawned:
     def count(self, pattern: str) -> int:
         return sum(1 for line in list(self.lines) if re.search(pattern, line))
 
+    async def wait_for_count(self, pattern: str, n: int, timeout: float = 20.0) -> None:
+        """Until ``n`` lines printed so far match ``pattern`` (its output is read by a thread: it may lag)."""
+        deadline = time.monotonic() + timeout
+        while self.count(pattern) < n:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name}: fewer than {n} lines matching {pattern!r} within {timeout}s:\n"
+                                     f"{self.output}")
+            await asyncio.sleep(0.02)
+
     async def wait_for_line(self, pattern: str, timeout: float = 20.0, start: int = 0) -> re.Match:
         """The first match of ``pattern`` in a line printed (from line ``start`` on)."""
         regex = re.compile(pattern)
@@ -297,7 +420,8 @@ class Spawned:
             if time.monotonic() > deadline:
                 raise AssertionError(f"{self.name}: no line matching {pattern!r} within {timeout}s:\n{self.output}")
             if self.popen.poll() is not None and not self._reader.is_alive():
-                raise AssertionError(f"{self.name} exited ({self.popen.returncode}) without {pattern!r}:\n{self.output}")
+                raise AssertionError(
+                    f"{self.name} exited ({self.popen.returncode}) without {pattern!r}:\n{self.output}")
             await asyncio.sleep(0.02)
 
     def signal(self, sig: int) -> None:
@@ -334,10 +458,47 @@ class Spawned:
         return self.popen.returncode
 
 
-async def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
+@contextlib.contextmanager
+def frozen(process: Spawned | subprocess.Popen) -> Iterator[None]:
+    """SIGSTOP ``process`` for the block, like a cut network (its sockets stay open, it says nothing).
+
+    It is resumed on leaving, whatever happened: a frozen process cannot act on
+    SIGTERM, and must not outlive the test frozen.
+    """
+    popen = process.popen if isinstance(process, Spawned) else process
+    popen.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        if popen.poll() is None:
+            popen.send_signal(signal.SIGCONT)
+
+
+class Stopwatch:
+    """Measures one recovery and prints it, so a ``-s`` run shows the figures (never asserted on)."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.start = time.monotonic()
+
+    def lap(self, event: str) -> float:
+        elapsed = time.monotonic() - self.start
+        print(f"\n[recovery] {self.what}: {event} after {elapsed:.2f}s")
+        return elapsed
+
+
+async def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05,
+                     what: str = "condition") -> Any:
+    """Poll ``predicate`` (plain or async) until it returns something true, and return that.
+
+    ``timeout`` is a deadline for a behaviour that must happen, never a
+    performance bound: make it generous, a loaded machine is slow.
+    """
     deadline = time.monotonic() + timeout
     while True:
-        result = await predicate()
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
         if result:
             return result
         if time.monotonic() > deadline:
@@ -352,3 +513,47 @@ async def sse_lines(response: httpx.Response) -> list[str]:
         if line.startswith("data: "):
             out.append(line[6:])
     return out
+
+
+class InFlight:
+    """A streaming response that has begun: ``events`` so far, ``rest()`` for the others."""
+
+    def __init__(self, response: httpx.Response):
+        self.response = response
+        self.events: list[str] = []
+        self._lines = response.aiter_lines()
+
+    async def read(self, n: int) -> None:
+        async for line in self._lines:
+            if line.startswith("data: "):
+                self.events.append(line[6:])
+                if len(self.events) >= n:
+                    return
+        raise AssertionError(f"the stream ended after {len(self.events)} events: {self.events[-3:]}")
+
+    async def rest(self, timeout: float = 30.0) -> list[str]:
+        """Every event up to the end of the stream; all of them, in order.
+
+        ``timeout`` is generous: it turns a stream that never ends into a failure.
+        """
+        async with asyncio.timeout(timeout):
+            async for line in self._lines:
+                if line.startswith("data: "):
+                    self.events.append(line[6:])
+        return self.events
+
+
+@contextlib.asynccontextmanager
+async def stream_in_flight(client: httpx.AsyncClient, url: str, body: dict[str, Any], *, after: int = 2,
+                           headers: dict[str, str] | None = None) -> AsyncIterator[InFlight]:
+    """POST a streaming chat request and enter once ``after`` events arrived: the stream is running.
+
+    What a test breaks inside the block (an agent, a node, Redis) happens
+    mid-stream; ``rest()`` reads what the caller gets then.  Leaving the block
+    without reading the rest hangs up, mid-stream.
+    """
+    async with client.stream("POST", url, json=body, headers=headers) as response:
+        assert response.status_code == 200, (await response.aread()).decode(errors="replace")
+        stream = InFlight(response)
+        await stream.read(after)
+        yield stream

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 
 import httpx
 import pytest
@@ -27,6 +27,7 @@ from tests.helpers import (
     running_relay,
     running_upstream,
     sse_lines,
+    stream_in_flight,
     wait_until,
 )
 
@@ -132,22 +133,43 @@ async def test_rate_limiter_charges_all_buckets_or_none(redis):
     await limiter.hit([Bucket(keys.rate("t", "off"), 0, "off")] * 3)  # 0 = no limit
 
 
+async def redis_clock_ms(redis) -> int:
+    """Now on the Redis clock (the one lease expiries are written in), in ms."""
+    seconds, micros = await redis.time()
+    return seconds * 1000 + micros // 1000
+
+
 async def test_stream_leases_are_shared_and_expire_when_not_renewed(redis):
-    node_a, node_b = StreamLeases(redis, ttl_ms=400), StreamLeases(redis, ttl_ms=400)
+    # No guessed sleeps: the test watches the lease's expiry (its score, on the
+    # Redis clock) and the set's key, and waits for what it needs to be true.
+    ttl_ms = 1000
+    node_a, node_b = StreamLeases(redis, ttl_ms=ttl_ms), StreamLeases(redis, ttl_ms=ttl_ms)
     slot = [Slot(keys.streams("t", "x"), 1, "x")]
-    await node_a.acquire(slot)
+    lease = await node_a.acquire(slot)
     with pytest.raises(RateLimited) as raised:
         await node_b.acquire(slot)
     assert raised.value.code == "too_many_streams"
-    # Renewed, it outlives its TTL.
-    for _ in range(3):
-        await asyncio.sleep(0.2)
+    # Renewed, it outlives its TTL: renew (far more often than the TTL) until
+    # the Redis clock is past the expiry it was acquired with; node B never gets it.
+    first_expiry = await redis.zscore(slot[0].key, lease.id)
+    assert first_expiry is not None
+
+    async def renewed_past_first_expiry() -> bool:
         await node_a.renew_all()
-    with pytest.raises(RateLimited):
-        await node_b.acquire(slot)
+        with pytest.raises(RateLimited):
+            await node_b.acquire(slot)
+        return await redis_clock_ms(redis) > first_expiry
+
+    await wait_until(renewed_past_first_expiry, timeout=30, interval=0.02, what="the Redis clock past the first expiry")
+    assert await redis.zscore(slot[0].key, lease.id) > first_expiry  # renewal moved the expiry on
     # Node A "dies" (stops renewing, never releases): the lease expires on its own.
     node_a.held.clear()
-    await asyncio.sleep(0.5)
+
+    async def lease_expired() -> bool:
+        score = await redis.zscore(slot[0].key, lease.id)
+        return score is None or await redis_clock_ms(redis) > score
+
+    await wait_until(lease_expired, timeout=30, what="the lease to expire in Redis")
     other = await node_b.acquire(slot)
     await node_b.release(other)
     await node_b.release(other)  # idempotent
@@ -202,7 +224,8 @@ async def test_rate_limit_per_caller_ip_and_key(redis_url):
                                  headers={"Authorization": f"Bearer {token}"})).json()["key"]
         async with running_agent(relay.url, token):
             for _ in range(3):
-                assert (await client.post(f"/api/chat/{instance_id}", json=CHAT, headers=ip("10.0.0.1"))).status_code == 200
+                response = await client.post(f"/api/chat/{instance_id}", json=CHAT, headers=ip("10.0.0.1"))
+                assert response.status_code == 200
             limited = await client.post(f"/api/chat/{instance_id}", json=CHAT, headers=ip("10.0.0.1"))
             assert limited.status_code == 429 and code_of(limited) == "rate_limited"
             assert 1 <= int(limited.headers["Retry-After"]) <= 20
@@ -224,7 +247,8 @@ async def test_rate_limit_per_instance_and_registration(redis_url):
         assert third.status_code == 429 and "Retry-After" in third.headers
         assert (await client.post("/api/instances", json={"name": "x"}, headers=ip("10.1.1.1"))).status_code == 201
         for n in range(2):
-            assert (await client.post(f"/api/chat/{instance_id}", json=CHAT, headers=ip(f"10.0.0.{n}"))).status_code == 503
+            response = await client.post(f"/api/chat/{instance_id}", json=CHAT, headers=ip(f"10.0.0.{n}"))
+            assert response.status_code == 503
         limited = await client.post(f"/api/chat/{instance_id}", json=CHAT, headers=ip("10.0.0.9"))
         assert limited.status_code == 429 and "instance" in limited.json()["error"]["message"]
 
@@ -240,50 +264,42 @@ async def test_rate_limits_hold_across_two_nodes(redis_url):
             assert (await b.post(f"/api/chat/{instance_id}", json=CHAT)).status_code == 429
 
 
-async def _open_stream(client: httpx.AsyncClient, instance_id: str, headers: dict):
-    """Start a streaming request; return once its first chunk arrived (the stream is running).
-
-    Returns the context manager and the line iterator: the caller must keep
-    the iterator alive, or its finaliser closes the response (and the stream).
-    """
-    cm = client.stream("POST", f"/api/chat/{instance_id}", json={**CHAT, "stream": True}, headers=headers)
-    response = await cm.__aenter__()
-    assert response.status_code == 200, await response.aread()
-    lines = response.aiter_lines()
-    async for line in lines:
-        if line.startswith("data: "):
-            break
-    return cm, lines
-
-
 async def test_concurrent_streams_per_caller_and_per_instance_across_nodes(redis_url):
-    upstream = FakeUpstream(chunks=40, delay=0.05)  # two seconds per stream
-    limits = dict(max_streams_per_caller=1, max_streams_per_instance=2, rate_per_caller=0, rate_per_instance=0)
+    # The model sends one word, then holds every stream until released: the
+    # streams are surely running while the limits are checked, however slow
+    # the machine.  Idle and lease timeouts are far above anything the test waits for.
+    upstream = FakeUpstream(chunks=5, hold_after=1)
+    limits = dict(max_streams_per_caller=1, max_streams_per_instance=2, rate_per_caller=0, rate_per_instance=0,
+                  idle_timeout=120, heartbeat_timeout=30)
     async with running_upstream(upstream), running_relay(redis_url, **limits) as node_a, \
             running_relay(redis_url, **limits) as node_b:
         instance_id, token = await node_a.register()
         async with running_agent(node_a.url, token, openai_backend(upstream)), node_a.client() as a, \
-                node_b.client() as b:
-            first, first_lines = await _open_stream(a, instance_id, ip("10.0.0.1"))
+                node_b.client() as b, contextlib.AsyncExitStack() as streams:
+            url, body = f"/api/chat/{instance_id}", {**CHAT, "stream": True}
+            first = contextlib.AsyncExitStack()
+            await streams.enter_async_context(first)
+            await first.enter_async_context(stream_in_flight(a, url, body, after=1, headers=ip("10.0.0.1")))
             # The same caller, on the other node: its one stream is in use.
-            same = await b.post(f"/api/chat/{instance_id}", json=CHAT, headers=ip("10.0.0.1"))
+            same = await b.post(url, json=CHAT, headers=ip("10.0.0.1"))
             assert same.status_code == 429 and code_of(same) == "too_many_streams"
             assert same.headers["Retry-After"] == "1"
-            second, second_lines = await _open_stream(b, instance_id, ip("10.0.0.2"))
+            second = await streams.enter_async_context(
+                stream_in_flight(b, url, body, after=1, headers=ip("10.0.0.2")))
             # The instance has two streams running, whatever the node or the caller.
-            third = await a.post(f"/api/chat/{instance_id}", json=CHAT, headers=ip("10.0.0.3"))
+            third = await a.post(url, json=CHAT, headers=ip("10.0.0.3"))
             assert third.status_code == 429 and "instance" in third.json()["error"]["message"]
             # Ending a stream gives its slot back (as soon as the relay sees the caller leave).
-            await first.__aexit__(None, None, None)
+            await first.aclose()
             leases = keys.streams("caller", f"{instance_id}:ip:10.0.0.1")
             await wait_until(lambda: _empty(node_a.app.state.redis, leases), what="slot released")
-            response = await a.post(f"/api/chat/{instance_id}", json=CHAT, headers=ip("10.0.0.1"))
+            response = await a.post(url, json=CHAT, headers=ip("10.0.0.1"))
             assert response.status_code == 200
-            rest = [line async for line in second_lines if line.startswith("data: ")]
-            assert rest[-1] == "data: [DONE]"
-            await second.__aexit__(None, None, None)
-            await wait_until(lambda: _empty(node_a.app.state.redis, keys.streams("instance", instance_id)),
-                             what="every slot released")
+            upstream.release()
+            rest = await second.rest()
+            assert rest[-1] == "[DONE]"
+        await wait_until(lambda: _empty(node_a.app.state.redis, keys.streams("instance", instance_id)),
+                         what="every slot released")
 
 
 async def _empty(redis, key: str) -> bool:

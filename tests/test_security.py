@@ -129,7 +129,7 @@ async def test_rotation_stops_the_old_token_and_closes_its_agents_on_every_node(
             assert new != old and new.startswith("ira_")
             # The agent connected to the *other* node with the old token is closed (4003: final).
             await wait_until(lambda: _no_sessions(node_b), what="old-token agent closed")
-            await wait_until(lambda: _not_set(agent.connected), what="agent noticed")
+            await wait_until(lambda: not agent.connected.is_set(), what="agent noticed")
             # The old token is dead everywhere at once; the new one works.
             for node in (node_a, node_b):
                 with pytest.raises(InvalidStatus) as refused:
@@ -141,10 +141,6 @@ async def test_rotation_stops_the_old_token_and_closes_its_agents_on_every_node(
             async with running_agent(node_a.url, new):
                 response = await chat(client, instance_id)
                 assert response.status_code == 200
-
-
-async def _not_set(event: asyncio.Event) -> bool:
-    return not event.is_set()
 
 
 async def _no_sessions(relay) -> bool:
@@ -318,25 +314,69 @@ async def test_streaming_chat_through_private_instance(redis_url):
         await client.patch(f"/api/instances/{instance_id}", headers=bearer(token), json={"visibility": "private"})
         key = (await client.post(f"/api/instances/{instance_id}/keys", headers=bearer(token),
                                  json={"name": "k"})).json()["key"]
-        async with running_agent(relay.url, token):
-            async with client.stream("POST", f"/api/chat/{instance_id}", json=CHAT, headers=bearer(key)) as response:
-                assert response.status_code == 200
-                events = await sse_lines(response)
+        async with running_agent(relay.url, token), \
+                client.stream("POST", f"/api/chat/{instance_id}", json=CHAT, headers=bearer(key)) as response:
+            assert response.status_code == 200
+            events = await sse_lines(response)
         assert events[-1] == "[DONE]"
 
 
-async def test_rotation_missed_while_unsubscribed_is_caught_on_resubscribe(redis_url, redis):
-    """A node that lost its pub/sub subscription re-checks its agents' tokens when it is back."""
+def hold_resubscription(relay, monkeypatch) -> asyncio.Event:
+    """Hold the relay's next SUBSCRIBE until the returned event is set.
+
+    The relay resubscribes on its own shortly after losing its subscription;
+    holding it makes "the rotation happened while it was down" certain instead
+    of a race against that delay.  Nothing else changes: once released, the
+    relay's own subscriber subscribes and runs its own after-resubscribe steps.
+    """
+    redis = relay.app.state.redis  # the client the relay's subscriber uses
+    real_pubsub = redis.pubsub
+    released = asyncio.Event()
+
+    def pubsub(**kwargs):
+        ps = real_pubsub(**kwargs)
+        real_subscribe = ps.subscribe
+
+        async def subscribe(*args, **kw):
+            await released.wait()
+            return await real_subscribe(*args, **kw)
+
+        ps.subscribe = subscribe
+        return ps
+
+    monkeypatch.setattr(redis, "pubsub", pubsub)
+    return released
+
+
+async def test_rotation_missed_while_unsubscribed_is_caught_on_resubscribe(redis_url, redis, monkeypatch):
+    """The relay's pub/sub connection is killed on the Redis server; the token is
+    rotated while it is down (its event reaches no one); once the relay has
+    resubscribed on its own, it re-checks its agents and closes the one still
+    on the old token, and only that one."""
     from relay import keys
 
-    async with running_relay(redis_url) as relay:
+    async with running_relay(redis_url) as relay, relay.client() as client:
+        bus, sessions = relay.app.state.bus, relay.app.state.sessions
         instance_id, token = await relay.register()
         other_id, other_token = await relay.register()
-        async with running_agent(relay.url, token), running_agent(relay.url, other_token):
-            # A rotation whose event this node never saw.
-            await redis.hset(keys.instance(instance_id), "token_hash", "0" * 64)
-            await relay.app.state.node.recheck_credentials()
+        async with running_agent(relay.url, token) as rotated, running_agent(relay.url, other_token):
+            await wait_until(lambda: bus.subscribed, what="the relay subscribed")
+            resubscribe = hold_resubscription(relay, monkeypatch)
+            assert await redis.client_kill_filter(_type="pubsub") >= 1
+            await wait_until(lambda: not bus.subscribed, what="the relay to notice its subscription is gone")
+            assert await redis.pubsub_numsub(keys.EVENTS_CHANNEL) == [(keys.EVENTS_CHANNEL.encode(), 0)]
+
+            response = await client.post(f"/api/instances/{instance_id}/token", headers=bearer(token))
+            assert response.status_code == 200
+            # Nobody could hear the rotation event: the old-token agent is still here.
+            assert await redis.pubsub_numsub(keys.EVENTS_CHANNEL) == [(keys.EVENTS_CHANNEL.encode(), 0)]
+            assert sorted(s.instance_id for s in sessions.all()) == sorted([instance_id, other_id])
+            assert rotated.connected.is_set()
+
+            resubscribe.set()
+            await wait_until(lambda: bus.subscribed, what="the relay to resubscribe")
             await wait_until(lambda: _only(relay, other_id), what="rotated agent closed, other kept")
+            await wait_until(lambda: not rotated.connected.is_set(), what="the rotated agent to notice")
 
 
 async def _only(relay, instance_id: str) -> bool:
