@@ -31,6 +31,7 @@ from tests.helpers import (
     running_relay,
     running_upstream,
     sse_lines,
+    wait_until,
 )
 
 pytestmark = pytest.mark.anyio
@@ -160,7 +161,7 @@ async def test_hostile_agents_are_closed_and_other_streams_complete_intact(redis
         bad_id, bad_token = await relay.register("bad")
         async with running_agent(relay.url, good_token, openai_backend(upstream)):
             good = [asyncio.create_task(good_stream(client, good_id, n)) for n in range(4)]
-            await asyncio.sleep(0.2)  # the good streams are running
+            await wait_until(lambda: upstream.inflight == 4, what="the good streams running")
 
             for name, frame, _code in BAD_FRAMES:
                 async with raw_agent(relay.url, bad_token) as agent:
@@ -218,7 +219,7 @@ async def callers_of_a_bad_agent_get_clean_errors(relay, client, instance_id: st
         caller = asyncio.create_task(read_stream())
         request = await agent.next_event(wire.Request)
         await agent.send(wire.encode_data(request.id, chunk("partial")))
-        await asyncio.sleep(0.1)
+        # Frames are handled in order: "partial" is queued for the caller before the garbage closes the agent.
         await agent.send(wire.encode_data(request.id + 100, chunk("not yours")))
         outcomes["garbage mid-stream"] = await agent.close_code()
         events = await caller
