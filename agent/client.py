@@ -210,7 +210,10 @@ class AgentClient:
             capabilities=self.capabilities, min_protocol=min(wire.SUPPORTED_VERSIONS),
         )
         await ws.send(wire.encode(hello))
-        welcome = wire.decode(await asyncio.wait_for(ws.recv(), 10))
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancel
+        # that lands as the awaited call completes, and the agent would not stop.
+        async with asyncio.timeout(10):
+            welcome = wire.decode(await ws.recv())
         if type(welcome) is not wire.Welcome:
             raise wire.ProtocolError(f"expected welcome, got {type(welcome).__name__}")
         if welcome.protocol not in wire.SUPPORTED_VERSIONS:
@@ -246,7 +249,8 @@ class AgentClient:
         silence = max(3 * interval, 1.0)
         while True:
             try:
-                message = await asyncio.wait_for(ws.recv(), silence)
+                async with asyncio.timeout(silence):
+                    message = await ws.recv()
             except TimeoutError:
                 await ws.close(wire.CloseCode.HEARTBEAT_TIMEOUT, "relay silent")
                 return f"relay silent for {silence:.0f}s"

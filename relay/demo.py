@@ -72,7 +72,8 @@ async def run_demo(settings: RelaySettings) -> None:
         )
         agent_task = asyncio.create_task(agent.run())
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(agent.connected.wait(), 10)
+            async with asyncio.timeout(10):
+                await agent.connected.wait()
         print(banner(app.state.registry.chat_url(creds.instance_id)), flush=True)
 
         try:

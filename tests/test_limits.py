@@ -85,6 +85,16 @@ def test_default_max_tokens_is_lowered_to_the_cap_not_refused():
     assert chat.max_tokens == 50 and chat.upstream_body("m")["max_tokens"] == 50
 
 
+def test_token_counts_must_be_positive_integers_even_without_a_cap():
+    # The schema says so whatever the cap; with the cap off the check used to be skipped.
+    for value in ("many", 0, -1, True):
+        chat = ChatRequest.model_validate({"messages": [{"role": "user", "content": "x"}],
+                                           "max_completion_tokens": value})
+        with pytest.raises(ValidationFailed) as raised:
+            check_chat_request(chat, RelaySettings(max_tokens_cap=0))
+        assert raised.value.param == "max_completion_tokens"
+
+
 def test_zero_disables_shape_limits():
     settings = RelaySettings(max_messages=0, max_content_chars=0, max_tokens_cap=0)
     check_chat_request(ChatRequest.model_validate(
