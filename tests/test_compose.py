@@ -36,6 +36,7 @@ from tests.helpers import (
     FakeUpstream,
     Spawned,
     free_port,
+    online,
     running_upstream,
     spawn,
     wait_until,
@@ -387,7 +388,7 @@ async def test_compose_services_run_and_chat(redis_url, tmp_path):
         agent = local.start("agent")
         await agent.wait_for_line(r"connected to .* as instance " + instance_id)
         assert "registered instance" not in agent.output
-        await wait_until(lambda: _online(relay_2, instance_id), timeout=15, what="online again")
+        await wait_until(lambda: online(relay_2, instance_id), timeout=15, what="online again")
     finally:
         local.stop_all()
         if nginx is not None:
@@ -397,10 +398,6 @@ async def test_compose_services_run_and_chat(redis_url, tmp_path):
     for relay in relays:
         lines = [orjson.loads(line) for line in relay.lines if line.strip()]
         assert any(line["logger"] == "relay.access" for line in lines)
-
-
-async def _online(url: str, instance_id: str) -> bool:
-    return await status_of(url, instance_id) == "online"
 
 
 async def test_ollama_profile_agent_runs_against_an_openai_upstream(redis_url, tmp_path):

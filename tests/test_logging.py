@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from relay import logs
-from tests.helpers import free_port, running_agent, running_relay, spawn, wait_until
+from tests.helpers import free_port, online, running_agent, running_relay, spawn, wait_until
 from wire.redaction import REDACTED
 
 pytestmark = pytest.mark.anyio
@@ -125,7 +125,7 @@ async def test_relay_serve_writes_json_lines(redis_url, tmp_path):
             agent = spawn(["agent.cli", "run", "--backend", "demo", "--demo-rate", "0"],
                           env={"AGENT_RELAY_URL": base, "AGENT_TOKEN": token,
                                "AGENT_CREDENTIALS": str(tmp_path / "agent.json")})
-            await wait_until(lambda: _online(client, instance_id), timeout=20, what="agent online")
+            await wait_until(lambda: online(client, instance_id), timeout=20, what="agent online")
             response = await client.post(f"/api/chat/{instance_id}", headers={"X-Request-Id": "proc-42"},
                                          json={"messages": [{"role": "user", "content": SECRET_PROMPT}]})
             assert response.status_code == 200
@@ -159,10 +159,6 @@ async def _answers(client: httpx.AsyncClient) -> bool:
         return (await client.get("/readyz")).status_code == 200
     except httpx.TransportError:
         return False
-
-
-async def _online(client: httpx.AsyncClient, instance_id: str) -> bool:
-    return (await client.get(f"/api/instances/{instance_id}")).json()["status"] == "online"
 
 
 def test_log_format_setting_is_validated(monkeypatch):

@@ -14,7 +14,7 @@ import logging
 
 import pytest
 
-from tests.helpers import running_agent, running_relay, spawn, wait_until
+from tests.helpers import offline, online, running_agent, running_relay, spawn, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -80,13 +80,13 @@ async def test_no_secret_in_any_log_line(redis_url, capture, tmp_path):
             rotated = await client.post(f"/api/instances/{instance_id}/token", headers=bearer(token))
             new = rotated.json()["agent_token"]
             secrets.append(new)
-            await wait_until(lambda: _offline(client, instance_id), what="old agent closed")
+            await wait_until(lambda: offline(client, instance_id), what="old agent closed")
 
         # An agent process at -v (DEBUG), with the new token in its environment.
         process = spawn(["agent.cli", "run", "-v", "--relay-url", relay.url, "--backend", "demo"],
                         env={"AGENT_TOKEN": new, "AGENT_CREDENTIALS": str(tmp_path / "creds.json")})
         try:
-            await wait_until(lambda: _online(client, instance_id), timeout=30, what="agent subprocess online")
+            await wait_until(lambda: online(client, instance_id), timeout=30, what="agent subprocess online")
             await client.patch(f"/api/instances/{instance_id}", headers=bearer(new), json={"visibility": "public"})
             assert (await client.post(f"/api/chat/{instance_id}", json=chat)).status_code == 200
             await client.delete(f"/api/instances/{instance_id}", headers=bearer(new))
@@ -104,9 +104,4 @@ async def test_no_secret_in_any_log_line(redis_url, capture, tmp_path):
         assert secret not in everything, f"a credential ({secret[:6]}...) reached the logs"
 
 
-async def _offline(client, instance_id: str) -> bool:
-    return (await client.get(f"/api/instances/{instance_id}")).json()["status"] == "offline"
 
-
-async def _online(client, instance_id: str) -> bool:
-    return (await client.get(f"/api/instances/{instance_id}")).json()["status"] == "online"
