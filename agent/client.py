@@ -100,7 +100,7 @@ class AgentClient:
         self.models = models
         self.max_concurrency = max_concurrency
         #: Operations this agent can run, declared in its hello (protocol 2).
-        self.capabilities = tuple(getattr(backend, "capabilities", (wire.OP_CHAT,)))
+        self.capabilities = tuple(backend.capabilities)
         self.protocol = wire.PROTOCOL_VERSION  # the version agreed with the relay
         #: The newest version the next hello offers.  A relay older than this
         #: agent reads only that number and refuses one it does not speak

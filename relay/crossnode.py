@@ -175,12 +175,16 @@ class CrossNode:
         for served in list(self.egress.values()):
             served.stop("the relay node holding the agent lost its message bus mid-stream; retry")
 
+    async def send_quietly(self, node: str, event: wire.Event, session: str = "") -> None:
+        """Best effort: a node that cannot be reached has nothing left to be told."""
+        try:
+            await self.send(node, event, session)
+        except LinkLost:
+            pass
+
     async def kick(self, node: str, session: str) -> None:
         """Tell another node to drop a stale session of an agent that reconnected here."""
-        try:
-            await self.send(node, wire.Kick(), session)
-        except LinkLost:
-            pass  # that node is gone, and its session with it
+        await self.send_quietly(node, wire.Kick(), session)
 
     # -- our inbox -------------------------------------------------------------
 
@@ -232,13 +236,7 @@ class CrossNode:
         self._stopped[key] = None
         if len(self._stopped) > MAX_STOPPED:
             del self._stopped[next(iter(self._stopped))]
-        self._spawn(self._cancel_quietly(node, stream_id))
-
-    async def _cancel_quietly(self, node: str, stream_id: int) -> None:
-        try:
-            await self.send(node, wire.Cancel(stream_id, "stream unknown to the caller's relay node"))
-        except LinkLost:
-            pass
+        self._spawn(self.send_quietly(node, wire.Cancel(stream_id, "stream unknown to the caller's relay node")))
 
     def _answer_legacy_open(self, message: bytes) -> bool:
         """A 0.1 node's ``open`` (its unversioned codec): refuse it in that codec, so its caller
@@ -334,7 +332,4 @@ class CrossNode:
 
     async def _reply_error(self, reply: str, stream_id: int, message: str, status: int = 503,
                            code: str = "instance_offline") -> None:
-        try:
-            await self.send(reply, wire.StreamError(stream_id, status, message, code))
-        except LinkLost:
-            pass
+        await self.send_quietly(reply, wire.StreamError(stream_id, status, message, code))

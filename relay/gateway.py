@@ -214,6 +214,8 @@ class AgentGateway:
     async def send_all_away(self, reason: str = "relay node shutting down") -> None:
         """Tell every agent to reconnect elsewhere (goaway, then close 1001)."""
         for session in self.sessions.all():
+            if session.closed:
+                continue  # sent away already (RelayServer drains before the lifespan ends)
             try:
                 await session.send_event(wire.GoAway(reason))
             except LinkLost:

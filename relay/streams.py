@@ -123,7 +123,8 @@ class Stream:
     wait for credit, and the machine refuses a sender that does not.
     """
 
-    __slots__ = ("id", "link", "tracker", "on_close", "check_every", "_items", "_closed", "_sender_done")
+    __slots__ = ("id", "link", "tracker", "on_close", "check_every", "_items", "_closed", "_sender_done",
+                 "_ended_here")
 
     def __init__(self, link: StreamLink, stream_id: int, window: int, *, check_every: float | None = None):
         self.id = stream_id
@@ -137,6 +138,8 @@ class Stream:
         self._closed = False
         #: The sender ended the stream itself (end or error): nothing to cancel.
         self._sender_done = False
+        #: The relay ended it (failed or cancelled) before the sender did.
+        self._ended_here = False
 
     @property
     def finished(self) -> bool:
@@ -146,9 +149,9 @@ class Stream:
 
     def feed(self, event: wire.Data | wire.End | wire.StreamError) -> None:
         """A frame from the sender; ProtocolError when it is illegal (the sender's fault)."""
-        if self.tracker.finished and not self._sender_done:
-            # The relay ended this stream (failed or cancelled it) and the
-            # sender has not heard yet: its frames in flight are expected.
+        if self._ended_here and not self._sender_done:  # two flags on the per-chunk path
+            # The relay ended this stream and the sender has not heard yet:
+            # its frames in flight are expected, and dropped.
             self._sender_done = not isinstance(event, wire.Data)
             return
         self.tracker.receive(event)
@@ -162,6 +165,7 @@ class Stream:
         """End the stream from the relay's side (agent lost, node gone ...); idempotent."""
         error = wire.StreamError(self.id, status, message, code)
         if self.tracker.end_here(error):
+            self._ended_here = True
             self._items.push(error)
 
     # -- drained by the HTTP response --------------------------------------------
@@ -215,7 +219,8 @@ class Stream:
         if self._closed:
             return
         self._closed = True
-        self.tracker.end_here(wire.Cancel(self.id, reason))
+        if self.tracker.end_here(wire.Cancel(self.id, reason)):
+            self._ended_here = True
         # Forgotten first: frames the sender sends while the cancel is on its
         # way are dropped as late, never taken for a protocol violation.
         self.link.forget(self.id)
