@@ -3,8 +3,10 @@
 A backend turns one OpenAI chat request into either a stream of chunk JSON
 documents (``stream``, yielding them in batches: all the chunks that arrived
 together, so the agent can send them in one frame without waiting for more)
-or one ``chat.completion`` JSON body (``complete``), as raw bytes.  Failures are
-:class:`BackendError` with an HTTP status hint.
+or one ``chat.completion`` JSON body (``complete``), as raw bytes.  A backend
+that declares ``images`` also turns an ``/images/generations`` request into
+one ``ImagesResponse`` JSON body (``images``), every image inline as
+``b64_json``.  Failures are :class:`BackendError` with an HTTP status hint.
 Cancelling the consuming task aborts the upstream HTTP request at once
 (httpx closes the connection when its stream context is left).
 """
@@ -12,8 +14,13 @@ Cancelling the consuming task aborts the upstream HTTP request at once
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import re
+import struct
 import time
 import uuid
+import zlib
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
@@ -34,6 +41,8 @@ class BackendError(Exception):
 class Backend(Protocol):
     #: Operations it can run (``wire.OP_CHAT`` ...), declared to the relay in ``hello``.
     capabilities: tuple[str, ...]
+    #: Image generation models it serves, declared in ``hello.image_models``.
+    image_models: tuple[str, ...]
 
     async def models(self) -> list[str]: ...
 
@@ -41,31 +50,60 @@ class Backend(Protocol):
 
     async def complete(self, body: dict[str, Any]) -> bytes: ...
 
+    async def images(self, body: dict[str, Any]) -> bytes: ...
+
     async def aclose(self) -> None: ...
 
 
 # -- OpenAI-compatible upstream -------------------------------------------------
 
 
+#: The largest image the agent downloads when a model server answers with a
+#: URL: the agent holds it in memory, and the caller gets it base64-encoded.
+MAX_IMAGE_DOWNLOAD = 20 * 1024 * 1024
+
+
 def _upstream_error(status: int, payload: bytes) -> BackendError:
     message = (wire.error_message(payload) or payload.decode(errors="replace")[:500]
                or f"upstream answered HTTP {status}")
+    if status == 404:
+        # A model the server does not have (Ollama says 404) or an
+        # --upstream-url with the wrong path.  Callers read a 404 from the
+        # relay as "no such instance", so it must not travel as one.
+        return BackendError(502, f"model server: {message}", "upstream_not_found")
     # The caller's mistakes (4xx) keep their status; the model server's own
     # failures become 502, since for the caller the gateway's upstream failed.
+    # So do the agent's credentials being refused (401/403/407): the caller
+    # cannot fix those, the owner can.
     mapped = status if 400 <= status < 500 and status not in (401, 403, 407) else 502
     return BackendError(mapped, f"model server: {message}", "upstream_error")
 
 
-class OpenAIBackend:
-    """Any server that speaks OpenAI's ``/chat/completions`` and ``/models``."""
+def _unreachable(exc: httpx.HTTPError) -> BackendError:
+    return BackendError(502, f"model server unreachable: {type(exc).__name__}: {exc}")
 
-    capabilities: tuple[str, ...] = (wire.OP_CHAT,)
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    return url.scheme, url.host, url.port
+
+
+class OpenAIBackend:
+    """Any server that speaks OpenAI's ``/chat/completions`` and ``/models``.
+
+    Given ``image_models``, also its ``/images/generations``: only then does
+    the agent declare ``images``, since ``/models`` does not say which of a
+    server's models draw.
+    """
 
     def __init__(self, base_url: str, *, api_key: str | None = None, models: list[str] | None = None,
-                 timeout: float = 600.0, transport: httpx.AsyncBaseTransport | None = None):
+                 image_models: list[str] | None = None, timeout: float = 600.0,
+                 transport: httpx.AsyncBaseTransport | None = None):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.base_url = base_url.rstrip("/")
         self._configured_models = models or []
+        self.image_models: tuple[str, ...] = tuple(image_models or ())
+        self.capabilities: tuple[str, ...] = (wire.OP_CHAT, wire.OP_IMAGES) if self.image_models else (wire.OP_CHAT,)
+        self._timeout = timeout
         self.client = httpx.AsyncClient(
             base_url=self.base_url,
             headers=headers,
@@ -108,25 +146,159 @@ class OpenAIBackend:
                     if events:
                         yield events
         except httpx.HTTPError as exc:
-            raise BackendError(502, f"model server unreachable: {type(exc).__name__}: {exc}") from exc
+            raise _unreachable(exc) from exc
 
     async def complete(self, body: dict[str, Any]) -> bytes:
         body = {**body, "stream": False}
         try:
             response = await self.client.post("/chat/completions", json=body)
         except httpx.HTTPError as exc:
-            raise BackendError(502, f"model server unreachable: {type(exc).__name__}: {exc}") from exc
+            raise _unreachable(exc) from exc
         if response.status_code >= 400:
             raise _upstream_error(response.status_code, response.content)
         return response.content
+
+    async def images(self, body: dict[str, Any]) -> bytes:
+        # The answer travels as one JSON body: never ask for partial images.
+        body = {k: v for k, v in body.items() if k != "stream"}
+        try:
+            response = await self.client.post("/images/generations", json=body)
+        except httpx.HTTPError as exc:
+            raise _unreachable(exc) from exc
+        if response.status_code >= 400:
+            raise _upstream_error(response.status_code, response.content)
+        try:
+            answer = orjson.loads(response.content)
+        except orjson.JSONDecodeError:
+            answer = None
+        items = answer.get("data") if isinstance(answer, dict) else None
+        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+            raise BackendError(502, "model server: /images/generations answered no ImagesResponse "
+                                    "(a JSON object with a data list)", "upstream_error")
+        if all(isinstance(item.get("b64_json"), str) for item in items):
+            return response.content  # already what the relay wants: pass it on untouched
+        converted = []
+        for item in items:
+            if isinstance(item.get("b64_json"), str):
+                converted.append(item)
+                continue
+            url = item.get("url")
+            if not isinstance(url, str) or not url:
+                raise BackendError(502, "model server: an image came with neither b64_json nor url",
+                                   "upstream_error")
+            rest = {k: v for k, v in item.items() if k != "url"}
+            converted.append({**rest, "b64_json": await self._fetch_b64(url)})
+        return orjson.dumps({**answer, "data": converted})
+
+    async def _fetch_b64(self, url: str) -> str:
+        """The image at ``url`` (on the model server's machine, typically), base64-encoded.
+
+        The URL means nothing to the caller: it names the owner's machine, or
+        a store the model server signed for the agent alone.
+        """
+        if url.startswith("data:"):
+            # Inline already: no download, but checked, since the caller gets it as it is.
+            header, _, payload = url.partition(",")
+            try:
+                if header.endswith(";base64") and payload:
+                    return base64.b64encode(base64.b64decode(payload, validate=True)).decode()
+            except ValueError:
+                pass
+            raise BackendError(502, "model server: an image data URL that is not base64", "upstream_error")
+        try:
+            request = self.client.build_request("GET", url, timeout=httpx.Timeout(self._timeout, connect=10.0))
+            if _origin(request.url) != _origin(self.client.base_url):
+                # The upstream's key is for the upstream, not for wherever it stores images.
+                request.headers.pop("Authorization", None)
+            response = await self.client.send(request, stream=True, follow_redirects=True)
+            try:
+                if response.status_code >= 400:
+                    raise BackendError(502, f"model server: downloading image {url} answered HTTP "
+                                            f"{response.status_code}", "upstream_error")
+                declared = response.headers.get("content-length", "")
+                if declared.isdigit() and int(declared) > MAX_IMAGE_DOWNLOAD:
+                    raise _too_large(url)
+                data = bytearray()
+                async for piece in response.aiter_bytes():
+                    data += piece
+                    if len(data) > MAX_IMAGE_DOWNLOAD:
+                        raise _too_large(url)
+            finally:
+                await response.aclose()
+        except httpx.HTTPError as exc:
+            raise BackendError(502, f"model server: cannot download image {url}: {type(exc).__name__}: {exc}",
+                               "upstream_error") from exc
+        return base64.b64encode(data).decode()
 
     async def aclose(self) -> None:
         await self.client.aclose()
 
 
+def _too_large(url: str) -> BackendError:
+    return BackendError(502, f"model server: image {url} is larger than {MAX_IMAGE_DOWNLOAD // (1024 * 1024)} MiB",
+                        "upstream_error")
+
+
 # -- demo model ----------------------------------------------------------------
 
 DEMO_MODEL = "demo"
+DEMO_IMAGE_MODEL = "demo-image"
+DEMO_IMAGE_SIZE = (256, 256)
+MAX_DEMO_IMAGE_SIDE = 1024
+MAX_DEMO_IMAGES = 4
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack("!I", len(data)) + kind + data + struct.pack("!I", zlib.crc32(kind + data))
+
+
+def encode_png(width: int, height: int, rows: list[bytes]) -> bytes:
+    """An 8-bit RGB PNG of ``rows`` (each ``3 * width`` bytes of pixels), by hand: no imaging library."""
+    if len(rows) != height or any(len(row) != 3 * width for row in rows):
+        raise ValueError("rows do not match the image size")
+    # Filter type 0 (none) on every scanline: the pattern compresses well as it is.
+    raw = b"".join(b"\x00" + row for row in rows)
+    header = struct.pack("!IIBBBBB", width, height, 8, 2, 0, 0, 0)  # depth 8, RGB, deflate, no interlace
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
+            + _png_chunk(b"IDAT", zlib.compress(raw, 6)) + _png_chunk(b"IEND", b""))
+
+
+def demo_image(prompt: str, width: int, height: int, index: int = 0) -> bytes:
+    """The demo model's picture of ``prompt``: a PNG the same prompt always gives.
+
+    A vertical blend of two colours taken from a hash of the prompt (and of
+    ``index``, so ``n`` images differ), with a band of a third across the
+    middle.  Each row is one colour repeated, so building even 1024x1024 is
+    a thousand byte multiplications, not a million Python steps.
+    """
+    digest = hashlib.sha256(f"{index}:{prompt}".encode()).digest()
+    top, bottom, band = digest[0:3], digest[3:6], bytes(digest[6:9])
+    band_rows = range(height * 2 // 5, max(height * 3 // 5, height * 2 // 5 + 1))
+    edge = max(width // 8, 1)  # the band stops short of the sides
+    rows = []
+    for y in range(height):
+        t = y / (height - 1) if height > 1 else 0.0
+        colour = bytes(round(a + (b - a) * t) for a, b in zip(top, bottom, strict=True))
+        if y in band_rows and width > 2 * edge:
+            rows.append(colour * edge + band * (width - 2 * edge) + colour * edge)
+        else:
+            rows.append(colour * width)
+    return encode_png(width, height, rows)
+
+
+_SIZE = re.compile(r"\s*(\d{1,9})\s*[xX]\s*(\d{1,9})\s*")
+
+
+def demo_image_size(size: Any) -> tuple[int, int]:
+    """``"WxH"`` (each side clamped to 1..1024); absent or ``"auto"`` is 256x256."""
+    if size is None or size == "auto":
+        return DEMO_IMAGE_SIZE
+    match = _SIZE.fullmatch(size) if isinstance(size, str) else None
+    if match is None:
+        raise BackendError(422, f"size must be WIDTHxHEIGHT in pixels, e.g. \"512x512\" (got {size!r})",
+                           "invalid_size")
+    width, height = (min(max(int(side), 1), MAX_DEMO_IMAGE_SIDE) for side in match.groups())
+    return width, height
 
 
 def text_of(content: Any) -> str:
@@ -168,9 +340,11 @@ def _count_tokens(messages: Any) -> int:
 
 
 class DemoBackend:
-    """A built-in model that streams a fixed reply word by word at ``rate`` words/s."""
+    """A built-in model that streams a fixed reply word by word at ``rate`` words/s,
+    and draws a pattern of the prompt's colours for ``images``."""
 
-    capabilities: tuple[str, ...] = (wire.OP_CHAT,)
+    capabilities: tuple[str, ...] = (wire.OP_CHAT, wire.OP_IMAGES)
+    image_models: tuple[str, ...] = (DEMO_IMAGE_MODEL,)
 
     def __init__(self, rate: float = 20.0, model: str = DEMO_MODEL):
         self.rate = rate
@@ -225,6 +399,27 @@ class DemoBackend:
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(words)},
                          "finish_reason": finish}],
             "usage": self._usage(body, len(words)),
+        })
+
+    async def images(self, body: dict[str, Any]) -> bytes:
+        width, height = demo_image_size(body.get("size"))
+        n = body.get("n", 1)
+        if n is None:
+            n = 1
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_DEMO_IMAGES:
+            raise BackendError(422, f"n must be a whole number from 1 to {MAX_DEMO_IMAGES} (got {n!r})", "invalid_n")
+        prompt = body.get("prompt")
+        prompt = prompt if isinstance(prompt, str) else ""
+
+        def draw() -> list[str]:
+            return [base64.b64encode(demo_image(prompt, width, height, i)).decode() for i in range(n)]
+
+        # Compressing a large picture takes milliseconds: off the event loop,
+        # so the agent's other streams and its heartbeat do not wait for it.
+        pictures = await asyncio.to_thread(draw)
+        return orjson.dumps({
+            "created": int(time.time()),
+            "data": [{"b64_json": picture, "revised_prompt": prompt} for picture in pictures],
         })
 
     async def aclose(self) -> None:

@@ -1,7 +1,8 @@
 """``relay-agent``: register an instance, serve it, or show its status.
 
     relay-agent run --relay-url URL [--token T] --backend demo|openai
-                    [--upstream-url URL] [--model NAME] [--max-concurrency N]
+                    [--upstream-url URL] [--model NAME] [--image-model NAME]
+                    [--max-concurrency N]
     relay-agent register --relay-url URL [--name NAME]
     relay-agent status --relay-url URL [--instance-id ID] [--json]
 
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--upstream-api-key", help="API key for the upstream (AGENT_UPSTREAM_API_KEY)")
     run.add_argument("--model",
                      help="model name(s) to serve, comma-separated (AGENT_MODEL); default: the upstream's /models")
+    run.add_argument("--image-model",
+                     help="image generation model(s) to serve, comma-separated (AGENT_IMAGE_MODEL); with them "
+                          "the agent also answers /images/generations (openai backend; the demo has demo-image)")
     run.add_argument("--max-concurrency", type=int, help="requests served at once (AGENT_MAX_CONCURRENCY, default 8)")
     run.add_argument("--name", help="instance name when registering (AGENT_NAME)")
     run.add_argument("--demo-rate", type=float, help="demo model words per second, 0 = unthrottled (AGENT_DEMO_RATE)")
@@ -79,7 +83,7 @@ def registration_headers(settings: AgentSettings) -> dict[str, str]:
 
 def settings_from(args: argparse.Namespace) -> AgentSettings:
     overrides: dict[str, Any] = {}
-    for name in ("relay_url", "token", "backend", "upstream_url", "upstream_api_key", "model",
+    for name in ("relay_url", "token", "backend", "upstream_url", "upstream_api_key", "model", "image_model",
                  "max_concurrency", "name", "description", "credentials", "demo_rate", "registration_key"):
         value = getattr(args, name, None)
         if value is not None:
@@ -94,7 +98,8 @@ def make_backend(settings: AgentSettings):
     if not settings.upstream_url:
         raise SystemExit("relay-agent: --backend openai needs --upstream-url (e.g. http://127.0.0.1:11434/v1)")
     return OpenAIBackend(settings.upstream_url, api_key=settings.upstream_api_key,
-                         models=settings.model_names(), timeout=settings.upstream_timeout)
+                         models=settings.model_names(), image_models=settings.image_model_names(),
+                         timeout=settings.upstream_timeout)
 
 
 async def obtain_credentials(settings: AgentSettings) -> Credentials:

@@ -208,6 +208,7 @@ class AgentClient:
             protocol=self._offer, agent_version=__version__, agent_id=self.agent_id,
             models=tuple(self.models), max_concurrency=self.max_concurrency,
             capabilities=self.capabilities, min_protocol=min(wire.SUPPORTED_VERSIONS),
+            image_models=tuple(self.backend.image_models),
         )
         await ws.send(wire.encode(hello))
         # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancel
@@ -223,9 +224,11 @@ class AgentClient:
         self._offer = wire.PROTOCOL_VERSION  # the next connection may reach an upgraded relay
         self.status.connected, self.status.instance_id, self.status.node_id = True, welcome.instance_id, welcome.node_id
         self.connected.set()
+        image_models = self.backend.image_models
+        images = f"; image models {', '.join(image_models)}" if image_models else ""
         self.on_status(
             f"connected to {self.relay_url} (node {welcome.node_id}) as instance {welcome.instance_id}; "
-            f"models {', '.join(self.models)}; chat URL {welcome.chat_url}"
+            f"models {', '.join(self.models)}{images}; chat URL {welcome.chat_url}"
         )
         if newer_version(welcome.latest_agent_version, __version__):
             self.status.upgrade = welcome.latest_agent_version
@@ -290,10 +293,12 @@ class AgentClient:
                 raise BackendError(503, "agent at capacity", "agent_at_capacity")
             if request.op not in self.capabilities:
                 raise BackendError(501, f"this agent cannot run {request.op!r}", "capability_not_supported")
-            if request.stream:
+            if request.op == wire.OP_IMAGES:
+                await self._send_body(sid, window, await self.backend.images(request.body), request.window)
+            elif request.stream:
                 await self._relay_stream(sid, window, request.body, cap=request.window)
             else:
-                await self._send_data(sid, window, await self.backend.complete(request.body))
+                await self._send_body(sid, window, await self.backend.complete(request.body), request.window)
             await self._send(wire.encode(wire.End(sid)))
             self.status.served += 1
         except BackendError as exc:
@@ -368,6 +373,19 @@ class AgentClient:
         finally:
             if not send_task.done():
                 send_task.cancel()
+
+    async def _send_body(self, sid: int, window: wire.SendWindow, body: bytes, frame_size: int) -> None:
+        """A whole JSON body, in frames of at most one window each, each waiting for credit.
+
+        Never as one frame: a frame past the relay's limit (4 MiB by default;
+        generated images reach it easily) makes the relay close the whole
+        connection, this agent's other streams with it.  The window (256 KiB
+        by default) is what the relay holds for a stream at once anyway.
+        """
+        view = memoryview(body)
+        # An empty body still goes as one (empty) frame, as it always did.
+        for start in range(0, max(len(body), 1), frame_size):
+            await self._send_data(sid, window, bytes(view[start : start + frame_size]))
 
     async def _send_data(self, sid: int, window: wire.SendWindow, payload: bytes) -> None:
         while not window.can_send:

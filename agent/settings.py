@@ -25,6 +25,9 @@ class AgentSettings(BaseSettings):
     upstream_api_key: str | None = None
     #: Model names to serve; empty = ask the upstream's /models (demo: "demo").
     model: str | None = None
+    #: Image generation models to serve, comma-separated (openai backend); empty
+    #: = none, and the agent does not offer ``images``.  The demo serves its own.
+    image_model: str | None = None
     max_concurrency: int = Field(default=8, ge=1, le=10_000)
     #: Name and description used when registering a new instance.
     name: str = "my-model"
@@ -44,4 +47,11 @@ class AgentSettings(BaseSettings):
         return self.relay_url.split(",")[0].strip().rstrip("/")
 
     def model_names(self) -> list[str]:
-        return [m.strip() for m in (self.model or "").split(",") if m.strip()]
+        return _names(self.model)
+
+    def image_model_names(self) -> list[str]:
+        return _names(self.image_model)
+
+
+def _names(value: str | None) -> list[str]:
+    return [m.strip() for m in (value or "").split(",") if m.strip()]

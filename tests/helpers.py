@@ -8,6 +8,7 @@ was asked and notices when a caller hangs up.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import inspect
 import os
@@ -30,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from agent.backends import DemoBackend, OpenAIBackend
+from agent.backends import DemoBackend, OpenAIBackend, encode_png
 from agent.client import AgentClient
 from relay.app import create_app
 from relay.server import RelayServer, uvicorn_config
@@ -225,6 +226,10 @@ def assert_openai_error(response: httpx.Response, status: int, *, type_: str | N
 # -- the fake model --------------------------------------------------------------
 
 
+#: The fake model server's picture: a real 3x2 PNG (red, green, blue over white, grey, black).
+FAKE_PNG = encode_png(3, 2, [b"\xff\x00\x00\x00\xff\x00\x00\x00\xff", b"\xff\xff\xff\x80\x80\x80\x00\x00\x00"])
+
+
 @dataclass
 class FakeUpstream:
     """An OpenAI-compatible model server for tests.
@@ -241,6 +246,13 @@ class FakeUpstream:
     ``release()`` (a stream that is surely still in flight when a test breaks
     something, however slow the machine; a caller hanging up still ends it).
     ``inflight``/``max_inflight`` count streams being answered.
+
+    ``/images/generations`` answers ``n`` copies of ``FAKE_PNG`` as
+    ``b64_json`` and records each body in ``image_requests``; with
+    ``image_as_url=True`` it answers ``url`` items pointing at its own
+    ``/files/x.png`` instead, which serves ``image_file`` (``FAKE_PNG`` unless
+    set), unsized (chunked), and records each download's headers in
+    ``file_requests``.  ``fail_status`` fails image requests too.
     """
 
     chunks: int = 5
@@ -258,6 +270,10 @@ class FakeUpstream:
     inflight: int = 0
     max_inflight: int = 0
     url: str = ""
+    image_requests: list[dict[str, Any]] = field(default_factory=list)
+    image_as_url: bool = False
+    image_file: bytes | None = None
+    file_requests: list[dict[str, str]] = field(default_factory=list)
     _gate_open: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _released: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
@@ -269,7 +285,33 @@ class FakeUpstream:
         return Starlette(routes=[
             Route("/v1/models", self._models),
             Route("/v1/chat/completions", self._chat, methods=["POST"]),
+            Route("/v1/images/generations", self._images, methods=["POST"]),
+            Route("/v1/files/{name}", self._file),
         ])
+
+    async def _images(self, request: Request) -> Response:
+        body = await request.json()
+        self.image_requests.append(body)
+        if self.fail_status:
+            return JSONResponse({"error": {"message": "fake image failure", "type": "server_error"}},
+                                status_code=self.fail_status)
+        n = body.get("n") or 1
+        if self.image_as_url:
+            items = [{"url": f"{self.url}/files/x.png", "revised_prompt": body.get("prompt")} for _ in range(n)]
+        else:
+            items = [{"b64_json": base64.b64encode(FAKE_PNG).decode()} for _ in range(n)]
+        return JSONResponse({"created": 1, "data": items})
+
+    async def _file(self, request: Request) -> Response:
+        self.file_requests.append(dict(request.headers))
+        content = FAKE_PNG if self.image_file is None else self.image_file
+
+        async def pieces() -> AsyncIterator[bytes]:
+            for start in range(0, len(content), 1 << 20):
+                yield content[start : start + (1 << 20)]
+
+        # No content-length: the agent has to count what it reads to keep its bound.
+        return StreamingResponse(pieces(), media_type="image/png")
 
     async def _models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [{"id": self.model, "object": "model", "created": 0,

@@ -32,7 +32,7 @@ from wire import (
 # has a default, so a field dropped by encode or decode cannot go unnoticed.
 EVERY_MESSAGE = [
     Hello(protocol=2, agent_version="0.1.0", agent_id="agent-1", models=("m1", "m2"), max_concurrency=4,
-          capabilities=("chat", "images"), min_protocol=2),
+          capabilities=("chat", "images"), min_protocol=2, image_models=("img-1", "img-2")),
     Welcome(protocol=2, instance_id="abc", node_id="node-1", heartbeat_interval=2.5, chat_url="http://x/api/chat/abc",
             latest_agent_version="0.9.1"),
     Request(id=7, body={"model": "m1", "messages": [{"role": "user", "content": "hi"}], "metadata": {"k": [1]}},
@@ -75,6 +75,10 @@ EXACT = [
     (Hello(2, "0.2.0", "a1", ("m",), 4, ("chat",), 1),
      '{"type":"hello","protocol":2,"agent_version":"0.2.0","agent_id":"a1","models":["m"],"max_concurrency":4,'
      '"capabilities":["chat"],"min_protocol":1}'),
+    # image_models, when there are some, comes last; without them the bytes above stay those of 0.1.
+    (Hello(2, "0.2.0", "a1", ("m",), 4, ("chat", "images"), 2, ("img",)),
+     '{"type":"hello","protocol":2,"agent_version":"0.2.0","agent_id":"a1","models":["m"],"max_concurrency":4,'
+     '"capabilities":["chat","images"],"min_protocol":2,"image_models":["img"]}'),
     (Welcome(2, "i1", "n1", 5.0, "http://r/api/chat/i1", "0.2.0"),
      '{"type":"welcome","protocol":2,"instance_id":"i1","node_id":"n1","heartbeat_interval":5.0,'
      '"chat_url":"http://r/api/chat/i1","latest_agent_version":"0.2.0"}'),
@@ -110,6 +114,16 @@ def test_a_version_1_hello_means_chat_only():
                      '"models": ["m"], "max_concurrency": 2}')
     assert v1 == Hello(1, "0.1.0", "a", ("m",), 2, ("chat",), 1)
     assert wire.negotiate(v1) == 1
+
+
+def test_image_models_are_optional_and_empty_means_none():
+    assert wire.OP_IMAGES == "images"
+    assert wire.decode(_hello()).image_models == ()
+    assert wire.decode(_hello(image_models=[])).image_models == ()
+    long_name = "org/" + "x" * (frames.MAX_MODEL_NAME_LENGTH - 4)
+    assert wire.decode(_hello(image_models=["a", long_name])).image_models == ("a", long_name)
+    # An agent without image models says nothing about them.
+    assert "image_models" not in orjson.loads(wire.encode(Hello(2, "x", "a", ("m",), 1)))
 
 
 def test_fields_a_side_does_not_know_are_ignored():
@@ -195,6 +209,9 @@ MALFORMED = [
     _hello(protocol=True), _hello(protocol="1"), _hello(max_concurrency=True), _hello(max_concurrency=0),
     _hello(max_concurrency=-1), _hello(models=[]), _hello(models="m"), _hello(models=[""]), _hello(models=[1]),
     _hello(models=None), _hello(agent_id=""), _hello(agent_id="x" * 129), _hello(agent_id=7),
+    _hello(image_models="img"), _hello(image_models=None), _hello(image_models=[""]), _hello(image_models=[1]),
+    _hello(image_models=[None]), _hello(image_models={"img": 1}), _hello(image_models=["ok", 2]),
+    _hello(image_models=["x" * 1025]), _hello(image_models=["i"] * 10_001),
     # bad stream ids
     '{"type": "cancel", "id": 0}',
     '{"type": "cancel", "id": -1}',
@@ -241,7 +258,7 @@ def test_decode_of_arbitrary_input_raises_only_protocol_error(message):
     st.sampled_from(["type", "id", "body", "stream", "window", "status", "message", "code", "usage", "model",
                      "reason", "ts", "protocol", "agent_version", "agent_id", "models", "max_concurrency",
                      "instance_id", "node_id", "heartbeat_interval", "chat_url", "capabilities", "min_protocol",
-                     "op", "request_id", "latest_agent_version"]),
+                     "op", "request_id", "latest_agent_version", "image_models"]),
     st.one_of(st.sampled_from(list(frames._CONTROL_TYPES)), st.none(), st.booleans(),
               st.integers(-2**40, 2**40), st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=8),
               st.lists(st.text(max_size=3), max_size=3),

@@ -32,6 +32,7 @@ from .frames import (
     DEFAULT_WINDOW,
     MAX_STREAM_ID,
     OP_CHAT,
+    OP_IMAGES,
     PROTOCOL_VERSION,
     SUPPORTED_VERSIONS,
     Cancel,
@@ -64,7 +65,7 @@ from .streams import SendWindow, StreamState, StreamTracker
 __version__ = "0.2.0"
 
 __all__ = [
-    "DEFAULT_WINDOW", "MAX_STREAM_ID", "OP_CHAT", "PROTOCOL_VERSION", "SSE_DONE", "SUPPORTED_VERSIONS",
+    "DEFAULT_WINDOW", "MAX_STREAM_ID", "OP_CHAT", "OP_IMAGES", "PROTOCOL_VERSION", "SSE_DONE", "SUPPORTED_VERSIONS",
     "Cancel", "CloseCode", "ConverseStream", "Credit", "Data", "End", "Envelope", "Event", "FrameKind", "GoAway",
     "Hello", "InvalidConverse", "Kick", "Ping", "Pong", "ProtocolError", "Request", "SendWindow", "StreamError",
     "StreamFailed", "StreamState", "StreamTracker", "UnsupportedContent", "Welcome", "__version__",

@@ -24,8 +24,9 @@ Versions.  ``hello.protocol`` is the newest version the agent speaks and
 ``hello.min_protocol`` the oldest; the relay answers in ``welcome.protocol``
 with the newest version both speak, or closes with ``4001`` naming the side
 to upgrade (:func:`negotiate`).  Version 2 added ``request.op`` (what to do:
-``chat`` today) and ``hello.capabilities`` (which ops the agent can do);
-version-1 agents can do ``chat`` only and never receive anything else.
+``chat`` or ``images``), ``hello.capabilities`` (which ops the agent can do)
+and ``hello.image_models``; version-1 agents can do ``chat`` only and never
+receive anything else.
 Fields a side does not know are ignored, so a field with a default can be
 added without a new version.
 """
@@ -46,6 +47,8 @@ SUPPORTED_VERSIONS = frozenset({1, 2})
 
 #: The operation of a chat completion request (the only one version 1 knows).
 OP_CHAT = "chat"
+#: The operation of an image generation request (version 2).
+OP_IMAGES = "images"
 
 #: Default per-stream window the relay grants when a stream opens.
 DEFAULT_WINDOW = 256 * 1024
@@ -105,6 +108,10 @@ class Hello:
     max_concurrency: int
     capabilities: tuple[str, ...] = (OP_CHAT,)
     min_protocol: int = 1  # oldest version the agent speaks
+    #: Image generation models it serves (for ``images``); ``models`` are its
+    #: chat models.  Left out of the frame when empty, so a chat-only agent's
+    #: hello reads exactly as it did before the field existed.
+    image_models: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,8 +134,19 @@ class Request:
 
     For ``chat``, ``body`` is the validated OpenAI request (model resolved to
     one the agent serves) and ``stream`` says whether to send SSE events or
-    one JSON body.  ``request_id`` is the relay's id of the HTTP request, for
-    the agent's log lines.
+    one JSON body.
+
+    For ``images``, ``body`` is an OpenAI ``/images/generations`` request
+    (``prompt``, ``model`` resolved to one of ``hello.image_models``, ``n``,
+    ``size``, ``response_format`` ...) and ``stream`` is false: the answer is
+    one JSON body in OpenAI's ``ImagesResponse`` shape (``created``,
+    ``data``), every item of ``data`` carrying its image as ``b64_json``,
+    never as a ``url`` (one on the owner's machine would be useless to the
+    caller).
+
+    Either way a JSON body may span several ``DATA`` frames, none larger
+    than ``window``.  ``request_id`` is the relay's id of the HTTP request,
+    for the agent's log lines.
     """
 
     id: int
@@ -222,6 +240,9 @@ _CONTROL_TYPES: dict[str, type] = {
 }
 _CONTROL_TAGS: dict[type, str] = {cls: tag for tag, cls in _CONTROL_TYPES.items()}
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {cls: tuple(f.name for f in fields(cls)) for cls in _CONTROL_TAGS}
+#: Fields left out of a frame when empty: added after a version shipped, so
+#: frames that do not use them keep the exact bytes peers already know.
+_OMITTED_WHEN_EMPTY: dict[type, frozenset[str]] = {Hello: frozenset({"image_models"})}
 
 
 # ---------------------------------------------------------------------------
@@ -243,8 +264,11 @@ def encode_control(event: Event) -> bytes:
     if tag is None:
         raise TypeError(f"not a control frame: {event!r}")
     obj: dict[str, Any] = {"type": tag}
+    omitted = _OMITTED_WHEN_EMPTY.get(type(event), frozenset())
     for name in _FIELD_NAMES[type(event)]:
         value = getattr(event, name)
+        if name in omitted and not value:
+            continue
         obj[name] = list(value) if isinstance(value, tuple) else value
     return orjson.dumps(obj)
 
@@ -342,6 +366,13 @@ def _names(obj: dict[str, Any], name: str, default: Any = _MISSING, *, limit: in
     return tuple(values)
 
 
+def _optional_names(obj: dict[str, Any], name: str, *, length: int) -> tuple[str, ...]:
+    """A list of names that may be absent or empty (none); otherwise held to :func:`_names`'s rules."""
+    if obj.get(name, []) == []:
+        return ()
+    return _names(obj, name, length=length)
+
+
 def _hello(obj: dict[str, Any]) -> Hello:
     max_concurrency: int = _field(obj, "max_concurrency", int)
     if max_concurrency < 1:
@@ -362,6 +393,7 @@ def _hello(obj: dict[str, Any]) -> Hello:
         # A version-1 agent declares nothing: it can chat, and only chat.
         capabilities=_names(obj, "capabilities", [OP_CHAT], limit=MAX_CAPABILITIES),
         min_protocol=min_protocol,
+        image_models=_optional_names(obj, "image_models", length=MAX_MODEL_NAME_LENGTH),
     )
 
 
