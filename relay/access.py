@@ -227,6 +227,17 @@ class AccessControl:
             raise Unauthorized("unknown or revoked API key", code="invalid_api_key")
         return Caller(f"ip:{client_ip}")
 
+    async def key_instance(self, presented: str | None) -> str | None:
+        """The instance a caller key belongs to, for doors where the key picks the instance.
+
+        None when no caller key is presented or it is unknown; the key itself
+        is verified afterwards by :meth:`authorize_caller`, as on every door.
+        """
+        if not presented or not presented.startswith(CALLER_KEY_PREFIX):
+            return None
+        index = await self.redis.get(keys.caller_key(hash_token(presented)))
+        return text(index).partition(" ")[0] if index else None
+
     async def _verify_key(self, instance_id: str, key_hash: str, index: bytes) -> str | None:
         owner, _, key_id = index.decode().partition(" ")
         if owner != instance_id:
@@ -252,7 +263,8 @@ class ChatCORS:
     Owner endpoints get no CORS headers at all: browsers keep other sites out.
     """
 
-    PREFIX = "/api/chat/"
+    #: The per-instance doors, the global OpenAI door, SwiftChat's routes.
+    PREFIXES = ("/api/chat/", "/v1/", "/api/converse", "/api/models", "/api/image", "/api/upgrade")
 
     def __init__(self, app: ASGIApp, origins: list[str]):
         self.app = app
@@ -267,7 +279,7 @@ class ChatCORS:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(self.PREFIX):
+        if scope["type"] == "http" and scope["path"].startswith(self.PREFIXES):
             await self.cors(scope, receive, send)
         else:
             await self.app(scope, receive, send)

@@ -1,4 +1,7 @@
-"""HTTP endpoints of the relay (everything but the agent websocket).
+"""HTTP endpoints of the relay: instances, owner actions, health.
+
+The doors that run operations on an instance's agents are ``openai_doors.py``
+and ``swiftchat.py``; the agent websocket is ``gateway.py``.
 
 Handlers read their collaborators from ``request.app.state`` (set up by the
 composition root in ``app.py``) and raise :mod:`relay.errors`; the single
@@ -9,70 +12,18 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
-from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
 
 from . import keys
-from .access import bearer
-from .chat import run_chat
-from .errors import (
-    InvalidRequest,
-    ORJSONResponse,
-    PayloadTooLarge,
-    ServiceNotReady,
-    ValidationFailed,
-    error_response,
-)
-from .limits import Bucket, Lease, Slot, check_chat_request
-from .models import (
-    ChatRequest,
-    CreateKeyRequest,
-    RegisterRequest,
-    UpdateInstanceRequest,
-)
-from .streams import cleanup_scope
+from .errors import ORJSONResponse, ServiceNotReady, ValidationFailed, render_error
+from .inputs import bearer_token, client_ip, int_param, read_json, validate
+from .limits import Bucket
+from .models import CreateKeyRequest, RegisterRequest, UpdateInstanceRequest
 
 #: Owner-action bodies are tiny: a name, a description.
 SMALL_BODY_BYTES = 16 * 1024
-
-
-def bearer_token(request: Request) -> str | None:
-    """The request's bearer credential; 400 if one is offered in the URL instead."""
-    return bearer(request.headers, request.query_params)
-
-
-def client_ip(request: Request) -> str:
-    # uvicorn sets this from X-Forwarded-For only for trusted proxies
-    # (--forwarded-allow-ips / FORWARDED_ALLOW_IPS), so callers cannot spoof it.
-    return request.client.host if request.client else "unknown"
-
-
-async def read_json(request: Request, limit: int) -> Any:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body exceeds {limit} bytes")
-    body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise PayloadTooLarge(f"request body exceeds {limit} bytes")
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
-
-
-def validate(model: type[BaseModel], data: Any) -> Any:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "body"
-        raise ValidationFailed(f"{where}: {first['msg']}", param=where) from None
 
 
 # -- instances ---------------------------------------------------------------
@@ -102,16 +53,6 @@ async def get_instance(request: Request) -> Response:
     return ORJSONResponse(await request.app.state.registry.view(request.path_params["instance_id"]))
 
 
-def _int_param(params: Any, name: str, default: int) -> int:
-    raw = params.get(name) or ""
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValidationFailed(f"{name} must be an integer", param=name) from None
-
-
 async def list_instances(request: Request) -> Response:
     params = request.query_params
     # An empty parameter (``?status=&limit=&cursor=``, as forms and scripts
@@ -119,12 +60,8 @@ async def list_instances(request: Request) -> Response:
     status = params.get("status") or None
     if status not in (None, "online", "offline"):
         raise ValidationFailed("status must be 'online' or 'offline'", param="status")
-    limit = _int_param(params, "limit", 50)
-    cursor = _int_param(params, "cursor", 0)
-    if not 1 <= limit <= 500:
-        raise ValidationFailed("limit must be between 1 and 500", param="limit")
-    if cursor < 0:
-        raise ValidationFailed("cursor must not be negative", param="cursor")
+    limit = int_param(params, "limit", 50, 1, 500)
+    cursor = int_param(params, "cursor", 0, 0, 2**63 - 1)
     data, next_cursor = await request.app.state.registry.list(status=status, limit=limit, cursor=cursor)
     return ORJSONResponse({"data": data, "next_cursor": next_cursor})
 
@@ -181,74 +118,11 @@ async def revoke_key(request: Request) -> Response:
     return Response(status_code=204)
 
 
-# -- chat --------------------------------------------------------------------
-
-
-async def chat_completions(request: Request) -> Response:
-    state = request.app.state
-    settings = state.settings
-    instance_id = request.path_params["instance_id"]
-    # Cheapest refusals first: who may call (404/401/403), how often (429),
-    # then the body (413/400/422), then how many at once (429).
-    caller = await state.access.authorize_caller(instance_id, bearer_token(request), client_ip(request))
-    who = f"{instance_id}:{caller.identity}"
-    await state.rate_limiter.hit([
-        Bucket(keys.rate("caller", who), settings.rate_per_caller, "this caller"),
-        Bucket(keys.rate("instance", instance_id), settings.rate_per_instance, "this instance"),
-    ])
-    chat = validate(ChatRequest, await read_json(request, settings.max_body_bytes))
-    check_chat_request(chat, settings)
-    lease = await state.stream_leases.acquire([
-        Slot(keys.streams("instance", instance_id), settings.max_streams_per_instance, "this instance"),
-        Slot(keys.streams("caller", who), settings.max_streams_per_caller, "this caller"),
-    ])
-    try:
-        response = await run_chat(state.router, instance_id, chat, settings, request.receive)
-    except BaseException:
-        with cleanup_scope():
-            await state.stream_leases.release(lease)
-        raise
-    return LeasedResponse(response, state.stream_leases, lease)
-
-
-class LeasedResponse(Response):
-    """A response that gives its stream lease back once fully sent (or abandoned)."""
-
-    def __init__(self, inner: Response, leases: Any, lease: Lease):
-        self.inner, self.leases, self.lease = inner, leases, lease
-        self.status_code = inner.status_code
-        self.background = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await self.inner(scope, receive, send)
-        finally:
-            with cleanup_scope():
-                await self.leases.release(self.lease)
-
-
-async def list_models(request: Request) -> Response:
-    state = request.app.state
-    await state.access.authorize_caller(request.path_params["instance_id"], bearer_token(request), client_ip(request))
-    view = await state.registry.view(request.path_params["instance_id"])
-    created = int(view["created_at"])
-    return ORJSONResponse(
-        {
-            "object": "list",
-            "data": [
-                {"id": name, "object": "model", "created": created, "owned_by": view["instance_id"]}
-                for name in view["models"]
-            ],
-        }
-    )
-
-
 # -- health and documentation --------------------------------------------------
 
 
 async def openapi(request: Request) -> Response:
     return ORJSONResponse(request.app.state.openapi)
-
 
 
 async def healthz(request: Request) -> Response:
@@ -271,4 +145,4 @@ async def readyz(request: Request) -> Response:
 
 async def error_handler(request: Request, exc: Exception) -> Response:
     """The exception handler for everything a route may raise (see ``errors.as_relay_error``)."""
-    return error_response(exc)
+    return render_error(request.url.path, exc)

@@ -25,7 +25,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 from wire import redaction
 
-from . import api, keys
+from . import api, keys, openai_doors, swiftchat
 from .access import AccessControl, ChatCORS
 from .crossnode import CrossNode
 from .embedded_redis import safe_url
@@ -57,9 +57,19 @@ def routes(gateway: AgentGateway) -> list[BaseRoute]:
         Route("/api/instances/{instance_id}/keys", api.create_key, methods=["POST"]),
         Route("/api/instances/{instance_id}/keys", api.list_keys, methods=["GET"]),
         Route("/api/instances/{instance_id}/keys/{key_id}", api.revoke_key, methods=["DELETE"]),
-        Route("/api/chat/{instance_id}", api.chat_completions, methods=["POST"]),
-        Route("/api/chat/{instance_id}/chat/completions", api.chat_completions, methods=["POST"]),
-        Route("/api/chat/{instance_id}/models", api.list_models, methods=["GET"]),
+        # The OpenAI doors: per instance (Second Me's URL), and one base URL for all.
+        Route("/api/chat/{instance_id}", openai_doors.instance_chat, methods=["POST"]),
+        Route("/api/chat/{instance_id}/chat/completions", openai_doors.instance_chat, methods=["POST"]),
+        Route("/api/chat/{instance_id}/models", openai_doors.instance_models, methods=["GET"]),
+        Route("/api/chat/{instance_id}/images/generations", openai_doors.instance_images, methods=["POST"]),
+        Route("/v1/chat/completions", openai_doors.global_chat, methods=["POST"]),
+        Route("/v1/models", openai_doors.global_models, methods=["GET"]),
+        Route("/v1/images/generations", openai_doors.global_images, methods=["POST"]),
+        # SwiftChat's backend API at the root.
+        Route("/api/converse", swiftchat.converse, methods=["POST"]),
+        Route("/api/models", swiftchat.models, methods=["POST", "GET"]),
+        Route("/api/image", swiftchat.image, methods=["POST"]),
+        Route("/api/upgrade", swiftchat.upgrade, methods=["GET", "POST"]),
         WebSocketRoute("/api/agent/connect", gateway),
         Route("/healthz", api.healthz, methods=["GET"]),
         Route("/readyz", api.readyz, methods=["GET"]),
@@ -139,6 +149,7 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
             RelayError: metrics.counting(api.error_handler),
             RedisError: metrics.counting(api.error_handler, reason="storage_unavailable"),
             HTTPException: api.error_handler,
+            Exception: api.error_handler,  # a bug: still a 500 in OpenAI's shape
         },
         middleware=[
             Middleware(RequestObserver, metrics=metrics, node_id=node.node_id, log_requests=settings.access_log),

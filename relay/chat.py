@@ -1,19 +1,24 @@
-"""The public chat endpoint: route a request to an agent and stream the answer.
+"""One operation on an agent, answered: route it, wait for the first frame, stream or collect.
 
-A request is validated, given to the least busy agent of the instance, and
+A request is validated by its door, given to the least busy agent of the instance, and
 answered once the agent's first frame arrives, so the HTTP status can still
 say what happened (a model that fails at once is a 4xx/5xx, not a 200 with an
 error inside).  After that the response is Server-Sent Events written as the
 agent's bytes arrive, exactly in OpenAI's format, ending in ``data: [DONE]``;
 whatever breaks after that point ends the stream with an error event and
 ``data: [DONE]`` (DESIGN.md), unless the caller is the one who left.
+
+Doors that speak another dialect (SwiftChat's plain-text stream) pass a
+:class:`BodyEncoder`; the OpenAI doors pass none, and the agent's bytes go
+out untouched, never parsed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import anyio
 from starlette.responses import Response
@@ -22,10 +27,8 @@ from starlette.types import Message, Receive, Scope, Send
 import wire
 
 from . import logs
-from .errors import ModelTimeout, RelayError, from_status, sse_error
-from .models import ChatRequest
+from .errors import ModelTimeout, RelayError, UpstreamError, from_status, sse_error
 from .router import StreamRouter
-from .sessions import resolve_model
 from .settings import RelaySettings
 from .streams import Item, Stream, cleanup_scope, split_items
 
@@ -37,6 +40,33 @@ SSE_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
+
+
+def prefers_event_stream(accept: str | None) -> bool:
+    """Whether a caller that left ``stream`` out wants SSE, judging by its ``Accept`` header.
+
+    OpenAI's SDKs (Python and Node, and what is built on them: LangChain,
+    LlamaIndex ...) send ``Accept: application/json``; curl, httpx, requests
+    and Second Me's clients send ``*/*`` or nothing, and browsers' EventSource
+    ``text/event-stream``.  So: SSE unless JSON is asked for and SSE is not.
+    """
+    if not accept:
+        return True
+    types = {part.split(";", 1)[0].strip().lower() for part in accept.split(",") if "q=0" not in part.replace(" ", "")}
+    return "text/event-stream" in types or "application/json" not in types
+
+
+class BodyEncoder(Protocol):
+    """Turns the agent's SSE payloads into another dialect's body (one encoder per response)."""
+
+    def data(self, payload: bytes) -> bytes:
+        """The bytes to write for a payload of SSE events; raise RelayError to end with an error."""
+
+    def done(self) -> bytes:
+        """The bytes that end a complete answer."""
+
+    def error(self, error: RelayError) -> bytes:
+        """The bytes that end an answer cut short by ``error``."""
 
 
 async def first_items(stream: Stream, timeout: float) -> list[Item]:
@@ -55,13 +85,18 @@ def raise_if_error(items: list[Item]) -> None:
         raise from_status(head.status, head.message, head.code)
 
 
-async def collect(stream: Stream, items: list[Item], idle_timeout: float) -> bytes:
-    """Gather a non-streaming answer: the agent sends the JSON body as data."""
+async def collect(stream: Stream, items: list[Item], idle_timeout: float, limit: int) -> bytes:
+    """Gather a non-streaming answer: the agent sends the JSON body as data (at most ``limit`` bytes)."""
     parts: list[bytes] = []
+    size = 0
     while True:
         for item in items:
             if type(item) is bytes:
                 parts.append(item)
+                size += len(item)
+                if size > limit:  # an agent is not trusted to bound what the relay holds
+                    await stream.close("answer too large")
+                    raise UpstreamError(f"the model's answer exceeds {limit} bytes", code="answer_too_large")
                 await stream.consumed(len(item))
             elif type(item) is wire.End:
                 return b"".join(parts)
@@ -87,7 +122,9 @@ class EventStreamResponse(Response):
     if the stream is still running the agent is told to cancel it.
     """
 
-    def __init__(self, stream: Stream, first: list[Item], idle_timeout: float, stall_timeout: float):
+    def __init__(self, stream: Stream, first: list[Item], idle_timeout: float, stall_timeout: float,
+                 encoder: BodyEncoder | None = None):
+        self.encoder = encoder
         self.stream = stream
         self.first = first
         self.idle_timeout = idle_timeout
@@ -135,22 +172,29 @@ class EventStreamResponse(Response):
             await self._relay(send)
         except ClientGone:
             raise
+        except RelayError as exc:  # the encoder found the answer broken
+            await self._send(send, self._error(exc), False)
         except Exception as exc:  # a bug on our side: still end the caller's stream properly
             log.exception("stream %s failed in the relay", self.stream.id)
-            await self._send(send, sse_error(RelayError(f"relay error: {type(exc).__name__}")), False)
+            await self._send(send, self._error(RelayError(f"relay error: {type(exc).__name__}")), False)
+
+    def _error(self, error: RelayError) -> bytes:
+        return sse_error(error) if self.encoder is None else self.encoder.error(error)
 
     async def _relay(self, send: Send) -> None:
-        stream, items = self.stream, self.first
+        stream, items, encoder = self.stream, self.first, self.encoder
         while True:
             payload, last = split_items(items)
             if payload:
-                await self._send(send, payload, True)
+                out = payload if encoder is None else encoder.data(payload)
+                if out:
+                    await self._send(send, out, True)
                 await stream.consumed(len(payload))  # never raises: a lost link fails the stream
             if type(last) is wire.End:
-                await self._send(send, wire.SSE_DONE, False)
+                await self._send(send, wire.SSE_DONE if encoder is None else encoder.done(), False)
                 return
             if type(last) is wire.StreamError:
-                await self._send(send, sse_error(from_status(last.status, last.message, last.code)), False)
+                await self._send(send, self._error(from_status(last.status, last.message, last.code)), False)
                 return
             try:
                 items = await stream.next(self.idle_timeout)
@@ -158,7 +202,7 @@ class EventStreamResponse(Response):
                 log.warning("stream %s: model idle for %gs, ending it", stream.id, self.idle_timeout)
                 await stream.close("idle timeout")
                 error = ModelTimeout(f"the model went silent for {self.idle_timeout:g} s")
-                await self._send(send, sse_error(error), False)
+                await self._send(send, self._error(error), False)
                 return
 
 
@@ -168,20 +212,29 @@ async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> N
     scope.cancel()
 
 
-async def run_chat(router: StreamRouter, instance_id: str, request: ChatRequest, settings: RelaySettings,
-                   receive: Receive | None = None) -> Response:
-    """Route one validated chat request and build its response.
+async def run_op(router: StreamRouter, instance_id: str, op: str, body_for: Callable[[tuple[str, ...]], Any],
+                 settings: RelaySettings, receive: Receive | None = None, *, stream: bool, model: str = "",
+                 encoder: BodyEncoder | None = None) -> Response:
+    """Route one validated operation and build its response.
+
+    ``body_for(models)`` makes the agent's request body once the agent is
+    chosen; ``model``, when given, only agents serving it are chosen.  A
+    streamed answer is an :class:`EventStreamResponse` (through ``encoder``
+    when given); a collected one a ``Response`` whose ``body`` is the agent's
+    JSON, which doors may reshape.
 
     ``receive`` (the request's ASGI channel, body already read) lets the wait
     for the model's first chunk, or for a whole non-streaming answer, end as
     soon as the caller hangs up: the server does not cancel a handler whose
     client left, and the model would otherwise work for nobody until a timeout.
     """
+    streaming = stream
+    opened = await router.open(instance_id, op, body_for, stream=streaming, model=model)
+    return await _answer(opened, settings, receive, streaming, encoder)
 
-    def body_for(models: tuple[str, ...]) -> dict[str, Any]:
-        return request.upstream_body(resolve_model(models, request.model))
 
-    stream = await router.open(instance_id, wire.OP_CHAT, body_for, stream=request.stream)
+async def _answer(stream: Stream, settings: RelaySettings, receive: Receive | None, streaming: bool,
+                  encoder: BodyEncoder | None) -> Response:
     try:
         body = None
         with anyio.CancelScope() as waiting:
@@ -189,8 +242,8 @@ async def run_chat(router: StreamRouter, instance_id: str, request: ChatRequest,
             try:
                 items = await first_items(stream, settings.first_chunk_timeout)
                 raise_if_error(items)
-                if not request.stream:
-                    body = await collect(stream, items, settings.idle_timeout)
+                if not streaming:
+                    body = await collect(stream, items, settings.idle_timeout, settings.max_answer_bytes)
             finally:
                 if watcher is not None:
                     watcher.cancel()
@@ -198,9 +251,9 @@ async def run_chat(router: StreamRouter, instance_id: str, request: ChatRequest,
             with cleanup_scope():
                 await stream.close("client disconnected")
             return Response(status_code=499)  # nobody is left to read it
-        if request.stream:
+        if streaming:
             # From here the response owns the stream and closes it.
-            return EventStreamResponse(stream, items, settings.idle_timeout, settings.stall_timeout)
+            return EventStreamResponse(stream, items, settings.idle_timeout, settings.stall_timeout, encoder)
         with cleanup_scope():
             await stream.close("done")
         return Response(body, media_type="application/json")

@@ -5,7 +5,8 @@
     ├── ValidationFailed       422 invalid_request_error  (names the offending field)
     ├── Unauthorized           401 authentication_error
     ├── Forbidden              403 permission_error
-    ├── NotFound               404 not_found_error
+    ├── NotFound               404 not_found_error        (the instance is unknown: nothing else)
+    ├── ModelNotFound          404 invalid_request_error  (/v1: no such instance or model)
     ├── PayloadTooLarge        413 invalid_request_error
     ├── RateLimited            429 rate_limit_error        (carries Retry-After)
     ├── OperationUnsupported   501 not_implemented_error   (no agent can run the operation)
@@ -29,7 +30,7 @@ from typing import Any
 import orjson
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from wire import SSE_DONE, error_body, sse_event
 
@@ -81,6 +82,12 @@ class NotFound(RelayError):
     status, type, code = 404, "not_found_error", "instance_not_found"
 
 
+class ModelNotFound(RelayError):
+    """The global ``/v1`` doors: ``model`` names no instance, or a model its agents do not serve."""
+
+    status, type, code = 404, "invalid_request_error", "model_not_found"
+
+
 class NoSuchRoute(RelayError):
     status, type, code = 404, "not_found_error", None
 
@@ -122,8 +129,19 @@ _BY_STATUS = {
 }
 
 
+#: Statuses an agent may not pass on as they are: to a caller they mean "your
+#: credentials" or "no such instance", which the relay alone decides.  An
+#: agent reporting one (an upstream 404 for an unknown model, a 401 from a
+#: model server that wants a key) is a failure of the instance's upstream.
+_NOT_FROM_AGENTS = frozenset({401, 403, 404, 407})
+
+
 def from_status(status: int, message: str, code: str | None = None) -> RelayError:
     """Build the error matching an HTTP status an agent reported for a stream."""
+    if status in _NOT_FROM_AGENTS:
+        return UpstreamError(message, code="upstream_not_found" if status == 404 else "upstream_error")
+    if not 400 <= status <= 599:
+        return UpstreamError(message, code=code)
     cls = _BY_STATUS.get(status, UpstreamError)
     return cls(message, code=code, status=status)
 
@@ -151,6 +169,31 @@ def error_response(exc: BaseException) -> ORJSONResponse:
     """The HTTP response for an exception (exception handlers, websocket refusals)."""
     error = as_relay_error(exc)
     return ORJSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def error_text(exc: BaseException) -> Response:
+    """An error as SwiftChat's backend writes it: the status, and ``Error: <message>`` as text."""
+    error = as_relay_error(exc)
+    return Response(f"Error: {error.message}", status_code=error.status, headers=error.headers,
+                    media_type="text/plain; charset=utf-8")
+
+
+def error_string(exc: BaseException) -> ORJSONResponse:
+    """An error as SwiftChat's JSON routes write it: ``{"error": "<message>", "code": ...}``."""
+    error = as_relay_error(exc)
+    return ORJSONResponse({"error": error.message, "code": error.code}, status_code=error.status,
+                          headers=error.headers)
+
+
+#: Routes whose clients read errors in another dialect than OpenAI's (SwiftChat's app
+#: shows the body of a failed converse as text, and reads ``error`` as a string).
+_DIALECTS = {"/api/converse": error_text, "/api/image": error_string, "/api/models": error_string,
+             "/api/upgrade": error_string}
+
+
+def render_error(path: str, exc: BaseException) -> Response:
+    """The response for an exception raised serving ``path``: the one exception handler's body."""
+    return _DIALECTS.get(path, error_response)(exc)
 
 
 def sse_error(error: RelayError) -> bytes:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 Role = Literal["system", "user", "assistant", "tool", "developer", "function"]
 
@@ -35,6 +35,15 @@ class ContentPart(BaseModel):
         if self.type == "text" and self.text is None:
             raise ValueError("a text part needs a 'text' string")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _image_url_as_object(cls, data: Any) -> Any:
+        # Some clients (the Swarm Cloud examples among them) send the URL as a
+        # bare string; OpenAI servers want {"url": ...}: the model gets that.
+        if isinstance(data, dict) and data.get("type") == "image_url" and isinstance(data.get("image_url"), str):
+            return {**data, "image_url": {"url": data["image_url"]}}
+        return data
 
 
 def _content_kind(value: Any) -> str | None:
@@ -95,7 +104,9 @@ class ChatRequest(BaseModel):
     temperature: float = Field(default=0.7, ge=0, le=2, strict=True)
     top_p: float | None = Field(default=None, ge=0, le=1, strict=True)
     max_tokens: int = Field(default=2000, ge=1, le=MAX_COUNT, strict=True)
-    stream: bool = Field(default=True, strict=True)
+    #: Absent: the door decides (``stream_default``), since Second Me's callers
+    #: expect SSE and OpenAI's expect one JSON body for the same omission.
+    stream: bool | None = Field(default=None, strict=True)
     metadata: dict[str, Any] | None = None
     stream_options: StreamOptions | None = None
 
@@ -109,17 +120,62 @@ class ChatRequest(BaseModel):
                     data = {**data, name: int(value)}
         return data
 
+    def stream_default(self, stream: bool) -> None:
+        """Fill in ``stream`` when the caller left it out."""
+        if self.stream is None:
+            self.stream = stream
+
     def upstream_body(self, model: str) -> dict[str, Any]:
         """The body the agent receives: everything the caller sent, defaults filled."""
         # Only what the caller set (explicit nulls included: an assistant turn
         # with tool_calls carries "content": null), then the relay's defaults.
         body = self.model_dump(mode="json", exclude_unset=True)
-        for name in ("temperature", "max_tokens", "stream"):
+        for name in ("temperature", "max_tokens"):
             body.setdefault(name, getattr(self, name))
+        body["stream"] = bool(self.stream)  # decided by the door when left out (or sent as null)
         body["model"] = model
         if self.metadata is not None:
             body["metadata"] = self.metadata
         return body
+
+
+class ImageRequest(BaseModel):
+    """An OpenAI ``/images/generations`` request; fields the relay does not know pass through."""
+
+    model_config = ConfigDict(extra="allow")
+    prompt: str = Field(min_length=1, max_length=32_000)
+    model: str | None = None
+    n: int = Field(default=1, ge=1, le=10, strict=True)
+    size: str | None = Field(default=None, pattern=r"^(auto|[1-9][0-9]{0,4}x[1-9][0-9]{0,4})$")
+    response_format: Literal["url", "b64_json"] | None = None
+
+    def upstream_body(self, model: str) -> dict[str, Any]:
+        body = self.model_dump(mode="json", exclude_unset=True)
+        body["model"] = model
+        return body
+
+
+#: Largest side SwiftChat may ask for (its menu offers 512, 1024, 2048).
+MAX_SIDE = 4096
+
+
+class SwiftChatImage(BaseModel):
+    """``POST /api/image``; the app sends ``width`` and ``height`` as strings."""
+
+    model_config = ConfigDict(extra="allow")
+    prompt: str = Field(min_length=1, max_length=32_000)
+    modelId: str = ""
+    region: str | None = None
+    width: int = Field(default=1024, ge=1, le=MAX_SIDE)
+    height: int = Field(default=1024, ge=1, le=MAX_SIDE)
+    refImages: list[Any] | None = None
+
+    @field_validator("width", "height", mode="before")
+    @classmethod
+    def _digits(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().isdigit():
+            return int(value.strip())
+        return value
 
 
 class RegisterRequest(BaseModel):
@@ -195,6 +251,8 @@ class InstanceView(BaseModel):
     status: Status
     visibility: Visibility
     models: list[str]
+    #: Image generation models of the connected agents (the ``images`` operation).
+    image_models: list[str]
     agents: int
     last_seen: float | None
     created_at: float

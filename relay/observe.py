@@ -38,10 +38,18 @@ _QUIET = frozenset({"health", "metrics"})
 access_log = logging.getLogger("relay.access")
 
 
+#: SwiftChat's routes at the root (``swiftchat.py``).
+_SWIFTCHAT = {"/api/converse": "chat", "/api/models": "models", "/api/image": "images", "/api/upgrade": "upgrade"}
+
+
 def endpoint_of(path: str) -> str:
     """A small, fixed set of labels (never the raw path: ids would explode cardinality)."""
-    if path.startswith("/api/chat/"):
-        return "models" if path.endswith("/models") else "chat"
+    if path.startswith(("/api/chat/", "/v1/")):
+        if path.endswith("/models"):
+            return "models"
+        return "images" if path.endswith("/images/generations") else "chat"
+    if path in _SWIFTCHAT:
+        return _SWIFTCHAT[path]
     if path.startswith("/api/instances"):
         return "instances"
     if path.startswith("/api/agent/"):
@@ -108,7 +116,7 @@ class RequestObserver:
                 message = {**message, "headers": [*headers, header]}
             await send(message)
 
-        chat = endpoint == "chat"
+        chat = endpoint in ("chat", "images")
         if chat:
             metrics.active_streams.inc()
         try:

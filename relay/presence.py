@@ -45,6 +45,7 @@ class Presence:
             models=session.models,
             connected_at=session.connected_at,
             capabilities=session.capabilities,
+            image_models=session.image_models,
         )
 
     async def connected(self, session: AgentSession) -> AgentEntry | None:

@@ -20,7 +20,7 @@ from typing import Any, cast
 import orjson
 from redis.asyncio import Redis
 
-from wire import OP_CHAT
+from wire import OP_CHAT, OP_IMAGES
 from wire.bus import ENVELOPE_VERSION
 
 from . import keys
@@ -61,6 +61,8 @@ class AgentEntry:
     connected_at: float
     #: Operations the agent can run (``hello.capabilities``); routing reads them.
     capabilities: tuple[str, ...] = (OP_CHAT,)
+    #: Image generation models (``hello.image_models``), for the ``images`` operation.
+    image_models: tuple[str, ...] = ()
 
     def encode(self) -> bytes:
         return orjson.dumps(
@@ -71,6 +73,7 @@ class AgentEntry:
                 "models": list(self.models),
                 "connected_at": self.connected_at,
                 "capabilities": list(self.capabilities),
+                "image_models": list(self.image_models),
                 # Which bus envelope its node reads: a 0.1 node's entry has none,
                 # and other nodes cannot reach its agents (see the pick script).
                 "bus": ENVELOPE_VERSION,
@@ -88,7 +91,12 @@ class AgentEntry:
             models=tuple(obj["models"]),
             connected_at=float(obj["connected_at"]),
             capabilities=tuple(obj.get("capabilities") or (OP_CHAT,)),
+            image_models=tuple(obj.get("image_models") or ()),
         )
+
+    def serves(self, op: str) -> tuple[str, ...]:
+        """The models this agent offers for ``op`` (image models for ``images``)."""
+        return self.image_models if op == OP_IMAGES else self.models
 
 
 # The agents of one instance whose node is alive, as {field, raw, decoded}.
@@ -126,26 +134,30 @@ return out
 # The least busy agent relative to its declared concurrency wins, among
 # those that can run the operation (ARGV[3]; an entry without capabilities
 # is a version-1 agent: chat only); agents at capacity, agents on nodes
-# listed in ARGV[5..], and agents on other nodes that do not read this bus
+# listed in ARGV[6..], and agents on other nodes that do not read this bus
 # envelope (entries of 0.1 nodes, during a rolling upgrade; ARGV[4] is the
 # calling node) are skipped.  Ties are broken by where the scan starts
 # (ARGV[2], rotated by the caller): scanning from the top let the first
 # agent win every tie, so a replica never got a request that arrived alone.
+# ARGV[5], when not empty, is a model the agent must serve for that operation
+# (its 'models', or 'image_models' for images): replicas may serve different
+# models, and the global /v1 door names one.
 # KEYS: agents, load, instance.
-# Returns {'ok', agent_id, entry} | {'busy'} | {'incapable'} | {'offline'} | {'missing'}:
-# incapable when no connected agent can run the operation at all, offline
-# when those that can are out of reach.
+# Returns {'ok', agent_id, entry} | {'busy'} | {'incapable'} | {'no_model'} |
+# {'offline'} | {'missing'}: incapable when no connected agent can run the
+# operation at all, no_model when those that can do not serve the model,
+# offline when those that can are out of reach.
 _PICK_AGENT = _LIVE_ENTRIES + """
 local live = live_entries(KEYS[1], KEYS[2], ARGV[1])
 if #live == 0 then
   if redis.call('EXISTS', KEYS[3]) == 0 then return {'missing'} end
   return {'offline'}
 end
-local op, here = ARGV[3], ARGV[4]
+local op, here, model = ARGV[3], ARGV[4], ARGV[5]
 local excluded = {}
-for i = 5, #ARGV do excluded[ARGV[i]] = true end
+for i = 6, #ARGV do excluded[ARGV[i]] = true end
 local best, best_load = nil, nil
-local capable, reachable = false, false
+local capable, has_model, reachable = false, false, false
 local count = #live
 local start = tonumber(ARGV[2]) % count
 for k = 0, count - 1 do
@@ -162,6 +174,18 @@ for k = 0, count - 1 do
   end
   if can then
     capable = true
+    if model ~= '' then
+      local served = entry[op == 'images' and 'image_models' or 'models']
+      can = false
+      if type(served) == 'table' then
+        for _, m in ipairs(served) do
+          if m == model then can = true end
+        end
+      end
+    end
+  end
+  if can then
+    has_model = true
     local node = entry['node']
     if not excluded[node] and (node == here or entry['bus'] ~= nil) then
       reachable = true
@@ -177,6 +201,7 @@ for k = 0, count - 1 do
 end
 if best == nil then
   if not capable then return {'incapable'} end
+  if not has_model then return {'no_model'} end
   if not reachable then return {'offline'} end
   return {'busy'}
 end
@@ -334,14 +359,16 @@ class InstanceRegistry:
         return [AgentEntry.decode(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
 
     async def pick_agent(self, instance_id: str, op: str = OP_CHAT, exclude_nodes: tuple[str, ...] = (),
-                         *, here: str = "") -> tuple[str, AgentEntry | None]:
+                         *, here: str = "", model: str = "") -> tuple[str, AgentEntry | None]:
         """Reserve a slot on the least busy agent that can run ``op``: ``("ok", entry)`` or ``(reason, None)``.
+
+        ``model``, when given, must be one the agent serves for ``op``.
 
         Every "ok" must be paired with :meth:`release_agent` when the request ends.
         """
         result = await self._pick_agent(
             keys=[keys.agents(instance_id), keys.load(instance_id), keys.instance(instance_id)],
-            args=[keys.NODE_PREFIX, next(self._tie_break), op, here, *exclude_nodes],
+            args=[keys.NODE_PREFIX, next(self._tie_break), op, here, model, *exclude_nodes],
         )
         verdict = result[0].decode()
         if verdict != "ok":
@@ -388,8 +415,10 @@ class InstanceRegistry:
 
     def _view(self, instance_id: str, record: dict[str, str], live: list[AgentEntry]) -> dict[str, Any]:
         models: list[str] = []
+        image_models: list[str] = []
         for entry in live:
             models.extend(m for m in entry.models if m not in models)
+            image_models.extend(m for m in entry.image_models if m not in image_models)
         if not models:
             models = orjson.loads(record.get("models") or "[]")
         online = bool(live)
@@ -401,6 +430,7 @@ class InstanceRegistry:
             "status": "online" if online else "offline",
             "visibility": record.get("visibility", "public"),
             "models": models,
+            "image_models": image_models,
             "agents": len(live),
             "last_seen": last_seen,
             "created_at": float(record["created_at"]),

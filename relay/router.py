@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 
 from . import logs
 from .crossnode import CrossNode, NodeGone
-from .errors import InstanceUnavailable, NotFound, OperationUnsupported
+from .errors import InstanceUnavailable, ModelNotFound, NotFound, OperationUnsupported
 from .node import NodeState
 from .registry import InstanceRegistry
 from .sessions import SessionManager
@@ -37,20 +37,22 @@ class StreamRouter:
         self.registry = registry
         self.bus = bus
 
-    async def open(self, instance_id: str, op: str, build_body: Any, *, stream: bool) -> Stream:
+    async def open(self, instance_id: str, op: str, build_body: Any, *, stream: bool, model: str = "") -> Stream:
         """Open a stream for ``op`` on an agent of the instance.
 
         ``build_body(models)`` makes the agent's request body once the agent
-        (and so its list of models) is known.
+        (and so the models it serves for ``op``) is known.  ``model``, when
+        given, restricts the choice to agents serving it (404 otherwise).
         """
         if self.node.draining:
             raise InstanceUnavailable("this relay node is shutting down; retry", code="node_draining",
                                       headers={"Retry-After": "1"})
         excluded: tuple[str, ...] = ()
         for _ in range(MAX_ATTEMPTS):
-            verdict, entry = await self.registry.pick_agent(instance_id, op, excluded, here=self.node.node_id)
+            verdict, entry = await self.registry.pick_agent(instance_id, op, excluded, here=self.node.node_id,
+                                                            model=model)
             if entry is None:
-                raise no_agent(instance_id, op, verdict)
+                raise no_agent(instance_id, op, verdict, model)
             chosen = entry
 
             async def release(session: str = chosen.session) -> None:
@@ -60,7 +62,7 @@ class StreamRouter:
                     pass  # the slot counter dies with the session's entry
 
             try:
-                body = build_body(chosen.models)
+                body = build_body(chosen.serves(op))
                 if chosen.node == self.node.node_id:
                     session = self.sessions.by_session(chosen.session)
                     if session is None or session.closed:
@@ -85,10 +87,13 @@ class StreamRouter:
         raise InstanceUnavailable(f"instance {instance_id!r} has no reachable agent right now; retry")
 
 
-def no_agent(instance_id: str, op: str, verdict: str) -> Exception:
+def no_agent(instance_id: str, op: str, verdict: str, model: str = "") -> Exception:
     """The error for a pick that found no agent, by the script's verdict."""
     if verdict == "missing":
         return NotFound(f"instance {instance_id!r} not found", param="instance_id")
+    if verdict == "no_model":
+        return ModelNotFound(f"instance {instance_id!r} serves no model {model!r} for {op!r}; "
+                             "GET /v1/models lists what it serves", param="model")
     if verdict == "busy":
         return InstanceUnavailable(
             f"every agent of instance {instance_id!r} is at capacity; retry shortly",

@@ -91,6 +91,7 @@ class AgentSession:
         self.models = hello.models
         # A version-1 agent can chat and nothing else, whatever it claims.
         self.capabilities = hello.capabilities if protocol >= 2 else (wire.OP_CHAT,)
+        self.image_models = hello.image_models if protocol >= 2 else ()
         self.max_concurrency = hello.max_concurrency
         self.window = window
         self.last_seen = time.monotonic()

@@ -53,8 +53,12 @@ class RelaySettings(BaseSettings):
     stream_window: int = 256 * 1024
     #: Largest websocket message accepted from an agent.
     max_frame_bytes: int = 4 * 1024 * 1024
-    #: Largest HTTP request body accepted.
+    #: Largest HTTP request body accepted.  Images sent inline (data URIs,
+    #: SwiftChat's image blocks) count: raise it for callers that send photos.
     max_body_bytes: int = 1024 * 1024
+    #: Largest non-streamed answer (a chat.completion, generated images) the
+    #: relay holds for a caller; past it the request fails with 502.
+    max_answer_bytes: int = 64 * 1024 * 1024
 
     # -- access (see SECURITY.md) ---------------------------------------------
     #: When set, ``POST /api/instances`` needs ``Authorization: Bearer <key>``;

@@ -1,0 +1,96 @@
+"""Admission: what every door checks before an operation reaches an agent.
+
+Cheapest refusals first: who may call (404/401/403) and how often (429) in
+:func:`admit`; then the door reads and validates its body (413/400/422);
+then :func:`leased` takes a slot in the concurrent-stream limits (429) for
+as long as the answer is being sent.  Every door (OpenAI per instance and
+global, SwiftChat, images) goes through the same two calls, so limits,
+access rules and metrics cannot differ between them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from . import keys, logs
+from .access import Caller
+from .errors import NotFound
+from .inputs import bearer_token, client_ip
+from .limits import Bucket, Lease, Slot
+from .streams import cleanup_scope
+from .targets import unknown_model
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    instance_id: str
+    caller: Caller
+
+    @property
+    def who(self) -> str:
+        """The caller within this instance, as the limits count it."""
+        return f"{self.instance_id}:{self.caller.identity}"
+
+
+async def admit(request: Request, instance_id: str, *, named_by_model: str | None = None) -> Admitted:
+    """Check access and rates for a call on ``instance_id``.
+
+    ``named_by_model``: the instance came from a global door's ``model``, so
+    an unknown one is ``404 model_not_found`` rather than "instance not found".
+    """
+    state = request.app.state
+    settings = state.settings
+    try:
+        caller = await state.access.authorize_caller(instance_id, bearer_token(request), client_ip(request))
+    except NotFound:
+        if named_by_model is None:
+            raise
+        raise unknown_model(named_by_model) from None
+    logs.instance_id.set(instance_id)  # a global door learns it only now
+    admitted = Admitted(instance_id, caller)
+    await state.rate_limiter.hit([
+        Bucket(keys.rate("caller", admitted.who), settings.rate_per_caller, "this caller"),
+        Bucket(keys.rate("instance", instance_id), settings.rate_per_instance, "this instance"),
+    ])
+    return admitted
+
+
+async def leased(request: Request, admitted: Admitted, run: Callable[[], Awaitable[Response]]) -> Response:
+    """Run ``run()`` holding a concurrent-stream lease until its response is sent."""
+    state = request.app.state
+    settings = state.settings
+    lease = await state.stream_leases.acquire([
+        Slot(keys.streams("instance", admitted.instance_id), settings.max_streams_per_instance, "this instance"),
+        Slot(keys.streams("caller", admitted.who), settings.max_streams_per_caller, "this caller"),
+    ])
+    try:
+        response = await run()
+    except BaseException:
+        with cleanup_scope():
+            await state.stream_leases.release(lease)
+        raise
+    return LeasedResponse(response, state.stream_leases, lease)
+
+
+class LeasedResponse(Response):
+    """A response that gives its stream lease back once fully sent (or abandoned)."""
+
+    def __init__(self, inner: Response, leases: Any, lease: Lease):
+        self.inner, self.leases, self.lease = inner, leases, lease
+        self.status_code = inner.status_code
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.inner(scope, receive, send)
+        finally:
+            with cleanup_scope():
+                await self.leases.release(self.lease)
+
+

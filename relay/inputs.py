@@ -1,0 +1,73 @@
+"""Reading a request: its credential, its client address, its JSON body.
+
+Shared by every door (``api.py``, ``openai_doors.py``, ``swiftchat.py``), so
+that body limits, credential rules and validation errors read the same
+everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+
+from .access import bearer
+from .errors import InvalidRequest, PayloadTooLarge, ValidationFailed
+
+
+def bearer_token(request: Request) -> str | None:
+    """The request's bearer credential; 400 if one is offered in the URL instead."""
+    return bearer(request.headers, request.query_params)
+
+
+def client_ip(request: Request) -> str:
+    # uvicorn sets this from X-Forwarded-For only for trusted proxies
+    # (--forwarded-allow-ips / FORWARDED_ALLOW_IPS), so callers cannot spoof it.
+    return request.client.host if request.client else "unknown"
+
+
+async def read_json(request: Request, limit: int, *, empty: Any = None) -> Any:
+    """The body as JSON: 413 past ``limit`` bytes (declared or actual), 400 if it is not JSON.
+
+    ``empty``, when not None, is what an empty body means (else it is not JSON).
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+    if not body and empty is not None:
+        return empty
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+
+
+def validate(model: type[BaseModel], data: Any) -> Any:
+    """``data`` as ``model``; 422 naming the first offending field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise ValidationFailed(f"{where}: {first['msg']}", param=where) from None
+
+
+def int_param(params: Any, name: str, default: int, low: int, high: int) -> int:
+    """An integer query parameter within [low, high]; empty means the default."""
+    raw = params.get(name) or ""
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValidationFailed(f"{name} must be an integer", param=name) from None
+    if not low <= value <= high:
+        raise ValidationFailed(f"{name} must be between {low} and {high}", param=name)
+    return value
