@@ -23,6 +23,7 @@ import signal
 import sys
 from typing import Any
 
+from . import __version__
 from . import credentials as creds_store
 from .backends import BackendError, DemoBackend, OpenAIBackend
 from .backoff import FatalAgentError, backoff_delays
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                 if saved is None:
                     raise SystemExit("relay-agent: no saved instance; pass --instance-id")
                 instance_id = saved.instance_id
-            view = asyncio.run(instance_status(settings.primary_relay_url(), instance_id))
+            view = asyncio.run(instance_status(settings.primary_relay_url(), instance_id, version=__version__))
             print(json.dumps(view, indent=2) if args.json else format_status(view))
             # Scriptable: 0 online, 3 offline (as `systemctl status` does for inactive).
             return 0 if view.get("status") == "online" else 3

@@ -182,4 +182,6 @@ def format_status(view: dict[str, Any], *, now: float | None = None) -> str:
         rows.insert(1, ("about", str(view["description"])))
     if view.get("chat_url"):
         rows.append(("chat URL", str(view["chat_url"])))
+    if view.get("upgrade"):
+        rows.append(("upgrade", f"relay-agent {view['upgrade']} is available: pip install -U instance-relay"))
     return "\n".join(f"{label:<10} {value}" for label, value in rows)

@@ -30,8 +30,8 @@ from pydantic import ValidationError
 
 import wire
 from agent.backends import DemoBackend, _count_tokens, text_of
-from relay.inputs import validate
 from relay.errors import ValidationFailed
+from relay.inputs import validate
 from relay.limits import check_chat_request
 from relay.models import (
     MAX_COUNT,
