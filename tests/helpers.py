@@ -363,6 +363,11 @@ class FakeUpstream:
                         return
                     yield b"data: " + self._chunk(i, {"content": f"{prefix}w{i} "}) + b"\n\n"
                 yield b"data: " + self._chunk(self.chunks, {}, "stop") + b"\n\n"
+                if (body.get("stream_options") or {}).get("include_usage") is True:  # OpenAI's last chunk
+                    usage = {"prompt_tokens": 1, "completion_tokens": self.chunks, "total_tokens": self.chunks + 1}
+                    yield b"data: " + orjson.dumps({"id": "chatcmpl-fake", "object": "chat.completion.chunk",
+                                                    "created": 0, "model": self.model, "choices": [],
+                                                    "usage": usage}) + b"\n\n"
                 yield b"data: [DONE]\n\n"
                 self.completed += 1
             except (asyncio.CancelledError, GeneratorExit):
