@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Room for a data frame's header next to one window of payload.
+FRAME_HEADROOM = 64
 
 
 def default_data_dir() -> Path:
@@ -96,6 +99,15 @@ class RelaySettings(BaseSettings):
     #: One INFO line per HTTP request (method, path, status, seconds); health
     #: checks and scrapes that succeed are left out.
     access_log: bool = True
+
+    @model_validator(mode="after")
+    def _window_fits_a_frame(self) -> RelaySettings:
+        # Agents send non-streamed bodies in frames of one window each: a
+        # window larger than a frame would get every big answer's agent closed.
+        if self.stream_window + FRAME_HEADROOM > self.max_frame_bytes:
+            raise ValueError(f"stream_window ({self.stream_window}) must be at least {FRAME_HEADROOM} bytes "
+                             f"below max_frame_bytes ({self.max_frame_bytes})")
+        return self
 
     def cors_origin_list(self) -> list[str]:
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]

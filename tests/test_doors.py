@@ -29,7 +29,6 @@ from tests.helpers import (
     running_agent,
     running_relay,
     running_upstream,
-    sse_lines,
 )
 
 pytestmark = pytest.mark.anyio
@@ -386,7 +385,7 @@ async def test_converse_blocks_reach_the_model_as_openai_messages(redis_url):
     async with running_upstream(upstream), door_stack(redis_url, upstream_backend(upstream)) as (
             _, _, _, key, client):
         image = base64.b64encode(FAKE_PNG).decode()
-        note = base64.b64encode("line one\nline two".encode()).decode()
+        note = base64.b64encode(b"line one\nline two").decode()
         body = converse_body({"text": "what is this?"}, {"image": {"format": "png", "source": {"bytes": image}}},
                              {"document": {"format": "txt", "name": "notes", "source": {"bytes": note}}})
         body["system"] = [{"text": "You are terse."}]
@@ -458,3 +457,41 @@ async def test_upgrade_says_what_the_relay_ships(redis_url):
         assert app.json()["needUpgrade"] is False and app.json()["url"] == ""
         bad = await client.get("/api/upgrade", params={"version": "latest"})
         assert bad.status_code == 422 and bad.json()["code"] == "invalid_parameter"
+
+
+# -- the relay's own failures ------------------------------------------------------------------
+
+
+async def test_an_answer_larger_than_the_relay_holds_is_502(redis_url):
+    upstream = FakeUpstream(chunks=400)
+    async with running_upstream(upstream), door_stack(redis_url, upstream_backend(upstream),
+                                                      max_answer_bytes=1024) as (_, iid, _, _, client):
+        response = await client.post("/v1/chat/completions", json={"model": iid, "messages": HI})
+        assert_openai_error(response, 502, code="answer_too_large")
+        streamed = await client.post(f"/api/chat/{iid}", json={"messages": HI})  # streams are not held
+        assert streamed.status_code == 200 and streamed.text.endswith("data: [DONE]\n\n")
+
+
+async def test_a_bug_in_a_handler_is_a_500_in_openais_shape(redis_url, monkeypatch):
+    import relay.openai_doors
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(relay.openai_doors, "check_chat_request", broken)
+    async with door_stack(redis_url) as (_, iid, _, _, client):
+        response = await client.post("/v1/chat/completions", json={"model": iid, "messages": HI})
+        error = assert_openai_error(response, 500, code="internal_error")
+        assert "a bug" not in error["message"]  # internals stay in the log
+
+
+async def test_agent_status_says_when_an_upgrade_is_available(redis_url):
+    from agent.console import format_status
+    from agent.registration import instance_status
+
+    async with door_stack(redis_url) as (relay, iid, _, _, _):
+        old = await instance_status(relay.url, iid, version="0.0.1")
+        assert old["upgrade"] == wire.__version__
+        assert f"relay-agent {wire.__version__} is available" in format_status(old)
+        current = await instance_status(relay.url, iid, version=wire.__version__)
+        assert "upgrade" not in current and "upgrade" not in format_status(current)

@@ -153,7 +153,7 @@ async def good_stream(client: httpx.AsyncClient, instance_id: str, n: int) -> st
 
 async def test_hostile_agents_are_closed_and_other_streams_complete_intact(redis_url):
     upstream = FakeUpstream(chunks=100, delay=0.03, echo=True)  # ~3 s per good stream
-    settings = dict(max_frame_bytes=MAX_FRAME, agent_frames_per_second=FRAMES_PER_SECOND,
+    settings = dict(max_frame_bytes=MAX_FRAME, stream_window=MAX_FRAME // 2, agent_frames_per_second=FRAMES_PER_SECOND,
                     rate_per_caller=0, rate_per_instance=0)
     outcomes: dict[str, Any] = {}
     async with running_upstream(upstream), running_relay(redis_url, **settings) as relay, relay.client() as client:

@@ -332,3 +332,10 @@ async def test_failed_requests_give_their_stream_slot_back(redis_url):
                     assert r.status_code == 200
                     assert (await sse_lines(r))[-1] == "[DONE]"
             await wait_until(lambda: _no_leases(relay), what="every lease released")
+
+
+def test_a_window_that_does_not_fit_in_a_frame_is_refused():
+    # Agents send big answers one window per frame: such a window would get them closed (1009).
+    with pytest.raises(ValueError, match="stream_window"):
+        RelaySettings(stream_window=4 * 1024 * 1024, max_frame_bytes=4 * 1024 * 1024)
+    assert RelaySettings(stream_window=1024, max_frame_bytes=4096).stream_window == 1024

@@ -132,8 +132,8 @@ async def test_readme_curl_examples_run(redis_url):
                     assert f'"code":"{example.code}"' in output.replace(" ", ""), where
                 # The per-instance URL streams unless told not to; /v1 only when told to.
                 command = example.command
-                streamed = ('"stream": true' in command or "/api/chat/" in command and "/chat/completions" in command
-                            and '"stream": false' not in command)
+                streamed = ('"stream": true' in command or ("/api/chat/" in command and "/chat/completions" in command
+                            and '"stream": false' not in command))
                 if streamed and status == 200:
                     assert output.rstrip().endswith("data: [DONE]"), where
                 env.update(handed_back(example.command, output))
