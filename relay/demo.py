@@ -25,11 +25,12 @@ from .settings import RelaySettings
 log = logging.getLogger("relay.demo")
 
 
-def banner(chat_url: str) -> str:
+def banner(chat_url: str, relay_url: str, instance_id: str) -> str:
     return f"""
   instance-relay demo is running.
 
   Chat URL:  {chat_url}
+  One OpenAI base URL for every instance:  {relay_url}/v1  (model "{instance_id}")
 
   curl:
     curl -N {chat_url}/chat/completions \\
@@ -39,6 +40,8 @@ def banner(chat_url: str) -> str:
   openai SDK (pip install openai):
     from openai import OpenAI
     client = OpenAI(base_url="{chat_url}", api_key="unused")
+    print(client.chat.completions.create(
+        model="demo", messages=[{{"role": "user", "content": "Hello!"}}]).choices[0].message.content)
     for chunk in client.chat.completions.create(
             model="demo", messages=[{{"role": "user", "content": "Hello!"}}], stream=True):
         print(chunk.choices[0].delta.content or "", end="", flush=True)
@@ -74,7 +77,8 @@ async def run_demo(settings: RelaySettings) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
             async with asyncio.timeout(10):
                 await agent.connected.wait()
-        print(banner(app.state.registry.chat_url(creds.instance_id)), flush=True)
+        print(banner(app.state.registry.chat_url(creds.instance_id), settings.base_url(), creds.instance_id),
+              flush=True)
 
         try:
             await server_task  # returns when uvicorn sees Ctrl-C / SIGTERM

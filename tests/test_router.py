@@ -6,10 +6,11 @@ which agents exist, on which nodes, how busy they are and what they can do.
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
 from relay import keys
-from relay.errors import InstanceUnavailable, NotFound, OperationUnsupported
+from relay.errors import InstanceUnavailable, ModelNotFound, NotFound, OperationUnsupported
 from relay.registry import AgentEntry, InstanceRegistry
 from relay.router import no_agent
 
@@ -26,8 +27,9 @@ async def registry(redis):
 
 
 async def add(redis, agent_id: str, node: str = "n1", *, concurrency: int = 2, inflight: int = 0,
-              capabilities: tuple[str, ...] = ("chat",), alive: bool = True) -> AgentEntry:
-    entry = AgentEntry(agent_id, node, f"s-{agent_id}", concurrency, ("m",), 0.0, capabilities)
+              capabilities: tuple[str, ...] = ("chat",), alive: bool = True, models: tuple[str, ...] = ("m",),
+              image_models: tuple[str, ...] = ()) -> AgentEntry:
+    entry = AgentEntry(agent_id, node, f"s-{agent_id}", concurrency, models, 0.0, capabilities, image_models)
     await redis.hset(keys.agents(INSTANCE), agent_id, entry.encode())
     if inflight:
         await redis.hset(keys.load(INSTANCE), entry.session, inflight)
@@ -37,10 +39,10 @@ async def add(redis, agent_id: str, node: str = "n1", *, concurrency: int = 2, i
 
 
 async def picks(registry, n: int, op: str = "chat", exclude: tuple[str, ...] = (),
-                here: str = "n1") -> list[str | None]:
+                here: str = "n1", model: str = "") -> list[str | None]:
     out = []
     for _ in range(n):
-        verdict, entry = await registry.pick_agent(INSTANCE, op, exclude, here=here)
+        verdict, entry = await registry.pick_agent(INSTANCE, op, exclude, here=here, model=model)
         out.append(entry.agent_id if entry else verdict)
     return out
 
@@ -126,7 +128,7 @@ async def test_unknown_and_offline_instances(registry, redis):
 
 @pytest.mark.parametrize("verdict, error, status", [
     ("missing", NotFound, 404), ("offline", InstanceUnavailable, 503), ("busy", InstanceUnavailable, 503),
-    ("incapable", OperationUnsupported, 501),
+    ("incapable", OperationUnsupported, 501), ("no_model", ModelNotFound, 404),
 ])
 def test_each_verdict_has_its_error(verdict, error, status):
     exc = no_agent(INSTANCE, "chat", verdict)
@@ -142,3 +144,31 @@ async def test_a_slot_given_back_after_the_agents_node_reset_the_counter_does_no
     await registry.release_agent(INSTANCE, "s-a")  # then the routing node gives its slot back
     assert await redis.hget(keys.load(INSTANCE), "s-a") is None
     assert await picks(registry, 2) == ["a", "busy"]  # still one slot, not two
+
+
+async def test_a_named_model_picks_only_agents_that_serve_it(registry, redis):
+    await add(redis, "llama", models=("llama3", "m"), concurrency=4, inflight=3)
+    await add(redis, "qwen", models=("qwen2", "m"), concurrency=4)
+    assert await picks(registry, 2, model="llama3") == ["llama", "busy"]  # the idle qwen agent is no help
+    assert await picks(registry, 1, model="qwen2") == ["qwen"]
+    assert await picks(registry, 1, model="mistral") == ["no_model"]
+    assert await picks(registry, 1, model="") != ["no_model"]  # no model named: any agent
+
+
+async def test_image_models_are_their_own_list(registry, redis):
+    await add(redis, "painter", capabilities=("chat", "images"), models=("chat-model",), image_models=("sdxl",))
+    assert await picks(registry, 1, "images", model="sdxl") == ["painter"]
+    assert await picks(registry, 1, "images", model="chat-model") == ["no_model"]
+    assert await picks(registry, 1, "chat", model="sdxl") == ["no_model"]
+    await registry.release_agent(INSTANCE, "s-painter")
+    verdict, entry = await registry.pick_agent(INSTANCE, "images")
+    assert verdict == "ok" and entry.serves("images") == ("sdxl",) and entry.serves("chat") == ("chat-model",)
+
+
+async def test_an_entry_without_image_models_serves_none(registry, redis):
+    # What a version-1 agent's entry (or a 0.1 node's) looks like: no image_models key at all.
+    await redis.hset(keys.agents(INSTANCE), "old", orjson.dumps(
+        {"node": "n1", "session": "s-old", "max_concurrency": 2, "models": ["m"], "connected_at": 0}))
+    await redis.set(keys.node("n1"), "1")
+    assert await picks(registry, 1, "chat", model="m") == ["old"]
+    assert await picks(registry, 1, "images", model="x") == ["incapable"]
