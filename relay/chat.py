@@ -52,7 +52,11 @@ def prefers_event_stream(accept: str | None) -> bool:
     """
     if not accept:
         return True
-    types = {part.split(";", 1)[0].strip().lower() for part in accept.split(",") if "q=0" not in part.replace(" ", "")}
+    types = set()
+    for item in accept.split(","):
+        kind, *params = (piece.strip().lower() for piece in item.split(";"))
+        if not any(p.replace(" ", "") in ("q=0", "q=0.0", "q=0.00", "q=0.000") for p in params):
+            types.add(kind)  # q=0 means "not this one" (RFC 9110, 12.4.2)
     return "text/event-stream" in types or "application/json" not in types
 
 

@@ -94,7 +94,7 @@ async def test_the_openai_sdk_plain_call_gets_a_chat_completion(redis_url):
 @pytest.mark.parametrize(("accept", "streams"), [
     (None, True), ("*/*", True), ("text/event-stream", True), ("application/json", False),
     ("application/json, text/plain, */*", False), ("application/json, text/event-stream", True),
-    ("text/event-stream;q=0, application/json", False),
+    ("text/event-stream;q=0, application/json", False), ("text/event-stream;q=0.5, application/json", True),
 ])
 async def test_accept_decides_when_stream_is_left_out(redis_url, accept, streams):
     async with door_stack(redis_url) as (_, iid, _, _, client):
@@ -495,3 +495,19 @@ async def test_agent_status_says_when_an_upgrade_is_available(redis_url):
         assert f"relay-agent {wire.__version__} is available" in format_status(old)
         current = await instance_status(relay.url, iid, version=wire.__version__)
         assert "upgrade" not in current and "upgrade" not in format_status(current)
+
+
+async def test_every_door_reaches_an_agent_on_another_node(redis_url):
+    async with running_relay(redis_url) as node_a, running_relay(redis_url) as node_b:
+        iid, token = await node_a.register("far")
+        async with running_agent(node_b.url, token, DemoBackend(rate=0)), node_a.client() as client:
+            reply = await client.post("/v1/chat/completions", json={"model": f"{iid}/demo", "messages": HI})
+            assert reply.status_code == 200 and reply.json()["object"] == "chat.completion"
+            image = await client.post("/v1/images/generations",
+                                      json={"model": f"{iid}/demo-image", "prompt": "far away", "size": "300x200"})
+            assert image.status_code == 200, image.text
+            assert png_size(base64.b64decode(image.json()["data"][0]["b64_json"])) == (300, 200)
+            async with client.stream("POST", "/api/converse",
+                                     json=converse_body({"text": "Hi"}, model=f"{iid}/demo")) as response:
+                body = await response.aread()
+            assert response.status_code == 200 and b"You said: Hi." in body and USAGE_START in body
