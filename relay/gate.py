@@ -21,10 +21,10 @@ from starlette.types import Receive, Scope, Send
 from . import keys, logs
 from .access import Caller
 from .errors import NotFound
-from .inputs import bearer_token, client_ip
+from .inputs import bearer_token, client_ip, read_json
 from .limits import Bucket, Lease, Slot
 from .streams import cleanup_scope
-from .targets import unknown_model
+from .targets import Target, resolve, unknown_model
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +59,18 @@ async def admit(request: Request, instance_id: str, *, named_by_model: str | Non
         Bucket(keys.rate("instance", instance_id), settings.rate_per_instance, "this instance"),
     ])
     return admitted
+
+
+async def admit_named(request: Request, field: str = "model") -> tuple[Any, Target, Admitted]:
+    """For a global door: read the body, find the instance its ``field`` (or the caller key) names, admit.
+
+    Returns the parsed body (not validated yet: the door does that), the target and the admission.
+    """
+    state = request.app.state
+    data = await read_json(request, state.settings.max_body_bytes)
+    named = data.get(field) if isinstance(data, dict) else None
+    target = await resolve(state.access, named, bearer_token(request), field=field)
+    return data, target, await admit(request, target.instance_id, named_by_model=named or target.instance_id)
 
 
 async def leased(request: Request, admitted: Admitted, run: Callable[[], Awaitable[Response]]) -> Response:

@@ -29,12 +29,12 @@ import wire
 
 from .chat import prefers_event_stream, run_op
 from .errors import ORJSONResponse
-from .gate import Admitted, admit, leased
+from .gate import Admitted, admit, admit_named, leased
 from .inputs import bearer_token, client_ip, int_param, read_json, validate
 from .limits import check_chat_request
 from .models import ChatRequest, ImageRequest
 from .sessions import resolve_model
-from .targets import Target, resolve
+from .targets import Target
 
 #: Instances per page of ``GET /v1/models`` without a caller key.
 MODELS_PAGE_DEFAULT, MODELS_PAGE_MAX = 100, 500
@@ -55,14 +55,10 @@ async def instance_chat(request: Request) -> Response:
 
 async def global_chat(request: Request) -> Response:
     """``POST /v1/chat/completions``: the instance is named by ``model`` (or the caller key)."""
-    state = request.app.state
-    data = await read_json(request, state.settings.max_body_bytes)
-    named = data.get("model") if isinstance(data, dict) else None
-    target = await resolve(state.access, named, bearer_token(request))
-    admitted = await admit(request, target.instance_id, named_by_model=named or target.instance_id)
+    data, target, admitted = await admit_named(request)
     chat = validate(ChatRequest, data)
     chat.stream_default(False)  # OpenAI's default
-    check_chat_request(chat, state.settings)
+    check_chat_request(chat, request.app.state.settings)
     return await leased(request, admitted, lambda: _run_chat(request, admitted, chat, target.model))
 
 
@@ -89,11 +85,7 @@ async def instance_images(request: Request) -> Response:
 
 async def global_images(request: Request) -> Response:
     """``POST /v1/images/generations``."""
-    state = request.app.state
-    data = await read_json(request, state.settings.max_body_bytes)
-    named = data.get("model") if isinstance(data, dict) else None
-    target = await resolve(state.access, named, bearer_token(request))
-    admitted = await admit(request, target.instance_id, named_by_model=named or target.instance_id)
+    data, target, admitted = await admit_named(request)
     body = validate(ImageRequest, data)
     return await leased(request, admitted, lambda: _run_images(request, admitted, body, target.model))
 

@@ -32,21 +32,16 @@ from wire.converse import ConverseStream, InvalidConverse, StreamFailed, Unsuppo
 
 from .chat import run_op
 from .errors import ORJSONResponse, RelayError, UpstreamError, ValidationFailed
-from .gate import Admitted, admit, leased
+from .gate import admit_named, leased
 from .inputs import bearer_token, client_ip, read_json, validate
 from .limits import check_chat_request
 from .models import ChatRequest, ImageRequest, SwiftChatImage
 from .openai_doors import generate_images
 from .sessions import resolve_model
-from .targets import Target, resolve
+from .targets import Target
 
 #: The command that upgrades an agent (``/api/upgrade`` and the agent's notice say it).
 UPGRADE_COMMAND = "pip install -U instance-relay"
-
-
-async def _target(request: Request, model_id: Any) -> tuple[Target, Admitted]:
-    target = await resolve(request.app.state.access, model_id or None, bearer_token(request), field="modelId")
-    return target, await admit(request, target.instance_id, named_by_model=model_id or target.instance_id)
 
 
 # -- converse ----------------------------------------------------------------------
@@ -79,8 +74,7 @@ class SwiftChatBody:
 async def converse(request: Request) -> Response:
     """``POST /api/converse``."""
     settings = request.app.state.settings
-    data = await read_json(request, settings.max_body_bytes)
-    target, admitted = await _target(request, data.get("modelId") if isinstance(data, dict) else None)
+    data, target, admitted = await admit_named(request, "modelId")
     try:
         _, messages = converse_request(data)
     except UnsupportedContent as exc:
@@ -134,9 +128,7 @@ async def models(request: Request) -> Response:
 
 async def image(request: Request) -> Response:
     """``POST /api/image``: ``{"image": "<base64>"}``."""
-    settings = request.app.state.settings
-    data = await read_json(request, settings.max_body_bytes)
-    target, admitted = await _target(request, data.get("modelId") if isinstance(data, dict) else None)
+    data, target, admitted = await admit_named(request, "modelId")
     body = validate(SwiftChatImage, data)
     if body.refImages:
         raise ValidationFailed("refImages: editing an image is not supported; send a prompt only",
