@@ -24,6 +24,29 @@ Layout (prefix ``ir:``):
                                   clock): concurrent streams of one instance or
                                   caller; TTL = lease TTL, renewed while streaming
 
+Dify-style conversations (see ``conversations.py``).  The braces are literal: a
+Redis Cluster hash tag, so every key of one instance's conversations hashes to
+one slot and each script touches a single node.  ``<cid>``/``<mid>`` are uuid4
+conversation and message ids; ``<scope>`` is the hex SHA-256 of the JSON pair
+``[caller, user]`` (the user is free text: hashed, it cannot shape key names).
+
+``ir:conv:{<id>}:c:<cid>``  hash  name, inputs (JSON), created_at, updated_at,
+                                  caller, user, scope, seq (message counter)
+``ir:conv:{<id>}:m:<cid>``  hash  per message ``<mid>`` -> JSON {query, created_at};
+                                  ``<mid>:s`` -> status; ``<mid>:r`` -> JSON {answer,
+                                  updated_at, truncated?, usage?}; ``<mid>:f`` -> rating
+``ir:conv:{<id>}:o:<cid>``  zset  message id scored by sequence (order of start)
+``ir:conv:{<id>}:x:<mid>``  str   conversation id of a message (feedback by message id)
+``ir:conv:{<id>}:s:<scope>`` zset conversation id scored by last activity (seconds):
+                                  one caller's and user's conversations
+``ir:conv:{<id>}:all``      zset  conversation id scored by last activity: every
+                                  conversation of the instance (purge)
+
+All of them expire ``retention`` after the last activity they take part in
+(every write but a streaming checkpoint refreshes what it touches, message
+index entries included); index entries whose conversation has expired are
+dropped lazily, when a list or a creation meets them.
+
 Pub/sub channels: ``ir:events`` (registry events every node must see, e.g. an
 instance deleted, an agent token rotated) and ``ir:inbox:{node}`` (one per node: cross-node stream
 traffic, see ``crossnode.py``).
@@ -107,3 +130,35 @@ def stream_lease_ttl_ms(heartbeat_interval: float, heartbeat_timeout: float) -> 
     crash never leaves an instance or a caller permanently "at its limit".
     """
     return max(1000, int(max(3 * heartbeat_interval, heartbeat_timeout) * 1000))
+
+
+# -- conversations (see conversations.py) ------------------------------------------
+
+
+def conversations_prefix(instance_id: str) -> str:
+    """The start of every conversation key of an instance: its hash tag keeps them in one slot."""
+    return f"{PREFIX}conv:{{{instance_id}}}:"
+
+
+def conversation(instance_id: str, conversation_id: str) -> str:
+    return f"{conversations_prefix(instance_id)}c:{conversation_id}"
+
+
+def conversation_messages(instance_id: str, conversation_id: str) -> str:
+    return f"{conversations_prefix(instance_id)}m:{conversation_id}"
+
+
+def conversation_order(instance_id: str, conversation_id: str) -> str:
+    return f"{conversations_prefix(instance_id)}o:{conversation_id}"
+
+
+def message_conversation(instance_id: str, message_id: str) -> str:
+    return f"{conversations_prefix(instance_id)}x:{message_id}"
+
+
+def scope_conversations(instance_id: str, scope_digest: str) -> str:
+    return f"{conversations_prefix(instance_id)}s:{scope_digest}"
+
+
+def instance_conversations(instance_id: str) -> str:
+    return f"{conversations_prefix(instance_id)}all"

@@ -1,0 +1,736 @@
+"""Dify-style conversations, kept in Redis: the relay holds the history, callers send one query.
+
+A conversation belongs to one :class:`Scope` — instance, caller identity and Dify
+``user`` — and every method acts on exactly that scope.  Whatever is outside it
+(an unknown id, an id of another scope, an expired conversation) is the same
+404, ``conversation_not_found`` or ``message_not_found``: an id found in another
+scope must look exactly like an id that never existed, because for anonymous
+callers a uuid4 id is the only credential.
+
+A turn is stored in three steps: :meth:`ConversationStore.start_turn` reserves
+the message (status ``answering``) before any model is asked, so a question is
+never lost; :meth:`~ConversationStore.checkpoint` saves the partial answer while
+it streams; :meth:`~ConversationStore.finish` writes the final answer.  A
+message still ``answering`` whose last write is older than ``stale_after``
+reads as ``interrupted``: the node answering it died.
+
+Every operation is one Lua script (one round trip, checks and writes atomic),
+and every key an instance's conversations use shares one Redis Cluster hash tag
+(see ``keys.py`` for the layout), so each script touches one slot.
+
+Retention: a conversation's keys expire ``retention_seconds`` after its last
+activity.  Activity is every write but a checkpoint: starting and finishing a
+turn, renaming, feedback.  A checkpoint only replaces the partial answer in
+place (it neither moves the conversation up the list nor extends its life), so
+the write repeated every few seconds while streaming stays O(1); the turn's
+finish, a moment later, is the activity (a turn whose node died leaves its
+conversation to expire ``retention_seconds`` after that turn started).  The
+scope and instance indexes live
+as long as their most recent conversation; entries of conversations that
+expired are dropped when a list or a creation meets them.
+
+Bounds (0 turns one off):
+
+* ``max_message_bytes`` — a query larger (UTF-8) is refused (422
+  ``message_too_large``), and so are inputs whose JSON is larger (422
+  ``inputs_too_large``); an answer larger is cut on a character boundary and
+  marked ``"truncated": true``.
+* ``max_messages`` — a conversation holding that many messages takes no more
+  turns (422 ``conversation_full``).
+* ``max_conversations`` — per scope; creating one more is 422
+  ``too_many_conversations``.  422 (``ValidationFailed``) rather than 429:
+  waiting never helps, deleting a conversation does, and clients retry a 429
+  on their own.  It is also what the relay answers when an instance has too
+  many caller keys (``too_many_keys``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+from redis.asyncio import Redis
+
+from . import keys
+from .errors import NotFound, ValidationFailed
+
+ANSWERING = "answering"
+INTERRUPTED = "interrupted"
+FINAL_STATUSES = frozenset({"normal", "stopped", "error"})
+RATINGS = frozenset({"like", "dislike"})
+
+#: Longest conversation name kept, in characters (a default name is shorter).
+MAX_NAME_CHARS = 256
+#: Characters of the first query that make a new conversation's default name.
+DEFAULT_NAME_CHARS = 40
+#: Largest page either list returns (Dify's own bound).
+MAX_PAGE = 100
+#: Stale index entries a creation drops from the head of an index, at most:
+#: more than the one entry it adds, so the index shrinks back to the live ones.
+_SWEEP = 10
+
+# -- Lua --------------------------------------------------------------------------------
+#
+# Shared functions, prepended to the scripts that need them.  Keys of other
+# conversations (found through an index) are built from prefixes that keys.py
+# gives as ARGV: they carry the instance's hash tag, so they are in the slot of
+# the declared keys.
+
+_LIB = """
+local function owned(conv, caller, user)
+  local who = redis.call('HMGET', conv, 'caller', 'user')
+  return who[1] == caller and who[2] == user
+end
+
+-- Activity: the conversation moves to the front of its indexes and every key
+-- it has (message index entries too) lives `ttl` ms from now.  updated_at never
+-- goes back: nodes' clocks differ a little.
+local function touch(conv, msgs, order, scope, all, cid, now, ttl, xprefix)
+  local prev = tonumber(redis.call('HGET', conv, 'updated_at'))
+  if not prev or tonumber(now) > prev then redis.call('HSET', conv, 'updated_at', now) end
+  redis.call('ZADD', scope, 'GT', now, cid)
+  redis.call('ZADD', all, 'GT', now, cid)
+  for _, key in ipairs({conv, msgs, order, scope, all}) do redis.call('PEXPIRE', key, ttl) end
+  for _, mid in ipairs(redis.call('ZRANGE', order, 0, -1)) do redis.call('PEXPIRE', xprefix .. mid, ttl) end
+end
+
+-- Drop index entries whose conversation expired, from the least recently
+-- active end, stopping at the first live one (the rest expire later).
+local function sweep_head(index, cprefix, budget)
+  for _ = 1, budget do
+    local head = redis.call('ZRANGE', index, 0, 0)[1]
+    if not head or redis.call('EXISTS', cprefix .. head) == 1 then return end
+    redis.call('ZREM', index, head)
+  end
+end
+
+-- Every expired entry, wherever it sits (order by score is only nearly the
+-- order of expiry).  Used only on a scope at its limit: that index holds at
+-- most max_conversations entries.
+local function sweep_all(index, cprefix)
+  for _, cid in ipairs(redis.call('ZRANGE', index, 0, -1)) do
+    if redis.call('EXISTS', cprefix .. cid) == 0 then redis.call('ZREM', index, cid) end
+  end
+end
+"""
+
+# Reserve a new message, creating the conversation first when asked; return the
+# history as it is before this message.
+# KEYS: conversation, messages, order, scope index, instance index.
+# ARGV: cid, mid, caller, user, now, ttl ms, index prefix, conversation prefix,
+#       max messages, max conversations, message head JSON, state JSON,
+#       create ("1"/"0"), name, inputs JSON, scope digest.
+_START = _LIB + """
+local cid, mid, now, ttl = ARGV[1], ARGV[2], ARGV[5], tonumber(ARGV[6])
+if ARGV[13] == '1' then
+  sweep_head(KEYS[5], ARGV[8], SWEEP)
+  local limit = tonumber(ARGV[10])
+  if limit > 0 then
+    sweep_head(KEYS[4], ARGV[8], SWEEP)
+    if redis.call('ZCARD', KEYS[4]) >= limit then
+      sweep_all(KEYS[4], ARGV[8])
+      if redis.call('ZCARD', KEYS[4]) >= limit then return {'too_many'} end
+    end
+  end
+  if redis.call('EXISTS', KEYS[1]) == 1 then return {'taken'} end
+  redis.call('HSET', KEYS[1], 'name', ARGV[14], 'inputs', ARGV[15], 'created_at', now, 'updated_at', now,
+             'caller', ARGV[3], 'user', ARGV[4], 'scope', ARGV[16], 'seq', 0)
+else
+  if not owned(KEYS[1], ARGV[3], ARGV[4]) then return {'missing'} end
+  local limit = tonumber(ARGV[9])
+  if limit > 0 and redis.call('ZCARD', KEYS[3]) >= limit then return {'full'} end
+end
+local ids = redis.call('ZRANGE', KEYS[3], 0, -1)
+local records = redis.call('HGETALL', KEYS[2])
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+redis.call('ZADD', KEYS[3], seq, mid)
+redis.call('HSET', KEYS[2], mid, ARGV[11], mid .. ':s', 'answering', mid .. ':r', ARGV[12])
+redis.call('SET', ARGV[7] .. mid, cid, 'PX', ttl)
+touch(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], cid, now, ttl, ARGV[7])
+return {'ok', redis.call('HGET', KEYS[1], 'inputs'), ids, records}
+""".replace("SWEEP", str(_SWEEP))
+
+# Replace the partial answer of a message still answering.  Not activity (see
+# the module docstring): no TTL or index changes.  KEYS: conversation, messages.
+# ARGV: mid, state JSON.
+_CHECKPOINT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('HGET', KEYS[2], ARGV[1] .. ':s') ~= 'answering' then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1] .. ':r', ARGV[2])
+return 1
+"""
+
+# The final write of a message still answering (a second finish changes nothing).
+# KEYS: conversation, messages, order, scope index, instance index.
+# ARGV: cid, mid, status, state JSON, now, ttl ms, index prefix.
+_FINISH = _LIB + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('HGET', KEYS[2], ARGV[2] .. ':s') ~= 'answering' then return 0 end
+redis.call('HSET', KEYS[2], ARGV[2] .. ':s', ARGV[3], ARGV[2] .. ':r', ARGV[4])
+touch(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1], ARGV[5], tonumber(ARGV[6]), ARGV[7])
+return 1
+"""
+
+# One page of messages, newest first, older than first_id when given.
+# KEYS: conversation, messages, order.  ARGV: caller, user, first_id or "", count.
+_MESSAGES = _LIB + """
+if not owned(KEYS[1], ARGV[1], ARGV[2]) then return {'missing'} end
+local count = tonumber(ARGV[4])
+local ids
+if ARGV[3] ~= '' then
+  local seq = redis.call('ZSCORE', KEYS[3], ARGV[3])
+  if not seq then return {'no_first'} end
+  ids = redis.call('ZREVRANGEBYSCORE', KEYS[3], '(' .. seq, '-inf', 'LIMIT', 0, count)
+else
+  ids = redis.call('ZREVRANGE', KEYS[3], 0, count - 1)
+end
+local fields = {}
+for _, mid in ipairs(ids) do
+  for _, suffix in ipairs({'', ':s', ':r', ':f'}) do fields[#fields + 1] = mid .. suffix end
+end
+local values = {}
+if #fields > 0 then values = redis.call('HMGET', KEYS[2], unpack(fields)) end
+return {'ok', redis.call('HGET', KEYS[1], 'inputs'), ids, values}
+"""
+
+# One page of a scope's conversations, most recently active first, after
+# last_id when given; drops the entries of expired conversations it meets.
+# Ranks rather than scores make the cursor: ties of activity time stay in one
+# order (Redis orders equal scores by member).
+# KEYS: scope index, instance index.  ARGV: caller, user, last_id or "", count,
+# conversation prefix.
+_CONVERSATIONS = """
+local pos = 0
+if ARGV[3] ~= '' then
+  local rank = redis.call('ZREVRANK', KEYS[1], ARGV[3])
+  if not rank then return {'no_last'} end
+  if redis.call('EXISTS', ARGV[5] .. ARGV[3]) == 0 then
+    redis.call('ZREM', KEYS[1], ARGV[3])
+    redis.call('ZREM', KEYS[2], ARGV[3])
+    return {'no_last'}
+  end
+  pos = rank + 1
+end
+local count = tonumber(ARGV[4])
+local out = {}
+while #out < count do
+  local batch = redis.call('ZREVRANGE', KEYS[1], pos, pos + count - 1)
+  if #batch == 0 then break end
+  for _, cid in ipairs(batch) do
+    local f = redis.call('HMGET', ARGV[5] .. cid, 'caller', 'user', 'name', 'inputs', 'created_at', 'updated_at')
+    if not f[1] then
+      -- expired: the entries after it move up one rank, so pos stays
+      redis.call('ZREM', KEYS[1], cid)
+      redis.call('ZREM', KEYS[2], cid)
+    else
+      pos = pos + 1
+      if f[1] == ARGV[1] and f[2] == ARGV[2] then
+        out[#out + 1] = {cid, f[3], f[4], f[5], f[6]}
+        if #out == count then break end
+      end
+    end
+  end
+end
+return {'ok', out}
+"""
+
+# KEYS: conversation, messages, order, scope index, instance index.
+# ARGV: caller, user, cid, name, now, ttl ms, index prefix.
+_RENAME = _LIB + """
+if not owned(KEYS[1], ARGV[1], ARGV[2]) then return {'missing'} end
+redis.call('HSET', KEYS[1], 'name', ARGV[4])
+touch(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[3], ARGV[5], tonumber(ARGV[6]), ARGV[7])
+return {'ok', redis.call('HMGET', KEYS[1], 'name', 'inputs', 'created_at', 'updated_at')}
+"""
+
+# KEYS: conversation, messages, order, scope index, instance index.
+# ARGV: caller, user, cid, index prefix.
+_DELETE = _LIB + """
+if not owned(KEYS[1], ARGV[1], ARGV[2]) then return 0 end
+for _, mid in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do redis.call('DEL', ARGV[4] .. mid) end
+redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3])
+redis.call('ZREM', KEYS[4], ARGV[3])
+redis.call('ZREM', KEYS[5], ARGV[3])
+return 1
+"""
+
+# Set (rating) or clear ("") a message's feedback, found by message id.
+# KEYS: message index entry, scope index, instance index.
+# ARGV: caller, user, mid, rating or "", now, ttl ms, index prefix,
+#       conversation prefix, messages prefix, order prefix.
+_FEEDBACK = _LIB + """
+local cid = redis.call('GET', KEYS[1])
+if not cid then return 0 end
+local conv, msgs, order = ARGV[8] .. cid, ARGV[9] .. cid, ARGV[10] .. cid
+if not owned(conv, ARGV[1], ARGV[2]) or redis.call('HEXISTS', msgs, ARGV[3]) == 0 then return 0 end
+if ARGV[4] == '' then
+  redis.call('HDEL', msgs, ARGV[3] .. ':f')
+else
+  redis.call('HSET', msgs, ARGV[3] .. ':f', ARGV[4])
+end
+touch(conv, msgs, order, KEYS[2], KEYS[3], cid, ARGV[5], tonumber(ARGV[6]), ARGV[7])
+return 1
+"""
+
+# Delete up to `batch` conversations of an instance, least recently active
+# first.  Entries of expired conversations just leave the index (their keys
+# expire by themselves).  KEYS: instance index.
+# ARGV: batch, conversation, messages, order, index and scope prefixes.
+# Returns {conversations deleted, entries left}.
+_PURGE = """
+local deleted = 0
+for _, cid in ipairs(redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)) do
+  local conv = ARGV[2] .. cid
+  local scope = redis.call('HGET', conv, 'scope')
+  if scope then
+    local order = ARGV[4] .. cid
+    for _, mid in ipairs(redis.call('ZRANGE', order, 0, -1)) do redis.call('DEL', ARGV[5] .. mid) end
+    redis.call('UNLINK', conv, ARGV[3] .. cid, order)
+    redis.call('ZREM', ARGV[6] .. scope, cid)
+    deleted = deleted + 1
+  end
+  redis.call('ZREM', KEYS[1], cid)
+end
+return {deleted, redis.call('ZCARD', KEYS[1])}
+"""
+
+
+# -- data -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Whose conversations: an instance, a caller (``key:<key_id>`` or ``anon``), a Dify user."""
+
+    instance_id: str
+    caller: str
+    user: str
+
+    @property
+    def digest(self) -> str:
+        """The scope as a fixed-size key part (the user is arbitrary text)."""
+        return hashlib.sha256(orjson.dumps([self.caller, self.user])).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """A message reserved by :meth:`ConversationStore.start_turn`, to answer and then finish.
+
+    ``history``: the earlier messages of the conversation as they were when this
+    turn started, oldest first, in the shape of :meth:`ConversationStore.messages`
+    records — finished ones (``normal``, ``stopped``, ``error``) and
+    ``interrupted`` ones, never those of other turns still answering.
+    """
+
+    conversation_id: str
+    message_id: str
+    created_at: int
+    inputs: dict[str, Any]
+    history: list[dict[str, Any]]
+    scope: Scope
+    #: True when this turn created the conversation.
+    created: bool = False
+    #: The conversation's name (a new one's default name).
+    name: str = ""
+
+
+def is_uuid(value: str) -> bool:
+    """Whether ``value`` is a canonical uuid string, the only form this store hands out."""
+    try:
+        return str(uuid.UUID(value)) == value
+    except (ValueError, TypeError, AttributeError):
+        return False
+
+
+def clip_utf8(text: str, limit: int) -> tuple[str, bool]:
+    """``text`` cut to at most ``limit`` UTF-8 bytes on a character boundary, and whether it was cut.
+
+    Lone surrogates (possible in a Python str, never valid UTF-8) become ``?``:
+    what is stored must encode.
+    """
+    data = text.encode("utf-8", "replace")
+    if limit <= 0 or len(data) <= limit:
+        return data.decode(), False
+    # Only the tail of the cut can be a partial sequence: "ignore" drops just that.
+    return data[:limit].decode("utf-8", "ignore"), True
+
+
+def default_name(query: str) -> str:
+    """What Dify shows for a new conversation: the start of its first query, on one line."""
+    return " ".join(query.split())[:DEFAULT_NAME_CHARS] or "New conversation"
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _not_found() -> NotFound:
+    return NotFound("conversation not found", param="conversation_id", code="conversation_not_found")
+
+
+def _message_not_found(param: str = "message_id") -> NotFound:
+    return NotFound("message not found", param=param, code="message_not_found")
+
+
+def _check_limit(limit: int) -> None:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
+        raise ValidationFailed(f"limit must be an integer from 1 to {MAX_PAGE}", param="limit")
+
+
+# -- the store ------------------------------------------------------------------------------
+
+
+class ConversationStore:
+    """Conversations of every instance, in Redis; the bounds are those of the module docstring.
+
+    ``retention_seconds``: life of a conversation after its last activity;
+    ``stale_after``: seconds without a write after which an ``answering``
+    message reads as ``interrupted``; ``purge_batch``: conversations deleted
+    per script call by :meth:`purge_instance`.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        retention_seconds: float,
+        max_messages: int,
+        max_conversations: int,
+        max_message_bytes: int,
+        stale_after: float,
+        purge_batch: int = 100,
+    ):
+        if retention_seconds <= 0:
+            raise ValueError("retention_seconds must be positive")
+        self.redis = redis
+        self.retention_seconds = retention_seconds
+        self.ttl_ms = max(1, int(retention_seconds * 1000))
+        self.max_messages = max_messages
+        self.max_conversations = max_conversations
+        self.max_message_bytes = max_message_bytes
+        self.stale_after = stale_after
+        #: Conversations one purge script deletes: it does at most
+        #: purge_batch * (max_messages + 3) key deletions.
+        self.purge_batch = max(1, purge_batch)
+        self._start = redis.register_script(_START)
+        self._checkpoint = redis.register_script(_CHECKPOINT)
+        self._finish = redis.register_script(_FINISH)
+        self._messages = redis.register_script(_MESSAGES)
+        self._conversations = redis.register_script(_CONVERSATIONS)
+        self._rename = redis.register_script(_RENAME)
+        self._delete = redis.register_script(_DELETE)
+        self._feedback = redis.register_script(_FEEDBACK)
+        self._purge = redis.register_script(_PURGE)
+
+    # -- keys ------------------------------------------------------------------
+
+    @staticmethod
+    def _keys(scope: Scope, conversation_id: str) -> list[str]:
+        iid = scope.instance_id
+        return [
+            keys.conversation(iid, conversation_id),
+            keys.conversation_messages(iid, conversation_id),
+            keys.conversation_order(iid, conversation_id),
+            keys.scope_conversations(iid, scope.digest),
+            keys.instance_conversations(iid),
+        ]
+
+    # -- turns -----------------------------------------------------------------
+
+    async def start_turn(
+        self, scope: Scope, conversation_id: str | None, query: str, inputs: dict[str, Any], now: float
+    ) -> Turn:
+        """Reserve a new message (status ``answering``) in a new or an existing conversation.
+
+        ``conversation_id`` None creates a conversation named after the query,
+        holding ``inputs``; otherwise the conversation's stored inputs are kept
+        and ``inputs`` is ignored.  Raises NotFound ``conversation_not_found``,
+        ValidationFailed ``message_too_large`` / ``inputs_too_large`` /
+        ``conversation_full`` / ``too_many_conversations``.
+        """
+        query, _ = clip_utf8(query, 0)  # only made encodable; its size is checked below
+        size = len(query.encode())
+        if self.max_message_bytes and size > self.max_message_bytes:
+            raise ValidationFailed(
+                f"query is {size} bytes; the limit is {self.max_message_bytes}",
+                param="query", code="message_too_large",
+            )
+        create = conversation_id is None
+        if conversation_id is None:
+            conversation_id = str(uuid.uuid4())
+        elif not is_uuid(conversation_id):
+            raise _not_found()
+        inputs_json = orjson.dumps(inputs) if create else b"{}"
+        if create and self.max_message_bytes and len(inputs_json) > self.max_message_bytes:
+            raise ValidationFailed(
+                f"inputs are {len(inputs_json)} bytes of JSON; the limit is {self.max_message_bytes}",
+                param="inputs", code="inputs_too_large",
+            )
+        name = default_name(query) if create else ""
+        message_id = str(uuid.uuid4())
+        iid = scope.instance_id
+        reply = await self._start(
+            keys=self._keys(scope, conversation_id),
+            args=[
+                conversation_id, message_id, scope.caller, scope.user, repr(float(now)), self.ttl_ms,
+                keys.message_conversation(iid, ""), keys.conversation(iid, ""),
+                self.max_messages, self.max_conversations,
+                orjson.dumps({"query": query, "created_at": now}),
+                orjson.dumps({"answer": "", "updated_at": now}),
+                "1" if create else "0", name, inputs_json, scope.digest,
+            ],
+        )
+        verdict = _text(reply[0])
+        if verdict == "missing":
+            raise _not_found()
+        if verdict == "full":
+            raise ValidationFailed(
+                f"this conversation already holds {self.max_messages} messages; start a new one",
+                param="conversation_id", code="conversation_full",
+            )
+        if verdict == "too_many":
+            raise ValidationFailed(
+                f"at most {self.max_conversations} conversations per user; delete one first",
+                code="too_many_conversations",
+            )
+        if verdict != "ok":  # "taken": a uuid4 collision, never expected
+            raise RuntimeError(f"could not reserve conversation {conversation_id}: {verdict}")
+        stored_inputs = orjson.loads(reply[1])
+        records = dict(zip(reply[3][::2], reply[3][1::2], strict=True))
+        history = []
+        for raw_id in reply[2]:
+            record = self._record(conversation_id, stored_inputs, raw_id, records, now)
+            if record is not None and record["status"] != ANSWERING:
+                history.append(record)
+        return Turn(conversation_id, message_id, int(now), stored_inputs, history, scope, create, name)
+
+    def _final_state(self, answer: str, now: float, usage: dict[str, Any] | None = None) -> bytes:
+        answer, truncated = clip_utf8(answer, self.max_message_bytes)
+        state: dict[str, Any] = {"answer": answer, "updated_at": now}
+        if truncated:
+            state["truncated"] = True
+        if usage is not None:
+            state["usage"] = usage
+        return orjson.dumps(state)
+
+    async def checkpoint(self, turn: Turn, answer_so_far: str, now: float) -> bool:
+        """Save the partial answer of a turn still answering (cut like a final answer).
+
+        False, storing nothing, when the turn is finished or its conversation is
+        gone (deleted, purged, expired): the caller's stream need not care.
+        """
+        reply = await self._checkpoint(
+            keys=self._keys(turn.scope, turn.conversation_id)[:2],
+            args=[turn.message_id, self._final_state(answer_so_far, now)],
+        )
+        return bool(reply)
+
+    async def finish(
+        self,
+        turn: Turn,
+        answer: str,
+        status: Literal["normal", "stopped", "error"],
+        now: float,
+        usage: dict[str, Any] | None = None,
+    ) -> bool:
+        """The final write of a turn: ``normal``, ``stopped`` (the caller left), ``error`` (the model failed).
+
+        False, storing nothing, when the turn was already finished or its
+        conversation is gone.
+        """
+        if status not in FINAL_STATUSES:
+            raise ValueError(f"a turn finishes as one of {sorted(FINAL_STATUSES)}, not {status!r}")
+        reply = await self._finish(
+            keys=self._keys(turn.scope, turn.conversation_id),
+            args=[turn.conversation_id, turn.message_id, status, self._final_state(answer, now, usage),
+                  repr(float(now)), self.ttl_ms, keys.message_conversation(turn.scope.instance_id, "")],
+        )
+        return bool(reply)
+
+    # -- reading ---------------------------------------------------------------
+
+    def _record(
+        self, conversation_id: str, inputs: dict[str, Any], raw_id: bytes, fields: dict[bytes, bytes], now: float
+    ) -> dict[str, Any] | None:
+        head = fields.get(raw_id)
+        if head is None:
+            return None
+        return self._build(conversation_id, inputs, raw_id, head, fields.get(raw_id + b":s"),
+                           fields.get(raw_id + b":r"), fields.get(raw_id + b":f"), now)
+
+    def _build(
+        self, conversation_id: str, inputs: dict[str, Any], raw_id: bytes, head: bytes,
+        status_raw: bytes | None, state_raw: bytes | None, rating: bytes | None, now: float,
+    ) -> dict[str, Any]:
+        first = orjson.loads(head)
+        state = orjson.loads(state_raw) if state_raw else {"answer": "", "updated_at": first["created_at"]}
+        status = _text(status_raw) if status_raw else ANSWERING
+        if status == ANSWERING and now - state["updated_at"] > self.stale_after:
+            status = INTERRUPTED
+        record: dict[str, Any] = {
+            "id": _text(raw_id),
+            "conversation_id": conversation_id,
+            "inputs": dict(inputs),
+            "query": first["query"],
+            "answer": state["answer"],
+            "feedback": {"rating": _text(rating)} if rating else None,
+            "created_at": int(first["created_at"]),
+            "status": status,
+        }
+        if state.get("truncated"):
+            record["truncated"] = True
+        if state.get("usage") is not None:
+            record["usage"] = state["usage"]
+        return record
+
+    async def messages(
+        self, scope: Scope, conversation_id: str, first_id: str | None, limit: int, *, now: float | None = None
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """One page of a conversation's messages, newest first, and whether older ones remain.
+
+        ``first_id``: the oldest message of the previous page; this page holds
+        the messages started before it.  ``now`` (default: the clock) decides
+        which ``answering`` messages read as ``interrupted``.  Raises NotFound
+        ``conversation_not_found``, or ``message_not_found`` for a ``first_id``
+        not in the conversation.
+        """
+        _check_limit(limit)
+        if not is_uuid(conversation_id):
+            raise _not_found()
+        if first_id is not None and not is_uuid(first_id):
+            raise _message_not_found("first_id")
+        reply = await self._messages(
+            keys=self._keys(scope, conversation_id)[:3],
+            args=[scope.caller, scope.user, first_id or "", limit + 1],
+        )
+        verdict = _text(reply[0])
+        if verdict == "missing":
+            raise _not_found()
+        if verdict == "no_first":
+            raise _message_not_found("first_id")
+        now = time.time() if now is None else now
+        inputs = orjson.loads(reply[1])
+        ids, values = reply[2], reply[3]
+        out = []
+        for i, raw_id in enumerate(ids[:limit]):
+            head, status, state, rating = values[4 * i: 4 * i + 4]
+            if head is not None:
+                out.append(self._build(conversation_id, inputs, raw_id, head, status, state, rating, now))
+        return out, len(ids) > limit
+
+    @staticmethod
+    def _conversation(conversation_id: str, name: bytes, inputs: bytes, created_at: bytes,
+                      updated_at: bytes) -> dict[str, Any]:
+        return {
+            "id": conversation_id,
+            "name": _text(name),
+            "inputs": orjson.loads(inputs),
+            "status": "normal",
+            "created_at": int(float(created_at)),
+            "updated_at": int(float(updated_at)),
+        }
+
+    async def conversations(
+        self, scope: Scope, last_id: str | None, limit: int
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """One page of the scope's conversations, most recently active first, and whether more remain.
+
+        ``last_id``: the last conversation of the previous page.  Raises NotFound
+        ``conversation_not_found`` (param ``last_id``) when it is not one of this
+        scope's live conversations.
+        """
+        _check_limit(limit)
+        if last_id is not None and not is_uuid(last_id):
+            raise NotFound("conversation not found", param="last_id", code="conversation_not_found")
+        iid = scope.instance_id
+        reply = await self._conversations(
+            keys=[keys.scope_conversations(iid, scope.digest), keys.instance_conversations(iid)],
+            args=[scope.caller, scope.user, last_id or "", limit + 1, keys.conversation(iid, "")],
+        )
+        if _text(reply[0]) == "no_last":
+            raise NotFound("conversation not found", param="last_id", code="conversation_not_found")
+        rows = reply[1]
+        page = [self._conversation(_text(cid), *rest) for cid, *rest in rows[:limit]]
+        return page, len(rows) > limit
+
+    # -- changes ---------------------------------------------------------------
+
+    async def rename(
+        self, scope: Scope, conversation_id: str, name: str, *, now: float | None = None
+    ) -> dict[str, Any]:
+        """Rename a conversation; returns it as :meth:`conversations` lists it.
+
+        Runs of whitespace become one space (names show on one line in a list).
+        Raises ValidationFailed (param ``name``) for an empty name, or
+        ``name_too_long`` past ``MAX_NAME_CHARS``; NotFound ``conversation_not_found``.
+        """
+        name, _ = clip_utf8(" ".join(name.split()), 0)
+        if not name:
+            raise ValidationFailed("a conversation name cannot be empty", param="name")
+        if len(name) > MAX_NAME_CHARS:
+            raise ValidationFailed(f"a conversation name has at most {MAX_NAME_CHARS} characters",
+                                   param="name", code="name_too_long")
+        if not is_uuid(conversation_id):
+            raise _not_found()
+        now = time.time() if now is None else now
+        reply = await self._rename(
+            keys=self._keys(scope, conversation_id),
+            args=[scope.caller, scope.user, conversation_id, name, repr(float(now)), self.ttl_ms,
+                  keys.message_conversation(scope.instance_id, "")],
+        )
+        if _text(reply[0]) != "ok":
+            raise _not_found()
+        return self._conversation(conversation_id, *reply[1])
+
+    async def delete(self, scope: Scope, conversation_id: str) -> None:
+        """Delete a conversation and all its messages.  Raises NotFound ``conversation_not_found``."""
+        if not is_uuid(conversation_id):
+            raise _not_found()
+        done = await self._delete(
+            keys=self._keys(scope, conversation_id),
+            args=[scope.caller, scope.user, conversation_id, keys.message_conversation(scope.instance_id, "")],
+        )
+        if not done:
+            raise _not_found()
+
+    async def feedback(
+        self, scope: Scope, message_id: str, rating: Literal["like", "dislike"] | None, *, now: float | None = None
+    ) -> None:
+        """Rate a message (``like``/``dislike``) or take the rating back (None).
+
+        Raises ValidationFailed (param ``rating``), NotFound ``message_not_found``.
+        """
+        if rating is not None and rating not in RATINGS:
+            raise ValidationFailed("rating must be 'like', 'dislike' or null", param="rating")
+        if not is_uuid(message_id):
+            raise _message_not_found()
+        iid = scope.instance_id
+        now = time.time() if now is None else now
+        done = await self._feedback(
+            keys=[keys.message_conversation(iid, message_id), keys.scope_conversations(iid, scope.digest),
+                  keys.instance_conversations(iid)],
+            args=[scope.caller, scope.user, message_id, rating or "", repr(float(now)), self.ttl_ms,
+                  keys.message_conversation(iid, ""), keys.conversation(iid, ""),
+                  keys.conversation_messages(iid, ""), keys.conversation_order(iid, "")],
+        )
+        if not done:
+            raise _message_not_found()
+
+    async def purge_instance(self, instance_id: str) -> int:
+        """Delete every conversation of an instance, ``purge_batch`` per script call; returns how many."""
+        total = 0
+        while True:
+            deleted, left = await self._purge(
+                keys=[keys.instance_conversations(instance_id)],
+                args=[self.purge_batch, keys.conversation(instance_id, ""),
+                      keys.conversation_messages(instance_id, ""), keys.conversation_order(instance_id, ""),
+                      keys.message_conversation(instance_id, ""), keys.scope_conversations(instance_id, "")],
+            )
+            total += int(deleted)
+            if not int(left):
+                return total
+
