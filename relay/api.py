@@ -72,6 +72,7 @@ async def delete_instance(request: Request) -> Response:
     await state.registry.check_owner(instance_id, bearer_token(request))
     await state.registry.delete(instance_id)
     await state.access.purge(instance_id)
+    await state.conversations.purge_instance(instance_id)
     await state.gateway.close_instance(instance_id, "instance deleted")
     return Response(status_code=204)
 
@@ -91,7 +92,7 @@ async def _owner(request: Request) -> tuple[Any, str, str]:
 async def update_instance(request: Request) -> Response:
     state, instance_id, _ = await _owner(request)
     changes = validate(UpdateInstanceRequest, await read_json(request, SMALL_BODY_BYTES))
-    await state.access.update(instance_id, changes.model_dump(exclude_none=True))
+    await state.access.update(instance_id, changes.stored())
     return ORJSONResponse(await state.registry.view(instance_id))
 
 

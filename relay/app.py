@@ -25,8 +25,9 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 from wire import redaction
 
-from . import api, keys, openai_doors, swiftchat
+from . import api, dify, keys, openai_doors, swiftchat
 from .access import AccessControl, ChatCORS
+from .conversations import ConversationStore
 from .crossnode import CrossNode
 from .embedded_redis import safe_url
 from .errors import RelayError
@@ -70,11 +71,27 @@ def routes(gateway: AgentGateway) -> list[BaseRoute]:
         Route("/api/models", swiftchat.models, methods=["POST", "GET"]),
         Route("/api/image", swiftchat.image, methods=["POST"]),
         Route("/api/upgrade", swiftchat.upgrade, methods=["GET", "POST"]),
+        # The Dify chat-app API, per instance and (instance from the caller key) at /v1.
+        *dify_routes("/api/chat/{instance_id}"),
+        *dify_routes("/v1"),
+        Route("/api/instances/{instance_id}/conversations", dify.purge, methods=["DELETE"]),
         WebSocketRoute("/api/agent/connect", gateway),
         Route("/healthz", api.healthz, methods=["GET"]),
         Route("/readyz", api.readyz, methods=["GET"]),
         Route("/openapi.json", api.openapi, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
+    ]
+
+
+def dify_routes(base: str) -> list[BaseRoute]:
+    return [
+        Route(f"{base}/chat-messages", dify.chat_messages, methods=["POST"]),
+        Route(f"{base}/messages", dify.list_messages, methods=["GET"]),
+        Route(f"{base}/messages/{{message_id}}/feedbacks", dify.message_feedback, methods=["POST"]),
+        Route(f"{base}/conversations", dify.list_conversations, methods=["GET"]),
+        Route(f"{base}/conversations/{{conversation_id}}/name", dify.rename_conversation, methods=["POST"]),
+        Route(f"{base}/conversations/{{conversation_id}}", dify.delete_conversation, methods=["DELETE"]),
+        Route(f"{base}/parameters", dify.parameters, methods=["GET"]),
     ]
 
 
@@ -162,6 +179,11 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
     state.registry, state.presence, state.bus, state.gateway = registry, presence, bus, gateway
     state.router, state.access, state.stream_leases, state.metrics = router, access, stream_leases, metrics
     state.rate_limiter = RateLimiter(redis)
+    state.conversations = ConversationStore(
+        redis, retention_seconds=settings.conversation_retention, max_messages=settings.conversation_max_messages,
+        max_conversations=settings.conversations_per_user, max_message_bytes=settings.conversation_message_bytes,
+        # Past three missed checkpoints, a turn still "answering" lost its node.
+        stale_after=3 * settings.conversation_checkpoint_interval + settings.redis_timeout)
     state.openapi = build_openapi(settings.base_url())
     return app
 

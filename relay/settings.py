@@ -93,6 +93,18 @@ class RelaySettings(BaseSettings):
     #: Bytes per second one agent may send, sustained (bursts of twice that); past it: close 1008.
     agent_bytes_per_second: int = Field(default=64 * 1024 * 1024, ge=0)
 
+    # -- conversations (the Dify API; see SECURITY.md) ---------------------------
+    #: Seconds a conversation is kept after its last activity.
+    conversation_retention: float = Field(default=30 * 24 * 3600, gt=0)
+    #: Messages one conversation may hold (422 ``conversation_full``).
+    conversation_max_messages: int = Field(default=500, ge=0)
+    #: Conversations one caller's user may keep at once (422 ``too_many_conversations``).
+    conversations_per_user: int = Field(default=1000, ge=0)
+    #: Bytes of one query (422 ``message_too_large``) or one stored answer (cut and marked).
+    conversation_message_bytes: int = Field(default=256 * 1024, ge=0)
+    #: Seconds between saves of an answer still streaming (what a node that dies loses at most).
+    conversation_checkpoint_interval: float = Field(default=2.0, gt=0)
+
     log_level: str = "info"
     #: "json": one JSON object per line, for log shippers; "plain": human-readable.
     log_format: str = Field(default="plain", pattern="^(plain|json)$")

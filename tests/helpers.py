@@ -238,6 +238,8 @@ class FakeUpstream:
     accepts requests and never answers.  ``requests`` records each body and
     ``disconnects`` counts streams the caller abandoned.
 
+    ``recall=True`` prefixes every word with how many user messages the model got and
+    the first one (what a conversation's history looks like from the model).
     ``echo=True`` prefixes every word with the last user message, so
     concurrent callers can tell their answers apart; ``gate=N`` holds every
     stream until N are in flight at once (proof of concurrency, not timing);
@@ -264,6 +266,7 @@ class FakeUpstream:
     disconnects: int = 0
     completed: int = 0
     echo: bool = False
+    recall: bool = False
     gate: int = 0
     error_after: int | None = None
     hold_after: int | None = None
@@ -336,6 +339,9 @@ class FakeUpstream:
             self.disconnects += 1
             return Response(status_code=499)
         prefix = f"{_last_user_text(body)}-" if self.echo else ""
+        if self.recall:  # an answer that shows what history the model was given
+            users = [m.get("content") for m in body.get("messages", []) if m.get("role") == "user"]
+            prefix = f"[{len(users)} asked, first {users[0]!s}]-" if users else ""
         if not body.get("stream"):
             text = " ".join(f"{prefix}w{i}" for i in range(self.chunks))
             self.completed += 1

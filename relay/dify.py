@@ -1,0 +1,417 @@
+"""The Dify chat-app API on every instance: conversations the relay remembers.
+
+A Dify client sends only the new ``query`` and a ``conversation_id``; the relay
+keeps the history (``conversations.py``), builds the model's messages from it,
+runs the turn on the instance's agents over the normal stream path, and
+answers in Dify's shapes.  Two bases serve it:
+
+* ``{relay}/api/chat/{instance_id}`` — the instance's chat URL is the Dify API base;
+* ``{relay}/v1`` — the instance is the one of the caller key (``Authorization:
+  Bearer irk_...``), as a Dify client expects from a base URL and a secret key.
+
+Who may read what.  A conversation belongs to (instance, caller, ``user``):
+the caller is the key presented, or "anonymous" on a public instance.  For an
+anonymous caller the conversation id (a uuid4) is the credential: whoever holds
+it and the ``user`` may continue, read, rename or delete that conversation, but
+listing conversations needs a key.  Anything outside the caller's scope is the
+same 404 as an id that never existed.  SECURITY.md has the whole threat model.
+
+Turns.  The question is stored before the model is asked; while the answer
+streams it is saved every ``conversation_checkpoint_interval`` seconds; when
+the stream ends the full answer is stored (``normal``), or what the caller saw
+(``stopped`` when the caller left, ``error`` when the model failed).  Stopped
+and errored answers are kept in the history the model sees next (a partial
+answer is context the user saw); empty ones are not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+import wire
+
+from . import keys
+from .access import Caller
+from .chat import run_op
+from .conversations import ConversationStore, Turn
+from .conversations import Scope as Owner
+from .errors import ORJSONResponse, RelayError, Unauthorized, UpstreamError, ValidationFailed
+from .gate import Admitted, admit, leased
+from .inputs import bearer_token, client_ip, int_param, read_json, validate
+from .limits import check_chat_request
+from .models import (
+    ChatRequest,
+    DifyChatRequest,
+    DifyFeedback,
+    DifyRename,
+    DifyUser,
+    DifyVariable,
+)
+from .sessions import resolve_model
+from .streams import cleanup_scope
+
+log = logging.getLogger("relay.dify")
+
+#: Dify lists 20 items by default; the store takes at most 100 a page.
+PAGE_DEFAULT, PAGE_MAX = 20, 100
+SMALL_BODY_BYTES = 16 * 1024
+ANONYMOUS = "anon"
+Ending = Literal["normal", "stopped", "error"]
+
+
+# -- who is asking --------------------------------------------------------------
+
+
+async def _instance_of(request: Request) -> str:
+    """The instance: from the path, or (``/v1``) from the caller key."""
+    instance_id = request.path_params.get("instance_id")
+    if instance_id is not None:
+        return str(instance_id)
+    keyed = await request.app.state.access.key_instance(bearer_token(request))
+    if keyed is None:
+        raise Unauthorized("the Dify API at /v1 needs a caller key of the instance (Authorization: Bearer irk_...): "
+                           "the key says which instance; or use the instance's chat URL as the API base",
+                           code="api_key_required")
+    return keyed
+
+
+async def _caller(request: Request, *, turn: bool = False) -> tuple[str, Caller, Admitted | None]:
+    """(instance id, caller, admission): a turn counts against the rate limits, a read does not."""
+    instance_id = await _instance_of(request)
+    if turn:
+        admitted = await admit(request, instance_id)
+        return instance_id, admitted.caller, admitted
+    caller = await request.app.state.access.authorize_caller(instance_id, bearer_token(request), client_ip(request))
+    return instance_id, caller, None
+
+
+def _owner(instance_id: str, caller: Caller, user: str) -> Owner:
+    return Owner(instance_id, f"key:{caller.key_id}" if caller.key_id else ANONYMOUS, user)
+
+
+def _user_param(request: Request) -> str:
+    user = request.query_params.get("user") or ""
+    return str(validate(DifyUser, {"user": user}).user)
+
+
+# -- the instance's parameters ------------------------------------------------------
+
+
+async def instance_parameters(request: Request, instance_id: str) -> dict[str, Any]:
+    """``introduction``, ``variables``, ``conversations`` (on unless the owner turned them off)."""
+    redis = request.app.state.redis
+    introduction, variables, enabled = await redis.hmget(
+        keys.instance(instance_id), "introduction", "variables", "conversations")
+    return {
+        "introduction": introduction.decode() if introduction else "",
+        "variables": orjson.loads(variables) if variables else [],
+        "conversations": enabled != b"off",
+    }
+
+
+def checked_inputs(inputs: dict[str, Any], variables: list[dict[str, Any]]) -> dict[str, Any]:
+    """The inputs a turn runs with: each declared variable's value (or default), checked.
+
+    Keys no variable declares are dropped, as Dify does: a client built for a
+    richer app still works.
+    """
+    out: dict[str, Any] = {}
+    for raw in variables:
+        variable = DifyVariable.model_validate(raw)
+        value = inputs.get(variable.key, variable.default)
+        where = f"inputs.{variable.key}"
+        if value is None or value == "":
+            if variable.required:
+                raise ValidationFailed(f"{where}: this input is required", param=where, code="input_required")
+            continue
+        if variable.type == "number":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValidationFailed(f"{where}: must be a number", param=where)
+        elif not isinstance(value, str):
+            raise ValidationFailed(f"{where}: must be a string", param=where)
+        elif variable.type == "select" and value not in (variable.options or []):
+            raise ValidationFailed(f"{where}: must be one of {variable.options}", param=where)
+        elif variable.max_length and len(value) > variable.max_length:
+            raise ValidationFailed(f"{where}: at most {variable.max_length} characters", param=where)
+        out[variable.key] = value
+    return out
+
+
+def model_messages(turn: Turn, query: str, variables: list[dict[str, Any]], *, max_messages: int,
+                   max_chars: int) -> list[dict[str, Any]]:
+    """The messages the model gets: the inputs, the newest earlier turns that fit, the query.
+
+    The instance's limits (``RELAY_MAX_MESSAGES``, ``RELAY_MAX_CONTENT_CHARS``;
+    0 = none) bound the whole request, so old turns are left out first.
+    """
+    head: list[dict[str, Any]] = []
+    if turn.inputs:
+        names = {v.get("key"): v.get("name") or v.get("key") for v in variables}
+        lines = "\n".join(f"- {names.get(k, k)}: {v}" for k, v in turn.inputs.items())
+        head.append({"role": "system", "content": f"Inputs for this conversation:\n{lines}"})
+    tail = [{"role": "user", "content": query}]
+    used_messages = len(head) + len(tail)
+    used_chars = sum(len(m["content"]) for m in head + tail)
+    earlier: list[dict[str, Any]] = []
+    for past in reversed(turn.history):
+        if not past.get("answer"):
+            continue  # a question the model never answered (it failed, or the caller left at once)
+        pair = [{"role": "user", "content": past.get("query") or ""}, {"role": "assistant", "content": past["answer"]}]
+        size = sum(len(m["content"]) for m in pair)
+        if (max_messages and used_messages + len(pair) > max_messages) or (max_chars and used_chars + size > max_chars):
+            break
+        earlier[:0] = pair
+        used_messages += len(pair)
+        used_chars += size
+    return head + earlier + tail
+
+
+# -- chat-messages ------------------------------------------------------------------
+
+
+def _event(payload: dict[str, Any]) -> bytes:
+    return wire.sse_event(orjson.dumps(payload))
+
+
+class DifyEvents:
+    """The agent's OpenAI stream as Dify's events (a ``chat.BodyEncoder``), keeping the answer."""
+
+    def __init__(self, turn: Turn):
+        self.turn = turn
+        self.base = {"task_id": turn.message_id, "id": turn.message_id, "message_id": turn.message_id,
+                     "conversation_id": turn.conversation_id, "created_at": turn.created_at}
+        self._buffer = bytearray()
+        self.pieces: list[str] = []
+        self.usage: dict[str, Any] | None = None
+        self.outcome: Ending | None = None  # "normal" | "error", once the stream ended; None: the caller left
+
+    @property
+    def answer(self) -> str:
+        return "".join(self.pieces)
+
+    def data(self, payload: bytes) -> bytes:
+        text: list[str] = []
+        for data in wire.iter_sse_data(self._buffer, payload):
+            if data == b"[DONE]":
+                continue
+            try:
+                chunk = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                chunk = None
+            if not isinstance(chunk, dict):
+                raise UpstreamError("the model's stream carried a chunk that is not an object")
+            if "error" in chunk:
+                raise UpstreamError(f"model server: {wire.error_message(data) or 'error'}", code="upstream_error")
+            if isinstance(chunk.get("usage"), dict):
+                self.usage = chunk["usage"]
+            for choice in chunk.get("choices") or ():
+                delta = choice.get("delta") if isinstance(choice, dict) and choice.get("index", 0) == 0 else None
+                content = delta.get("content") if isinstance(delta, dict) else None
+                if isinstance(content, str) and content:
+                    text.append(content)
+        if not text:
+            return b""
+        piece = "".join(text)
+        self.pieces.append(piece)
+        return _event({"event": "message", **self.base, "answer": piece})
+
+    def done(self) -> bytes:
+        self.outcome = "normal"
+        return _event({"event": "message_end", **self.base, "metadata": {"usage": self.usage or {}}})
+
+    def error(self, error: RelayError) -> bytes:
+        self.outcome = "error"
+        return _event({"event": "error", **self.base, "status": error.status, "code": error.code,
+                       "message": error.message, "error": error.body()["error"]})
+
+
+class TurnResponse(Response):
+    """Sends a turn's answer, saving it as it goes and storing it when the response ends."""
+
+    def __init__(self, inner: Response, store: ConversationStore, turn: Turn, interval: float,
+                 answer: Callable[[], str], outcome: Callable[[], Ending | None], usage: Callable[[], Any]):
+        self.inner, self.store, self.turn, self.interval = inner, store, turn, interval
+        self.answer, self.outcome, self.usage = answer, outcome, usage
+        self.status_code = inner.status_code
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        saver = asyncio.create_task(checkpoints(self.store, self.turn, self.interval, self.answer))
+        try:
+            await self.inner(scope, receive, send)
+        finally:
+            saver.cancel()
+            with cleanup_scope():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await saver
+                await finish(self.store, self.turn, self.answer(), self.outcome() or "stopped", self.usage())
+
+
+async def checkpoints(store: ConversationStore, turn: Turn, interval: float, answer: Callable[[], str]) -> None:
+    """Save the answer so far every ``interval`` seconds; also proves the turn's node is alive."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await store.checkpoint(turn, answer(), time.time())
+        except Exception as exc:  # Redis trouble: the final write will try again
+            log.warning("turn %s: checkpoint failed (%s)", turn.message_id, exc)
+
+
+async def finish(store: ConversationStore, turn: Turn, answer: str, status: Ending, usage: Any = None) -> None:
+    try:
+        await store.finish(turn, answer, status, time.time(), usage if isinstance(usage, dict) else None)
+    except Exception as exc:  # the caller has its answer; the turn reads as interrupted later
+        log.warning("turn %s: could not store the answer (%s)", turn.message_id, exc)
+
+
+async def chat_messages(request: Request) -> Response:
+    """``POST …/chat-messages``: one turn, ``blocking`` (one JSON body) or ``streaming`` (events)."""
+    state = request.app.state
+    settings = state.settings
+    instance_id, caller, admitted = await _caller(request, turn=True)
+    assert admitted is not None
+    body = validate(DifyChatRequest, await read_json(request, settings.max_body_bytes))
+    parameters = await instance_parameters(request, instance_id)
+    inputs = checked_inputs(body.inputs, parameters["variables"])
+    store: ConversationStore = state.conversations
+    if not parameters["conversations"]:
+        raise ValidationFailed("this instance keeps no conversations (its owner turned them off): "
+                               "use its OpenAI chat URL instead", code="conversations_disabled")
+    turn = await store.start_turn(_owner(instance_id, caller, body.user), body.conversation_id or None,
+                                  body.query, inputs, time.time())
+    try:
+        messages = model_messages(turn, body.query, parameters["variables"], max_messages=settings.max_messages,
+                                  max_chars=settings.max_content_chars)
+        streaming = body.response_mode == "streaming"
+        chat = validate(ChatRequest, {"messages": messages, "stream": streaming,
+                                      **({"stream_options": {"include_usage": True}} if streaming else {})})
+        check_chat_request(chat, settings)
+
+        def body_for(models: tuple[str, ...]) -> dict[str, Any]:
+            return chat.upstream_body(resolve_model(models, None))
+
+        async def run() -> Response:
+            if streaming:
+                events = DifyEvents(turn)
+                answer = await run_op(state.router, instance_id, wire.OP_CHAT, body_for, settings, request.receive,
+                                      stream=True, encoder=events)
+                return TurnResponse(answer, store, turn, settings.conversation_checkpoint_interval,
+                                    lambda: events.answer, lambda: events.outcome, lambda: events.usage)
+            return await _blocking(request, store, turn, body_for)
+
+        return await leased(request, admitted, run)
+    except BaseException as exc:
+        with cleanup_scope():  # the question stays, marked: the model never answered it
+            await finish(store, turn, "", "stopped" if isinstance(exc, asyncio.CancelledError) else "error")
+        raise
+
+
+async def _blocking(request: Request, store: ConversationStore, turn: Turn, body_for: Any) -> Response:
+    state = request.app.state
+    settings = state.settings
+    saver = asyncio.create_task(checkpoints(store, turn, settings.conversation_checkpoint_interval, lambda: ""))
+    try:
+        answer = await run_op(state.router, turn.scope.instance_id, wire.OP_CHAT, body_for, settings,
+                              request.receive, stream=False)
+    finally:
+        saver.cancel()
+    if answer.status_code != 200:  # the caller left while the model worked
+        await finish(store, turn, "", "stopped")
+        return answer
+    completion = orjson.loads(bytes(answer.body))
+    try:
+        text = completion["choices"][0]["message"]["content"] or ""
+    except (KeyError, IndexError, TypeError):
+        raise UpstreamError("the model's answer has no message") from None
+    usage = completion.get("usage") if isinstance(completion.get("usage"), dict) else None
+    await finish(store, turn, str(text), "normal", usage)
+    return ORJSONResponse({
+        "event": "message", "task_id": turn.message_id, "id": turn.message_id, "message_id": turn.message_id,
+        "conversation_id": turn.conversation_id, "mode": "chat", "answer": text,
+        "metadata": {"usage": usage or {}}, "created_at": turn.created_at,
+    })
+
+
+# -- history, names, feedback, parameters -------------------------------------------------
+
+
+async def list_messages(request: Request) -> Response:
+    """``GET …/messages?conversation_id=&first_id=&limit=&user=``: newest first."""
+    instance_id, caller, _ = await _caller(request)
+    params = request.query_params
+    conversation_id = params.get("conversation_id") or ""
+    if not conversation_id:
+        raise ValidationFailed("conversation_id is required", param="conversation_id")
+    limit = int_param(params, "limit", PAGE_DEFAULT, 1, PAGE_MAX)
+    data, has_more = await request.app.state.conversations.messages(
+        _owner(instance_id, caller, _user_param(request)), conversation_id, params.get("first_id") or None, limit)
+    return ORJSONResponse({"limit": limit, "has_more": has_more, "data": data})
+
+
+async def list_conversations(request: Request) -> Response:
+    """``GET …/conversations?last_id=&limit=&user=``: most recently active first; needs a key."""
+    instance_id, caller, _ = await _caller(request)
+    if caller.key_id is None:
+        raise Unauthorized("listing conversations needs a caller key (Authorization: Bearer irk_...): without one, "
+                           "a conversation id is the only way to a conversation", code="api_key_required")
+    params = request.query_params
+    limit = int_param(params, "limit", PAGE_DEFAULT, 1, PAGE_MAX)
+    data, has_more = await request.app.state.conversations.conversations(
+        _owner(instance_id, caller, _user_param(request)), params.get("last_id") or None, limit)
+    return ORJSONResponse({"limit": limit, "has_more": has_more, "data": data})
+
+
+async def rename_conversation(request: Request) -> Response:
+    """``POST …/conversations/{conversation_id}/name``: ``{name, user}``."""
+    instance_id, caller, _ = await _caller(request)
+    body = validate(DifyRename, await read_json(request, SMALL_BODY_BYTES))
+    renamed = await request.app.state.conversations.rename(
+        _owner(instance_id, caller, body.user), request.path_params["conversation_id"], body.name)
+    return ORJSONResponse({"result": "success", **renamed})
+
+
+async def delete_conversation(request: Request) -> Response:
+    """``DELETE …/conversations/{conversation_id}``: ``user`` in the body (as the seed sends it) or the query."""
+    instance_id, caller, _ = await _caller(request)
+    body = await read_json(request, SMALL_BODY_BYTES, empty={})
+    user = body.get("user") if isinstance(body, dict) and body.get("user") else request.query_params.get("user")
+    who = validate(DifyUser, {"user": user or ""})
+    await request.app.state.conversations.delete(_owner(instance_id, caller, who.user),
+                                                 request.path_params["conversation_id"])
+    return ORJSONResponse({"result": "success"})
+
+
+async def message_feedback(request: Request) -> Response:
+    """``POST …/messages/{message_id}/feedbacks``: ``{rating: like|dislike|null, user}``."""
+    instance_id, caller, _ = await _caller(request)
+    body = validate(DifyFeedback, await read_json(request, SMALL_BODY_BYTES))
+    await request.app.state.conversations.feedback(_owner(instance_id, caller, body.user),
+                                                   request.path_params["message_id"], body.rating)
+    return ORJSONResponse({"result": "success"})
+
+
+async def parameters(request: Request) -> Response:
+    """``GET …/parameters``: the instance's ``introduction`` and ``variables``."""
+    instance_id, _, _ = await _caller(request)
+    found = await instance_parameters(request, instance_id)
+    return ORJSONResponse({"introduction": found["introduction"], "variables": found["variables"]})
+
+
+async def purge(request: Request) -> Response:
+    """``DELETE /api/instances/{id}/conversations`` (owner): forget every stored conversation."""
+    state = request.app.state
+    instance_id = request.path_params["instance_id"]
+    await state.registry.check_owner(instance_id, bearer_token(request))
+    deleted = await state.conversations.purge_instance(instance_id)
+    return ORJSONResponse({"deleted": deleted})
+
