@@ -245,7 +245,9 @@ DEMO_MODEL = "demo"
 DEMO_IMAGE_MODEL = "demo-image"
 DEMO_IMAGE_SIZE = (256, 256)
 MAX_DEMO_IMAGE_SIDE = 1024
-MAX_DEMO_IMAGES = 4
+#: As many as the relay lets a caller ask for (``ImageRequest.n``, OpenAI's own
+#: limit): the demo must answer every request the relay's document calls valid.
+MAX_DEMO_IMAGES = 10
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

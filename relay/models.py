@@ -7,9 +7,20 @@ are kept and forwarded to the model untouched.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+import orjson
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 Role = Literal["system", "user", "assistant", "tool", "developer", "function"]
 
@@ -145,9 +156,17 @@ class ImageRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     prompt: str = Field(min_length=1, max_length=32_000)
     model: str | None = None
+    #: JSON Schema counts ``2.0`` as an integer, so the relay does too (and passes on ``2``).
     n: int = Field(default=1, ge=1, le=10, strict=True)
     size: str | None = Field(default=None, pattern=r"^(auto|[1-9][0-9]{0,4}x[1-9][0-9]{0,4})$")
     response_format: Literal["url", "b64_json"] | None = None
+
+    @field_validator("n", mode="before")
+    @classmethod
+    def _integral_n(cls, value: Any) -> Any:
+        if isinstance(value, float) and value.is_integer() and abs(value) <= MAX_COUNT:
+            return int(value)
+        return value
 
     def upstream_body(self, model: str) -> dict[str, Any]:
         body = self.model_dump(mode="json", exclude_unset=True)
@@ -157,6 +176,18 @@ class ImageRequest(BaseModel):
 
 #: Largest side SwiftChat may ask for (its menu offers 512, 1024, 2048).
 MAX_SIDE = 4096
+#: A side written as a string, as the app sends it: ASCII digits for 1 to
+#: ``MAX_SIDE`` (leading zeros allowed).  The validator and the document use
+#: this one pattern, so they cannot disagree about ``" 512"`` or ``"٣"``.
+SIDE_DIGITS = r"0*(?:[1-9][0-9]{0,2}|[1-3][0-9]{3}|40[0-8][0-9]|409[0-6])"
+_SIDE_DIGITS = re.compile(SIDE_DIGITS)
+Side = Annotated[
+    int,
+    Field(ge=1, le=MAX_SIDE, strict=True),
+    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 1, "maximum": MAX_SIDE},
+                              {"type": "string", "pattern": f"^{SIDE_DIGITS}$"}],
+                    "description": f"Pixels, 1 to {MAX_SIDE}: a number or a string of digits"}),
+]
 
 
 class SwiftChatImage(BaseModel):
@@ -166,16 +197,21 @@ class SwiftChatImage(BaseModel):
     prompt: str = Field(min_length=1, max_length=32_000)
     modelId: str = ""
     region: str | None = None
-    width: int = Field(default=1024, ge=1, le=MAX_SIDE)
-    height: int = Field(default=1024, ge=1, le=MAX_SIDE)
-    refImages: list[Any] | None = None
+    width: Side = 1024
+    height: Side = 1024
+    #: Editing an image: the handler refuses a non-empty list (422 unsupported_content).
+    refImages: list[Any] | None = Field(
+        default=None, json_schema_extra={"maxItems": 0, "description": "Image editing is not supported: "
+                                         "a non-empty list is refused (422 unsupported_content)"})
 
     @field_validator("width", "height", mode="before")
     @classmethod
     def _digits(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.strip().isdigit():
-            return int(value.strip())
-        return value
+        if isinstance(value, str) and _SIDE_DIGITS.fullmatch(value):
+            return int(value)
+        if isinstance(value, float) and value.is_integer() and abs(value) <= MAX_COUNT:
+            return int(value)
+        return value  # strict from here on: a bool or any other string is refused
 
 
 class RegisterRequest(BaseModel):
@@ -191,10 +227,30 @@ Visibility = Literal["public", "private"]
 
 #: ``UpdateInstanceRequest``'s validator, in its JSON schema too: at least one
 #: of the fields is present and not null.
+_CHANGEABLE = ("name", "description", "visibility", "introduction", "variables", "conversations")
 _SOMETHING_TO_CHANGE: dict[str, Any] = {
-    "anyOf": [{"required": [name], "properties": {name: {"not": {"type": "null"}}}}
-              for name in ("name", "description", "visibility")],
+    "anyOf": [{"required": [name], "properties": {name: {"not": {"type": "null"}}}} for name in _CHANGEABLE],
 }
+
+
+class DifyVariable(BaseModel):
+    """One input variable of an instance (Dify's app parameters), filled by callers' ``inputs``."""
+
+    model_config = ConfigDict(extra="forbid")
+    key: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    name: str = Field(default="", max_length=100)
+    description: str | None = Field(default=None, max_length=1000)
+    type: Literal["string", "paragraph", "select", "number"] = "string"
+    default: str | int | float | None = None
+    options: list[str] | None = Field(default=None, max_length=100)
+    required: bool = False
+    max_length: int | None = Field(default=None, ge=1, le=100_000)
+
+    @model_validator(mode="after")
+    def _select_has_options(self) -> DifyVariable:
+        if self.type == "select" and not self.options:
+            raise ValueError("a select variable needs options")
+        return self
 
 
 class UpdateInstanceRequest(BaseModel):
@@ -204,12 +260,34 @@ class UpdateInstanceRequest(BaseModel):
     name: str | None = Field(default=None, min_length=1, max_length=100)
     description: str | None = Field(default=None, max_length=1000)
     visibility: Visibility | None = None
+    #: The Dify API's parameters: the opening statement clients show, and the inputs callers fill.
+    introduction: str | None = Field(default=None, max_length=4000)
+    variables: list[DifyVariable] | None = Field(default=None, max_length=50)
+    #: Whether the instance keeps conversations (the Dify API) at all.
+    conversations: bool | None = Field(default=None, strict=True)
 
     @model_validator(mode="after")
     def _something_to_change(self) -> UpdateInstanceRequest:
-        if self.name is None and self.description is None and self.visibility is None:
-            raise ValueError("give at least one of name, description, visibility")
+        if all(getattr(self, name) is None for name in _CHANGEABLE):
+            raise ValueError(f"give at least one of {', '.join(_CHANGEABLE)}")
+        if self.variables is not None and len({v.key for v in self.variables}) != len(self.variables):
+            raise ValueError("variables: each key may appear once")
         return self
+
+    def stored(self) -> dict[str, str]:
+        """The changes as the instance's Redis hash keeps them (strings)."""
+        out: dict[str, str] = {}
+        for name in _CHANGEABLE:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if name == "variables":
+                out[name] = orjson.dumps([v.model_dump(exclude_none=True) for v in value]).decode()
+            elif name == "conversations":
+                out[name] = "on" if value else "off"
+            else:
+                out[name] = value
+        return out
 
 
 class CreateKeyRequest(BaseModel):
@@ -328,3 +406,203 @@ class Ready(BaseModel):
     status: Literal["ready"]
     node_id: str
     agents: int
+
+
+class ModelPage(ModelList):
+    """``GET /v1/models``: a page of models (a caller key's instance: one page with all of them)."""
+
+    has_more: bool
+    #: Pass as ``after`` for the next page; null on the last one.
+    next_cursor: str | None
+
+
+# -- the global doors' bodies, as the document states them -------------------------
+#
+# The handlers validate with ChatRequest, ImageRequest and SwiftChatImage once
+# ``targets.resolve`` has read the instance out of ``model``/``modelId``.  The
+# document states both steps as one schema: the same model with that field
+# required, since without a caller key a missing one is 422.  Subclasses, so
+# every other field is the validating model's own.
+
+
+class GlobalChatRequest(ChatRequest):
+    """``POST /v1/chat/completions``: a ChatRequest whose ``model`` names the instance."""
+
+    model: str = Field(
+        min_length=1,
+        description="'<instance_id>' or '<instance_id>/<model>'; with a caller key as the API key, also a "
+                    "model of the key's instance, or left out for its default model")
+    stream: bool | None = Field(default=False, strict=True,
+                                description="Left out or null: one chat.completion (OpenAI's default)")
+
+
+class GlobalImageRequest(ImageRequest):
+    """``POST /v1/images/generations``: an ImageRequest whose ``model`` names the instance."""
+
+    model: str = Field(
+        min_length=1,
+        description="'<instance_id>' or '<instance_id>/<image model>'; with a caller key as the API key, "
+                    "also a model of the key's instance, or left out for its default image model")
+
+
+class SwiftChatImageRequest(SwiftChatImage):
+    """``POST /api/image``: a SwiftChatImage whose ``modelId`` names the instance."""
+
+    modelId: str = Field(
+        min_length=1,
+        description="'<instance_id>' or '<instance_id>/<image model>' (an image model the instance does not "
+                    "serve means its default); with a caller key as the API key, any name, or left out")
+
+
+class ImageData(BaseModel):
+    """One generated image: inline, or (``response_format: url``) as a ``data:`` URL."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"anyOf": [
+        {"properties": {name: {"type": "string"}}, "required": [name]} for name in ("b64_json", "url")]})
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    """OpenAI's ImagesResponse, as the agent's model server made it."""
+
+    model_config = ConfigDict(extra="allow")
+    created: int
+    data: list[ImageData]
+
+
+# -- SwiftChat ------------------------------------------------------------------------
+
+#: Standard padded base64, non-empty: what ``wire.converse`` accepts as image bytes.
+BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+#: The image formats ``wire.converse`` takes, in any case (it lower-cases them).
+IMAGE_FORMAT_PATTERN = r"^(?:[Pp][Nn][Gg]|[Jj][Pp][Ee]?[Gg]|[Gg][Ii][Ff]|[Ww][Ee][Bb][Pp])$"
+
+
+class ConverseText(BaseModel):
+    """A text block: ``{"text": "..."}`` and nothing else (a block has exactly one key)."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str
+
+
+class ConverseImageSource(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    data: str = Field(alias="bytes", min_length=1, pattern=BASE64_PATTERN,
+                      description="The image file, standard base64 with padding, no line breaks")
+
+
+class ConverseImage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    format: str = Field(pattern=IMAGE_FORMAT_PATTERN, description="png, jpeg, jpg, gif or webp, any case")
+    source: ConverseImageSource
+
+
+class ConverseImageBlock(BaseModel):
+    """An image block: ``{"image": {...}}``; user messages only."""
+
+    model_config = ConfigDict(extra="forbid")
+    image: ConverseImage
+
+
+class ConverseUserMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["user"]
+    content: list[ConverseText | ConverseImageBlock] = Field(min_length=1)
+
+
+class ConverseAssistantMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["assistant"]
+    content: list[ConverseText] = Field(min_length=1)
+
+
+class ConverseRequest(BaseModel):
+    """``POST /api/converse``, as ``wire.converse.converse_request`` checks it.
+
+    Documents are left out on purpose: a text document (txt, md, csv, html)
+    is accepted only when its bytes decode as UTF-8, which a schema cannot say.
+    """
+
+    model_config = ConfigDict(extra="allow")
+    modelId: str = Field(
+        min_length=1,
+        description="'<instance_id>' or '<instance_id>/<model>' (a model the instance does not serve means its "
+                    "default); with a caller key as the API key, any name (SwiftChat's Bedrock ids included)")
+    messages: list[ConverseUserMessage | ConverseAssistantMessage] = Field(min_length=1)
+    system: list[ConverseText] | None = Field(default=None, description="Joined into one system message")
+    region: str | None = Field(default=None, description="Ignored")
+    enableThinking: bool | None = Field(default=None, description="Ignored")
+
+
+class SwiftChatModel(BaseModel):
+    modelId: str
+    modelName: str
+
+
+class SwiftChatModels(BaseModel):
+    """``/api/models``: chat models and image models."""
+
+    textModel: list[SwiftChatModel]
+    imageModel: list[SwiftChatModel]
+
+
+class SwiftChatImageResponse(BaseModel):
+    image: str = Field(description="The image file, base64")
+
+
+class SwiftChatError(BaseModel):
+    """An error on SwiftChat's JSON routes: the app shows ``error`` as it is."""
+
+    error: str
+    code: str | None
+
+
+class AgentRelease(BaseModel):
+    latest_version: str
+    upgrade_command: str
+
+
+class ProtocolVersions(BaseModel):
+    latest: int
+    oldest: int
+    supported: list[int]
+
+
+class UpgradeInfo(BaseModel):
+    """``/api/upgrade``: the agent version and wire protocol versions this relay ships."""
+
+    needUpgrade: bool
+    version: str
+    url: str
+    agent: AgentRelease
+    protocol: ProtocolVersions
+
+
+# -- the Dify chat-app API (dify.py) ----------------------------------------------------
+
+
+class DifyUser(BaseModel):
+    """The Dify ``user``: the caller's own name for its end user (conversations are kept per user)."""
+
+    model_config = ConfigDict(extra="allow")
+    user: str = Field(min_length=1, max_length=256)
+
+
+class DifyChatRequest(DifyUser):
+    """``POST …/chat-messages``."""
+
+    query: str = Field(min_length=1)
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    #: Not given: ``blocking``, one JSON body, which any HTTP client can read.
+    response_mode: Literal["blocking", "streaming"] = "blocking"
+    conversation_id: str = ""
+
+
+class DifyRename(DifyUser):
+    name: str = Field(min_length=1)
+
+
+class DifyFeedback(DifyUser):
+    rating: Literal["like", "dislike"] | None
