@@ -443,3 +443,10 @@ def test_any_split_of_the_stream_yields_the_concatenation(texts, data):
     stream = ConverseStream()
     assert b"".join(stream.feed(piece) for piece in pieces) == "".join(texts).encode()
     assert stream.finish() == b'\n{"inputTokens": 12, "outputTokens": 3, "totalTokens": 15}'
+
+
+@pytest.mark.parametrize("role", [[], {}, ["user"], 1, None])
+def test_a_role_that_is_not_a_string_is_invalid(role):
+    # A list or object role was looked up in a frozenset: TypeError, and /api/converse answered 500.
+    with pytest.raises(InvalidConverse):
+        wire.converse.openai_messages([{"role": role, "content": [{"text": "x"}]}])

@@ -155,7 +155,7 @@ def _message(message: Any, path: str) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise InvalidConverse("a message must be an object with role and content", path)
     role = message.get("role")
-    if role not in ROLES:
+    if not isinstance(role, str) or role not in ROLES:  # a list or object role is not hashable
         raise InvalidConverse("role must be 'user' or 'assistant'", f"{path}.role")
     content = message.get("content")
     if not isinstance(content, list) or not content:
