@@ -119,11 +119,12 @@ async def instance_parameters(request: Request, instance_id: str) -> dict[str, A
     }
 
 
-def checked_inputs(inputs: dict[str, Any], variables: list[dict[str, Any]]) -> dict[str, Any]:
-    """The inputs a turn runs with: each declared variable's value (or default), checked.
+def checked_inputs(inputs: dict[str, Any], variables: list[dict[str, Any]], *, new: bool = True) -> dict[str, Any]:
+    """The inputs a conversation runs with: each declared variable's value (or default), checked.
 
     Keys no variable declares are dropped, as Dify does: a client built for a
-    richer app still works.
+    richer app still works.  A conversation keeps the inputs it started with
+    (``new=False``: a later turn need not repeat the required ones).
     """
     out: dict[str, Any] = {}
     for raw in variables:
@@ -131,7 +132,7 @@ def checked_inputs(inputs: dict[str, Any], variables: list[dict[str, Any]]) -> d
         value = inputs.get(variable.key, variable.default)
         where = f"inputs.{variable.key}"
         if value is None or value == "":
-            if variable.required:
+            if variable.required and new:
                 raise ValidationFailed(f"{where}: this input is required", param=where, code="input_required")
             continue
         if variable.type == "number":
@@ -282,7 +283,7 @@ async def chat_messages(request: Request) -> Response:
     assert admitted is not None
     body = validate(DifyChatRequest, await read_json(request, settings.max_body_bytes))
     parameters = await instance_parameters(request, instance_id)
-    inputs = checked_inputs(body.inputs, parameters["variables"])
+    inputs = checked_inputs(body.inputs, parameters["variables"], new=not body.conversation_id)
     store: ConversationStore = state.conversations
     if not parameters["conversations"]:
         raise ValidationFailed("this instance keeps no conversations (its owner turned them off): "

@@ -5,7 +5,8 @@ with the real curl, in document order (deletions last), against a running
 relay with a connected demo agent: the host is replaced by the test relay's,
 ``$INSTANCE_ID`` and ``$AGENT_TOKEN`` are set.  As a reader would, the test
 keeps what an example hands back for the next ones: a new caller key
-(``$API_KEY``, ``$KEY_ID``) and a rotated agent token (``$AGENT_TOKEN``).  A
+(``$API_KEY``, ``$KEY_ID``), a rotated agent token (``$AGENT_TOKEN``), a Dify
+conversation and message (``$CONVERSATION_ID``, ``$MESSAGE_ID``).  A
 ``# → 404 instance_not_found`` comment under a command states the status (and
 error code) it must answer; without one, any 2xx will do.  The API and
 configuration tables are checked against the routes and settings that exist.
@@ -154,6 +155,8 @@ def handed_back(command: str, output: str) -> dict[str, str]:
         return {"API_KEY": body["key"], "KEY_ID": body["key_id"]}
     if re.search(r"-X POST \S+/token\b", command) and "agent_token" in body:
         return {"AGENT_TOKEN": body["agent_token"]}
+    if "/chat-messages" in command and "conversation_id" in body:
+        return {"CONVERSATION_ID": body["conversation_id"], "MESSAGE_ID": body["message_id"]}
     return {}
 
 
