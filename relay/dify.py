@@ -283,11 +283,11 @@ async def chat_messages(request: Request) -> Response:
     assert admitted is not None
     body = validate(DifyChatRequest, await read_json(request, settings.max_body_bytes))
     parameters = await instance_parameters(request, instance_id)
-    inputs = checked_inputs(body.inputs, parameters["variables"], new=not body.conversation_id)
-    store: ConversationStore = state.conversations
     if not parameters["conversations"]:
         raise ValidationFailed("this instance keeps no conversations (its owner turned them off): "
                                "use its OpenAI chat URL instead", code="conversations_disabled")
+    inputs = checked_inputs(body.inputs, parameters["variables"], new=not body.conversation_id)
+    store: ConversationStore = state.conversations
     turn = await store.start_turn(_owner(instance_id, caller, body.user), body.conversation_id or None,
                                   body.query, inputs, time.time())
     try:
