@@ -6,7 +6,11 @@ together, so the agent can send them in one frame without waiting for more)
 or one ``chat.completion`` JSON body (``complete``), as raw bytes.  A backend
 that declares ``images`` also turns an ``/images/generations`` request into
 one ``ImagesResponse`` JSON body (``images``), every image inline as
-``b64_json``.  Failures are :class:`BackendError` with an HTTP status hint.
+``b64_json``.  One that declares ``transcribe`` turns an audio file (the
+request's upload, received in full first) into one ``{"text": ...}`` JSON
+body (``transcribe``); ``check_transcribe`` refuses a request before its
+upload arrives, so a request that cannot succeed stops the upload at once.
+Failures are :class:`BackendError` with an HTTP status hint.
 Cancelling the consuming task aborts the upstream HTTP request at once
 (httpx closes the connection when its stream context is left).
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import io
 import re
 import struct
 import time
@@ -43,6 +48,8 @@ class Backend(Protocol):
     capabilities: tuple[str, ...]
     #: Image generation models it serves, declared in ``hello.image_models``.
     image_models: tuple[str, ...]
+    #: Transcription models it serves, declared in ``hello.transcribe_models``.
+    transcribe_models: tuple[str, ...]
 
     async def models(self) -> list[str]: ...
 
@@ -52,7 +59,33 @@ class Backend(Protocol):
 
     async def images(self, body: dict[str, Any]) -> bytes: ...
 
+    def check_transcribe(self, body: dict[str, Any]) -> None: ...
+
+    async def transcribe(self, body: dict[str, Any], audio: bytes) -> bytes: ...
+
     async def aclose(self) -> None: ...
+
+
+#: OpenAI's transcription answer formats; the agent answers every one as JSON
+#: (``text``, ``srt`` and ``vtt`` as ``{"text": <the document>}``).
+RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
+#: Fields of a ``transcribe`` body passed on to the model server as form fields.
+TRANSCRIBE_FIELDS = ("model", "language", "prompt", "response_format", "temperature")
+
+
+def check_transcribe_body(body: dict[str, Any], models: tuple[str, ...]) -> None:
+    """What every backend refuses before the audio arrives (422, or 404 for a model it does not serve)."""
+    model = body.get("model")
+    if not isinstance(model, str) or model not in models:
+        raise BackendError(404, f"no transcription model {model!r} here (this agent serves {', '.join(models)})",
+                           "model_not_found")
+    response_format = body.get("response_format", "json")
+    if response_format not in RESPONSE_FORMATS:
+        raise BackendError(422, f"response_format must be one of {', '.join(RESPONSE_FORMATS)}",
+                           "invalid_response_format")
+    for name in ("filename", "content_type"):
+        if not isinstance(body.get(name, ""), str):
+            raise BackendError(422, f"{name} must be a string", "invalid_request")
 
 
 # -- OpenAI-compatible upstream -------------------------------------------------
@@ -92,17 +125,23 @@ class OpenAIBackend:
 
     Given ``image_models``, also its ``/images/generations``: only then does
     the agent declare ``images``, since ``/models`` does not say which of a
-    server's models draw.
+    server's models draw.  Given ``transcribe_models``, likewise its
+    ``/audio/transcriptions`` (``transcribe``).
     """
 
     def __init__(self, base_url: str, *, api_key: str | None = None, models: list[str] | None = None,
-                 image_models: list[str] | None = None, timeout: float = 600.0,
-                 transport: httpx.AsyncBaseTransport | None = None):
+                 image_models: list[str] | None = None, transcribe_models: list[str] | None = None,
+                 timeout: float = 600.0, transport: httpx.AsyncBaseTransport | None = None):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.base_url = base_url.rstrip("/")
         self._configured_models = models or []
         self.image_models: tuple[str, ...] = tuple(image_models or ())
-        self.capabilities: tuple[str, ...] = (wire.OP_CHAT, wire.OP_IMAGES) if self.image_models else (wire.OP_CHAT,)
+        self.transcribe_models: tuple[str, ...] = tuple(transcribe_models or ())
+        self.capabilities: tuple[str, ...] = (
+            wire.OP_CHAT,
+            *((wire.OP_IMAGES,) if self.image_models else ()),
+            *((wire.OP_TRANSCRIBE,) if self.transcribe_models else ()),
+        )
         self._timeout = timeout
         self.client = httpx.AsyncClient(
             base_url=self.base_url,
@@ -190,6 +229,40 @@ class OpenAIBackend:
             converted.append({**rest, "b64_json": await self._fetch_b64(url)})
         return orjson.dumps({**answer, "data": converted})
 
+    def check_transcribe(self, body: dict[str, Any]) -> None:
+        check_transcribe_body(body, self.transcribe_models)
+
+    async def transcribe(self, body: dict[str, Any], audio: bytes) -> bytes:
+        """POST the audio to ``/audio/transcriptions`` as multipart; one ``{"text": ...}`` JSON body.
+
+        ``json`` and ``verbose_json`` answers pass through as they are (after
+        a check that they hold a ``text``); ``text``, ``srt`` and ``vtt``
+        ones are the document itself, which goes back as its ``text``: the
+        relay's answer is always one JSON body, and it unwraps these for the
+        caller.
+        """
+        self.check_transcribe(body)
+        fields = {name: str(body[name]) for name in TRANSCRIBE_FIELDS if body.get(name) is not None}
+        filename = body.get("filename") or "audio"
+        content_type = body.get("content_type") or "application/octet-stream"
+        try:
+            response = await self.client.post("/audio/transcriptions", data=fields,
+                                              files={"file": (filename, audio, content_type)})
+        except httpx.HTTPError as exc:
+            raise _unreachable(exc) from exc
+        if response.status_code >= 400:
+            raise _upstream_error(response.status_code, response.content)
+        if body.get("response_format", "json") in ("text", "srt", "vtt"):
+            return orjson.dumps({"text": response.text})
+        try:
+            answer = orjson.loads(response.content)
+        except orjson.JSONDecodeError:
+            answer = None
+        if not isinstance(answer, dict) or not isinstance(answer.get("text"), str):
+            raise BackendError(502, "model server: /audio/transcriptions answered no JSON object with a text",
+                               "upstream_error")
+        return response.content
+
     async def _fetch_b64(self, url: str) -> str:
         """The image at ``url`` (on the model server's machine, typically), base64-encoded.
 
@@ -243,6 +316,7 @@ def _too_large(url: str) -> BackendError:
 
 DEMO_MODEL = "demo"
 DEMO_IMAGE_MODEL = "demo-image"
+DEMO_TRANSCRIBE_MODEL = "demo-transcribe"
 DEMO_IMAGE_SIZE = (256, 256)
 MAX_DEMO_IMAGE_SIDE = 1024
 #: As many as the relay lets a caller ask for (``ImageRequest.n``, OpenAI's own
@@ -341,12 +415,64 @@ def _count_tokens(messages: Any) -> int:
     return sum(len(text_of(m.get("content")).split()) + 3 for m in messages if isinstance(m, dict))
 
 
+def wav_summary(audio: bytes) -> tuple[float, int, int] | None:
+    """(seconds, sample rate, channels) of a PCM WAV file, read from its header; None if it is not one.
+
+    Walks the RIFF chunks by hand (the ``wave`` module would do, but only
+    for PCM and only on a file it can fully open): ``fmt `` gives the rate,
+    the channels and the bytes per second, ``data`` the length.
+    """
+    if len(audio) < 12 or audio[:4] != b"RIFF" or audio[8:12] != b"WAVE":
+        return None
+    stream = io.BytesIO(audio)
+    stream.seek(12)
+    rate = channels = byte_rate = 0
+    while True:
+        header = stream.read(8)
+        if len(header) < 8:
+            return None
+        kind, size = header[:4], struct.unpack("<I", header[4:])[0]
+        if kind == b"fmt ":
+            fmt = stream.read(size)
+            if len(fmt) < 16:
+                return None
+            _, channels, rate, byte_rate = struct.unpack("<HHII", fmt[:12])
+        elif kind == b"data":
+            if not rate or not channels or not byte_rate:
+                return None  # data before its format: not a file we can read
+            # A streamed WAV may say 0 or 0xFFFFFFFF: count what is there.
+            length = min(size, len(audio) - stream.tell())
+            return length / byte_rate, rate, channels
+        else:
+            stream.seek(size + (size & 1), io.SEEK_CUR)  # chunks are padded to even sizes
+
+
+def demo_transcript(audio: bytes, content_type: str) -> tuple[str, float]:
+    """What the demo model "hears": the WAV's length and format, or the file's size and hash."""
+    summary = wav_summary(audio)
+    if summary is not None:
+        seconds, rate, channels = summary
+        return (f"demo transcript: {seconds:g} s of audio, {rate} Hz, {channels} "
+                f"channel{'s' if channels != 1 else ''}"), seconds
+    digest = hashlib.sha256(audio).hexdigest()[:12]
+    return f"demo transcript: {len(audio)} bytes of {content_type or 'audio'}, sha256 {digest}", 0.0
+
+
+def _timestamp(seconds: float, separator: str) -> str:
+    millis = round(seconds * 1000)
+    hours, rest = divmod(millis, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    return f"{hours:02d}:{minutes:02d}:{rest // 1000:02d}{separator}{rest % 1000:03d}"
+
+
 class DemoBackend:
     """A built-in model that streams a fixed reply word by word at ``rate`` words/s,
-    and draws a pattern of the prompt's colours for ``images``."""
+    draws a pattern of the prompt's colours for ``images``, and "transcribes"
+    audio by reading its header for ``transcribe``."""
 
-    capabilities: tuple[str, ...] = (wire.OP_CHAT, wire.OP_IMAGES)
+    capabilities: tuple[str, ...] = (wire.OP_CHAT, wire.OP_IMAGES, wire.OP_TRANSCRIBE)
     image_models: tuple[str, ...] = (DEMO_IMAGE_MODEL,)
+    transcribe_models: tuple[str, ...] = (DEMO_TRANSCRIBE_MODEL,)
 
     def __init__(self, rate: float = 20.0, model: str = DEMO_MODEL):
         self.rate = rate
@@ -423,6 +549,24 @@ class DemoBackend:
             "created": int(time.time()),
             "data": [{"b64_json": picture, "revised_prompt": prompt} for picture in pictures],
         })
+
+    def check_transcribe(self, body: dict[str, Any]) -> None:
+        check_transcribe_body(body, self.transcribe_models)
+
+    async def transcribe(self, body: dict[str, Any], audio: bytes) -> bytes:
+        self.check_transcribe(body)
+        text, seconds = demo_transcript(audio, str(body.get("content_type") or ""))
+        response_format = body.get("response_format", "json")
+        end = seconds or 1.0
+        if response_format == "srt":
+            text = f"1\n{_timestamp(0, ',')} --> {_timestamp(end, ',')}\n{text}\n"
+        elif response_format == "vtt":
+            text = f"WEBVTT\n\n{_timestamp(0, '.')} --> {_timestamp(end, '.')}\n{text}\n"
+        if response_format != "verbose_json":
+            return orjson.dumps({"text": text})
+        language = body.get("language") if isinstance(body.get("language"), str) else "en"
+        return orjson.dumps({"task": "transcribe", "language": language, "duration": seconds, "text": text,
+                             "segments": [{"id": 0, "start": 0.0, "end": seconds, "text": text}]})
 
     async def aclose(self) -> None:
         pass

@@ -2,7 +2,7 @@
 
     relay-agent run --relay-url URL [--token T] --backend demo|openai
                     [--upstream-url URL] [--model NAME] [--image-model NAME]
-                    [--max-concurrency N]
+                    [--transcribe-model NAME] [--max-concurrency N]
     relay-agent register --relay-url URL [--name NAME]
     relay-agent status --relay-url URL [--instance-id ID] [--json]
 
@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--image-model",
                      help="image generation model(s) to serve, comma-separated (AGENT_IMAGE_MODEL); with them "
                           "the agent also answers /images/generations (openai backend; the demo has demo-image)")
+    run.add_argument("--transcribe-model",
+                     help="transcription model(s) to serve, comma-separated (AGENT_TRANSCRIBE_MODEL); with them "
+                          "the agent also answers /audio/transcriptions (openai backend; the demo has "
+                          "demo-transcribe)")
     run.add_argument("--max-concurrency", type=int, help="requests served at once (AGENT_MAX_CONCURRENCY, default 8)")
     run.add_argument("--name", help="instance name when registering (AGENT_NAME)")
     run.add_argument("--demo-rate", type=float, help="demo model words per second, 0 = unthrottled (AGENT_DEMO_RATE)")
@@ -85,7 +89,8 @@ def registration_headers(settings: AgentSettings) -> dict[str, str]:
 def settings_from(args: argparse.Namespace) -> AgentSettings:
     overrides: dict[str, Any] = {}
     for name in ("relay_url", "token", "backend", "upstream_url", "upstream_api_key", "model", "image_model",
-                 "max_concurrency", "name", "description", "credentials", "demo_rate", "registration_key"):
+                 "transcribe_model", "max_concurrency", "name", "description", "credentials", "demo_rate",
+                 "registration_key"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
@@ -100,7 +105,7 @@ def make_backend(settings: AgentSettings):
         raise SystemExit("relay-agent: --backend openai needs --upstream-url (e.g. http://127.0.0.1:11434/v1)")
     return OpenAIBackend(settings.upstream_url, api_key=settings.upstream_api_key,
                          models=settings.model_names(), image_models=settings.image_model_names(),
-                         timeout=settings.upstream_timeout)
+                         transcribe_models=settings.transcribe_model_names(), timeout=settings.upstream_timeout)
 
 
 async def obtain_credentials(settings: AgentSettings) -> Credentials:
@@ -140,6 +145,7 @@ async def serve(settings: AgentSettings) -> None:
         client = AgentClient(
             relay_url=settings.relay_url, token=creds.agent_token, backend=backend, models=models,
             max_concurrency=settings.max_concurrency, max_backoff=settings.max_backoff, on_status=console.event,
+            max_upload=settings.max_upload_bytes,
         )
         console.attach(client.status)
         refresher = asyncio.create_task(console.run())

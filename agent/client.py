@@ -5,6 +5,14 @@ connection ends, and starts over with backoff, forever (unless the relay
 says retrying is pointless: bad token, incompatible protocol).  Each request
 runs in its own task against the backend; a ``cancel`` from the relay cancels
 that task, which aborts the upstream HTTP request.
+
+A request with an upload (``request.upload``: an audio file) is stored as
+its ``upload`` frames arrive, into a buffer that can hold exactly the
+declared size and no more; the read loop only stores and counts (it never
+waits), and the request's task sends the credit that lets the relay go on.
+The operation runs once all of it is there.  Checks that need no audio
+(capacity, capability, size, the backend's own) run first, so a request
+that cannot succeed fails before its upload is sent, and the relay stops.
 """
 
 from __future__ import annotations
@@ -60,10 +68,25 @@ class AgentStatus:
 
 
 @dataclass
+class _Upload:
+    """A request's upload as it arrives: the account, the bytes, the credit owed the relay."""
+
+    receiver: wire.UploadReceiver
+    data: bytearray = field(default_factory=bytearray)
+    owed: int = 0
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
 class _Stream:
     task: asyncio.Task
     window: wire.SendWindow
     credit: asyncio.Event = field(default_factory=asyncio.Event)
+    upload: _Upload | None = None
+
+
+#: The largest upload the agent accepts by default: OpenAI's own limit for audio.
+DEFAULT_MAX_UPLOAD = 25 * 1024 * 1024
 
 
 def _error_of(chunk: bytes) -> BackendError | None:
@@ -90,6 +113,7 @@ class AgentClient:
         max_concurrency: int = 8,
         max_backoff: float = 30.0,
         on_status: Callable[[str], None] | None = None,
+        max_upload: int = DEFAULT_MAX_UPLOAD,
     ):
         # Several relay URLs may be given (comma-separated): when one fails
         # or asks us to go away, the next attempt uses the next one.
@@ -99,6 +123,8 @@ class AgentClient:
         self.backend = backend
         self.models = models
         self.max_concurrency = max_concurrency
+        #: The largest request upload it holds (a larger one is refused with 413 before it is sent).
+        self.max_upload = max_upload
         #: Operations this agent can run, declared in its hello (protocol 2).
         self.capabilities = tuple(backend.capabilities)
         self.protocol = wire.PROTOCOL_VERSION  # the version agreed with the relay
@@ -209,6 +235,7 @@ class AgentClient:
             models=tuple(self.models), max_concurrency=self.max_concurrency,
             capabilities=self.capabilities, min_protocol=min(wire.SUPPORTED_VERSIONS),
             image_models=tuple(self.backend.image_models),
+            transcribe_models=tuple(getattr(self.backend, "transcribe_models", ())),
         )
         await ws.send(wire.encode(hello))
         # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancel
@@ -226,9 +253,11 @@ class AgentClient:
         self.connected.set()
         image_models = self.backend.image_models
         images = f"; image models {', '.join(image_models)}" if image_models else ""
+        transcribe_models = getattr(self.backend, "transcribe_models", ())
+        audio = f"; transcription models {', '.join(transcribe_models)}" if transcribe_models else ""
         self.on_status(
             f"connected to {self.relay_url} (node {welcome.node_id}) as instance {welcome.instance_id}; "
-            f"models {', '.join(self.models)}{images}; chat URL {welcome.chat_url}"
+            f"models {', '.join(self.models)}{images}{audio}; chat URL {welcome.chat_url}"
         )
         if newer_version(welcome.latest_agent_version, __version__):
             self.status.upgrade = welcome.latest_agent_version
@@ -263,6 +292,8 @@ class AgentClient:
                     if stream is not None:
                         stream.window.grant(amount)
                         stream.credit.set()
+                case wire.Upload(id=sid, payload=payload):
+                    self._store_upload(sid, payload)
                 case wire.Request() as request:
                     self._start(request)
                 case wire.Cancel(id=sid):
@@ -282,9 +313,42 @@ class AgentClient:
         if request.id in self._streams:
             raise wire.ProtocolError(f"relay reused stream id {request.id}")
         window = wire.SendWindow(request.window)
+        # The account exists before the task runs: upload frames may follow at once.
+        upload = _Upload(wire.UploadReceiver(request.id, request.upload, request.window)) if request.upload else None
         task = asyncio.create_task(self._handle(request, window))
-        self._streams[request.id] = _Stream(task, window)
+        self._streams[request.id] = _Stream(task, window, upload=upload)
         self.status.inflight = len(self._streams)
+
+    def _store_upload(self, sid: int, payload: bytes) -> None:
+        """One upload frame: counted against the credit granted and the size declared, then stored.
+
+        Never waits: the read loop serves every stream.  A frame for a
+        stream this agent no longer has is late (it failed early, or was
+        cancelled) and is dropped; one beyond what was granted or declared
+        breaks the protocol.
+        """
+        stream = self._streams.get(sid)
+        if stream is None:
+            return
+        upload = stream.upload
+        if upload is None:
+            raise wire.ProtocolError(f"relay sent upload for stream {sid}, which declared none")
+        upload.owed += upload.receiver.receive(len(payload))
+        upload.data += payload
+        upload.arrived.set()
+
+    async def _receive_upload(self, sid: int, upload: _Upload) -> bytes:
+        """Wait for the whole upload, sending the credit owed as the bytes are stored."""
+        while True:
+            upload.arrived.clear()  # before looking: a frame stored meanwhile wakes us again
+            if upload.owed:
+                amount, upload.owed = upload.owed, 0
+                await self._send(wire.encode_credit(sid, amount))
+            if upload.receiver.complete:
+                data = bytes(upload.data)
+                upload.data = bytearray()  # held once, not twice, while the backend works
+                return data
+            await upload.arrived.wait()
 
     async def _handle(self, request: wire.Request, window: wire.SendWindow) -> None:
         sid = request.id
@@ -293,7 +357,11 @@ class AgentClient:
                 raise BackendError(503, "agent at capacity", "agent_at_capacity")
             if request.op not in self.capabilities:
                 raise BackendError(501, f"this agent cannot run {request.op!r}", "capability_not_supported")
-            if request.op == wire.OP_IMAGES:
+            if request.op == wire.OP_TRANSCRIBE:
+                await self._send_body(sid, window, await self._transcribe(request), request.window)
+            elif request.upload:
+                raise BackendError(400, f"{request.op!r} takes no upload", "invalid_request")
+            elif request.op == wire.OP_IMAGES:
                 await self._send_body(sid, window, await self.backend.images(request.body), request.window)
             elif request.stream:
                 await self._relay_stream(sid, window, request.body, cap=request.window)
@@ -314,6 +382,20 @@ class AgentClient:
         finally:
             self._streams.pop(sid, None)
             self.status.inflight = len(self._streams)
+
+    async def _transcribe(self, request: wire.Request) -> bytes:
+        # Everything that can be refused without the audio is, before it is sent.
+        if not request.upload:
+            raise BackendError(422, "a transcription needs an audio file", "invalid_request")
+        if request.upload > self.max_upload:
+            raise BackendError(413, f"the audio file ({request.upload} bytes) is larger than this agent takes "
+                                    f"({self.max_upload} bytes)", "upload_too_large")
+        self.backend.check_transcribe(request.body)
+        stream = self._streams.get(request.id)
+        if stream is None or stream.upload is None:
+            raise asyncio.CancelledError()  # cancelled before it began
+        audio = await self._receive_upload(request.id, stream.upload)
+        return await self.backend.transcribe(request.body, audio)
 
     async def _relay_stream(self, sid: int, window: wire.SendWindow, body: dict[str, Any], *, cap: int) -> None:
         """Read the model's stream and send it on.

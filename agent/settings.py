@@ -28,6 +28,12 @@ class AgentSettings(BaseSettings):
     #: Image generation models to serve, comma-separated (openai backend); empty
     #: = none, and the agent does not offer ``images``.  The demo serves its own.
     image_model: str | None = None
+    #: Transcription models to serve, comma-separated (openai backend); empty =
+    #: none, and the agent does not offer ``transcribe``.  The demo serves its own.
+    transcribe_model: str | None = None
+    #: The largest audio file (request upload) the agent holds; larger ones are
+    #: refused (413) before the relay sends them.  OpenAI's own limit by default.
+    max_upload_bytes: int = Field(default=25 * 1024 * 1024, ge=1)
     max_concurrency: int = Field(default=8, ge=1, le=10_000)
     #: Name and description used when registering a new instance.
     name: str = "my-model"
@@ -51,6 +57,9 @@ class AgentSettings(BaseSettings):
 
     def image_model_names(self) -> list[str]:
         return _names(self.image_model)
+
+    def transcribe_model_names(self) -> list[str]:
+        return _names(self.transcribe_model)
 
 
 def _names(value: str | None) -> list[str]:

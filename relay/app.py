@@ -25,7 +25,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 from wire import redaction
 
-from . import api, dify, keys, openai_doors, swiftchat
+from . import api, audio, dify, keys, openai_doors, swiftchat
 from .access import AccessControl, ChatCORS
 from .conversations import ConversationStore
 from .crossnode import CrossNode
@@ -63,9 +63,11 @@ def routes(gateway: AgentGateway) -> list[BaseRoute]:
         Route("/api/chat/{instance_id}/chat/completions", openai_doors.instance_chat, methods=["POST"]),
         Route("/api/chat/{instance_id}/models", openai_doors.instance_models, methods=["GET"]),
         Route("/api/chat/{instance_id}/images/generations", openai_doors.instance_images, methods=["POST"]),
+        Route("/api/chat/{instance_id}/audio/transcriptions", audio.instance_transcriptions, methods=["POST"]),
         Route("/v1/chat/completions", openai_doors.global_chat, methods=["POST"]),
         Route("/v1/models", openai_doors.global_models, methods=["GET"]),
         Route("/v1/images/generations", openai_doors.global_images, methods=["POST"]),
+        Route("/v1/audio/transcriptions", audio.global_transcriptions, methods=["POST"]),
         # SwiftChat's backend API at the root.
         Route("/api/converse", swiftchat.converse, methods=["POST"]),
         Route("/api/models", swiftchat.models, methods=["POST", "GET"]),

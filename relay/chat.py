@@ -218,7 +218,7 @@ async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> N
 
 async def run_op(router: StreamRouter, instance_id: str, op: str, body_for: Callable[[tuple[str, ...]], Any],
                  settings: RelaySettings, receive: Receive | None = None, *, stream: bool, model: str = "",
-                 encoder: BodyEncoder | None = None) -> Response:
+                 encoder: BodyEncoder | None = None, upload: bytes = b"") -> Response:
     """Route one validated operation and build its response.
 
     ``body_for(models)`` makes the agent's request body once the agent is
@@ -231,19 +231,32 @@ async def run_op(router: StreamRouter, instance_id: str, op: str, body_for: Call
     for the model's first chunk, or for a whole non-streaming answer, end as
     soon as the caller hangs up: the server does not cancel a handler whose
     client left, and the model would otherwise work for nobody until a timeout.
+
+    ``upload`` is a request body too large for the request frame (an audio
+    file, read in full and bounded by the door): it follows the request in
+    frames of at most one window, each waiting for the agent's credit,
+    while the agent's frames are read as they come.  The agent answers only
+    once it has the whole upload, but may fail before, which stops the
+    upload at once; so does the caller hanging up.  The wait for the first
+    chunk starts when the upload is complete: it bounds the model's work,
+    not the transfer (which a stall limit bounds instead).
     """
     streaming = stream
-    opened = await router.open(instance_id, op, body_for, stream=streaming, model=model)
-    return await _answer(opened, settings, receive, streaming, encoder)
+    opened = await router.open(instance_id, op, body_for, stream=streaming, model=model, upload=len(upload))
+    return await _answer(opened, settings, receive, streaming, encoder, upload)
 
 
 async def _answer(stream: Stream, settings: RelaySettings, receive: Receive | None, streaming: bool,
-                  encoder: BodyEncoder | None) -> Response:
+                  encoder: BodyEncoder | None, upload: bytes = b"") -> Response:
     try:
         body = None
         with anyio.CancelScope() as waiting:
             watcher = asyncio.create_task(_cancel_on_disconnect(receive, waiting)) if receive else None
             try:
+                if upload:
+                    # Returns early if the stream ends: the agent's early error
+                    # is then the first item below.
+                    await stream.send_upload(upload, stall_timeout=settings.idle_timeout)
                 items = await first_items(stream, settings.first_chunk_timeout)
                 raise_if_error(items)
                 if not streaming:

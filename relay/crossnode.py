@@ -9,6 +9,13 @@ to B, so B's agent is held to the same per-stream window as a local one.  On
 A the stream is an ordinary :class:`streams.Stream` whose link is a
 :class:`RemoteLink`: one stream machine, two transports.
 
+An upload (a request's audio file) follows its request the same way: A
+publishes ``upload`` frames within the credit it holds, B queues them (at
+most one window: A has no more credit than that outstanding) and forwards
+them to the agent through its own stream's machine, and passes the agent's
+upload credit back to A, naming the agent session (which is what tells it
+from A's answer credit on the bus, see ``wire.bus``).
+
 Why pub/sub rather than Redis streams: this traffic is live and only useful
 to the one node waiting for it.  Pub/sub delivers in one hop and stores
 nothing; a stream would need XADD + XREAD + trimming per chunk and would keep
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Coroutine
 from typing import Any
 
@@ -57,17 +65,22 @@ class NodeGone(LinkLost):
 class RemoteLink:
     """The :class:`streams.StreamLink` of a stream whose agent sits on another node."""
 
-    __slots__ = ("bus", "node")
+    __slots__ = ("bus", "node", "session")
 
-    def __init__(self, bus: CrossNode, node: str):
+    def __init__(self, bus: CrossNode, node: str, session: str = ""):
         self.bus = bus
         self.node = node
+        #: The agent session on ``node``: its upload credit comes back naming it.
+        self.session = session
 
     async def send_credit(self, stream_id: int, amount: int) -> None:
         await self.bus.send(self.node, wire.Credit(stream_id, amount))
 
     async def send_cancel(self, stream_id: int, reason: str) -> None:
         await self.bus.send(self.node, wire.Cancel(stream_id, reason))
+
+    async def send_upload(self, stream_id: int, payload: bytes) -> None:
+        await self.bus.send(self.node, wire.Upload(stream_id, payload))
 
     def forget(self, stream_id: int) -> None:
         self.bus.ingress.pop(stream_id, None)
@@ -79,13 +92,20 @@ class RemoteLink:
 class _Served:
     """A stream this node's agent serves for another node (node B's side)."""
 
-    __slots__ = ("scope", "stream", "stopped_because")
+    __slots__ = ("scope", "stream", "stopped_because", "window", "uploads", "queued", "wake")
 
-    def __init__(self, scope: anyio.CancelScope):
+    def __init__(self, scope: anyio.CancelScope, window: int = wire.DEFAULT_WINDOW):
         self.scope = scope
         self.stream: Stream | None = None  # once the request is on its way to the agent
         #: Set when this node stops the stream itself: the caller's node is told why.
         self.stopped_because = ""
+        self.window = window
+        #: Upload frames from the caller's node not yet passed to the agent,
+        #: and their size: at most a window, or the caller's node broke the protocol.
+        self.uploads: deque[bytes] = deque()
+        self.queued = 0
+        #: Set when an upload frame or the agent's upload credit arrives.
+        self.wake = asyncio.Event()
 
     def stop(self, because: str = "") -> None:
         self.stopped_because = self.stopped_because or because
@@ -137,8 +157,11 @@ class CrossNode:
 
     # -- node A: the node the caller talks to ---------------------------------
 
-    async def open(self, entry: AgentEntry, op: str, body: dict[str, Any], stream: bool) -> Stream:
-        """Open a stream on ``entry``'s agent, on its node; NodeGone if that node is down."""
+    async def open(self, entry: AgentEntry, op: str, body: dict[str, Any], stream: bool, upload: int = 0) -> Stream:
+        """Open a stream on ``entry``'s agent, on its node; NodeGone if that node is down.
+
+        ``upload`` bytes are to follow (``Stream.send_upload`` publishes them).
+        """
         if not self.subscribed:
             # Node B would answer into the void and the caller would wait for
             # the first-chunk timeout: refuse now instead (just after a Redis
@@ -146,9 +169,10 @@ class CrossNode:
             raise ServiceNotReady("this relay node is reconnecting to its message bus; retry",
                                   headers={"Retry-After": "1"})
         self._next_id = self._next_id % wire.MAX_STREAM_ID + 1
-        remote = Stream(RemoteLink(self, entry.node), self._next_id, self.window, check_every=self.heartbeat_timeout)
+        remote = Stream(RemoteLink(self, entry.node, entry.session), self._next_id, self.window,
+                        check_every=self.heartbeat_timeout, upload=upload)
         self.ingress[remote.id] = remote
-        request = wire.Request(remote.id, body, stream, self.window, op, logs.request_id.get() or "")
+        request = wire.Request(remote.id, body, stream, self.window, op, logs.request_id.get() or "", upload)
         try:
             await self.send(entry.node, request, entry.session)
         except BaseException:
@@ -211,16 +235,45 @@ class CrossNode:
                     remote.fail(502, "the relay node holding the agent sent a bad frame", "relay_protocol_error")
                 if remote.finished:
                     self.ingress.pop(remote.id, None)
+            case wire.Credit() as credit if envelope.session:  # node B -> us (node A): the agent's upload credit
+                remote = self.ingress.get(credit.id)
+                link = remote.link if remote is not None else None
+                if remote is None or not isinstance(link, RemoteLink) or (link.node, link.session) != \
+                        (sender, envelope.session):
+                    return  # closed here already, or not that node's stream
+                try:
+                    remote.feed_credit(credit)
+                except wire.ProtocolError as exc:
+                    log.warning("node %s broke stream %s: %s", sender, remote.id, exc)
+                    remote.fail(502, "the relay node holding the agent sent a bad frame", "relay_protocol_error")
             case wire.Credit(id=sid, amount=amount):  # node A -> us (node B)
                 served = self.egress.get((sender, sid))
                 if served is not None and served.stream is not None:
                     self._spawn(served.stream.consumed(amount))
+            case wire.Upload() as upload:  # node A -> us (node B)
+                served = self.egress.get((sender, upload.id))
+                if served is None:
+                    return  # refused or stopped here: node A has heard, or will, from the error we sent
+                if served.queued + len(upload.payload) > served.window:
+                    log.warning("node %s sent more of stream %s's upload than the agent granted", sender, upload.id)
+                    served.stop("the caller's relay node sent more upload than the agent granted")
+                    return
+                served.uploads.append(upload.payload)
+                served.queued += len(upload.payload)
+                served.wake.set()
             case wire.Cancel(id=sid):
                 served = self.egress.get((sender, sid))
                 if served is not None:
                     served.stop()
             case wire.Request() as request:
-                self._spawn(self._serve(sender, envelope.session, request))
+                key = (sender, request.id)
+                if key in self.egress:
+                    self._spawn(self._reply_error(sender, request.id, "agent no longer available on its relay node"))
+                    return
+                # Listed before anything is awaited, so neither a cancel nor the
+                # upload frames that follow the request at once are lost.
+                served = self.egress[key] = _Served(anyio.CancelScope(), request.window)
+                self._spawn(self._serve(sender, envelope.session, request, served))
             case wire.Kick(reason=reason):
                 session = self.sessions.by_session(envelope.session)
                 if session is not None:
@@ -273,32 +326,38 @@ class CrossNode:
 
     # -- node B: the node the agent is connected to ----------------------------
 
-    async def _serve(self, reply: str, session_id: str, request: wire.Request) -> None:
+    async def _serve(self, reply: str, session_id: str, request: wire.Request, served: _Served) -> None:
         logs.bind(request_id=request.request_id or None)
         key = (reply, request.id)
         session = self.sessions.by_session(session_id)
         if session is None or not session.has_capacity or request.op not in session.capabilities \
-                or key in self.egress:
+                or (request.upload and session.protocol < 2):
+            self.egress.pop(key, None)
             await self._reply_error(reply, request.id, "agent no longer available on its relay node")
             return
         logs.bind(instance_id=session.instance_id)
-        # Listed before the first await, so a cancel that arrives while the
-        # request is on its way to the agent is not lost.  The scope, unlike a
-        # task's cancel(), stays cancelled: no await inside can swallow it.
-        served = self.egress[key] = _Served(anyio.CancelScope())
+        # The scope, unlike a task's cancel(), stays cancelled: no await
+        # inside can swallow it.
         self.forwarded_in += 1
         local: Stream | None = None
+        uploader: asyncio.Task[None] | None = None
         try:
             with served.scope:
                 local = await session.open_stream(request.op, request.body, stream=request.stream,
-                                                  request_id=request.request_id, window=request.window)
+                                                  request_id=request.request_id, window=request.window,
+                                                  upload=request.upload)
                 served.stream = local
+                if request.upload:
+                    local.on_upload_credit = served.wake.set
+                    uploader = asyncio.create_task(self._forward_upload(reply, session_id, request.id, served, local))
                 await self._forward(reply, request.id, local)
         except NodeGone:
             pass  # the caller's node went away: nobody to tell
         except LinkLost as exc:  # the agent, or Redis for a moment: tell the caller's node if we can
             served.stopped_because = served.stopped_because or f"relay node holding the agent: {exc}"
         finally:
+            if uploader is not None:
+                uploader.cancel()
             self.egress.pop(key, None)
             with cleanup_scope():
                 if local is not None:
@@ -312,7 +371,9 @@ class CrossNode:
             try:
                 items = await local.next(self.heartbeat_timeout)
             except TimeoutError:
-                silent += self.heartbeat_timeout
+                # An agent receiving an upload is not silent: it answers after
+                # the last byte (node A bounds a stalled upload itself).
+                silent = 0.0 if local.tracker.uploading else silent + self.heartbeat_timeout
                 if not await self.node_alive(reply):
                     return
                 if silent >= self.idle_timeout:  # the caller's node gave up by now; so do we
@@ -329,6 +390,39 @@ class CrossNode:
             if type(last) is wire.StreamError:
                 await self.send(reply, wire.StreamError(stream_id, last.status, last.message, last.code))
                 return
+
+    async def _forward_upload(self, reply: str, session_id: str, stream_id: int, served: _Served,
+                              local: Stream) -> None:
+        """Pass node A's upload frames to the agent, and the agent's upload credit back to A.
+
+        Frames go through the local stream's machine, which holds them to the
+        agent's credit (node A cannot have more); credit goes back as the
+        difference since the last one passed on, so none is lost or doubled
+        whichever order the wake-ups come in.  Ends with the upload, or when
+        the stream stops uploading (the agent failed, a cancel); never raises:
+        a lost agent fails the local stream, which ``_forward`` reports.
+        """
+        passed_on = 0
+        try:
+            while True:
+                served.wake.clear()  # before looking: what arrives from here on wakes us again
+                while served.uploads:
+                    payload = served.uploads.popleft()
+                    served.queued -= len(payload)
+                    if not await local.push_upload(payload):
+                        served.uploads.clear()
+                        served.queued = 0
+                        break
+                granted = local.tracker.upload_granted
+                if granted > passed_on:
+                    await self.send_quietly(reply, wire.Credit(stream_id, granted - passed_on), session_id)
+                    passed_on = granted
+                if not local.tracker.uploading:
+                    return
+                await served.wake.wait()
+        except wire.ProtocolError as exc:  # more than the agent granted: node A's bug
+            log.warning("node %s broke the upload of stream %s: %s", reply, stream_id, exc)
+            local.fail(502, "the caller's relay node sent more upload than the agent granted", "relay_protocol_error")
 
     async def _reply_error(self, reply: str, stream_id: int, message: str, status: int = 503,
                            code: str = "instance_offline") -> None:

@@ -46,6 +46,7 @@ class Presence:
             connected_at=session.connected_at,
             capabilities=session.capabilities,
             image_models=session.image_models,
+            transcribe_models=session.transcribe_models,
         )
 
     async def connected(self, session: AgentSession) -> AgentEntry | None:

@@ -20,7 +20,7 @@ from typing import Any, cast
 import orjson
 from redis.asyncio import Redis
 
-from wire import OP_CHAT, OP_IMAGES
+from wire import OP_CHAT, OP_IMAGES, OP_TRANSCRIBE
 from wire.bus import ENVELOPE_VERSION
 
 from . import keys
@@ -63,6 +63,8 @@ class AgentEntry:
     capabilities: tuple[str, ...] = (OP_CHAT,)
     #: Image generation models (``hello.image_models``), for the ``images`` operation.
     image_models: tuple[str, ...] = ()
+    #: Transcription models (``hello.transcribe_models``), for the ``transcribe`` operation.
+    transcribe_models: tuple[str, ...] = ()
 
     def encode(self) -> bytes:
         return orjson.dumps(
@@ -74,6 +76,7 @@ class AgentEntry:
                 "connected_at": self.connected_at,
                 "capabilities": list(self.capabilities),
                 "image_models": list(self.image_models),
+                "transcribe_models": list(self.transcribe_models),
                 # Which bus envelope its node reads: a 0.1 node's entry has none,
                 # and other nodes cannot reach its agents (see the pick script).
                 "bus": ENVELOPE_VERSION,
@@ -92,11 +95,17 @@ class AgentEntry:
             connected_at=float(obj["connected_at"]),
             capabilities=tuple(obj.get("capabilities") or (OP_CHAT,)),
             image_models=tuple(obj.get("image_models") or ()),
+            transcribe_models=tuple(obj.get("transcribe_models") or ()),
         )
 
     def serves(self, op: str) -> tuple[str, ...]:
-        """The models this agent offers for ``op`` (image models for ``images``)."""
-        return self.image_models if op == OP_IMAGES else self.models
+        """The models this agent offers for ``op`` (image models for ``images``, transcription models
+        for ``transcribe``)."""
+        if op == OP_IMAGES:
+            return self.image_models
+        if op == OP_TRANSCRIBE:
+            return self.transcribe_models
+        return self.models
 
 
 # The agents of one instance whose node is alive, as {field, raw, decoded}.
@@ -140,7 +149,7 @@ return out
 # (ARGV[2], rotated by the caller): scanning from the top let the first
 # agent win every tie, so a replica never got a request that arrived alone.
 # ARGV[5], when not empty, is a model the agent must serve for that operation
-# (its 'models', or 'image_models' for images): replicas may serve different
+# (its 'models', 'image_models' for images, 'transcribe_models' for transcribe): replicas may serve different
 # models, and the global /v1 door names one.
 # KEYS: agents, load, instance.
 # Returns {'ok', agent_id, entry} | {'busy'} | {'incapable'} | {'no_model'} |
@@ -175,7 +184,10 @@ for k = 0, count - 1 do
   if can then
     capable = true
     if model ~= '' then
-      local served = entry[op == 'images' and 'image_models' or 'models']
+      local served_field = 'models'
+      if op == 'images' then served_field = 'image_models'
+      elseif op == 'transcribe' then served_field = 'transcribe_models' end
+      local served = entry[served_field]
       can = false
       if type(served) == 'table' then
         for _, m in ipairs(served) do

@@ -37,12 +37,15 @@ class StreamRouter:
         self.registry = registry
         self.bus = bus
 
-    async def open(self, instance_id: str, op: str, build_body: Any, *, stream: bool, model: str = "") -> Stream:
+    async def open(self, instance_id: str, op: str, build_body: Any, *, stream: bool, model: str = "",
+                   upload: int = 0) -> Stream:
         """Open a stream for ``op`` on an agent of the instance.
 
         ``build_body(models)`` makes the agent's request body once the agent
         (and so the models it serves for ``op``) is known.  ``model``, when
         given, restricts the choice to agents serving it (404 otherwise).
+        ``upload`` bytes of request body are to follow the request
+        (``Stream.send_upload``).
         """
         if self.node.draining:
             raise InstanceUnavailable("this relay node is shutting down; retry", code="node_draining",
@@ -69,9 +72,9 @@ class StreamRouter:
                         await release()  # it just left; its entry is being removed
                         continue
                     opened = await session.open_stream(op, body, stream=stream,
-                                                       request_id=logs.request_id.get() or "")
+                                                       request_id=logs.request_id.get() or "", upload=upload)
                 else:
-                    opened = await self.bus.open(chosen, op, body, stream)
+                    opened = await self.bus.open(chosen, op, body, stream, upload)
             except NodeGone:
                 await release()
                 excluded += (chosen.node,)

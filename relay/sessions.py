@@ -1,9 +1,10 @@
 """Agents connected to this node, and the streams they serve.
 
 An :class:`AgentSession` wraps one agent websocket: it assigns stream ids,
-sends requests, cancels and credit (it is the :class:`streams.StreamLink` of
-its local streams), and routes the agent's frames to the stream they belong
-to.  :class:`SessionManager` indexes this node's sessions by instance and by
+sends requests, uploads, cancels and credit (it is the
+:class:`streams.StreamLink` of its local streams), and routes the agent's
+frames to the stream they belong to (its upload credit included).
+:class:`SessionManager` indexes this node's sessions by instance and by
 session id.  Nothing here touches Redis.
 """
 
@@ -92,6 +93,7 @@ class AgentSession:
         # A version-1 agent can chat and nothing else, whatever it claims.
         self.capabilities = hello.capabilities if protocol >= 2 else (wire.OP_CHAT,)
         self.image_models = hello.image_models if protocol >= 2 else ()
+        self.transcribe_models = hello.transcribe_models if protocol >= 2 else ()
         self.max_concurrency = hello.max_concurrency
         self.window = window
         self.last_seen = time.monotonic()
@@ -138,20 +140,23 @@ class AgentSession:
             raise LinkLost(f"agent connection lost ({type(exc).__name__})") from None
 
     async def open_stream(self, op: str, body: dict[str, Any], *, stream: bool, request_id: str = "",
-                          window: int | None = None) -> Stream:
+                          window: int | None = None, upload: int = 0) -> Stream:
         """Send a request to the agent; LinkLost if it cannot take it.
 
         ``window`` is the requesting node's, for a stream served across nodes:
         the agent may send what that node buffers, no more (it grants credit
         in halves of its own window) and no less (or that node would never
-        grant any).
+        grant any).  ``upload`` bytes of request body are to follow
+        (``Stream.send_upload``, or node A's frames forwarded by node B).
         """
+        if upload and self.protocol < 2:
+            raise ValueError("a version-1 agent cannot take an upload")  # it declares no op that needs one
         self._next_id += 1
         window = window or self.window
-        opened = Stream(self, self._next_id, window)
+        opened = Stream(self, self._next_id, window, upload=upload)
         self.streams[opened.id] = opened
         try:
-            await self._send(wire.encode(wire.Request(opened.id, body, stream, window, op, request_id)))
+            await self._send(wire.encode(wire.Request(opened.id, body, stream, window, op, request_id, upload)))
         except BaseException:
             self.forget(opened.id)  # it may have reached the agent: its frames are then late, not foreign
             raise
@@ -162,6 +167,11 @@ class AgentSession:
 
     async def send_credit(self, stream_id: int, amount: int) -> None:
         await self._send(wire.encode_credit(stream_id, amount))
+
+    async def send_upload(self, stream_id: int, payload: bytes) -> None:
+        # One frame per send, under the send lock like every other: another
+        # stream's frame can go between any two frames of an upload.
+        await self._send(wire.encode_upload(stream_id, payload))
 
     async def send_event(self, event: wire.Event) -> None:
         await self._send(wire.encode(event))
@@ -202,6 +212,14 @@ class AgentSession:
                 elif target.finished:
                     del self.streams[event.id]
                     self.load_dirty = True
+            case wire.Credit() as credit:
+                # Agent -> relay, a credit can only be for an upload in progress.
+                target = self.streams.get(credit.id)
+                if target is None:
+                    if credit.id in self._dropped:
+                        return  # granted before it heard of our cancel
+                    raise wire.ProtocolError(f"credit for stream {credit.id}, which has no upload in progress")
+                target.feed_credit(credit)
             case wire.Ping(ts=ts):
                 await self._send(wire.encode(wire.Pong(ts)))
             case wire.Pong():

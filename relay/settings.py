@@ -59,6 +59,10 @@ class RelaySettings(BaseSettings):
     #: Largest HTTP request body accepted.  Images sent inline (data URIs,
     #: SwiftChat's image blocks) count: raise it for callers that send photos.
     max_body_bytes: int = 1024 * 1024
+    #: Largest file a caller may upload (audio for transcription; 413 past
+    #: it).  The door holds it in memory while it goes to the agent, one
+    #: window at a time.
+    max_upload_bytes: int = Field(default=15 * 1024 * 1024, ge=1)
     #: Largest non-streamed answer (a chat.completion, generated images) the
     #: relay holds for a caller; past it the request fails with 502.
     max_answer_bytes: int = 64 * 1024 * 1024

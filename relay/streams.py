@@ -12,6 +12,13 @@ relay's own failures (:meth:`Stream.fail`), the caller leaving
 (:meth:`Stream.close`).  Whatever breaks on the way, including the link
 refusing a credit frame, turns into a ``StreamError`` in the queue, so the
 caller always gets an error event and the end of the stream.
+
+A request with an upload (an audio file) sends it through the same stream
+(:meth:`Stream.send_upload`): one window at most per frame, each frame
+waiting for the agent's credit, so the upload shares the agent's websocket
+with every other stream frame by frame, and holds nothing beyond the bytes
+the door already read.  The machine stops it as soon as the stream ends
+for any reason (the agent failed early, the caller left, the link broke).
 """
 
 from __future__ import annotations
@@ -46,11 +53,13 @@ class LinkLost(Exception):
 
 
 class StreamLink(Protocol):
-    """Where a stream's credit and cancel frames go; raises :class:`LinkLost` when it cannot."""
+    """Where a stream's credit, cancel and upload frames go; raises :class:`LinkLost` when it cannot."""
 
     async def send_credit(self, stream_id: int, amount: int) -> None: ...
 
     async def send_cancel(self, stream_id: int, reason: str) -> None: ...
+
+    async def send_upload(self, stream_id: int, payload: bytes) -> None: ...
 
     def forget(self, stream_id: int) -> None: ...
 
@@ -123,13 +132,18 @@ class Stream:
     wait for credit, and the machine refuses a sender that does not.
     """
 
-    __slots__ = ("id", "link", "tracker", "on_close", "check_every", "_items", "_closed", "_sender_done",
-                 "_ended_here")
+    __slots__ = ("id", "link", "tracker", "on_close", "on_upload_credit", "check_every", "_items", "_closed",
+                 "_sender_done", "_ended_here", "_upload_wake")
 
-    def __init__(self, link: StreamLink, stream_id: int, window: int, *, check_every: float | None = None):
+    def __init__(self, link: StreamLink, stream_id: int, window: int, *, check_every: float | None = None,
+                 upload: int = 0):
         self.id = stream_id
         self.link = link
-        self.tracker = wire.StreamTracker(stream_id, window)
+        self.tracker = wire.StreamTracker(stream_id, window, upload=upload)
+        #: Called when the agent grants upload credit (node B passes it on to node A).
+        self.on_upload_credit: Callable[[], None] | None = None
+        #: Set whenever the uploader may be able to go on: credit came, or the stream ended.
+        self._upload_wake = asyncio.Event()
         #: Awaited once when the stream is closed (the router gives its slot back).
         self.on_close: Callable[[], Awaitable[None]] | None = None
         #: How long a silent stream waits before asking ``link.alive()`` (None: never).
@@ -160,6 +174,16 @@ class Stream:
         else:
             self._sender_done = True
             self._items.push(event)
+            self._upload_wake.set()  # an early error stops the upload
+
+    def feed_credit(self, event: wire.Credit) -> None:
+        """Upload credit from the agent; ProtocolError when no upload is in progress (the agent's fault)."""
+        if self._ended_here and not self._sender_done:
+            return  # ended here, the agent has not heard yet: its credit in flight means nothing now
+        self.tracker.receive(event)
+        self._upload_wake.set()
+        if self.on_upload_credit is not None:
+            self.on_upload_credit()
 
     def fail(self, status: int, message: str, code: str | None = None) -> None:
         """End the stream from the relay's side (agent lost, node gone ...); idempotent."""
@@ -167,6 +191,69 @@ class Stream:
         if self.tracker.end_here(error):
             self._ended_here = True
             self._items.push(error)
+            self._upload_wake.set()
+
+    # -- the upload ----------------------------------------------------------------
+
+    async def push_upload(self, payload: bytes) -> bool:
+        """Send one upload frame the credit covers; False once the stream has stopped uploading.
+
+        The frame is counted before it is sent, so the machine moves to OPEN
+        (answers allowed) before the agent can have the last byte.  A link
+        that cannot carry it fails the stream.  ProtocolError when it is
+        more than the credit allows (on node B: node A's fault).
+        """
+        if not self.tracker.uploading:
+            return False
+        self.tracker.receive(wire.Upload(self.id, payload))
+        try:
+            await self.link.send_upload(self.id, payload)
+        except LinkLost as exc:
+            log.warning("stream %s: upload frame not delivered (%s); failing it", self.id, exc)
+            self.fail(502, f"lost the agent mid-upload: {exc}", "agent_disconnected")
+            return False
+        return True
+
+    async def send_upload(self, data: bytes, *, stall_timeout: float) -> None:
+        """Send the request's upload (``data``, exactly ``tracker.upload`` bytes) as the credit allows.
+
+        Returns once all of it is sent, or as soon as the stream ended: the
+        agent failed early, the caller left (the stream was closed), the link
+        broke.  An agent that grants nothing for ``stall_timeout`` seconds
+        fails the stream (504); a link that can die silently (another node)
+        is checked every ``check_every`` seconds of waiting.
+        """
+        tracker = self.tracker
+        if len(data) != tracker.upload:
+            raise ValueError(f"upload of {len(data)} bytes on a stream that declared {tracker.upload}")
+        view = memoryview(data)
+        frame = tracker.window  # a frame never exceeds a window: the agent's frame limit fits one
+        while tracker.uploading:
+            room = tracker.upload_room
+            if room <= 0:
+                await self._wait_for_credit(stall_timeout)
+                continue
+            start = tracker.upload_sent
+            if not await self.push_upload(bytes(view[start : start + min(room, frame)])):
+                return
+
+    async def _wait_for_credit(self, stall_timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + stall_timeout
+        tracker = self.tracker
+        while tracker.uploading and tracker.upload_room <= 0:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                self.fail(504, f"the agent took none of the upload for {stall_timeout:g} s", "model_timeout")
+                return
+            slice_ = remaining if self.check_every is None else min(remaining, self.check_every)
+            self._upload_wake.clear()  # cleared before waiting, after checking: no wake-up is lost
+            try:
+                async with asyncio.timeout(slice_):
+                    await self._upload_wake.wait()
+            except TimeoutError:
+                if self.check_every is not None and tracker.uploading and not await self.link.alive():
+                    self.fail(502, "the relay node holding the agent is gone", "agent_disconnected")
 
     # -- drained by the HTTP response --------------------------------------------
 
@@ -221,6 +308,7 @@ class Stream:
         self._closed = True
         if self.tracker.end_here(wire.Cancel(self.id, reason)):
             self._ended_here = True
+        self._upload_wake.set()
         # Forgotten first: frames the sender sends while the cancel is on its
         # way are dropped as late, never taken for a protocol violation.
         self.link.forget(self.id)

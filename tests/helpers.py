@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import inspect
 import os
 import re
@@ -27,8 +28,9 @@ import httpx
 import orjson
 import uvicorn
 from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from agent.backends import DemoBackend, OpenAIBackend, encode_png
@@ -118,7 +120,7 @@ async def running_relay(redis_url: str, **overrides: Any) -> AsyncIterator[Runni
 
 @contextlib.asynccontextmanager
 async def running_agent(relay_url: str, token: str, backend=None, *, models=None, max_concurrency: int = 16,
-                        ) -> AsyncIterator[AgentClient]:
+                        max_upload: int | None = None) -> AsyncIterator[AgentClient]:
     """A connected agent; with an in-process relay, one that requests can already reach.
 
     The relay sends its welcome before it records the agent in Redis (a request
@@ -131,6 +133,7 @@ async def running_agent(relay_url: str, token: str, backend=None, *, models=None
     client = AgentClient(
         relay_url=relay_url, token=token, backend=backend, models=models or await backend.models(),
         max_concurrency=max_concurrency, max_backoff=1.0, on_status=lambda line: None,
+        **({} if max_upload is None else {"max_upload": max_upload}),
     )
     task = asyncio.create_task(client.run())
     try:
@@ -255,6 +258,12 @@ class FakeUpstream:
     ``/files/x.png`` instead, which serves ``image_file`` (``FAKE_PNG`` unless
     set), unsized (chunked), and records each download's headers in
     ``file_requests``.  ``fail_status`` fails image requests too.
+
+    ``/audio/transcriptions`` parses the multipart body as OpenAI would and
+    records, in ``transcriptions``, the file's size, SHA-256, name and
+    content type and the other fields; it answers ``{"text": "fake
+    transcript of N bytes"}``, or that text alone for the ``text``, ``srt``
+    and ``vtt`` formats.  ``fail_status`` fails it too.
     """
 
     chunks: int = 5
@@ -277,6 +286,7 @@ class FakeUpstream:
     image_as_url: bool = False
     image_file: bytes | None = None
     file_requests: list[dict[str, str]] = field(default_factory=list)
+    transcriptions: list[dict[str, Any]] = field(default_factory=list)
     _gate_open: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _released: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
@@ -290,7 +300,27 @@ class FakeUpstream:
             Route("/v1/chat/completions", self._chat, methods=["POST"]),
             Route("/v1/images/generations", self._images, methods=["POST"]),
             Route("/v1/files/{name}", self._file),
+            Route("/v1/audio/transcriptions", self._transcriptions, methods=["POST"]),
         ])
+
+    async def _transcriptions(self, request: Request) -> Response:
+        async with request.form(max_files=1) as form:
+            upload = form.get("file")
+            fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+            content = await upload.read() if isinstance(upload, UploadFile) else b""
+            record = {"size": len(content), "sha256": hashlib.sha256(content).hexdigest(), "fields": fields,
+                      "filename": upload.filename if isinstance(upload, UploadFile) else None,
+                      "content_type": upload.content_type if isinstance(upload, UploadFile) else None}
+        self.transcriptions.append(record)
+        if self.fail_status:
+            return JSONResponse({"error": {"message": "fake transcription failure", "type": "invalid_request_error"}},
+                                status_code=self.fail_status)
+        if not isinstance(upload, UploadFile):
+            return JSONResponse({"error": {"message": "no file", "type": "invalid_request_error"}}, status_code=400)
+        text = f"fake transcript of {len(content)} bytes"
+        if fields.get("response_format") in ("text", "srt", "vtt"):
+            return PlainTextResponse(text)
+        return JSONResponse({"text": text})
 
     async def _images(self, request: Request) -> Response:
         body = await request.json()

@@ -86,7 +86,7 @@ def png_of(item: dict) -> bytes:
 
 def test_the_demo_declares_images_and_its_image_model():
     demo = DemoBackend()
-    assert demo.capabilities == (wire.OP_CHAT, wire.OP_IMAGES)
+    assert demo.capabilities == (wire.OP_CHAT, wire.OP_IMAGES, wire.OP_TRANSCRIBE)
     assert demo.image_models == ("demo-image",)
 
 
@@ -440,7 +440,7 @@ async def test_the_hello_names_the_image_models():
     async with hand_relay(DemoBackend(rate=0), ["demo"]) as relay:
         assert relay.hello is not None
         assert relay.hello.image_models == ("demo-image",)
-        assert relay.hello.capabilities == (wire.OP_CHAT, wire.OP_IMAGES)
+        assert relay.hello.capabilities == (wire.OP_CHAT, wire.OP_IMAGES, wire.OP_TRANSCRIBE)
     async with running_upstream(FakeUpstream()) as upstream, hand_relay(openai_backend(upstream), ["m"]) as relay:
         assert relay.hello is not None
         assert relay.hello.image_models == () and relay.hello.capabilities == (wire.OP_CHAT,)

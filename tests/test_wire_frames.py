@@ -24,6 +24,7 @@ from wire import (
     ProtocolError,
     Request,
     StreamError,
+    Upload,
     Welcome,
     frames,
 )
@@ -32,14 +33,19 @@ from wire import (
 # has a default, so a field dropped by encode or decode cannot go unnoticed.
 EVERY_MESSAGE = [
     Hello(protocol=2, agent_version="0.1.0", agent_id="agent-1", models=("m1", "m2"), max_concurrency=4,
-          capabilities=("chat", "images"), min_protocol=2, image_models=("img-1", "img-2")),
+          capabilities=("chat", "images", "transcribe"), min_protocol=2, image_models=("img-1", "img-2"),
+          transcribe_models=("whisper-1",)),
     Welcome(protocol=2, instance_id="abc", node_id="node-1", heartbeat_interval=2.5, chat_url="http://x/api/chat/abc",
             latest_agent_version="0.9.1"),
     Request(id=7, body={"model": "m1", "messages": [{"role": "user", "content": "hi"}], "metadata": {"k": [1]}},
             stream=False, window=1024, op="images", request_id="req-1"),
+    Request(id=8, body={"model": "whisper-1", "filename": "a.wav"}, stream=False, window=2048, op="transcribe",
+            request_id="req-2", upload=15 * 1024 * 1024),
     Cancel(id=7, reason="client disconnected"),
     Data(id=7, payload=b'data: {"x": 1}\n\n'),
     Data(id=wire.MAX_STREAM_ID, payload=b""),
+    Upload(id=8, payload=b"RIFF\x24\x00\x00\x00WAVE"),
+    Upload(id=wire.MAX_STREAM_ID, payload=b""),
     Credit(id=7, amount=4096),
     Credit(id=1, amount=2**32 - 1),
     End(id=8),
@@ -57,7 +63,7 @@ def test_round_trip(event):
     encoded = wire.encode(event)
     assert wire.decode(encoded) == event
     # Hot-path frames are binary; control messages are JSON text.
-    if type(event) in (Data, Credit):
+    if type(event) in (Data, Upload, Credit):
         assert isinstance(encoded, bytes)
     else:
         assert isinstance(encoded, str)
@@ -94,6 +100,16 @@ EXACT = [
     (Kick("replaced"), '{"type":"kick","reason":"replaced"}'),
     (Data(3, b"data: x\n\n"), b"\x01\x00\x00\x00\x03data: x\n\n"),
     (Credit(258, 65536), b"\x02\x00\x00\x01\x02\x00\x01\x00\x00"),
+    # Kind 3, the same header as DATA; the payload is the file's bytes, untouched.
+    (Upload(259, b"\x00RIFF\xff"), b"\x03\x00\x00\x01\x03\x00RIFF\xff"),
+    # upload, when not zero, comes last; without it a request reads as above.
+    (Request(4, {"model": "w"}, False, 1024, "transcribe", "r10", 3_000_000),
+     '{"type":"request","id":4,"body":{"model":"w"},"stream":false,"window":1024,"op":"transcribe",'
+     '"request_id":"r10","upload":3000000}'),
+    # transcribe_models, when there are some, comes after image_models (left out when empty, like them).
+    (Hello(2, "0.2.0", "a1", ("m",), 4, ("chat", "transcribe"), 2, (), ("whisper-1",)),
+     '{"type":"hello","protocol":2,"agent_version":"0.2.0","agent_id":"a1","models":["m"],"max_concurrency":4,'
+     '"capabilities":["chat","transcribe"],"min_protocol":2,"transcribe_models":["whisper-1"]}'),
 ]
 
 
@@ -124,6 +140,28 @@ def test_image_models_are_optional_and_empty_means_none():
     assert wire.decode(_hello(image_models=["a", long_name])).image_models == ("a", long_name)
     # An agent without image models says nothing about them.
     assert "image_models" not in orjson.loads(wire.encode(Hello(2, "x", "a", ("m",), 1)))
+
+
+def test_transcribe_models_and_upload_are_optional_and_empty_means_none():
+    assert wire.OP_TRANSCRIBE == "transcribe"
+    assert wire.decode(_hello()).transcribe_models == ()
+    assert wire.decode(_hello(transcribe_models=[])).transcribe_models == ()
+    assert wire.decode(_hello(transcribe_models=["whisper-1"])).transcribe_models == ("whisper-1",)
+    assert "transcribe_models" not in orjson.loads(wire.encode(Hello(2, "x", "a", ("m",), 1)))
+    plain = Request(1, {}, True)
+    assert plain.upload == 0 and "upload" not in orjson.loads(wire.encode(plain))
+    assert wire.decode('{"type": "request", "id": 1, "body": {}, "stream": false, "upload": 0}').upload == 0
+    largest = wire.decode(f'{{"type": "request", "id": 1, "body": {{}}, "stream": false, "upload": {2**32 - 1}}}')
+    assert largest.upload == frames.MAX_UPLOAD
+
+
+def test_upload_frames_and_credit_share_the_data_header():
+    # The kind byte tells them apart; the payload is never interpreted.
+    payload = bytes(range(256)) * 4
+    assert wire.encode_upload(9, payload) == struct.pack("!BI", 3, 9) + payload
+    assert wire.decode(wire.encode_upload(9, payload)) == Upload(9, payload)
+    assert wire.decode(bytearray(wire.encode_upload(9, payload))) == Upload(9, payload)
+    assert wire.FrameKind.UPLOAD == 3
 
 
 def test_fields_a_side_does_not_know_are_ignored():
@@ -212,6 +250,15 @@ MALFORMED = [
     _hello(image_models="img"), _hello(image_models=None), _hello(image_models=[""]), _hello(image_models=[1]),
     _hello(image_models=[None]), _hello(image_models={"img": 1}), _hello(image_models=["ok", 2]),
     _hello(image_models=["x" * 1025]), _hello(image_models=["i"] * 10_001),
+    _hello(transcribe_models="w"), _hello(transcribe_models=None), _hello(transcribe_models=[""]),
+    _hello(transcribe_models=[3]), _hello(transcribe_models=["x" * 1025]),
+    # request.upload: a byte count, 0 to 2**32 - 1
+    '{"type": "request", "id": 1, "body": {}, "stream": false, "upload": -1}',
+    '{"type": "request", "id": 1, "body": {}, "stream": false, "upload": true}',
+    '{"type": "request", "id": 1, "body": {}, "stream": false, "upload": "10"}',
+    '{"type": "request", "id": 1, "body": {}, "stream": false, "upload": 1.5}',
+    '{"type": "request", "id": 1, "body": {}, "stream": false, "upload": null}',
+    '{"type": "request", "id": 1, "body": {}, "stream": false, "upload": 4294967296}',
     # bad stream ids
     '{"type": "cancel", "id": 0}',
     '{"type": "cancel", "id": -1}',
@@ -221,13 +268,14 @@ MALFORMED = [
     # binary frames: too short, unknown kind, bad credit length, bad stream id
     b"", b"\x01", b"\x01\x00\x00\x00",
     struct.pack("!BI", 0, 1),
-    struct.pack("!BI", 3, 1) + b"xyz",
+    struct.pack("!BI", 4, 1) + b"xyz",
     struct.pack("!BI", 255, 1),
     struct.pack("!BI", 2, 1),
     struct.pack("!BI", 2, 1) + b"\x00\x00\x01",
     struct.pack("!BI", 2, 1) + b"\x00\x00\x00\x01\x00",
     struct.pack("!BI", 1, 0) + b"payload",
     struct.pack("!BI", 2, 0) + b"\x00\x00\x00\x01",
+    struct.pack("!BI", 3, 0) + b"upload",
 ]
 
 
@@ -258,7 +306,8 @@ def test_decode_of_arbitrary_input_raises_only_protocol_error(message):
     st.sampled_from(["type", "id", "body", "stream", "window", "status", "message", "code", "usage", "model",
                      "reason", "ts", "protocol", "agent_version", "agent_id", "models", "max_concurrency",
                      "instance_id", "node_id", "heartbeat_interval", "chat_url", "capabilities", "min_protocol",
-                     "op", "request_id", "latest_agent_version", "image_models"]),
+                     "op", "request_id", "latest_agent_version", "image_models", "transcribe_models",
+                     "upload"]),
     st.one_of(st.sampled_from(list(frames._CONTROL_TYPES)), st.none(), st.booleans(),
               st.integers(-2**40, 2**40), st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=8),
               st.lists(st.text(max_size=3), max_size=3),

@@ -33,6 +33,7 @@ from .frames import (
     MAX_STREAM_ID,
     OP_CHAT,
     OP_IMAGES,
+    OP_TRANSCRIBE,
     PROTOCOL_VERSION,
     SUPPORTED_VERSIONS,
     Cancel,
@@ -50,25 +51,28 @@ from .frames import (
     ProtocolError,
     Request,
     StreamError,
+    Upload,
     Welcome,
     decode,
     encode,
     encode_credit,
     encode_data,
+    encode_upload,
     negotiate,
     parse_version,
 )
 from .openai import error_body, error_message
 from .sse import SSE_DONE, iter_sse_data, sse_event
-from .streams import SendWindow, StreamState, StreamTracker
+from .streams import SendWindow, StreamState, StreamTracker, UploadReceiver
 
 __version__ = "0.2.0"
 
 __all__ = [
-    "DEFAULT_WINDOW", "MAX_STREAM_ID", "OP_CHAT", "OP_IMAGES", "PROTOCOL_VERSION", "SSE_DONE", "SUPPORTED_VERSIONS",
-    "Cancel", "CloseCode", "ConverseStream", "Credit", "Data", "End", "Envelope", "Event", "FrameKind", "GoAway",
-    "Hello", "InvalidConverse", "Kick", "Ping", "Pong", "ProtocolError", "Request", "SendWindow", "StreamError",
-    "StreamFailed", "StreamState", "StreamTracker", "UnsupportedContent", "Welcome", "__version__",
-    "converse_request", "decode", "decode_envelope", "encode", "encode_credit", "encode_data", "encode_envelope",
-    "error_body", "error_message", "iter_sse_data", "negotiate", "openai_messages", "parse_version", "sse_event",
+    "DEFAULT_WINDOW", "MAX_STREAM_ID", "OP_CHAT", "OP_IMAGES", "OP_TRANSCRIBE", "PROTOCOL_VERSION", "SSE_DONE",
+    "SUPPORTED_VERSIONS", "Cancel", "CloseCode", "ConverseStream", "Credit", "Data", "End", "Envelope", "Event",
+    "FrameKind", "GoAway", "Hello", "InvalidConverse", "Kick", "Ping", "Pong", "ProtocolError", "Request",
+    "SendWindow", "StreamError", "StreamFailed", "StreamState", "StreamTracker", "UnsupportedContent", "Upload",
+    "UploadReceiver", "Welcome", "__version__", "converse_request", "decode", "decode_envelope", "encode",
+    "encode_credit", "encode_data", "encode_envelope", "encode_upload", "error_body", "error_message",
+    "iter_sse_data", "negotiate", "openai_messages", "parse_version", "sse_event",
 ]

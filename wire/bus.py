@@ -11,8 +11,11 @@ Layout of one message::
     magic 0x49 ("I") | envelope version u8 | sender length u8 | sender (ASCII)
     | session length u8 | session (ASCII) | one frame (frames.py: binary, or JSON)
 
-``session`` names the agent session a ``request`` is for, or the session a
-``kick`` closes; it is empty otherwise.  A node that receives a message it
+``session`` names the agent session a ``request`` is for, the session a
+``kick`` closes, or the agent session whose upload ``credit`` B relays to A;
+it is empty otherwise.  That is what tells the two credits apart on the bus,
+where no direction is implied: both name the stream by A's id, and a node
+may both open streams on another and serve that one's, with the same ids.  A node that receives a message it
 cannot decode drops it (:class:`ProtocolError`); it is never fatal.
 """
 
@@ -20,7 +23,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .frames import Credit, Data, Event, ProtocolError, decode, encode_control, encode_credit, encode_data
+from .frames import (
+    Credit,
+    Data,
+    Event,
+    ProtocolError,
+    Upload,
+    decode,
+    encode_control,
+    encode_credit,
+    encode_data,
+    encode_upload,
+)
 
 MAGIC = 0x49
 ENVELOPE_VERSION = 1
@@ -42,9 +56,11 @@ def _header(sender: str, session: str) -> bytes:
 
 
 def encode_envelope(sender: str, event: Event, session: str = "") -> bytes:
-    """One bus message; DATA keeps its payload unparsed, as on the websocket."""
+    """One bus message; DATA and UPLOAD keep their payload unparsed, as on the websocket."""
     if type(event) is Data:
         frame = encode_data(event.id, event.payload)
+    elif type(event) is Upload:
+        frame = encode_upload(event.id, event.payload)
     elif type(event) is Credit:
         frame = encode_credit(event.id, event.amount)
     else:

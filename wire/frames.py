@@ -13,19 +13,24 @@ relay nodes' bus alike:
   carries bytes the relay writes to the HTTP client verbatim: complete
   Server-Sent Events for a streaming request, the JSON body otherwise.  The
   relay never parses a chunk: the agent has CPU to spare on the owner's
-  machine, the relay is shared.  ``CREDIT`` (relay -> agent) grants one
-  stream more bytes of window (u32 payload); see ``streams.py``.
+  machine, the relay is shared.  ``UPLOAD`` (relay -> agent) carries the
+  request body that follows a ``request`` whose ``upload`` is not zero (an
+  audio file), never more than one window per frame.  ``CREDIT`` (u32
+  payload) grants one stream more bytes of window: relay -> agent for the
+  answer, agent -> relay for the upload; see ``streams.py``.
 
 A control frame always starts with ``{`` and a data frame with its kind
-byte (1 or 2), so one byte string can hold either (``decode`` accepts
+byte (1 to 3), so one byte string can hold either (``decode`` accepts
 ``bytes`` that hold JSON): that is how the bus carries both.
 
 Versions.  ``hello.protocol`` is the newest version the agent speaks and
 ``hello.min_protocol`` the oldest; the relay answers in ``welcome.protocol``
 with the newest version both speak, or closes with ``4001`` naming the side
 to upgrade (:func:`negotiate`).  Version 2 added ``request.op`` (what to do:
-``chat`` or ``images``), ``hello.capabilities`` (which ops the agent can do)
-and ``hello.image_models``; version-1 agents can do ``chat`` only and never
+``chat``, ``images`` or ``transcribe``), ``request.upload`` with the
+``UPLOAD`` frames and the agent's upload ``CREDIT``, ``hello.capabilities``
+(which ops the agent can do), ``hello.image_models`` and
+``hello.transcribe_models``; version-1 agents can do ``chat`` only and never
 receive anything else.
 Fields a side does not know are ignored, so a field with a default can be
 added without a new version.
@@ -49,6 +54,9 @@ SUPPORTED_VERSIONS = frozenset({1, 2})
 OP_CHAT = "chat"
 #: The operation of an image generation request (version 2).
 OP_IMAGES = "images"
+#: The operation of an audio transcription request (version 2): the audio
+#: file is the request's upload.
+OP_TRANSCRIBE = "transcribe"
 
 #: Default per-stream window the relay grants when a stream opens.
 DEFAULT_WINDOW = 256 * 1024
@@ -58,6 +66,9 @@ MAX_NAME_LENGTH = 128
 #: Model names come from model servers' ``/models``, some of which use long
 #: ids (paths, hub names): bounded, but generously.
 MAX_MODEL_NAME_LENGTH = 1024
+#: The largest ``request.upload`` a frame may declare: what u32 credit
+#: accounting describes.  Each side holds uploads to its own, far smaller, limit.
+MAX_UPLOAD = 2**32 - 1
 
 _HEADER = struct.Struct("!BI")
 _U32 = struct.Struct("!I")
@@ -91,6 +102,7 @@ class ProtocolError(Exception):
 class FrameKind(enum.IntEnum):
     DATA = 1
     CREDIT = 2
+    UPLOAD = 3
 
 
 # ---------------------------------------------------------------------------
@@ -112,6 +124,9 @@ class Hello:
     #: chat models.  Left out of the frame when empty, so a chat-only agent's
     #: hello reads exactly as it did before the field existed.
     image_models: tuple[str, ...] = ()
+    #: Transcription models it serves (for ``transcribe``); left out when
+    #: empty, like ``image_models``.
+    transcribe_models: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,9 +159,24 @@ class Request:
     never as a ``url`` (one on the owner's machine would be useless to the
     caller).
 
-    Either way a JSON body may span several ``DATA`` frames, none larger
-    than ``window``.  ``request_id`` is the relay's id of the HTTP request,
-    for the agent's log lines.
+    For ``transcribe``, ``body`` is ``model`` (one of
+    ``hello.transcribe_models``), ``filename``, ``content_type`` and the
+    optional OpenAI fields (``language``, ``prompt``, ``response_format``,
+    ``temperature``); the audio file is the upload.  The answer is one JSON
+    body ``{"text": ...}`` (``verbose_json`` adds OpenAI's other fields; for
+    ``text``, ``srt`` and ``vtt`` the document is the ``text``).
+
+    Whatever the op, a JSON body may span several ``DATA`` frames, none
+    larger than ``window``.  ``request_id`` is the relay's id of the HTTP
+    request, for the agent's log lines.
+
+    ``upload`` is the size of a request body that does not fit a control
+    frame (an audio file): that many bytes follow in ``UPLOAD`` frames, none
+    larger than ``window``.  The relay may send ``window`` bytes of it at
+    once and then only what the agent grants with ``CREDIT`` frames; the
+    agent answers (``DATA``/``END``) only once it has all of it, but may
+    fail the stream (``ERROR``) before, which stops the upload.  Left out of
+    the frame when zero, so other requests keep their bytes.
     """
 
     id: int
@@ -155,6 +185,7 @@ class Request:
     window: int = DEFAULT_WINDOW
     op: str = OP_CHAT
     request_id: str = ""
+    upload: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,8 +205,20 @@ class Data:
 
 
 @dataclass(frozen=True, slots=True)
+class Upload:
+    """Relay -> agent: the next bytes of a request's upload."""
+
+    id: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Credit:
-    """Relay -> agent: the agent may send ``amount`` more payload bytes."""
+    """The receiver of a stream's bytes lets its sender send ``amount`` more.
+
+    Relay -> agent: more of the answer (``DATA``).  Agent -> relay: more of
+    the upload (``UPLOAD``), only while one is in progress.
+    """
 
     id: int
     amount: int
@@ -224,7 +267,8 @@ class Kick:
     reason: str = "replaced by a newer connection"
 
 
-Event = Hello | Welcome | Request | Cancel | Data | Credit | End | StreamError | Ping | Pong | GoAway | Kick
+Event = (Hello | Welcome | Request | Cancel | Data | Upload | Credit | End | StreamError | Ping | Pong | GoAway
+         | Kick)
 
 _CONTROL_TYPES: dict[str, type] = {
     "hello": Hello,
@@ -242,7 +286,10 @@ _CONTROL_TAGS: dict[type, str] = {cls: tag for tag, cls in _CONTROL_TYPES.items(
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {cls: tuple(f.name for f in fields(cls)) for cls in _CONTROL_TAGS}
 #: Fields left out of a frame when empty: added after a version shipped, so
 #: frames that do not use them keep the exact bytes peers already know.
-_OMITTED_WHEN_EMPTY: dict[type, frozenset[str]] = {Hello: frozenset({"image_models"})}
+_OMITTED_WHEN_EMPTY: dict[type, frozenset[str]] = {
+    Hello: frozenset({"image_models", "transcribe_models"}),
+    Request: frozenset({"upload"}),
+}
 
 
 # ---------------------------------------------------------------------------
@@ -253,6 +300,8 @@ def encode(event: Event) -> str | bytes:
     """Serialise an event: ``bytes`` for data frames, ``str`` (JSON) for control frames."""
     if type(event) is Data:
         return encode_data(event.id, event.payload)
+    if type(event) is Upload:
+        return encode_upload(event.id, event.payload)
     if type(event) is Credit:
         return encode_credit(event.id, event.amount)
     return encode_control(event).decode()
@@ -276,6 +325,11 @@ def encode_control(event: Event) -> bytes:
 def encode_data(stream_id: int, payload: bytes) -> bytes:
     """The hot path: header + payload, no JSON involved."""
     return _HEADER.pack(FrameKind.DATA, stream_id) + payload
+
+
+def encode_upload(stream_id: int, payload: bytes) -> bytes:
+    """Upload bytes go the same way as answer bytes: header + payload, untouched."""
+    return _HEADER.pack(FrameKind.UPLOAD, stream_id) + payload
 
 
 def encode_credit(stream_id: int, amount: int) -> bytes:
@@ -311,6 +365,8 @@ def _decode_binary(message: bytes) -> Event:
         raise ProtocolError("binary frame for stream id 0")
     if kind == FrameKind.DATA:
         return Data(stream_id, message[_HEADER.size :])
+    if kind == FrameKind.UPLOAD:
+        return Upload(stream_id, message[_HEADER.size :])
     if kind == FrameKind.CREDIT:
         if len(message) != _HEADER.size + _U32.size:
             raise ProtocolError("credit frame must carry exactly 4 bytes")
@@ -394,6 +450,7 @@ def _hello(obj: dict[str, Any]) -> Hello:
         capabilities=_names(obj, "capabilities", [OP_CHAT], limit=MAX_CAPABILITIES),
         min_protocol=min_protocol,
         image_models=_optional_names(obj, "image_models", length=MAX_MODEL_NAME_LENGTH),
+        transcribe_models=_optional_names(obj, "transcribe_models", length=MAX_MODEL_NAME_LENGTH),
     )
 
 
@@ -415,6 +472,9 @@ def _request(obj: dict[str, Any]) -> Request:
     op: str = _field(obj, "op", str, OP_CHAT)
     if not 0 < len(op) <= MAX_NAME_LENGTH:
         raise ProtocolError("request.op must be a name")
+    upload: int = _field(obj, "upload", int, 0)
+    if not 0 <= upload <= MAX_UPLOAD:
+        raise ProtocolError(f"request.upload must be 0-{MAX_UPLOAD} bytes")
     return Request(
         id=_stream_id(obj),
         body=_field(obj, "body", dict),
@@ -422,6 +482,7 @@ def _request(obj: dict[str, Any]) -> Request:
         window=window,
         op=op,
         request_id=_field(obj, "request_id", str, ""),
+        upload=upload,
     )
 
 
