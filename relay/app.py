@@ -94,6 +94,7 @@ def dify_routes(base: str) -> list[BaseRoute]:
         Route(f"{base}/conversations/{{conversation_id}}/name", dify.rename_conversation, methods=["POST"]),
         Route(f"{base}/conversations/{{conversation_id}}", dify.delete_conversation, methods=["DELETE"]),
         Route(f"{base}/parameters", dify.parameters, methods=["GET"]),
+        Route(f"{base}/audio-to-text", dify.audio_to_text, methods=["POST"]),
     ]
 
 

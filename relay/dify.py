@@ -34,7 +34,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -42,6 +42,7 @@ import wire
 
 from . import keys
 from .access import Caller
+from .audio import audio_file, read_form, transcribe
 from .chat import run_op
 from .conversations import ConversationStore, Turn
 from .conversations import Scope as Owner
@@ -406,6 +407,23 @@ async def parameters(request: Request) -> Response:
     instance_id, _, _ = await _caller(request)
     found = await instance_parameters(request, instance_id)
     return ORJSONResponse({"introduction": found["introduction"], "variables": found["variables"]})
+
+
+async def audio_to_text(request: Request) -> Response:
+    """``POST …/audio-to-text``: multipart ``file`` -> ``{"text"}``, by an agent that can ``transcribe``.
+
+    The same operation as OpenAI's ``…/audio/transcriptions`` (``audio.py``),
+    which reads and checks the file: 15 MiB, mp3, mp4, mpeg, mpga, m4a, wav, webm.
+    """
+    _, _, admitted = await _caller(request, turn=True)
+    assert admitted is not None
+    try:
+        form = await read_form(request, request.app.state.settings.max_upload_bytes)
+    except ClientDisconnect:
+        return Response(status_code=499)
+    audio_file(form.filename, form.content_type)  # refused before a lease is taken
+    return await leased(request, admitted, lambda: transcribe(request, admitted, form.file, form.filename,
+                                                              form.content_type, {}, ""))
 
 
 async def purge(request: Request) -> Response:

@@ -291,3 +291,32 @@ async def test_bad_dify_requests(redis_url):
         assert_openai_error(await client.post("/api/chat/0000000000000000/chat-messages",
                                               json={"query": "hi", "user": "u"}), 404, code="instance_not_found")
         assert keys  # the key layout lives in one module
+
+
+async def test_audio_to_text_through_a_fake_upstream(redis_url):
+    upstream = FakeUpstream()
+    async with running_upstream(upstream), running_relay(redis_url) as relay, relay.client() as client:
+        iid, token = await relay.register("ears")
+        backend = OpenAIBackend(upstream.url, models=[upstream.model], transcribe_models=["whisper-1"])
+        async with running_agent(relay.url, token, backend):
+            key = (await client.post(f"/api/instances/{iid}/keys", headers=bearer(token),
+                                     json={"name": "k"})).json()["key"]
+            audio = b"ID3" + bytes(range(256)) * 4000  # about 1 MB, "mp3"
+            for base, headers in ((f"/api/chat/{iid}", {}), ("/v1", bearer(key))):
+                response = await client.post(f"{base}/audio-to-text", headers=headers,
+                                             files={"file": ("note.mp3", audio, "audio/mp3")})
+                assert response.status_code == 200, response.text
+                assert response.json() == {"text": f"fake transcript of {len(audio)} bytes"}
+            assert [t["size"] for t in upstream.transcriptions] == [len(audio)] * 2
+            refused = await client.post(f"/api/chat/{iid}/audio-to-text",
+                                        files={"file": ("notes.txt", b"hello", "text/plain")})
+            assert_openai_error(refused, 415, code="unsupported_file_format")
+        await backend.aclose()
+        # An instance whose agents cannot transcribe.
+        deaf = OpenAIBackend(upstream.url, models=[upstream.model])
+        other, other_token = await relay.register("deaf")
+        async with running_agent(relay.url, other_token, deaf):
+            response = await client.post(f"/api/chat/{other}/audio-to-text",
+                                         files={"file": ("a.wav", b"RIFF0000WAVE", "audio/wav")})
+            assert_openai_error(response, 501, code="capability_not_supported")
+        await deaf.aclose()

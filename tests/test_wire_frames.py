@@ -391,3 +391,10 @@ def test_wire_imports_nothing_of_either_side_nor_the_io_stack():
             "'websockets', 'httpx', 'anyio') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize(("text", "parsed"), [("1\u00b2", (1,)), ("\u0663.1", ()), ("0.2.\u00b9", (0, 2)),
+                                               ("2.0", (2, 0))])
+def test_parse_version_reads_ascii_digits_only(text, parsed):
+    # str.isdigit() takes superscripts (int() then raised: /api/upgrade answered 500) and other scripts' digits.
+    assert wire.parse_version(text) == parsed

@@ -567,7 +567,7 @@ def parse_version(text: str) -> tuple[int, ...]:
     for piece in text.split("."):
         digits = ""
         for ch in piece:
-            if not ch.isdigit():
+            if not "0" <= ch <= "9":  # str.isdigit() also takes "²" and "٣", which int() refuses or misreads
                 break
             digits += ch
         if not digits:
