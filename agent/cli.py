@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="transcription model(s) to serve, comma-separated (AGENT_TRANSCRIBE_MODEL); with them "
                           "the agent also answers /audio/transcriptions (openai backend; the demo has "
                           "demo-transcribe)")
+    run.add_argument("--introduction", help="opening statement suggested for the instance's conversation API "
+                                            "(AGENT_INTRODUCTION; the owner's PATCH wins)")
+    run.add_argument("--variables", help="JSON list of input variables suggested for the conversation API "
+                                         "(AGENT_VARIABLES), e.g. '[{\"key\": \"book\", \"required\": true}]'")
     run.add_argument("--max-concurrency", type=int, help="requests served at once (AGENT_MAX_CONCURRENCY, default 8)")
     run.add_argument("--name", help="instance name when registering (AGENT_NAME)")
     run.add_argument("--demo-rate", type=float, help="demo model words per second, 0 = unthrottled (AGENT_DEMO_RATE)")
@@ -90,7 +94,7 @@ def settings_from(args: argparse.Namespace) -> AgentSettings:
     overrides: dict[str, Any] = {}
     for name in ("relay_url", "token", "backend", "upstream_url", "upstream_api_key", "model", "image_model",
                  "transcribe_model", "max_concurrency", "name", "description", "credentials", "demo_rate",
-                 "registration_key"):
+                 "registration_key", "introduction", "variables"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
@@ -136,6 +140,10 @@ async def wait_for_models(backend, settings: AgentSettings) -> list[str]:
 
 
 async def serve(settings: AgentSettings) -> None:
+    try:
+        parameters = settings.parameters()
+    except ValueError as exc:
+        raise SystemExit(f"relay-agent: {exc}") from None
     backend = make_backend(settings)
     try:
         creds = await obtain_credentials(settings)
@@ -145,7 +153,7 @@ async def serve(settings: AgentSettings) -> None:
         client = AgentClient(
             relay_url=settings.relay_url, token=creds.agent_token, backend=backend, models=models,
             max_concurrency=settings.max_concurrency, max_backoff=settings.max_backoff, on_status=console.event,
-            max_upload=settings.max_upload_bytes,
+            max_upload=settings.max_upload_bytes, parameters=parameters,
         )
         console.attach(client.status)
         refresher = asyncio.create_task(console.run())

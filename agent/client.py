@@ -114,6 +114,7 @@ class AgentClient:
         max_backoff: float = 30.0,
         on_status: Callable[[str], None] | None = None,
         max_upload: int = DEFAULT_MAX_UPLOAD,
+        parameters: dict[str, Any] | None = None,
     ):
         # Several relay URLs may be given (comma-separated): when one fails
         # or asks us to go away, the next attempt uses the next one.
@@ -125,6 +126,8 @@ class AgentClient:
         self.max_concurrency = max_concurrency
         #: The largest request upload it holds (a larger one is refused with 413 before it is sent).
         self.max_upload = max_upload
+        #: ``hello.parameters``: the conversation API's suggested introduction and variables.
+        self.parameters = parameters or {}
         #: Operations this agent can run, declared in its hello (protocol 2).
         self.capabilities = tuple(backend.capabilities)
         self.protocol = wire.PROTOCOL_VERSION  # the version agreed with the relay
@@ -236,6 +239,7 @@ class AgentClient:
             capabilities=self.capabilities, min_protocol=min(wire.SUPPORTED_VERSIONS),
             image_models=tuple(self.backend.image_models),
             transcribe_models=tuple(getattr(self.backend, "transcribe_models", ())),
+            parameters=self.parameters,
         )
         await ws.send(wire.encode(hello))
         # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancel

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -35,6 +36,10 @@ class AgentSettings(BaseSettings):
     #: refused (413) before the relay sends them.  OpenAI's own limit by default.
     max_upload_bytes: int = Field(default=25 * 1024 * 1024, ge=1)
     max_concurrency: int = Field(default=8, ge=1, le=10_000)
+    #: Suggested for the instance's conversation (Dify) API; the owner's PATCH wins.
+    #: ``variables`` is a JSON list of {key, name, type, required, options, default}.
+    introduction: str = ""
+    variables: str = ""
     #: Name and description used when registering a new instance.
     name: str = "my-model"
     description: str = ""
@@ -47,6 +52,21 @@ class AgentSettings(BaseSettings):
     upstream_timeout: float = 600.0
     #: Longest backoff between reconnect attempts.
     max_backoff: float = 30.0
+
+    def parameters(self) -> dict[str, Any]:
+        """``hello.parameters``: what was set of ``introduction`` and ``variables``."""
+        out: dict[str, Any] = {}
+        if self.introduction:
+            out["introduction"] = self.introduction
+        if self.variables:
+            try:
+                variables = json.loads(self.variables)
+            except ValueError as exc:
+                raise ValueError(f"AGENT_VARIABLES / --variables is not JSON: {exc}") from None
+            if not isinstance(variables, list):
+                raise ValueError("AGENT_VARIABLES / --variables must be a JSON list of variables")
+            out["variables"] = variables
+        return out
 
     def primary_relay_url(self) -> str:
         """The first relay URL: where the agent registers and what keys its credentials."""

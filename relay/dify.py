@@ -109,13 +109,18 @@ def _user_param(request: Request) -> str:
 
 
 async def instance_parameters(request: Request, instance_id: str) -> dict[str, Any]:
-    """``introduction``, ``variables``, ``conversations`` (on unless the owner turned them off)."""
+    """``introduction``, ``variables``, ``conversations`` (on unless the owner turned them off).
+
+    The owner's settings (``PATCH``) win; what the instance's agent suggested
+    (``hello.parameters``) fills what the owner left unset.
+    """
     redis = request.app.state.redis
-    introduction, variables, enabled = await redis.hmget(
-        keys.instance(instance_id), "introduction", "variables", "conversations")
+    introduction, variables, enabled, suggested = await redis.hmget(
+        keys.instance(instance_id), "introduction", "variables", "conversations", "agent_parameters")
+    agent = orjson.loads(suggested) if suggested else {}
     return {
-        "introduction": introduction.decode() if introduction else "",
-        "variables": orjson.loads(variables) if variables else [],
+        "introduction": introduction.decode() if introduction is not None else agent.get("introduction", ""),
+        "variables": orjson.loads(variables) if variables is not None else agent.get("variables", []),
         "conversations": enabled != b"off",
     }
 

@@ -15,6 +15,7 @@ resubscription (events sent meanwhile are lost), and when the node drains.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import anyio
@@ -100,6 +101,9 @@ class AgentGateway:
         try:
             if not await self._credential_still_valid(session):
                 return
+            if version >= 2 and hello.parameters:
+                with contextlib.suppress(RedisError, OSError):  # a suggestion: never worth refusing the agent
+                    await self.registry.declare_parameters(instance_id, hello.parameters)
             previous = await self.presence.connected(session)
             if previous is not None and previous.node != self.node.node_id:
                 # The same agent reconnected here while its old session still

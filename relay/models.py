@@ -606,3 +606,11 @@ class DifyRename(DifyUser):
 
 class DifyFeedback(DifyUser):
     rating: Literal["like", "dislike"] | None
+
+
+class AgentParameters(BaseModel):
+    """``hello.parameters``: what an agent suggests for its instance's conversation API."""
+
+    model_config = ConfigDict(extra="ignore")
+    introduction: str = Field(default="", max_length=4000)
+    variables: list[DifyVariable] = Field(default_factory=list, max_length=50)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import itertools
+import logging
 import secrets
 import time
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import orjson
+from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from wire import OP_CHAT, OP_IMAGES, OP_TRANSCRIBE
@@ -25,6 +27,9 @@ from wire.bus import ENVELOPE_VERSION
 
 from . import keys
 from .errors import Forbidden, NotFound, Unauthorized
+from .models import AgentParameters
+
+log = logging.getLogger("relay.registry")
 
 TOKEN_PREFIX = "ira_"
 
@@ -244,6 +249,14 @@ return 0
 """
 
 
+# KEYS: instance hash.  ARGV: field, value.
+_SET_IF_EXISTS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+
 class InstanceRegistry:
     def __init__(self, redis: Redis, *, heartbeat_timeout: float, base_url: str):
         self.redis = redis
@@ -253,6 +266,7 @@ class InstanceRegistry:
         self._remove_agent = redis.register_script(_REMOVE_AGENT)
         self._release_agent = redis.register_script(_RELEASE_AGENT)
         self._pick_agent = redis.register_script(_PICK_AGENT)
+        self._set_if_exists = redis.register_script(_SET_IF_EXISTS)
         # Where each pick starts scanning the agents: rotates, so ties go round.
         self._tie_break = itertools.count(secrets.randbelow(1 << 20))
 
@@ -292,6 +306,22 @@ class InstanceRegistry:
         if not record:
             raise NotFound(f"instance {instance_id!r} not found", param="instance_id")
         return {text(k): text(v) for k, v in record.items()}
+
+    async def declare_parameters(self, instance_id: str, parameters: dict[str, Any]) -> None:
+        """Keep what an agent suggests for the conversation API (the owner's own settings win).
+
+        An agent is not trusted to get it right: what does not validate is
+        logged and dropped, and the agent keeps serving.
+        """
+        try:
+            checked = AgentParameters.model_validate(parameters)
+        except ValidationError as exc:
+            log.warning("instance %s: agent parameters ignored (%s)", instance_id, exc.errors()[0]["msg"])
+            return
+        stored = checked.model_dump(mode="json", exclude_none=True)
+        # Only onto an instance that still exists: a write after its deletion
+        # would bring back a record holding nothing else.
+        await self._set_if_exists(keys=[keys.instance(instance_id)], args=["agent_parameters", orjson.dumps(stored)])
 
     async def exists(self, instance_id: str) -> bool:
         return bool(await self.redis.exists(keys.instance(instance_id)))

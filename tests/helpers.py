@@ -120,7 +120,8 @@ async def running_relay(redis_url: str, **overrides: Any) -> AsyncIterator[Runni
 
 @contextlib.asynccontextmanager
 async def running_agent(relay_url: str, token: str, backend=None, *, models=None, max_concurrency: int = 16,
-                        max_upload: int | None = None) -> AsyncIterator[AgentClient]:
+                        max_upload: int | None = None, parameters: dict[str, Any] | None = None,
+                        ) -> AsyncIterator[AgentClient]:
     """A connected agent; with an in-process relay, one that requests can already reach.
 
     The relay sends its welcome before it records the agent in Redis (a request
@@ -133,7 +134,7 @@ async def running_agent(relay_url: str, token: str, backend=None, *, models=None
     client = AgentClient(
         relay_url=relay_url, token=token, backend=backend, models=models or await backend.models(),
         max_concurrency=max_concurrency, max_backoff=1.0, on_status=lambda line: None,
-        **({} if max_upload is None else {"max_upload": max_upload}),
+        **({} if max_upload is None else {"max_upload": max_upload}), parameters=parameters,
     )
     task = asyncio.create_task(client.run())
     try:

@@ -320,3 +320,26 @@ async def test_audio_to_text_through_a_fake_upstream(redis_url):
                                          files={"file": ("a.wav", b"RIFF0000WAVE", "audio/wav")})
             assert_openai_error(response, 501, code="capability_not_supported")
         await deaf.aclose()
+
+
+async def test_an_agent_may_suggest_the_parameters_and_the_owner_wins(redis_url):
+    async with running_relay(redis_url) as relay, relay.client() as client:
+        iid, token = await relay.register("suggested")
+        suggestion = {"introduction": "Hi, I read books.", "variables": [{"key": "book", "required": True}]}
+        async with running_agent(relay.url, token, parameters=suggestion):
+            params = (await client.get(f"/api/chat/{iid}/parameters")).json()
+            assert params["introduction"] == "Hi, I read books." and params["variables"][0]["key"] == "book"
+            refused = await client.post(f"/api/chat/{iid}/chat-messages", json={"query": "hi", "user": "u"})
+            assert_openai_error(refused, 422, code="input_required")
+            await client.patch(f"/api/instances/{iid}", headers=bearer(token),
+                               json={"introduction": "The owner speaks.", "variables": []})
+            params = (await client.get(f"/api/chat/{iid}/parameters")).json()
+            assert params == {"introduction": "The owner speaks.", "variables": []}
+        other, other_token = await relay.register("bad suggestion")
+        bad = {"variables": [{"key": "no spaces allowed"}], "introduction": 7}
+        async with running_agent(relay.url, other_token, parameters=bad) as agent:
+            assert agent.status.connected  # a bad suggestion is dropped, not a reason to refuse the agent
+            params = (await client.get(f"/api/chat/{other}/parameters")).json()
+            assert params == {"introduction": "", "variables": []}
+            reply = await client.post(f"/api/chat/{other}/chat-messages", json={"query": "hi", "user": "u"})
+            assert reply.status_code == 200

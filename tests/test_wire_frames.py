@@ -398,3 +398,15 @@ def test_wire_imports_nothing_of_either_side_nor_the_io_stack():
 def test_parse_version_reads_ascii_digits_only(text, parsed):
     # str.isdigit() takes superscripts (int() then raised: /api/upgrade answered 500) and other scripts' digits.
     assert wire.parse_version(text) == parsed
+
+
+def test_hello_parameters_are_an_optional_bounded_object():
+    hello = wire.Hello(protocol=2, agent_version="0.2.0", agent_id="a", models=("m",), max_concurrency=1,
+                       parameters={"introduction": "hi", "variables": [{"key": "book"}]})
+    assert wire.decode(wire.encode(hello)) == hello
+    plain = wire.Hello(protocol=2, agent_version="0.2.0", agent_id="a", models=("m",), max_concurrency=1)
+    assert b"parameters" not in wire.frames.encode_control(plain)  # left out when empty: older relays read the same bytes
+    base = orjson.loads(wire.frames.encode_control(plain))
+    for bad in ([], "x", 1, {"introduction": "x" * wire.frames.MAX_PARAMETERS_BYTES}):
+        with pytest.raises(wire.ProtocolError):
+            wire.decode(orjson.dumps({**base, "parameters": bad}))

@@ -41,7 +41,7 @@ from __future__ import annotations
 import enum
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import orjson
@@ -66,6 +66,8 @@ MAX_NAME_LENGTH = 128
 #: Model names come from model servers' ``/models``, some of which use long
 #: ids (paths, hub names): bounded, but generously.
 MAX_MODEL_NAME_LENGTH = 1024
+#: ``hello.parameters``, JSON-encoded.
+MAX_PARAMETERS_BYTES = 64 * 1024
 #: The largest ``request.upload`` a frame may declare: what u32 credit
 #: accounting describes.  Each side holds uploads to its own, far smaller, limit.
 MAX_UPLOAD = 2**32 - 1
@@ -127,6 +129,10 @@ class Hello:
     #: Transcription models it serves (for ``transcribe``); left out when
     #: empty, like ``image_models``.
     transcribe_models: tuple[str, ...] = ()
+    #: What the agent suggests for its instance's conversation API (``introduction``,
+    #: ``variables``); the owner's own settings win.  A JSON object the relay
+    #: checks; left out when empty.
+    parameters: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,7 +293,7 @@ _FIELD_NAMES: dict[type, tuple[str, ...]] = {cls: tuple(f.name for f in fields(c
 #: Fields left out of a frame when empty: added after a version shipped, so
 #: frames that do not use them keep the exact bytes peers already know.
 _OMITTED_WHEN_EMPTY: dict[type, frozenset[str]] = {
-    Hello: frozenset({"image_models", "transcribe_models"}),
+    Hello: frozenset({"image_models", "transcribe_models", "parameters"}),
     Request: frozenset({"upload"}),
 }
 
@@ -451,7 +457,16 @@ def _hello(obj: dict[str, Any]) -> Hello:
         min_protocol=min_protocol,
         image_models=_optional_names(obj, "image_models", length=MAX_MODEL_NAME_LENGTH),
         transcribe_models=_optional_names(obj, "transcribe_models", length=MAX_MODEL_NAME_LENGTH),
+        parameters=_parameters(obj),
     )
+
+
+def _parameters(obj: dict[str, Any]) -> dict[str, Any]:
+    value: dict[str, Any] = _field(obj, "parameters", dict, {})
+    # Stored with the instance by the relay: bounded here, checked field by field there.
+    if len(orjson.dumps(value)) > MAX_PARAMETERS_BYTES:
+        raise ProtocolError(f"hello.parameters exceeds {MAX_PARAMETERS_BYTES} bytes")
+    return value
 
 
 def _welcome(obj: dict[str, Any]) -> Welcome:
