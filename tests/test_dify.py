@@ -11,12 +11,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import httpx
 import orjson
 import pytest
 
 from agent.backends import OpenAIBackend
 from relay import keys
-from tests.helpers import FakeUpstream, assert_openai_error, running_agent, running_relay, running_upstream
+from tests.helpers import (
+    FakeUpstream,
+    assert_openai_error,
+    online,
+    running_agent,
+    running_relay,
+    running_upstream,
+    wait_until,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -245,6 +254,20 @@ async def test_deleting_the_instance_deletes_its_conversations(redis_url, redis)
         assert [k async for k in redis.scan_iter(match=f"ir:conv:{{{iid}}}:*")] == []
 
 
+async def test_a_conversation_expires_after_the_retention(redis_url):
+    async with dify_stack(redis_url, conversation_retention=1) as (_, iid, _, key, client, _):
+        base, headers = f"/api/chat/{iid}", bearer(key)
+        cid = (await blocking(client, base, headers, "soon gone"))["conversation_id"]
+
+        async def expired() -> bool:
+            found = await client.get(f"{base}/messages", headers=headers, params={"conversation_id": cid, "user": "u1"})
+            return found.status_code == 404
+
+        await wait_until(expired, 15, what="the conversation expired")
+        listed = (await client.get(f"{base}/conversations", headers=headers, params={"user": "u1"})).json()
+        assert listed["data"] == []  # no ghost left in the list
+
+
 async def test_retention_is_a_ttl_on_every_key(redis_url, redis):
     async with dify_stack(redis_url, conversation_retention=3600) as (_, iid, _, key, client, _):
         await blocking(client, f"/api/chat/{iid}", bearer(key), "kept an hour")
@@ -343,3 +366,43 @@ async def test_an_agent_may_suggest_the_parameters_and_the_owner_wins(redis_url)
             assert params == {"introduction": "", "variables": []}
             reply = await client.post(f"/api/chat/{other}/chat-messages", json={"query": "hi", "user": "u"})
             assert reply.status_code == 200
+
+
+async def test_a_node_that_dies_mid_answer_leaves_the_question_and_what_was_saved(redis_url):
+    """kill -9 the node streaming a turn: the other node reads the turn back as interrupted, answer so far kept."""
+    from tests.cluster import Cluster, register
+
+    upstream = FakeUpstream(chunks=10, hold_after=2, recall=True)
+    env = {"RELAY_CONVERSATION_CHECKPOINT_INTERVAL": "0.2", "RELAY_REDIS_TIMEOUT": "1"}
+    async with running_upstream(upstream), Cluster(redis_url) as cluster, httpx.AsyncClient(timeout=30) as client:
+        node_a, node_b = await cluster.nodes("node-a", "node-b", **env)
+        iid, token = await register(node_a.url)
+        agent = cluster.agent(node_b.url, token, "--backend", "openai", "--upstream-url", upstream.url)
+        await agent.wait_for_line("connected to")
+        await wait_until(lambda: online(node_a.url, iid), what="the instance online")
+        seen: list[dict] = []
+
+        async def turn() -> None:
+            async with client.stream("POST", f"{node_a.url}/api/chat/{iid}/chat-messages", json={
+                    "query": "long story", "response_mode": "streaming", "user": "u1"}) as response:
+                async for line in response.aiter_lines():
+                    if line.startswith("data: "):
+                        seen.append(orjson.loads(line[6:]))
+
+        streaming_turn = asyncio.create_task(turn())
+        words = "[1 asked, first long story]-w0 [1 asked, first long story]-w1 "
+        await wait_until(lambda: "".join(e.get("answer", "") for e in seen) == words, what="two words streamed")
+        cid = seen[0]["conversation_id"]
+
+        async def latest(status: str) -> dict | None:
+            data = (await client.get(f"{node_b.url}/api/chat/{iid}/messages",
+                                     params={"conversation_id": cid, "user": "u1"})).json()["data"]
+            return data[0] if data and data[0]["answer"] == words and data[0]["status"] == status else None
+
+        await wait_until(lambda: latest("answering"), what="a checkpoint of the partial answer")
+        node_a.kill()  # SIGKILL: no finish, no goodbye
+        with contextlib.suppress(httpx.HTTPError):
+            await streaming_turn
+        message = await wait_until(lambda: latest("interrupted"), 20, what="the turn read back as interrupted")
+        assert message["query"] == "long story"
+        upstream.release()
