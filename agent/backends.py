@@ -286,30 +286,41 @@ class OpenAIBackend:
             response = await self.client.send(request, stream=True, follow_redirects=True)
             try:
                 if response.status_code >= 400:
-                    raise BackendError(502, f"model server: downloading image {url} answered HTTP "
-                                            f"{response.status_code}", "upstream_error")
+                    raise BackendError(502, f"model server: downloading an image from {_where(request.url)} "
+                                            f"answered HTTP {response.status_code}", "upstream_error")
                 declared = response.headers.get("content-length", "")
                 if declared.isdigit() and int(declared) > MAX_IMAGE_DOWNLOAD:
-                    raise _too_large(url)
+                    raise _too_large(request.url)
                 data = bytearray()
                 async for piece in response.aiter_bytes():
                     data += piece
                     if len(data) > MAX_IMAGE_DOWNLOAD:
-                        raise _too_large(url)
+                        raise _too_large(request.url)
             finally:
                 await response.aclose()
         except httpx.HTTPError as exc:
-            raise BackendError(502, f"model server: cannot download image {url}: {type(exc).__name__}: {exc}",
-                               "upstream_error") from exc
+            # Not the URL, nor httpx's message (which quotes it): a signed URL's query is a credential.
+            raise BackendError(502, f"model server: cannot download an image from {_where(url)}: "
+                                    f"{type(exc).__name__}", "upstream_error") from exc
         return base64.b64encode(data).decode()
 
     async def aclose(self) -> None:
         await self.client.aclose()
 
 
-def _too_large(url: str) -> BackendError:
-    return BackendError(502, f"model server: image {url} is larger than {MAX_IMAGE_DOWNLOAD // (1024 * 1024)} MiB",
-                        "upstream_error")
+def _where(url: httpx.URL | str) -> str:
+    """Where an image URL points, fit for a caller's error message: scheme and host, no path or query
+    (the model server may have signed it for the agent alone)."""
+    try:
+        parsed = httpx.URL(str(url))
+    except (httpx.InvalidURL, ValueError):
+        return "an invalid URL"
+    return f"{parsed.scheme}://{parsed.host}" if parsed.host else "an invalid URL"
+
+
+def _too_large(url: httpx.URL | str) -> BackendError:
+    return BackendError(502, f"model server: an image from {_where(url)} is larger than "
+                             f"{MAX_IMAGE_DOWNLOAD // (1024 * 1024)} MiB", "upstream_error")
 
 
 # -- demo model ----------------------------------------------------------------

@@ -18,13 +18,9 @@ from starlette.responses import Response
 
 from . import keys
 from .errors import ORJSONResponse, ServiceNotReady, ValidationFailed, render_error
-from .inputs import bearer_token, client_ip, int_param, read_json, validate
+from .inputs import SMALL_BODY_BYTES, bearer_token, client_ip, int_param, read_json, validate
 from .limits import Bucket
 from .models import CreateKeyRequest, RegisterRequest, UpdateInstanceRequest
-
-#: Owner-action bodies are tiny: a name, a description.
-SMALL_BODY_BYTES = 16 * 1024
-
 
 # -- instances ---------------------------------------------------------------
 

@@ -47,10 +47,13 @@ from starlette.types import Message
 import wire
 from wire.frames import MAX_MODEL_NAME_LENGTH
 
+from . import keys
 from .chat import run_op
 from .errors import InvalidRequest, PayloadTooLarge, RelayError, UpstreamError, ValidationFailed
 from .gate import Admitted, admit, leased
-from .inputs import bearer_token
+from .inputs import bearer_token, client_ip
+from .limits import Slot
+from .streams import cleanup_scope
 from .targets import resolve
 
 #: Room next to the file for the multipart framing and the text fields.
@@ -88,6 +91,27 @@ class AudioForm:
 
 
 # -- reading the form ----------------------------------------------------------------
+
+
+async def read_audio(request: Request) -> AudioForm | None:
+    """The form, read while holding one of the caller's address's upload slots; None if the caller left.
+
+    Up to 15 MiB per request sit in memory while a form is read, before any
+    stream lease (on ``/v1`` even before the instance is known): the slots
+    (``RELAY_MAX_STREAMS_PER_CALLER`` per client address, across nodes) bound
+    how many one address can make the relay hold at once.
+    """
+    state = request.app.state
+    lease = await state.stream_leases.acquire(
+        [Slot(keys.streams("upload", f"ip:{client_ip(request)}"), state.settings.max_streams_per_caller,
+              "uploads from this address")])
+    try:
+        return await read_form(request, state.settings.max_upload_bytes)
+    except ClientDisconnect:
+        return None
+    finally:
+        with cleanup_scope():
+            await state.stream_leases.release(lease)
 
 
 async def read_form(request: Request, limit: int) -> AudioForm:
@@ -259,9 +283,8 @@ async def transcribe(request: Request, admitted: Admitted, file: bytes, filename
 async def instance_transcriptions(request: Request) -> Response:
     """``POST /api/chat/{id}/audio/transcriptions``."""
     admitted = await admit(request, request.path_params["instance_id"])
-    try:
-        form = await read_form(request, request.app.state.settings.max_upload_bytes)
-    except ClientDisconnect:
+    form = await read_audio(request)
+    if form is None:
         return Response(status_code=499)
     audio_file(form.filename, form.content_type)  # refused before a lease is taken
     transcription_fields(form.fields)
@@ -272,9 +295,8 @@ async def instance_transcriptions(request: Request) -> Response:
 async def global_transcriptions(request: Request) -> Response:
     """``POST /v1/audio/transcriptions``: the instance is named by ``model`` (or the caller key)."""
     state = request.app.state
-    try:
-        form = await read_form(request, state.settings.max_upload_bytes)
-    except ClientDisconnect:
+    form = await read_audio(request)
+    if form is None:
         return Response(status_code=499)
     named = form.fields.get("model") or None
     target = await resolve(state.access, named, bearer_token(request), field="model")

@@ -8,9 +8,10 @@ agent's bytes arrive, exactly in OpenAI's format, ending in ``data: [DONE]``;
 whatever breaks after that point ends the stream with an error event and
 ``data: [DONE]`` (DESIGN.md), unless the caller is the one who left.
 
-Doors that speak another dialect (SwiftChat's plain-text stream) pass a
-:class:`BodyEncoder`; the OpenAI doors pass none, and the agent's bytes go
-out untouched, never parsed.
+Doors that speak another dialect (SwiftChat's plain-text stream, Dify's
+events) pass a :class:`BodyEncoder`; the OpenAI chat doors pass none, and the
+agent's streamed bytes go out untouched, never parsed.  (Collected answers
+are parsed once where a door reshapes them: :func:`answer_json`.)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import anyio
+import orjson
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
@@ -40,6 +42,20 @@ SSE_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
+
+
+def answer_json(answer: Response) -> dict[str, Any]:
+    """A collected answer's JSON object, for the doors that reshape it (images, Dify, SwiftChat).
+
+    The agent is not trusted to send JSON: anything else is its failure (502), not a relay bug.
+    """
+    try:
+        document = orjson.loads(answer.body)
+    except orjson.JSONDecodeError:
+        document = None
+    if not isinstance(document, dict):
+        raise UpstreamError("the agent's answer is not a JSON object", code="upstream_error")
+    return document
 
 
 def prefers_event_stream(accept: str | None) -> bool:

@@ -24,7 +24,11 @@ turn, renaming, feedback.  A checkpoint only replaces the partial answer in
 place (it neither moves the conversation up the list nor extends its life), so
 the write repeated every few seconds while streaming stays O(1); the turn's
 finish, a moment later, is the activity (a turn whose node died leaves its
-conversation to expire ``retention_seconds`` after that turn started).  The
+conversation to expire ``retention_seconds`` after that turn started).  A
+rename or a feedback refreshes the conversation and the one message it rates,
+not every message's index entry (turns do that): they stay O(1), so the
+entry that finds an old message for feedback can expire before its
+conversation if only renames kept it alive since.  The
 scope and instance indexes live
 as long as their most recent conversation; entries of conversations that
 expired are dropped when a list or a creation meets them.
@@ -87,14 +91,17 @@ local function owned(conv, caller, user)
 end
 
 -- Activity: the conversation moves to the front of its indexes and every key
--- it has (message index entries too) lives `ttl` ms from now.  updated_at never
--- goes back: nodes' clocks differ a little.
+-- it has lives `ttl` ms from now.  updated_at never goes back: nodes' clocks
+-- differ a little.  The message index entries (one key per message) are
+-- refreshed only by turns (`xprefix` given), which read the whole history
+-- anyway: a rename or a feedback stays O(1) however long the conversation.
 local function touch(conv, msgs, order, scope, all, cid, now, ttl, xprefix)
   local prev = tonumber(redis.call('HGET', conv, 'updated_at'))
   if not prev or tonumber(now) > prev then redis.call('HSET', conv, 'updated_at', now) end
   redis.call('ZADD', scope, 'GT', now, cid)
   redis.call('ZADD', all, 'GT', now, cid)
   for _, key in ipairs({conv, msgs, order, scope, all}) do redis.call('PEXPIRE', key, ttl) end
+  if xprefix == '' then return end
   for _, mid in ipairs(redis.call('ZRANGE', order, 0, -1)) do redis.call('PEXPIRE', xprefix .. mid, ttl) end
 end
 
@@ -243,7 +250,7 @@ return {'ok', out}
 _RENAME = _LIB + """
 if not owned(KEYS[1], ARGV[1], ARGV[2]) then return {'missing'} end
 redis.call('HSET', KEYS[1], 'name', ARGV[4])
-touch(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[3], ARGV[5], tonumber(ARGV[6]), ARGV[7])
+touch(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[3], ARGV[5], tonumber(ARGV[6]), '')
 return {'ok', redis.call('HMGET', KEYS[1], 'name', 'inputs', 'created_at', 'updated_at')}
 """
 
@@ -272,7 +279,8 @@ if ARGV[4] == '' then
 else
   redis.call('HSET', msgs, ARGV[3] .. ':f', ARGV[4])
 end
-touch(conv, msgs, order, KEYS[2], KEYS[3], cid, ARGV[5], tonumber(ARGV[6]), ARGV[7])
+touch(conv, msgs, order, KEYS[2], KEYS[3], cid, ARGV[5], tonumber(ARGV[6]), '')
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[6]))  -- the rated message's own index entry: O(1)
 return 1
 """
 

@@ -34,21 +34,20 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import orjson
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 import wire
 
-from . import keys
 from .access import Caller
-from .audio import audio_file, read_form, transcribe
-from .chat import run_op
+from .audio import audio_file, read_audio, transcribe
+from .chat import answer_json, run_op
 from .conversations import ConversationStore, Turn
 from .conversations import Scope as Owner
 from .errors import ORJSONResponse, RelayError, Unauthorized, UpstreamError, ValidationFailed
 from .gate import Admitted, admit, leased
-from .inputs import bearer_token, client_ip, int_param, read_json, validate
+from .inputs import SMALL_BODY_BYTES, bearer_token, client_ip, int_param, read_json, validate
 from .limits import check_chat_request
 from .models import (
     ChatRequest,
@@ -65,7 +64,6 @@ log = logging.getLogger("relay.dify")
 
 #: Dify lists 20 items by default; the store takes at most 100 a page.
 PAGE_DEFAULT, PAGE_MAX = 20, 100
-SMALL_BODY_BYTES = 16 * 1024
 ANONYMOUS = "anon"
 Ending = Literal["normal", "stopped", "error"]
 
@@ -86,10 +84,11 @@ async def _instance_of(request: Request) -> str:
     return keyed
 
 
-async def _caller(request: Request, *, turn: bool = False) -> tuple[str, Caller, Admitted | None]:
-    """(instance id, caller, admission): a turn counts against the rate limits, a read does not."""
+async def _caller(request: Request, *, limited: bool = False) -> tuple[str, Caller, Admitted | None]:
+    """(instance id, caller, admission): writes (turns, renames, deletions, feedback) count
+    against the caller's rate limits like chat requests; reads (lists, parameters) do not."""
     instance_id = await _instance_of(request)
-    if turn:
+    if limited:
         admitted = await admit(request, instance_id)
         return instance_id, admitted.caller, admitted
     caller = await request.app.state.access.authorize_caller(instance_id, bearer_token(request), client_ip(request))
@@ -106,23 +105,6 @@ def _user_param(request: Request) -> str:
 
 
 # -- the instance's parameters ------------------------------------------------------
-
-
-async def instance_parameters(request: Request, instance_id: str) -> dict[str, Any]:
-    """``introduction``, ``variables``, ``conversations`` (on unless the owner turned them off).
-
-    The owner's settings (``PATCH``) win; what the instance's agent suggested
-    (``hello.parameters``) fills what the owner left unset.
-    """
-    redis = request.app.state.redis
-    introduction, variables, enabled, suggested = await redis.hmget(
-        keys.instance(instance_id), "introduction", "variables", "conversations", "agent_parameters")
-    agent = orjson.loads(suggested) if suggested else {}
-    return {
-        "introduction": introduction.decode() if introduction is not None else agent.get("introduction", ""),
-        "variables": orjson.loads(variables) if variables is not None else agent.get("variables", []),
-        "conversations": enabled != b"off",
-    }
 
 
 def checked_inputs(inputs: dict[str, Any], variables: list[dict[str, Any]], *, new: bool = True) -> dict[str, Any]:
@@ -243,105 +225,128 @@ class DifyEvents:
 
 
 class TurnResponse(Response):
-    """Sends a turn's answer, saving it as it goes and storing it when the response ends."""
+    """Sends a turn's answer; when the response ends, stops the saver and stores the answer."""
 
-    def __init__(self, inner: Response, store: ConversationStore, turn: Turn, interval: float,
-                 answer: Callable[[], str], outcome: Callable[[], Ending | None], usage: Callable[[], Any]):
-        self.inner, self.store, self.turn, self.interval = inner, store, turn, interval
-        self.answer, self.outcome, self.usage = answer, outcome, usage
+    def __init__(self, inner: Response, saver: TurnSaver, events: DifyEvents):
+        self.inner, self.saver, self.events = inner, saver, events
         self.status_code = inner.status_code
         self.background = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        saver = asyncio.create_task(checkpoints(self.store, self.turn, self.interval, self.answer))
         try:
             await self.inner(scope, receive, send)
         finally:
-            saver.cancel()
+            events = self.events
             with cleanup_scope():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await saver
-                await finish(self.store, self.turn, self.answer(), self.outcome() or "stopped", self.usage())
+                await self.saver.finish(events.answer, events.outcome or "stopped", events.usage)
 
 
-async def checkpoints(store: ConversationStore, turn: Turn, interval: float, answer: Callable[[], str]) -> None:
-    """Save the answer so far every ``interval`` seconds; also proves the turn's node is alive."""
-    while True:
-        await asyncio.sleep(interval)
+class TurnSaver:
+    """Keeps a turn alive in the store from the moment it is reserved: saves the answer so far
+    every ``interval`` seconds (which also says its node is alive), and stores it once, at the end.
+
+    Started right after ``start_turn``, before the model's first token: a model
+    that thinks for a while must not make a live turn read as interrupted.
+    """
+
+    def __init__(self, store: ConversationStore, turn: Turn, interval: float):
+        self.store, self.turn, self.interval = store, turn, interval
+        self.answer: Callable[[], str] = lambda: ""
+        self._task = asyncio.create_task(self._save())
+        self._finished = False
+
+    async def _save(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.store.checkpoint(self.turn, self.answer(), time.time())
+            except Exception as exc:  # Redis trouble: the final write will try again
+                log.warning("turn %s: checkpoint failed (%s)", self.turn.message_id, exc)
+
+    async def finish(self, answer: str, status: Ending, usage: Any = None) -> None:
+        """Store the answer (once: later calls do nothing) and stop saving."""
+        if self._finished:
+            return
+        self._finished = True
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
         try:
-            await store.checkpoint(turn, answer(), time.time())
-        except Exception as exc:  # Redis trouble: the final write will try again
-            log.warning("turn %s: checkpoint failed (%s)", turn.message_id, exc)
-
-
-async def finish(store: ConversationStore, turn: Turn, answer: str, status: Ending, usage: Any = None) -> None:
-    try:
-        await store.finish(turn, answer, status, time.time(), usage if isinstance(usage, dict) else None)
-    except Exception as exc:  # the caller has its answer; the turn reads as interrupted later
-        log.warning("turn %s: could not store the answer (%s)", turn.message_id, exc)
+            await self.store.finish(self.turn, answer, status, time.time(), usage if isinstance(usage, dict) else None)
+        except Exception as exc:  # the caller has its answer; the turn reads as interrupted later
+            log.warning("turn %s: could not store the answer (%s)", self.turn.message_id, exc)
 
 
 async def chat_messages(request: Request) -> Response:
-    """``POST …/chat-messages``: one turn, ``blocking`` (one JSON body) or ``streaming`` (events)."""
+    """``POST …/chat-messages``: one turn, ``blocking`` (one JSON body) or ``streaming`` (events).
+
+    Every refusal comes before the turn is stored (a ``429`` the caller is told
+    to retry must not leave a failed turn behind): access, rates, the body,
+    the instance's parameters, the query against the request limits, the
+    stream lease.  Only then is the question stored and the model asked.
+    """
     state = request.app.state
     settings = state.settings
-    instance_id, caller, admitted = await _caller(request, turn=True)
+    instance_id, caller, admitted = await _caller(request, limited=True)
     assert admitted is not None
     body = validate(DifyChatRequest, await read_json(request, settings.max_body_bytes))
-    parameters = await instance_parameters(request, instance_id)
+    parameters = await state.registry.parameters(instance_id)
     if not parameters["conversations"]:
         raise ValidationFailed("this instance keeps no conversations (its owner turned them off): "
                                "use its OpenAI chat URL instead", code="conversations_disabled")
     inputs = checked_inputs(body.inputs, parameters["variables"], new=not body.conversation_id)
-    store: ConversationStore = state.conversations
-    turn = await store.start_turn(_owner(instance_id, caller, body.user), body.conversation_id or None,
-                                  body.query, inputs, time.time())
-    try:
-        messages = model_messages(turn, body.query, parameters["variables"], max_messages=settings.max_messages,
-                                  max_chars=settings.max_content_chars)
-        streaming = body.response_mode == "streaming"
+    streaming = body.response_mode == "streaming"
+
+    def chat_for(messages: list[dict[str, Any]]) -> ChatRequest:
         chat = validate(ChatRequest, {"messages": messages, "stream": streaming,
                                       **({"stream_options": {"include_usage": True}} if streaming else {})})
         check_chat_request(chat, settings)
+        return chat
 
-        def body_for(models: tuple[str, ...]) -> dict[str, Any]:
-            return chat.upstream_body(resolve_model(models, None))
+    chat_for([{"role": "user", "content": body.query}])  # the query alone must fit the limits
+    store: ConversationStore = state.conversations
 
-        async def run() -> Response:
-            if streaming:
-                events = DifyEvents(turn)
-                answer = await run_op(state.router, instance_id, wire.OP_CHAT, body_for, settings, request.receive,
-                                      stream=True, encoder=events)
-                return TurnResponse(answer, store, turn, settings.conversation_checkpoint_interval,
-                                    lambda: events.answer, lambda: events.outcome, lambda: events.usage)
-            return await _blocking(request, store, turn, body_for)
+    async def run() -> Response:
+        turn = await store.start_turn(_owner(instance_id, caller, body.user), body.conversation_id or None,
+                                      body.query, inputs, time.time())
+        saver = TurnSaver(store, turn, settings.conversation_checkpoint_interval)
+        try:
+            chat = chat_for(model_messages(turn, body.query, parameters["variables"],
+                                           max_messages=settings.max_messages, max_chars=settings.max_content_chars))
 
-        return await leased(request, admitted, run)
-    except BaseException as exc:
-        with cleanup_scope():  # the question stays, marked: the model never answered it
-            await finish(store, turn, "", "stopped" if isinstance(exc, asyncio.CancelledError) else "error")
-        raise
+            def body_for(models: tuple[str, ...]) -> dict[str, Any]:
+                return chat.upstream_body(resolve_model(models, None))
+
+            if not streaming:
+                return await _blocking(request, saver, body_for)
+            events = DifyEvents(turn)
+            saver.answer = lambda: events.answer
+            answer = await run_op(state.router, instance_id, wire.OP_CHAT, body_for, settings, request.receive,
+                                  stream=True, encoder=events)
+            return TurnResponse(answer, saver, events)
+        except BaseException as exc:
+            with cleanup_scope():  # the question stays, marked: the model never answered it
+                await saver.finish("", "stopped" if isinstance(exc, asyncio.CancelledError) else "error")
+            raise
+
+    return await leased(request, admitted, run)
 
 
-async def _blocking(request: Request, store: ConversationStore, turn: Turn, body_for: Any) -> Response:
+async def _blocking(request: Request, saver: TurnSaver, body_for: Any) -> Response:
     state = request.app.state
-    settings = state.settings
-    saver = asyncio.create_task(checkpoints(store, turn, settings.conversation_checkpoint_interval, lambda: ""))
-    try:
-        answer = await run_op(state.router, turn.scope.instance_id, wire.OP_CHAT, body_for, settings,
-                              request.receive, stream=False)
-    finally:
-        saver.cancel()
+    turn = saver.turn
+    answer = await run_op(state.router, turn.scope.instance_id, wire.OP_CHAT, body_for, state.settings,
+                          request.receive, stream=False)
     if answer.status_code != 200:  # the caller left while the model worked
-        await finish(store, turn, "", "stopped")
+        await saver.finish("", "stopped")
         return answer
-    completion = orjson.loads(bytes(answer.body))
+    completion = answer_json(answer)
     try:
         text = completion["choices"][0]["message"]["content"] or ""
     except (KeyError, IndexError, TypeError):
         raise UpstreamError("the model's answer has no message") from None
     usage = completion.get("usage") if isinstance(completion.get("usage"), dict) else None
-    await finish(store, turn, str(text), "normal", usage)
+    await saver.finish(str(text), "normal", usage)
     return ORJSONResponse({
         "event": "message", "task_id": turn.message_id, "id": turn.message_id, "message_id": turn.message_id,
         "conversation_id": turn.conversation_id, "mode": "chat", "answer": text,
@@ -380,7 +385,7 @@ async def list_conversations(request: Request) -> Response:
 
 async def rename_conversation(request: Request) -> Response:
     """``POST …/conversations/{conversation_id}/name``: ``{name, user}``."""
-    instance_id, caller, _ = await _caller(request)
+    instance_id, caller, _ = await _caller(request, limited=True)
     body = validate(DifyRename, await read_json(request, SMALL_BODY_BYTES))
     renamed = await request.app.state.conversations.rename(
         _owner(instance_id, caller, body.user), request.path_params["conversation_id"], body.name)
@@ -389,7 +394,7 @@ async def rename_conversation(request: Request) -> Response:
 
 async def delete_conversation(request: Request) -> Response:
     """``DELETE …/conversations/{conversation_id}``: ``user`` in the body (as the seed sends it) or the query."""
-    instance_id, caller, _ = await _caller(request)
+    instance_id, caller, _ = await _caller(request, limited=True)
     body = await read_json(request, SMALL_BODY_BYTES, empty={})
     user = body.get("user") if isinstance(body, dict) and body.get("user") else request.query_params.get("user")
     who = validate(DifyUser, {"user": user or ""})
@@ -400,7 +405,7 @@ async def delete_conversation(request: Request) -> Response:
 
 async def message_feedback(request: Request) -> Response:
     """``POST …/messages/{message_id}/feedbacks``: ``{rating: like|dislike|null, user}``."""
-    instance_id, caller, _ = await _caller(request)
+    instance_id, caller, _ = await _caller(request, limited=True)
     body = validate(DifyFeedback, await read_json(request, SMALL_BODY_BYTES))
     await request.app.state.conversations.feedback(_owner(instance_id, caller, body.user),
                                                    request.path_params["message_id"], body.rating)
@@ -410,7 +415,7 @@ async def message_feedback(request: Request) -> Response:
 async def parameters(request: Request) -> Response:
     """``GET …/parameters``: the instance's ``introduction`` and ``variables``."""
     instance_id, _, _ = await _caller(request)
-    found = await instance_parameters(request, instance_id)
+    found = await request.app.state.registry.parameters(instance_id)
     return ORJSONResponse({"introduction": found["introduction"], "variables": found["variables"]})
 
 
@@ -420,11 +425,10 @@ async def audio_to_text(request: Request) -> Response:
     The same operation as OpenAI's ``…/audio/transcriptions`` (``audio.py``),
     which reads and checks the file: 15 MiB, mp3, mp4, mpeg, mpga, m4a, wav, webm.
     """
-    _, _, admitted = await _caller(request, turn=True)
+    _, _, admitted = await _caller(request, limited=True)
     assert admitted is not None
-    try:
-        form = await read_form(request, request.app.state.settings.max_upload_bytes)
-    except ClientDisconnect:
+    form = await read_audio(request)
+    if form is None:
         return Response(status_code=499)
     audio_file(form.filename, form.content_type)  # refused before a lease is taken
     return await leased(request, admitted, lambda: transcribe(request, admitted, form.file, form.filename,

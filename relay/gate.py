@@ -1,11 +1,15 @@
 """Admission: what every door checks before an operation reaches an agent.
 
-Cheapest refusals first: who may call (404/401/403) and how often (429) in
-:func:`admit`; then the door reads and validates its body (413/400/422);
-then :func:`leased` takes a slot in the concurrent-stream limits (429) for
-as long as the answer is being sent.  Every door (OpenAI per instance and
-global, SwiftChat, images) goes through the same two calls, so limits,
-access rules and metrics cannot differ between them.
+:func:`admit` checks who may call (404/401/403) and how often (429); the
+door then reads and validates its body (413/400/422); :func:`leased` takes
+a slot in the concurrent-stream limits (429) for as long as the answer is
+being sent.  Every operation on an agent (chat, images, transcription, a
+Dify turn), whatever its door, passes both, so limits and access rules
+cannot differ between doors.  Where the instance is named in the body
+(``/v1``, SwiftChat: :func:`admit_named`) the body is read first, bounded
+by ``RELAY_MAX_BODY_BYTES``; audio forms are read holding a per-address
+upload slot (``audio.read_audio``).  Reads that run nothing on an agent
+(model lists, Dify's lists and parameters) check access only.
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ class AgentGateway:
         try:
             if not await self._credential_still_valid(session):
                 return
-            if version >= 2 and hello.parameters:
+            if version >= 2:
                 with contextlib.suppress(RedisError, OSError):  # a suggestion: never worth refusing the agent
                     await self.registry.declare_parameters(instance_id, hello.parameters)
             previous = await self.presence.connected(session)

@@ -16,6 +16,9 @@ from starlette.requests import Request
 from .access import bearer
 from .errors import InvalidRequest, PayloadTooLarge, ValidationFailed
 
+#: Bodies of owner actions and small API calls: a name, a description, a user.
+SMALL_BODY_BYTES = 16 * 1024
+
 
 def bearer_token(request: Request) -> str | None:
     """The request's bearer credential; 400 if one is offered in the URL instead."""

@@ -38,6 +38,12 @@ _QUIET = frozenset({"health", "metrics"})
 access_log = logging.getLogger("relay.access")
 
 
+#: What runs on an agent, by the path's end (per instance and on /v1 alike).
+_DOOR_SUFFIXES = (("/models", "models"), ("/chat/completions", "chat"), ("/chat-messages", "chat"),
+                  ("/images/generations", "images"), ("/audio/transcriptions", "audio"),
+                  ("/audio-to-text", "audio"))
+#: The labels of requests that run an operation on an agent (``relay_active_streams``).
+OPERATIONS = frozenset({"chat", "images", "audio"})
 #: SwiftChat's routes at the root (``swiftchat.py``).
 _SWIFTCHAT = {"/api/converse": "chat", "/api/models": "models", "/api/image": "images", "/api/upgrade": "upgrade"}
 
@@ -45,9 +51,12 @@ _SWIFTCHAT = {"/api/converse": "chat", "/api/models": "models", "/api/image": "i
 def endpoint_of(path: str) -> str:
     """A small, fixed set of labels (never the raw path: ids would explode cardinality)."""
     if path.startswith(("/api/chat/", "/v1/")):
-        if path.endswith("/models"):
-            return "models"
-        return "images" if path.endswith("/images/generations") else "chat"
+        for suffix, label in _DOOR_SUFFIXES:
+            if path.endswith(suffix):
+                return label
+        if path.count("/") == 3 and path.startswith("/api/chat/"):
+            return "chat"  # /api/chat/{id}: Second Me's chat URL itself
+        return "conversations"  # the Dify API's reads and writes: messages, conversations, parameters
     if path in _SWIFTCHAT:
         return _SWIFTCHAT[path]
     if path.startswith("/api/instances"):
@@ -116,7 +125,7 @@ class RequestObserver:
                 message = {**message, "headers": [*headers, header]}
             await send(message)
 
-        chat = endpoint in ("chat", "images")
+        chat = endpoint in OPERATIONS
         if chat:
             metrics.active_streams.inc()
         try:

@@ -21,13 +21,12 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
 import wire
 
-from .chat import prefers_event_stream, run_op
+from .chat import answer_json, prefers_event_stream, run_op
 from .errors import ORJSONResponse
 from .gate import Admitted, admit, admit_named, leased
 from .inputs import bearer_token, client_ip, int_param, read_json, validate
@@ -90,8 +89,10 @@ async def global_images(request: Request) -> Response:
     return await leased(request, admitted, lambda: _run_images(request, admitted, body, target.model))
 
 
-async def generate_images(request: Request, admitted: Admitted, body: ImageRequest, model: str) -> bytes:
-    """Run the ``images`` operation; the agent's ImagesResponse JSON (items carry ``b64_json``)."""
+async def generate_images(request: Request, admitted: Admitted, body: ImageRequest,
+                          model: str) -> tuple[bytes, dict[str, Any]] | None:
+    """Run the ``images`` operation: the agent's ImagesResponse (items carry ``b64_json``), as
+    bytes and parsed; None when the caller left meanwhile."""
     state = request.app.state
 
     def body_for(models: tuple[str, ...]) -> dict[str, Any]:
@@ -99,19 +100,22 @@ async def generate_images(request: Request, admitted: Admitted, body: ImageReque
 
     answer = await run_op(state.router, admitted.instance_id, wire.OP_IMAGES, body_for, state.settings,
                           request.receive, stream=False, model=model)
-    return bytes(answer.body) if answer.status_code == 200 else b""
+    if answer.status_code != 200:
+        return None
+    return bytes(answer.body), answer_json(answer)
 
 
 async def _run_images(request: Request, admitted: Admitted, body: ImageRequest, model: str) -> Response:
-    answer = await generate_images(request, admitted, body, model)
-    if not answer:
+    generated = await generate_images(request, admitted, body, model)
+    if generated is None:
         return Response(status_code=499)  # the caller left while the image was made
+    raw, document = generated
     if body.response_format != "url":
-        return Response(answer, media_type="application/json")
+        return Response(raw, media_type="application/json")
     # The agent's upstream URLs would point into the owner's network, so the
     # agent sends the image itself; a caller that asked for a URL gets a data: URL.
-    document = orjson.loads(answer)
-    for item in document.get("data") or []:
+    items = document.get("data")
+    for item in items if isinstance(items, list) else []:
         if isinstance(item, dict) and isinstance(item.get("b64_json"), str):
             data = item.pop("b64_json")
             item["url"] = f"data:{image_type(data)};base64,{data}"

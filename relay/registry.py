@@ -307,9 +307,25 @@ class InstanceRegistry:
             raise NotFound(f"instance {instance_id!r} not found", param="instance_id")
         return {text(k): text(v) for k, v in record.items()}
 
+    async def parameters(self, instance_id: str) -> dict[str, Any]:
+        """The conversation API's ``introduction``, ``variables`` and ``conversations`` switch.
+
+        The owner's settings (``PATCH``) win; what the instance's agent suggested
+        (``hello.parameters``) fills what the owner left unset.
+        """
+        introduction, variables, enabled, suggested = await self.redis.hmget(
+            keys.instance(instance_id), "introduction", "variables", "conversations", "agent_parameters")
+        agent = orjson.loads(suggested) if suggested else {}
+        return {
+            "introduction": text(introduction) if introduction is not None else agent.get("introduction", ""),
+            "variables": orjson.loads(variables) if variables is not None else agent.get("variables", []),
+            "conversations": enabled != b"off",
+        }
+
     async def declare_parameters(self, instance_id: str, parameters: dict[str, Any]) -> None:
         """Keep what an agent suggests for the conversation API (the owner's own settings win).
 
+        The last agent to connect decides (none: the suggestion is withdrawn).
         An agent is not trusted to get it right: what does not validate is
         logged and dropped, and the agent keeps serving.
         """

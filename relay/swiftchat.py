@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -137,11 +136,11 @@ async def image(request: Request) -> Response:
                               model=target.model or None)
 
     async def run() -> Response:
-        answer = await generate_images(request, admitted, generation, "")
-        if not answer:
+        generated = await generate_images(request, admitted, generation, "")
+        if generated is None:
             return Response(status_code=499)
-        items = orjson.loads(answer).get("data") or []
-        b64 = items[0].get("b64_json") if items and isinstance(items[0], dict) else None
+        items = generated[1].get("data") or []
+        b64 = items[0].get("b64_json") if isinstance(items, list) and items and isinstance(items[0], dict) else None
         if not isinstance(b64, str) or not b64:
             raise UpstreamError("the model returned no image", code="empty_image")
         return ORJSONResponse({"image": b64})

@@ -522,3 +522,28 @@ async def test_a_body_larger_than_the_relays_frame_limit_reaches_the_caller(redi
             assert text == " ".join(f"w{i}" for i in range(30_000))
             await wait_until(lambda: agent.status.served == 1, what="the agent counting the request served")
             assert agent.status.connected and agent.status.failed == 0
+
+
+@pytest.mark.parametrize("failure", ["status", "transport"])
+async def test_a_signed_image_url_never_reaches_the_error_message(failure):
+    # The model server may sign an image URL for the agent alone: its query is a credential.
+    import httpx
+
+    signed = "https://store.example/img.png?X-Amz-Signature=SECRETSIG&X-Amz-Credential=AKIAXXXX"
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/images/generations"):
+            return httpx.Response(200, json={"created": 1, "data": [{"url": signed}]})
+        if failure == "transport":
+            raise httpx.ConnectError(f"cannot connect to {request.url}")
+        return httpx.Response(403)
+
+    backend = OpenAIBackend("http://upstream.local/v1", models=["m"], image_models=["i"],
+                            transport=httpx.MockTransport(answer))
+    try:
+        with pytest.raises(BackendError) as info:
+            await backend.images({"prompt": "p", "model": "i"})
+    finally:
+        await backend.aclose()
+    assert info.value.status == 502 and "store.example" in info.value.message
+    assert not any(secret in info.value.message for secret in ("SECRETSIG", "AKIA", "img.png"))

@@ -432,14 +432,19 @@ async def test_every_key_expires_and_activity_renews_it(redis):
     assert await store.finish(following, "a2", "normal", T0 + 3)
     assert all(1500 < ttl <= 2000 for ttl in (await ttls(redis)).values())  # every key, older messages too
 
+    # A rename or a feedback is activity too, but O(1): the conversation's own keys,
+    # and for a feedback the rated message's index entry, not every message's.
+    entries = {keys.message_conversation(INSTANCE, m) for m in (started.message_id, following.message_id)}
     for name in before:
         await redis.pexpire(name, 200)
     await store.rename(ME, started.conversation_id, "renamed")
-    assert all(1500 < ttl <= 2000 for ttl in (await ttls(redis)).values())
-    for name in before:
-        await redis.pexpire(name, 200)
+    after = await ttls(redis)
+    assert all(1500 < ttl <= 2000 for name, ttl in after.items() if name not in entries)
+    assert all(after[name] <= 200 for name in entries)
     await store.feedback(ME, started.message_id, "like")
-    assert all(1500 < ttl <= 2000 for ttl in (await ttls(redis)).values())
+    after = await ttls(redis)
+    assert after[keys.message_conversation(INSTANCE, started.message_id)] > 1500
+    assert after[keys.message_conversation(INSTANCE, following.message_id)] <= 200
 
 
 async def test_expired_conversations_leave_the_lists(store, redis):

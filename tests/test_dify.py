@@ -406,3 +406,40 @@ async def test_a_node_that_dies_mid_answer_leaves_the_question_and_what_was_save
         message = await wait_until(lambda: latest("interrupted"), 20, what="the turn read back as interrupted")
         assert message["query"] == "long story"
         upstream.release()
+
+
+async def test_a_refused_turn_leaves_nothing_behind(redis_url):
+    # A 429 invites a retry: the turn it refused must not count towards conversation_full later.
+    upstream = FakeUpstream(chunks=4, hold_after=1, recall=True)
+    async with dify_stack(redis_url, upstream, max_streams_per_caller=1) as (_, iid, _, key, client, _):
+        base, headers = f"/api/chat/{iid}", bearer(key)
+        held = asyncio.create_task(streaming(client, base, headers, "held"))
+        await wait_until(lambda: upstream.inflight == 1, what="one stream holding the caller's only slot")
+        refused = await client.post(f"{base}/chat-messages", headers=headers,
+                                    json={"query": "one more", "user": "u1", "response_mode": "blocking"})
+        assert_openai_error(refused, 429, code="too_many_streams")
+        listed = (await client.get(f"{base}/conversations", headers=headers, params={"user": "u1"})).json()["data"]
+        assert [c["name"] for c in listed] == ["held"]
+        upstream.release()
+        await held
+
+
+async def test_a_turn_waiting_for_its_first_token_is_saved_as_alive(redis_url, redis):
+    # The model thinks before its first token: the turn must keep reading as answering, not interrupted.
+    upstream = FakeUpstream(chunks=2, gate=2, recall=True)  # holds a lone stream before its first chunk
+    async with dify_stack(redis_url, upstream, conversation_checkpoint_interval=0.05) as (_, iid, _, key, client, _):
+        turn = asyncio.create_task(streaming(client, f"/api/chat/{iid}", bearer(key), "think first"))
+        await wait_until(lambda: upstream.inflight == 1, what="the model holding its first token")
+        saves: list[bytes] = []
+
+        async def saved_twice() -> bool:
+            for name in await redis.keys(f"ir:conv:{{{iid}}}:m:*"):
+                fields = await redis.hgetall(name)
+                saves.extend(v for k, v in fields.items() if k.endswith(b":r") and v not in saves)
+            return len(saves) >= 3  # the reservation, then two checkpoints before any token
+
+        await wait_until(saved_twice, what="checkpoints while waiting for the first token")
+        upstream.gate = 0
+        upstream._gate_open.set()
+        events = await turn
+        assert events[-1]["event"] == "message_end"

@@ -511,3 +511,22 @@ async def test_every_door_reaches_an_agent_on_another_node(redis_url):
                                      json=converse_body({"text": "Hi"}, model=f"{iid}/demo")) as response:
                 body = await response.aread()
             assert response.status_code == 200 and b"You said: Hi." in body and USAGE_START in body
+
+
+class GarbledBackend(DemoBackend):
+    """An agent's backend whose collected answers are not what the doors expect."""
+
+    async def complete(self, body):
+        return b"not json"
+
+    async def images(self, body):
+        return b"[1, 2]"
+
+
+async def test_an_agent_that_answers_garbage_is_a_502_not_a_500(redis_url):
+    async with door_stack(redis_url, GarbledBackend(rate=0)) as (_, iid, _, key, client):
+        for url, body in ((f"/api/chat/{iid}/images/generations", {"prompt": "p", "response_format": "url"}),
+                          (f"/api/chat/{iid}/chat-messages", {"query": "q", "user": "u"})):
+            assert_openai_error(await client.post(url, json=body), 502, code="upstream_error")
+        swift = await client.post("/api/image", headers=bearer(key), json={"prompt": "p", "modelId": "demo-image"})
+        assert swift.status_code == 502 and swift.json()["code"] == "upstream_error"

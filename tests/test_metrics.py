@@ -195,3 +195,19 @@ async def test_metrics_scrape_is_cheap_and_stable(redis_url):
         second = await scrape(client)
     assert value(second, "relay_requests_total", endpoint="metrics", status="200") == \
         value(first, "relay_requests_total", endpoint="metrics", status="200") + 6
+
+
+@pytest.mark.parametrize(("path", "label"), [
+    ("/api/chat/0123456789abcdef", "chat"), ("/api/chat/0123456789abcdef/chat/completions", "chat"),
+    ("/v1/chat/completions", "chat"), ("/api/chat/0123456789abcdef/chat-messages", "chat"),
+    ("/v1/chat-messages", "chat"), ("/api/converse", "chat"), ("/api/chat/x/models", "models"),
+    ("/v1/models", "models"), ("/api/models", "models"), ("/v1/images/generations", "images"),
+    ("/api/image", "images"), ("/v1/audio/transcriptions", "audio"), ("/api/chat/x/audio-to-text", "audio"),
+    ("/api/chat/x/conversations", "conversations"), ("/v1/messages", "conversations"),
+    ("/api/chat/x/messages/m/feedbacks", "conversations"), ("/v1/parameters", "conversations"),
+    ("/api/upgrade", "upgrade"), ("/api/instances/x", "instances"), ("/nowhere", "other"),
+])
+def test_each_door_has_its_label(path, label):
+    from relay.observe import endpoint_of
+
+    assert endpoint_of(path) == label

@@ -635,3 +635,34 @@ def test_the_bus_carries_upload_frames_and_names_the_session_of_an_upload_credit
     assert wire.decode_envelope(upload) == wire.Envelope("node-a", wire.Upload(3, b"\x00\x01audio"))
     credit = wire.encode_envelope("node-b", wire.Credit(3, 4096), "session-1")
     assert wire.decode_envelope(credit) == wire.Envelope("node-b", wire.Credit(3, 4096), "session-1")
+
+
+async def test_one_address_cannot_make_the_relay_hold_more_uploads_than_its_stream_limit(redis_url):
+    """Forms are read before any stream lease (on /v1 before the instance is known): the relay
+    bounds how many one address has in its memory at once, whatever the door."""
+    async with transcribing_relay(redis_url, max_streams_per_caller=1) as (relay, client, instance_id):
+        boundary = "b0undary"
+        head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n"
+                "Content-Type: audio/wav\r\n\r\n").encode()
+        wav = wav_file(0.5)
+        tail = f"\r\n--{boundary}--\r\n".encode()
+        more = asyncio.Event()
+
+        async def slow_body():
+            yield head + wav[:100]
+            await more.wait()  # the relay is reading this form, holding the address's one slot
+            yield wav[100:] + tail
+
+        headers = {"content-type": f"multipart/form-data; boundary={boundary}"}
+        first = asyncio.create_task(client.post("/v1/audio/transcriptions", content=slow_body(), headers=headers,
+                                                params={}))
+        await wait_until(lambda: relay.app.state.stream_leases.held, what="the first form being read")
+        for url in ("/v1/audio/transcriptions", f"/api/chat/{instance_id}/audio/transcriptions",
+                    f"/api/chat/{instance_id}/audio-to-text"):
+            refused = await client.post(url, files=files(wav, "b.wav", "audio/wav"))
+            assert_openai_error(refused, 429, code="too_many_streams")
+        more.set()
+        answered = await first
+        assert answered.status_code == 422  # it named no instance: refused once read, and the slot is free again
+        ok = await client.post(f"/api/chat/{instance_id}/audio/transcriptions", files=files(wav, "c.wav", "audio/wav"))
+        assert ok.status_code == 200, ok.text

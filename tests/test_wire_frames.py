@@ -405,7 +405,8 @@ def test_hello_parameters_are_an_optional_bounded_object():
                        parameters={"introduction": "hi", "variables": [{"key": "book"}]})
     assert wire.decode(wire.encode(hello)) == hello
     plain = wire.Hello(protocol=2, agent_version="0.2.0", agent_id="a", models=("m",), max_concurrency=1)
-    assert b"parameters" not in wire.frames.encode_control(plain)  # left out when empty: older relays read the same bytes
+    # Left out when empty: older relays read the same bytes.
+    assert b"parameters" not in wire.frames.encode_control(plain)
     base = orjson.loads(wire.frames.encode_control(plain))
     for bad in ([], "x", 1, {"introduction": "x" * wire.frames.MAX_PARAMETERS_BYTES}):
         with pytest.raises(wire.ProtocolError):
