@@ -36,7 +36,6 @@ from typing import Any, Literal
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
 
 import wire
 
@@ -46,7 +45,7 @@ from .chat import answer_json, run_op
 from .conversations import ConversationStore, Turn
 from .conversations import Scope as Owner
 from .errors import ORJSONResponse, RelayError, Unauthorized, UpstreamError, ValidationFailed
-from .gate import Admitted, admit, leased
+from .gate import Admitted, ThenResponse, admit, leased
 from .inputs import SMALL_BODY_BYTES, bearer_token, client_ip, int_param, read_json, validate
 from .limits import check_chat_request
 from .models import (
@@ -224,23 +223,6 @@ class DifyEvents:
                        "message": error.message, "error": error.body()["error"]})
 
 
-class TurnResponse(Response):
-    """Sends a turn's answer; when the response ends, stops the saver and stores the answer."""
-
-    def __init__(self, inner: Response, saver: TurnSaver, events: DifyEvents):
-        self.inner, self.saver, self.events = inner, saver, events
-        self.status_code = inner.status_code
-        self.background = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await self.inner(scope, receive, send)
-        finally:
-            events = self.events
-            with cleanup_scope():
-                await self.saver.finish(events.answer, events.outcome or "stopped", events.usage)
-
-
 class TurnSaver:
     """Keeps a turn alive in the store from the moment it is reserved: saves the answer so far
     every ``interval`` seconds (which also says its node is alive), and stores it once, at the end.
@@ -323,7 +305,8 @@ async def chat_messages(request: Request) -> Response:
             saver.answer = lambda: events.answer
             answer = await run_op(state.router, instance_id, wire.OP_CHAT, body_for, settings, request.receive,
                                   stream=True, encoder=events)
-            return TurnResponse(answer, saver, events)
+            # Stored when the response ends, whatever ended it ("stopped": the caller left).
+            return ThenResponse(answer, lambda: saver.finish(events.answer, events.outcome or "stopped", events.usage))
         except BaseException as exc:
             with cleanup_scope():  # the question stays, marked: the model never answered it
                 await saver.finish("", "stopped" if isinstance(exc, asyncio.CancelledError) else "error")

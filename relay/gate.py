@@ -26,7 +26,7 @@ from . import keys, logs
 from .access import Caller
 from .errors import NotFound
 from .inputs import bearer_token, client_ip, read_json
-from .limits import Bucket, Lease, Slot
+from .limits import Bucket, Slot
 from .streams import cleanup_scope
 from .targets import Target, resolve, unknown_model
 
@@ -91,14 +91,18 @@ async def leased(request: Request, admitted: Admitted, run: Callable[[], Awaitab
         with cleanup_scope():
             await state.stream_leases.release(lease)
         raise
-    return LeasedResponse(response, state.stream_leases, lease)
+    return ThenResponse(response, lambda: state.stream_leases.release(lease))
 
 
-class LeasedResponse(Response):
-    """A response that gives its stream lease back once fully sent (or abandoned)."""
+class ThenResponse(Response):
+    """A response that runs ``then()`` once it is fully sent, or abandoned by its caller.
 
-    def __init__(self, inner: Response, leases: Any, lease: Lease):
-        self.inner, self.leases, self.lease = inner, leases, lease
+    What must happen after the last byte, whatever ended it: a stream lease
+    given back (``leased``), a Dify turn stored (``dify.py``).
+    """
+
+    def __init__(self, inner: Response, then: Callable[[], Awaitable[object]]):
+        self.inner, self.then = inner, then
         self.status_code = inner.status_code
         self.background = None
 
@@ -107,6 +111,6 @@ class LeasedResponse(Response):
             await self.inner(scope, receive, send)
         finally:
             with cleanup_scope():
-                await self.leases.release(self.lease)
+                await self.then()
 
 
