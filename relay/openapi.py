@@ -6,7 +6,9 @@ accepts.  Where a door checks more than its model before validating (the
 global doors read the instance out of ``model``/``modelId`` first), the
 document's schema is a subclass of the model that says so; ``/api/converse``
 is checked by ``wire.converse``, which ``ConverseRequest`` describes; and
-``/api/upgrade``'s body, read by hand, has a hand-written schema.
+the bodies read by hand have hand-written schemas: ``/api/upgrade``'s, the
+Dify ``DELETE …/conversations/{id}`` body, and the audio doors' multipart
+forms (from ``audio.py``'s own bounds).
 Operations are a table below: one entry per route, with the statuses it can
 answer.  ``tests/test_openapi.py`` checks that every route of
 the app is described here and runs schemathesis against the document.
@@ -23,15 +25,33 @@ from typing import Any, Literal
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from wire.frames import MAX_MODEL_NAME_LENGTH
+
 from . import __version__
+from .audio import AUDIO_EXTENSIONS, AUDIO_TYPES, MAX_FIELD_BYTES, MAX_FIELDS, MAX_LANGUAGE, RESPONSE_FORMATS
+from .dify import PAGE_DEFAULT, PAGE_MAX
 from .models import (
     CallerKey,
     CallerKeyCreated,
     CallerKeyList,
     ChatCompletion,
     ChatRequest,
+    ConversationsPurged,
     ConverseRequest,
     CreateKeyRequest,
+    DifyAnswer,
+    DifyChatRequest,
+    DifyConversationPage,
+    DifyErrorEvent,
+    DifyFeedback,
+    DifyMessageEndEvent,
+    DifyMessageEvent,
+    DifyMessagePage,
+    DifyParameters,
+    DifyRename,
+    DifyRenamed,
+    DifyResult,
+    DifyUser,
     ErrorResponse,
     GlobalChatRequest,
     GlobalImageRequest,
@@ -50,18 +70,21 @@ from .models import (
     SwiftChatImageResponse,
     SwiftChatModels,
     TokenRotated,
+    Transcription,
     UpdateInstanceRequest,
     UpgradeInfo,
 )
 
 REQUEST_MODELS: tuple[type[BaseModel], ...] = (
     RegisterRequest, UpdateInstanceRequest, CreateKeyRequest, ChatRequest, GlobalChatRequest, ImageRequest,
-    GlobalImageRequest, ConverseRequest, SwiftChatImageRequest,
+    GlobalImageRequest, ConverseRequest, SwiftChatImageRequest, DifyChatRequest, DifyRename, DifyFeedback,
 )
 RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     Registered, InstanceView, InstancePage, TokenRotated, CallerKey, CallerKeyCreated, CallerKeyList,
     ChatCompletion, ModelList, ModelPage, ImagesResponse, ErrorResponse, Health, Ready,
-    SwiftChatModels, SwiftChatImageResponse, SwiftChatError, UpgradeInfo,
+    SwiftChatModels, SwiftChatImageResponse, SwiftChatError, UpgradeInfo, DifyAnswer, DifyMessageEvent,
+    DifyMessageEndEvent, DifyErrorEvent, DifyMessagePage, DifyConversationPage, DifyRenamed, DifyResult,
+    DifyParameters, ConversationsPurged, Transcription,
 )
 
 ERROR_MEANING = {
@@ -71,6 +94,8 @@ ERROR_MEANING = {
     404: "Instance (or key) not found; on the global doors (/v1 and SwiftChat's) also model_not_found: "
          "`model`/`modelId` names no instance, or (/v1) a model its agents do not serve",
     413: "Request body too large",
+    415: "The body is not multipart/form-data (multipart_required), or its file is not one of the audio "
+         "formats (unsupported_file_format)",
     422: "Invalid parameters, or a request limit exceeded (the error names the field)",
     429: "Rate or concurrency limit reached; see Retry-After",
     501: "No connected agent of the instance can run this operation (capability_not_supported), "
@@ -115,10 +140,12 @@ ERROR_BODIES: dict[str, dict[str, Any]] = {
 }
 
 
-def _errors(*statuses: int, dialect: str = "openai") -> dict[str, Any]:
+def _errors(*statuses: int, dialect: str = "openai", meaning: dict[int, str] | None = None) -> dict[str, Any]:
+    """The error responses of an operation; ``meaning`` replaces the general description of a status."""
     out: dict[str, Any] = {}
     for status in statuses:
-        response: dict[str, Any] = {"description": ERROR_MEANING[status], "content": ERROR_BODIES[dialect]}
+        description = (meaning or {}).get(status, ERROR_MEANING[status])
+        response: dict[str, Any] = {"description": description, "content": ERROR_BODIES[dialect]}
         if status in (429, 503):
             response["headers"] = {
                 "Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "string"}}
@@ -225,6 +252,252 @@ UPGRADE_REQUEST: dict[str, Any] = {
 }
 
 
+# -- speech to text (audio.py) -------------------------------------------------------------
+
+#: The audio file part: what ``audio.audio_file`` takes.
+AUDIO_FILE: dict[str, Any] = {
+    "type": "string", "format": "binary", "minLength": 1,
+    "description": f"The audio, not empty, at most RELAY_MAX_UPLOAD_BYTES (15 MiB unless the relay says "
+                   f"otherwise; 413 past it). The file name's extension decides the format: "
+                   f"{', '.join(AUDIO_EXTENSIONS)}. A name without one of them is taken when the part's "
+                   f"Content-Type is one of {', '.join(AUDIO_TYPES)}. Anything else is 415 "
+                   f"unsupported_file_format.",
+}
+#: The file part's encoding: the content types that name a format, for a file whose name does not.
+AUDIO_ENCODING: dict[str, Any] = {"file": {"contentType": ", ".join(AUDIO_TYPES)}}
+
+
+def _audio_form(*, model: Literal["optional", "required", "ignored"]) -> dict[str, Any]:
+    """A transcription's multipart body.  Text fields are text on the wire: the types say how they read."""
+    properties: dict[str, Any] = {"file": AUDIO_FILE}
+    required = ["file"]
+    if model != "ignored":
+        name: dict[str, Any] = {"type": "string", "maxLength": MAX_MODEL_NAME_LENGTH}
+        properties.update({
+            "model": {**name, "minLength": 1} if model == "required" else name,
+            "language": {"type": "string", "maxLength": MAX_LANGUAGE,
+                         "description": "The audio's language, ISO-639-1 ('en'); empty: the model decides"},
+            # A field is at most MAX_FIELD_BYTES of UTF-8, so never more characters than that.
+            "prompt": {"type": "string", "maxLength": MAX_FIELD_BYTES,
+                       "description": f"Text to guide the model; at most {MAX_FIELD_BYTES} bytes of UTF-8 "
+                                      "(400 past it)"},
+            "response_format": {"enum": [*RESPONSE_FORMATS, ""],
+                                "description": "json (the default, also when empty) and verbose_json answer "
+                                               "JSON; text and srt answer text/plain, vtt text/vtt"},
+            # A number from 0 to 1, or the empty string (no anyOf: fuzzers negate its branches one by one).
+            "temperature": {"type": ["number", "string"], "minimum": 0, "maximum": 1, "maxLength": 0,
+                            "description": "From 0 to 1; empty: the model's default"},
+        })
+        if model == "required":
+            required.append("model")
+    return {
+        "type": "object", "properties": properties, "required": required,
+        # python-multipart's bounds (audio.MAX_FIELDS parts besides the one file; 400 past them).  An array
+        # is one part per item, which no schema can count across fields: other fields are single parts here.
+        "maxProperties": MAX_FIELDS + 1, "additionalProperties": {"not": {"type": "array"}},
+        "description": f"Other text fields are ignored. At most {MAX_FIELDS} text parts of at most "
+                       f"{MAX_FIELD_BYTES} bytes each, and one file (400 past those); a field sent twice counts "
+                       f"twice, and its first value is the one read.",
+    }
+
+
+def _multipart(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"required": True,
+            "content": {"multipart/form-data": {"schema": schema, "encoding": AUDIO_ENCODING}}}
+
+
+TRANSCRIBE_ERRORS = (*AGENT_ERRORS, 415)
+TRANSCRIBE_MEANING = {
+    400: "Malformed request: a credential in the URL, or a multipart body that does not parse (no boundary, "
+         "a field past its size, too many fields or files)",
+    413: "The file (or the whole body, the file plus 64 KiB) is past RELAY_MAX_UPLOAD_BYTES",
+    422: "No `file` part (an application/x-www-form-urlencoded body has none), an empty file, or a field out of "
+         "its range; or what the model server refused",
+    501: "No connected agent of the instance can transcribe (capability_not_supported)",
+}
+TRANSCRIPTION_ANSWER: dict[str, Any] = {
+    "200": {
+        "description": "json, verbose_json: the model's JSON (``text``, and for verbose_json the model's "
+                       "details). text, srt: the text itself, text/plain. vtt: text/vtt.",
+        "content": {
+            "application/json": {"schema": _ref(Transcription)},
+            "text/plain": {"schema": {"type": "string"}},
+            "text/vtt": {"schema": {"type": "string"}},
+        },
+    },
+}
+TRANSCRIBE_NOTE = (
+    "Runs on an agent that declared the transcribe operation (501 capability_not_supported when none of the "
+    "instance's agents did). The file goes to the agent in frames of one credit window each."
+)
+
+
+def _transcriptions(summary: str, operation_id: str, parameters: list[dict[str, Any]], description: str,
+                    *, model: Literal["optional", "required"]) -> dict[str, Any]:
+    return {
+        "summary": summary, "operationId": operation_id, "tags": ["audio"], "security": CALLER,
+        "description": description, "parameters": parameters, "requestBody": _multipart(_audio_form(model=model)),
+        "responses": {**TRANSCRIPTION_ANSWER, **_errors(*TRANSCRIBE_ERRORS, meaning=TRANSCRIBE_MEANING)},
+    }
+
+
+# -- the Dify chat-app API (dify.py) -------------------------------------------------------
+
+USER_SCHEMA: dict[str, Any] = DifyUser.model_json_schema()["properties"]["user"]
+#: Ids the conversation store hands out: canonical uuids; any other string is simply not found.
+UUID: dict[str, Any] = {"type": "string", "format": "uuid"}
+DIFY_USER = {"name": "user", "in": "query", "required": True, "schema": USER_SCHEMA,
+             "description": "The caller's own name for its end user: conversations are kept per user"}
+DIFY_LIMIT = {"name": "limit", "in": "query", "allowEmptyValue": True,
+              "schema": {"type": "integer", "minimum": 1, "maximum": PAGE_MAX, "default": PAGE_DEFAULT}}
+CONVERSATION_ID = {"name": "conversation_id", "in": "path", "required": True, "schema": UUID,
+                   "description": "A conversation id, as chat-messages answered it"}
+MESSAGE_ID = {"name": "message_id", "in": "path", "required": True, "schema": UUID,
+              "description": "A message id (``message_id`` of a chat-messages answer)"}
+
+#: One Dify event: ``data`` is one JSON object, its ``event`` saying which.
+DIFY_SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "data": {"type": "string", "contentMediaType": "application/json",
+                 "contentSchema": {"oneOf": [_ref(DifyMessageEvent), _ref(DifyMessageEndEvent),
+                                             _ref(DifyErrorEvent)]},
+                 "description": "A DifyMessageEvent, DifyMessageEndEvent or DifyErrorEvent object"},
+    },
+    "required": ["data"],
+}
+
+#: ``DELETE …/conversations/{id}`` reads ``user`` from a JSON object body when it is
+#: truthy (as Python reads JSON), else from the query; any other body is ignored.
+_FALSY: list[Any] = [None, False, 0, "", [], {}]
+DIFY_DELETE_BODY: dict[str, Any] = {
+    "description": "Optional. A JSON object whose `user` names the end user (Dify's own form); anything else, "
+                   "a `user` that is null, false, 0, empty or absent included, leaves `user` to the query.",
+    "anyOf": [
+        {"not": {"type": "object"}},
+        {"type": "object", "properties": {"user": {"anyOf": [{"enum": _FALSY}, USER_SCHEMA]}}},
+    ],
+}
+
+DIFY_SCOPE = (
+    "A conversation belongs to the instance, the caller (the caller key presented, or anonymous on a public "
+    "instance) and `user`; anything outside that scope is the same 404 as an id that never existed."
+)
+DIFY_404 = ("Instance not found; or conversation_not_found / message_not_found: the id is not one of this "
+            "caller's and user's (or it expired)")
+DIFY_CHAT_422 = (
+    "Invalid parameters (the error names the field), or: conversations_disabled (the owner turned conversations "
+    "off), input_required (a variable the instance declares is missing from `inputs`), message_too_large (the "
+    "query past RELAY_CONVERSATION_MESSAGE_BYTES), inputs_too_large, conversation_full (the conversation holds "
+    "RELAY_CONVERSATION_MAX_MESSAGES messages), too_many_conversations (this user already keeps "
+    "RELAY_CONVERSATIONS_PER_USER), too_many_messages / content_too_large (the relay's request limits), or what "
+    "the model server refused"
+)
+V1_401 = ("No caller key, or not a known one (api_key_required): on /v1 the caller key says which instance")
+
+
+def dify_operations(base: str) -> dict[str, dict[str, Any]]:
+    """The Dify chat-app API at ``base``: per instance (its chat URL) or ``/v1`` (the caller key's instance)."""
+    per_instance = base != "/v1"
+    params: list[dict[str, Any]] = [INSTANCE_ID] if per_instance else []
+    security = CALLER if per_instance else [{"callerKey": []}]
+    prefix = "dify" if per_instance else "v1Dify"
+    where = ("The instance is the one in the path." if per_instance else
+             "The instance is the caller key's: send it as `Authorization: Bearer irk_...` (401 "
+             "api_key_required without one).")
+    meaning: dict[int, str] = {404: "Instance not found"}
+    if not per_instance:
+        meaning[401] = V1_401
+
+    def op(summary: str, operation_id: str, answer: dict[str, Any], statuses: tuple[int, ...],
+           extra: dict[str, Any] | None = None, more: str = "", tags: str = "dify",
+           errors: dict[int, str] | None = None) -> dict[str, Any]:
+        # On /v1 the key names its own instance, so it is never one "not for this instance" (403).
+        statuses = statuses if per_instance else tuple(s for s in statuses if s != 403)
+        return {"summary": summary, "operationId": prefix + operation_id, "tags": [tags], "security": security,
+                "description": " ".join(filter(None, [where, more])), **(extra or {}),
+                "responses": {**answer, **_errors(*statuses, meaning={**meaning, **(errors or {})})}}
+
+    def ok(description: str, model: type[BaseModel]) -> dict[str, Any]:
+        return {"200": {"description": description, "content": _json(model)}}
+
+    small = (400, 401, 403, 404, 413, 422, 503)  # a small JSON body (at most 16 KiB) about one conversation
+    reads = (400, 401, 403, 404, 422, 503)
+    chat = op(
+        "Dify: send a message (one turn of a conversation the relay keeps)", "ChatMessages",
+        {"200": {
+            "description": "``blocking`` (the default): one JSON answer. ``streaming``: Server-Sent Events, each "
+                           "``data: {event}``: ``message`` events with the answer's pieces, then ``message_end``; "
+                           "a failure after the first event ends the stream with an ``error`` event instead. "
+                           "Never ``data: [DONE]``.",
+            "content": {"application/json": {"schema": _ref(DifyAnswer)},
+                        "text/event-stream": {"schema": DIFY_SSE_EVENT}},
+        }},
+        AGENT_ERRORS, {"parameters": params, "requestBody": _body(DifyChatRequest)},
+        "Without `conversation_id` a new conversation starts (named after the query); with one, the turn continues "
+        "it, the model seeing its earlier turns. `inputs`: the values of the variables the instance declares (GET "
+        "parameters), checked; others are dropped, and a continued conversation keeps the inputs it started "
+        "with. " + DIFY_SCOPE, errors={404: DIFY_404, 422: DIFY_CHAT_422})
+    messages = op(
+        "Dify: a conversation's messages, newest first", "Messages",
+        ok("One page", DifyMessagePage), reads,
+        {"parameters": [*params,
+                        {"name": "conversation_id", "in": "query", "required": True, "schema": UUID},
+                        {"name": "first_id", "in": "query", "allowEmptyValue": True, "schema": UUID,
+                         "description": "The oldest message id of the previous page (message_not_found if it "
+                                        "is not in the conversation)"},
+                        DIFY_LIMIT, DIFY_USER]},
+        DIFY_SCOPE, errors={404: DIFY_404})
+    conversations = op(
+        "Dify: the user's conversations, most recently active first (needs a caller key)", "Conversations",
+        ok("One page", DifyConversationPage), reads,
+        {"parameters": [*params,
+                        {"name": "last_id", "in": "query", "allowEmptyValue": True, "schema": UUID,
+                         "description": "The last conversation id of the previous page (conversation_not_found "
+                                        "if it is not one of this user's)"},
+                        DIFY_LIMIT, DIFY_USER]},
+        "Without a caller key, 401 api_key_required: an anonymous caller reaches a conversation by its id only.",
+        errors={404: DIFY_404, 401: "No caller key (api_key_required): listing needs one; or a private "
+                                     "instance's key is missing or unknown"})
+    rename = op(
+        "Dify: rename a conversation", "RenameConversation", ok("The conversation, renamed", DifyRenamed), small,
+        {"parameters": [*params, CONVERSATION_ID], "requestBody": _body(DifyRename)}, DIFY_SCOPE,
+        errors={404: DIFY_404})
+    delete = op(
+        "Dify: delete a conversation and its messages", "DeleteConversation", ok("Deleted", DifyResult), small,
+        {"parameters": [*params, CONVERSATION_ID,
+                        {**DIFY_USER, "required": False,
+                         "description": "The end user, when the body does not name it"}],
+         "requestBody": {"required": False, "content": {"application/json": {"schema": DIFY_DELETE_BODY}}}},
+        "`user` in the body (as Dify sends it) or in the query: one of them is required (422 otherwise), the "
+        "body's wins. " + DIFY_SCOPE, errors={404: DIFY_404})
+    feedback = op(
+        "Dify: rate an answer (like, dislike; null takes the rating back)", "MessageFeedback",
+        ok("Rated", DifyResult), small,
+        {"parameters": [*params, MESSAGE_ID], "requestBody": _body(DifyFeedback)}, DIFY_SCOPE,
+        errors={404: DIFY_404})
+    parameters = op(
+        "Dify: the opening statement and the inputs a conversation takes", "Parameters",
+        ok("The instance's parameters (the owner's, else what its agent suggested)", DifyParameters),
+        (400, 401, 403, 404, 503), {"parameters": params})
+    audio = op(
+        "Dify: speech to text", "AudioToText", ok("The transcript", Transcription), TRANSCRIBE_ERRORS,
+        {"parameters": params, "requestBody": _multipart(_audio_form(model="ignored"))},
+        "The operation of …/audio/transcriptions, with the agent's default model. " + TRANSCRIBE_NOTE,
+        tags="audio", errors={k: v for k, v in TRANSCRIBE_MEANING.items() if k != 422} | {
+            422: "No `file` part, or an empty file; or what the model server refused"})
+    return {
+        f"{base}/chat-messages": {"post": chat},
+        f"{base}/messages": {"get": messages},
+        f"{base}/messages/{{message_id}}/feedbacks": {"post": feedback},
+        f"{base}/conversations": {"get": conversations},
+        f"{base}/conversations/{{conversation_id}}/name": {"post": rename},
+        f"{base}/conversations/{{conversation_id}}": {"delete": delete},
+        f"{base}/parameters": {"get": parameters},
+        f"{base}/audio-to-text": {"post": audio},
+    }
+
+
 def operations() -> dict[str, dict[str, Any]]:
     """Every HTTP operation of the relay: ``{path: {method: operation}}``."""
     per_instance = " (the default when left out, unless ``Accept`` asks for JSON only)"
@@ -277,7 +550,12 @@ def operations() -> dict[str, dict[str, Any]]:
                               **_errors(404, 503)},
             },
             "patch": {
-                "summary": "Change name, description or visibility (owner)",
+                "summary": "Change name, description, visibility, the Dify API's parameters (introduction, "
+                           "variables) or whether conversations are kept (owner)",
+                "description": "Only the fields given change. `variables`: each `key` at most once (422 "
+                               "otherwise, which the schema cannot say). `conversations: false` turns the "
+                               "Dify API's chat-messages off (422 conversations_disabled); stored "
+                               "conversations stay until they expire or are purged.",
                 "operationId": "updateInstance", "tags": ["owner"], "security": OWNER,
                 "parameters": [INSTANCE_ID], "requestBody": _body(UpdateInstanceRequest),
                 "responses": {"200": {"description": "The updated instance", "content": _json(InstanceView)},
@@ -314,6 +592,15 @@ def operations() -> dict[str, dict[str, Any]]:
                               **_errors(400, 401, 403, 404, 503)},
             },
         },
+        "/api/instances/{instance_id}/conversations": {
+            "delete": {
+                "summary": "Delete every stored conversation of the instance (owner)",
+                "operationId": "purgeConversations", "tags": ["owner"], "security": OWNER,
+                "parameters": [INSTANCE_ID],
+                "responses": {"200": {"description": "How many were deleted", "content": _json(ConversationsPurged)},
+                              **_errors(400, 401, 403, 404, 503)},
+            },
+        },
         "/api/instances/{instance_id}/keys/{key_id}": {
             "delete": {
                 "summary": "Revoke a caller key; it stops working at once (owner)",
@@ -334,6 +621,11 @@ def operations() -> dict[str, dict[str, Any]]:
         },
         "/api/chat/{instance_id}/images/generations": {"post": _images_operation(
             "Image generation (OpenAI-compatible)", "images", ImageRequest, [INSTANCE_ID], IMAGES_NOTE)},
+        "/api/chat/{instance_id}/audio/transcriptions": {"post": _transcriptions(
+            "Speech to text (OpenAI-compatible)", "transcriptions", [INSTANCE_ID],
+            "`model`: run when the chosen agent serves it, else the agent's default transcription model. "
+            + TRANSCRIBE_NOTE, model="optional")},
+        **dify_operations("/api/chat/{instance_id}"),
         "/v1/chat/completions": {"post": global_chat},
         "/v1/models": {
             "get": {
@@ -357,6 +649,12 @@ def operations() -> dict[str, dict[str, Any]]:
         "/v1/images/generations": {"post": _images_operation(
             "Image generation on any instance (OpenAI base URL)", "globalImages", GlobalImageRequest, [],
             f"{GLOBAL_MODEL_RULE} {IMAGES_NOTE}")},
+        "/v1/audio/transcriptions": {"post": _transcriptions(
+            "Speech to text on any instance (OpenAI base URL)", "globalTranscriptions", [],
+            GLOBAL_MODEL_RULE.replace("(its agent's default model)", "(its agent's default transcription model)")
+            + " A model the instance's agents do not serve is 404 model_not_found. " + TRANSCRIBE_NOTE,
+            model="required")},
+        **dify_operations("/v1"),
         "/api/converse": {
             "post": {
                 "summary": "SwiftChat: chat in Bedrock Converse messages, the answer streamed as text",

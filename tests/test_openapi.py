@@ -10,11 +10,13 @@ schemathesis generates requests from the relay's own document, bounded and
 derandomized (the same examples every run), and checks that
 
 * no answer is a 5xx other than a documented ``503``/``504`` (an agent or a
-  model that works never justifies a ``502``), or the ``501`` of an image
-  request to an instance whose agent cannot draw (the OpenAI backend here);
+  model that works never justifies a ``502``), or the ``501`` of an image or
+  audio request to an instance whose agent cannot draw or transcribe (the
+  OpenAI backend here);
 * every status, content type, header and body matches the document, and a
   chat stream is well formed to its end (chunks, then ``data: [DONE]``, no
-  error event), as is SwiftChat's plain-text answer (text, then the usage line);
+  error event), as are SwiftChat's plain-text answer (text, then the usage
+  line) and a Dify stream (``message`` events, then ``message_end``);
 * what the document allows is accepted, and what it forbids is refused with
   a 4xx (for the requests that reach the agent, which is where the document,
   the relay's validators and the backends must agree);
@@ -25,12 +27,28 @@ The relay's configurable shape limits (messages, content size) are off here
 and its ``max_tokens`` cap is the document's maximum, since the document
 cannot know a relay's settings; rate and stream limits are off so that the
 fuzzer's bursts are not throttled.
+
+What the fuzzer cannot know, the test supplies: the live instance's id in
+most paths; a caller key on the Dify routes (``/v1`` needs one), and often
+the ids and ``user`` of conversations that exist, so that their answers are
+checked too; an owner token and an instance of its own for ``PATCH`` and the
+purge.
+
+Audio bodies are multipart.  schemathesis sends the file as a part named
+``file`` or ``file.<ext>`` (an extension only for the image and document
+samples it knows) with one of the content types the document lists, which
+the relay takes; every other field is text on the wire (``false``, ``5``),
+so a form is judged valid or not as the relay reads it (``data_acceptance``).
+It never sends a file the relay would not take as audio, nor a body that is no form: those
+refusals (415, 400, 422) are requests of their own
+(``test_audio_doors_answer_forms_the_fuzzer_does_not_send``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.policy
 import functools
 import itertools
 import json
@@ -38,6 +56,7 @@ import logging
 import re
 import threading
 from collections.abc import Iterator
+from email.parser import BytesParser
 from typing import Any
 
 import httpx
@@ -50,6 +69,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 from schemathesis import GenerationMode
+from schemathesis.core.parameters import ParameterLocation
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     negative_data_rejection,
@@ -58,16 +78,20 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from schemathesis.transport.serialization import Binary
 from starlette.routing import Route, WebSocketRoute
 
 from agent.backends import DemoBackend
 from relay.app import create_app
+from relay.audio import MAX_FIELD_BYTES, MAX_FIELDS, transcription_fields
+from relay.errors import ValidationFailed
 from relay.logs import DeliberateEndings
-from relay.models import MAX_COUNT, MAX_SIDE, SwiftChatImage
+from relay.models import MAX_COUNT, MAX_SIDE, PYTHON_WHITESPACE, DifyRename, SwiftChatImage, UpdateInstanceRequest
 from relay.openapi import build_openapi, operations
 from relay.settings import RelaySettings
 from tests.helpers import FakeUpstream, openai_backend, running_agent, running_relay, running_upstream
 from wire.converse import InvalidConverse, converse_request
+from wire.frames import MAX_MODEL_NAME_LENGTH
 
 #: No rate or stream limits (the fuzzer sends bursts), no shape limits the
 #: document cannot know; the token cap is the document's own maximum (a cap of
@@ -81,25 +105,56 @@ CHAT_OPERATIONS = {"POST /api/chat/{instance_id}", "POST /api/chat/{instance_id}
 IMAGE_OPERATIONS = {"POST /api/chat/{instance_id}/images/generations", "POST /v1/images/generations",
                     "POST /api/image"}
 CONVERSE = "POST /api/converse"
+#: The Dify chat-app API's two bases.
+DIFY_BASES = ("/api/chat/{instance_id}", "/v1")
+DIFY_TURNS = {f"POST {base}/chat-messages" for base in DIFY_BASES}
+TRANSCRIBE_OPERATIONS = {"POST /api/chat/{instance_id}/audio/transcriptions", "POST /v1/audio/transcriptions",
+                         *(f"POST {base}/audio-to-text" for base in DIFY_BASES)}
 #: Operations that reach the agent, besides the chat ones, and where they take
-#: the instance from: the path, or a field of the body.
+#: the instance from: the path, or a field of the body (None: the path, or on
+#: the Dify API at /v1 the caller key).
 AGENT_OPERATIONS = {
     "POST /api/chat/{instance_id}/images/generations": None,
     "POST /v1/chat/completions": "model",
     "POST /v1/images/generations": "model",
     CONVERSE: "modelId",
     "POST /api/image": "modelId",
+    "POST /api/chat/{instance_id}/audio/transcriptions": None,
+    "POST /v1/audio/transcriptions": "model",
+    **dict.fromkeys(DIFY_TURNS),
+    **{f"POST {base}/audio-to-text": None for base in DIFY_BASES},
 }
-#: Which backends can make images (the OpenAI one in this fixture has no image model).
+#: Owner actions fuzzed with an owner token, on an instance of their own (the live one must keep its settings).
+OWNER_OPERATIONS = {"PATCH /api/instances/{instance_id}", "DELETE /api/instances/{instance_id}/conversations"}
+#: Which backends can make images and transcribe (the OpenAI one in this fixture serves neither).
 DRAWS = {"demo": True, "openai": False}
+HEARS = {"demo": True, "openai": False}
+#: The end user of the conversations the fixture starts.
+KNOWN_USER = "fuzz-user"
 
 #: The only 5xx a relay with a working agent may answer, with their codes (README).
 DOCUMENTED_SERVER_ERRORS = {
     503: {"instance_offline", "instance_at_capacity", "node_draining", "not_ready"},
     504: {"model_timeout"},
 }
-#: ... and on the image operations of an instance whose agents cannot draw.
-NO_IMAGES = {501: {"capability_not_supported"}}
+#: ... and on the image (transcription) operations of an instance whose agents cannot draw (hear).
+NO_CAPABILITY = {501: {"capability_not_supported"}}
+
+
+def _dify_route(label: str) -> tuple[str, str] | None:
+    """(base, route) of a Dify API operation, such as ("/v1", "/chat-messages"); None for any other."""
+    path = label.split(" ", 1)[1]
+    for base in DIFY_BASES:
+        route = path[len(base):]
+        if path.startswith(base) and route[1:].split("/", 1)[0] in (
+                "chat-messages", "messages", "conversations", "parameters", "audio-to-text"):
+            return base, route
+    return None
+
+
+def _lacks_capability(label: str, backend: str) -> bool:
+    return (label in IMAGE_OPERATIONS and not DRAWS[backend]) or (label in TRANSCRIBE_OPERATIONS
+                                                                   and not HEARS[backend])
 
 
 def test_every_route_is_documented():
@@ -266,6 +321,104 @@ def test_the_document_says_what_a_side_may_be():
         assert validator.is_valid(body) == valid, value
 
 
+def _seldom_wrong(valid: st.SearchStrategy[Any], *invalid: Any) -> st.SearchStrategy[Any]:
+    """``valid`` nine times in ten, else one of ``invalid``: a body of many fields then often has one fault."""
+    wrong = st.one_of(*(v if isinstance(v, st.SearchStrategy) else st.just(v) for v in invalid))
+    return st.integers(0, 9).flatmap(lambda roll: valid if roll else wrong)
+
+
+_KEYS = _seldom_wrong(st.sampled_from(["a", "B_1", "_x", "city"]), "", "1a", "a-b", "a\n", "x" * 65, 5, None)
+_VARIABLE = _seldom_wrong(st.fixed_dictionaries(
+    {"key": _KEYS},
+    optional={
+        "name": _seldom_wrong(st.text(max_size=3), "x" * 101, None, 5),
+        "description": _seldom_wrong(st.one_of(st.none(), st.text(max_size=3)), "x" * 1001, 5),
+        "type": _seldom_wrong(st.sampled_from(["string", "paragraph", "select", "number"]), "text", "", None),
+        "default": _seldom_wrong(st.one_of(st.none(), st.text(max_size=2), st.integers(),
+                                     st.floats(allow_nan=False, allow_infinity=False)), True, False, [], {}),
+        "options": _seldom_wrong(st.one_of(st.none(), st.lists(st.text(max_size=2), max_size=3)),
+                           [1], [None], "a", [""] * 101),
+        "required": _seldom_wrong(st.booleans(), "true", "yes", 1, 0, None),
+        "max_length": _seldom_wrong(st.one_of(st.none(), st.integers(1, 100_000), st.sampled_from([5.0, 1e5])),
+                              0, 100_001, "5", 5.5, True, -1),
+    }), {"key": "a", "other": 1}, "a", [], None)
+
+
+@given(body=_seldom_wrong(st.fixed_dictionaries({}, optional={
+    "name": _seldom_wrong(st.one_of(st.none(), st.text(min_size=1, max_size=3)), "", "x" * 101, 5),
+    "description": _seldom_wrong(st.one_of(st.none(), st.text(max_size=3)), "x" * 1001, 5),
+    "visibility": _seldom_wrong(st.sampled_from([None, "public", "private"]), "secret", 1),
+    "introduction": _seldom_wrong(st.one_of(st.none(), st.text(max_size=3)), "x" * 4001, 5),
+    "variables": _seldom_wrong(st.one_of(st.none(), st.lists(_VARIABLE, max_size=3)), "x", {}, [None] * 51),
+    "conversations": _seldom_wrong(st.sampled_from([None, True, False]), "true", "off", 1, 0),
+}), {"name": "n", "other": 1}, [], "name", None))
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_the_patch_schema_is_what_the_relay_accepts(body):
+    """``PATCH /api/instances/{id}``: the schema and UpdateInstanceRequest agree, but on repeated keys.
+
+    That one rule no JSON Schema can state (the operation's description says it).
+    """
+    variables = body.get("variables") if isinstance(body, dict) else None
+    keys = [v.get("key") for v in variables if isinstance(v, dict)] if isinstance(variables, list) else []
+    repeated = len(keys) != len({repr(k) for k in keys})
+    try:
+        UpdateInstanceRequest.model_validate(body)
+        accepted = True
+    except ValidationError:
+        accepted = False
+    assert accepted == (_validator("UpdateInstanceRequest").is_valid(body) and not repeated), body
+
+
+def test_the_document_says_what_a_conversation_name_may_be():
+    """Not only whitespace (as ``str.split`` counts it: the store makes each run one space), at most 256 long."""
+    assert all(bool(re.fullmatch(f"[{PYTHON_WHITESPACE}]", chr(c))) == chr(c).isspace() for c in range(0x110000))
+    validator = _validator("DifyRename")
+    names: list[Any] = ["a", " a ", "a b", "\ufeff", "\u200b", "x" * 256, "x" * 257, " " * 300 + "x", "", None, 5,
+                        *(chr(c) for c in range(0x3001) if chr(c).isspace()), "\x1f\x1c a"]
+    for name in names:
+        body = {"user": "u", "name": name}
+        try:
+            DifyRename.model_validate(body)
+            accepted = True
+        except ValidationError:
+            accepted = False
+        assert validator.is_valid(body) == accepted, repr(name)
+
+
+def test_the_transcription_fields_are_what_audio_py_accepts():
+    """Each text field of the form: valid (as text, or as the number the text spells) iff the relay takes it.
+
+    Python's ``float`` reads more than JSON numbers (``+0.5``, ``0_5``, Arabic-Indic
+    digits ...): those the document refuses and the relay takes are listed apart.
+    """
+    form = build_openapi("x")["paths"]["/api/chat/{instance_id}/audio/transcriptions"]["post"]["requestBody"]
+    schema = form["content"]["multipart/form-data"]["schema"]
+    lenient = {("temperature", "+0.5"), ("temperature", "0.0_1"), ("temperature", "\u0661")}
+    values = {
+        "model": ["", "whisper-1", "m" * MAX_MODEL_NAME_LENGTH, "m" * (MAX_MODEL_NAME_LENGTH + 1)],
+        "language": ["", "en", "x" * 32, "x" * 33],
+        "response_format": ["", "json", "text", "srt", "verbose_json", "vtt", "JSON", "mp3"],
+        "temperature": ["", "0", "1", "0.5", "1e-1", " 0.5 ", "1.5", "-0.1", "abc", "nan", "Infinity", "true",
+                        "null", "[]", *(v for _, v in lenient)],
+        "prompt": ["", "hi"],
+    }
+    for name, texts in values.items():
+        validator = jsonschema_rs.validator_for({**schema["properties"][name]})
+        for text in texts:
+            readings: list[Any] = [text]
+            with contextlib.suppress(ValueError):
+                readings.append(json.loads(text))
+            documented = any(validator.is_valid(reading) for reading in readings)
+            try:
+                transcription_fields({name: text})
+                accepted = True
+            except ValidationFailed:
+                accepted = False
+            assert accepted == (documented or (name, text) in lenient), (name, text)
+            if (name, text) in lenient:
+                assert accepted and not documented, (name, text)
+
+
 # -- schemathesis against a live relay, one per backend ------------------------------------
 
 
@@ -312,6 +465,7 @@ def live_relay(request, redis_server) -> Iterator[dict[str, Any]]:
                     backend = DemoBackend(rate=0)
                 agent = await stack.enter_async_context(running_agent(relay.url, token, backend))
                 info.update(url=relay.url, instance_id=instance_id, agent=agent)
+                info.update(await _dify_fixtures(relay, instance_id, token))
                 ready.set()
                 await stop.wait()
         finally:
@@ -328,6 +482,24 @@ def live_relay(request, redis_server) -> Iterator[dict[str, Any]]:
             loop.call_soon_threadsafe(stop.set)
         thread.join(15)
         logging.getLogger().removeHandler(errors)
+
+
+async def _dify_fixtures(relay: Any, instance_id: str, token: str) -> dict[str, Any]:
+    """A caller key of the live instance, a conversation of each kind of caller, an instance for owner actions."""
+    async with relay.client() as client:
+        created = await client.post(f"/api/instances/{instance_id}/keys", json={"name": "fuzz"},
+                                    headers={"Authorization": f"Bearer {token}"})
+        created.raise_for_status()
+        key = created.json()["key"]
+        known = {}
+        for who, url, headers in (("key", "/v1", {"Authorization": f"Bearer {key}"}),
+                                  ("anon", f"/api/chat/{instance_id}", {})):
+            answer = await client.post(f"{url}/chat-messages", json={"query": "hello", "user": KNOWN_USER},
+                                       headers=headers)
+            answer.raise_for_status()
+            known[who] = (answer.json()["conversation_id"], answer.json()["message_id"])
+    owned_id, owned_token = await relay.register("fuzzed-owner-actions")
+    return {"key": key, "known": known, "owned": (owned_id, owned_token)}
 
 
 def _error_code(response: schemathesis.Response) -> str | None:
@@ -354,8 +526,8 @@ def server_error_check(backend: str):
         if status < 500:
             return
         allowed = dict(DOCUMENTED_SERVER_ERRORS)
-        if case.operation.label in IMAGE_OPERATIONS and not DRAWS[backend]:
-            allowed.update(NO_IMAGES)
+        if _lacks_capability(case.operation.label, backend):
+            allowed.update(NO_CAPABILITY)
         if _content_type(response).startswith("text/plain"):
             # /api/converse's errors are "Error: <message>" and carry no code, so
             # the status is all there is to judge.  It is enough: every code of a
@@ -378,11 +550,31 @@ def chat_stream_is_well_formed(ctx, response: schemathesis.Response, case: schem
         return  # not SSE: converse_body_is_well_formed
     assert not response.stream_cut_short, "the stream was not read to its end (raise max-stream-events)"
     data = [line[6:] for line in response.content.decode().splitlines() if line.startswith("data: ")]
+    if case.operation.label in DIFY_TURNS:
+        _dify_stream_is_well_formed(data)
+        return
     assert data and data[-1] == "[DONE]", f"the stream does not end with [DONE]: {data[-3:]}"
     for payload in data[:-1]:
         event = json.loads(payload)
         assert "error" not in event, f"error event in a 200 stream: {payload}"
         assert event.get("object") == "chat.completion.chunk" and isinstance(event.get("choices"), list), payload
+
+
+def _dify_stream_is_well_formed(data: list[str]) -> None:
+    """Dify's events: ``message`` pieces of one turn, then ``message_end``; no error event, no ``[DONE]``.
+
+    A 200 stream ends with an ``error`` event only when the model fails or goes
+    silent after its first piece, which a working agent does not.
+    """
+    assert data, "an empty Dify stream"
+    events = [json.loads(payload) for payload in data]
+    assert all(isinstance(event, dict) for event in events), data[:3]
+    kinds = [event.get("event") for event in events]
+    assert "error" not in kinds, f"error event in a 200 stream: {data[kinds.index('error')]}"
+    assert kinds[-1] == "message_end" and set(kinds[:-1]) <= {"message"}, f"not message... message_end: {kinds}"
+    turns = {(event["conversation_id"], event["message_id"], event["task_id"], event["id"]) for event in events}
+    assert len(turns) == 1, f"events of more than one turn: {turns}"
+    assert all(isinstance(event["answer"], str) and event["answer"] for event in events[:-1]), data[:-1]
 
 
 #: How SwiftChat's body ends when the answer is complete (an ``Error: ...`` ending is a failure here).
@@ -397,17 +589,90 @@ def converse_body_is_well_formed(ctx, response: schemathesis.Response, case: sch
     assert USAGE_LINE.search(response.content), f"no usage line at the end: {response.content[-300:]!r}"
 
 
+def _sent_form(response: schemathesis.Response) -> list[tuple[str, str, bool]]:
+    """The parts of the multipart body sent: (name, text, whether it is a file)."""
+    head = f"Content-Type: {response.request.headers.get('Content-Type', '')}\r\n\r\n".encode()
+    body = response.request.body
+    message = BytesParser(policy=email.policy.HTTP).parsebytes(head + (body.encode() if isinstance(body, str)
+                                                                      else body or b""))
+    parts = []
+    for part in message.iter_parts():
+        payload = bytes(part.get_payload(decode=True) or b"")
+        name = str(part.get_param("name", header="content-disposition"))
+        parts.append((name, payload.decode(errors="replace"), part.get_filename() is not None))
+    return parts
+
+
+def _form_is_valid_as_sent(response: schemathesis.Response, case: schemathesis.Case) -> bool:
+    """Whether a multipart body, read as the relay reads it (text, or text that parses as a number), is valid.
+
+    Every field of a form is text on the wire: a "negative" boolean ``false``
+    arrives as the text ``false``, which a string field takes.  schemathesis
+    judges forms as sent too, but not one with a file part (it keeps the
+    generated bytes, which no JSON Schema validator reads).
+    """
+    validator = _body_validator(case.operation)
+    parts = _sent_form(response)
+    if sum(not is_file for _, _, is_file in parts) > MAX_FIELDS or sum(is_file for _, _, is_file in parts) > 1:
+        return False  # past python-multipart's bounds, which the document states in words
+    form: dict[str, Any] = {}
+    for name, text, is_file in parts:
+        if name in form:
+            continue  # a field sent twice: the relay reads the first
+        if is_file:
+            form[name] = text[:1]  # empty or not: what else its bytes are is the relay's to judge (415)
+            continue
+        readings: list[Any] = [text]
+        with contextlib.suppress(ValueError):
+            readings.append(json.loads(text))
+        form[name] = next((reading for reading in readings
+                           if not any(error.instance_path[:1] == [name]
+                                      for error in validator.iter_errors({**form, name: reading}))), text)
+    return validator.is_valid(form)
+
+
+#: What a valid request may meet (random ids, no credentials; 5xx are judged by
+#: ``no_undocumented_server_error``), and an invalid one.  415: a negative audio
+#: file (a part that is no audio) is refused as one.
+ACCEPTED = ["2xx", "401", "403", "404", "5xx"]
+REFUSED = ["400", "401", "403", "404", "413", "415", "422", "5xx"]
+
+
+def _one_of(status: int, expected: list[str]) -> bool:
+    return any(str(status) == code or (code.endswith("xx") and str(status)[0] == code[0]) for code in expected)
+
+
+def data_acceptance(ctx, response: schemathesis.Response, case: schemathesis.Case) -> None:
+    """schemathesis' ``positive_data_acceptance`` and ``negative_data_rejection``; a form judged as sent.
+
+    A multipart case's generation metadata cannot be trusted either way: a
+    negative field may be valid text on the wire, and a body holding a file is
+    negative to schemathesis' own revalidation once the test has edited it
+    (it cannot validate the file's bytes).  So such a case is valid when its
+    form, read as the relay reads it, is valid and nothing else is negated.
+    """
+    if not (case.media_type or "").startswith("multipart/"):
+        positive_data_acceptance(ctx, response, case)
+        negative_data_rejection(ctx, response, case)
+        return
+    meta = case.meta
+    elsewhere = meta is not None and any(meta.is_negative_at(location) for location in (
+        ParameterLocation.PATH, ParameterLocation.QUERY, ParameterLocation.HEADER, ParameterLocation.COOKIE))
+    valid = not elsewhere and _form_is_valid_as_sent(response, case)
+    expected = ACCEPTED if valid else REFUSED
+    assert _one_of(response.status_code, expected), (
+        f"{case.operation.label}: a {'valid' if valid else 'invalid'} form answered {response.status_code}, "
+        f"expected {', '.join(expected)}: {response.content[:300]!r}; sent {_sent_form(response)!r:.500}")
+
+
 CHECKS = [status_code_conformance, content_type_conformance, response_headers_conformance,
-          response_schema_conformance, chat_stream_is_well_formed, converse_body_is_well_formed,
-          positive_data_acceptance, negative_data_rejection]
+          response_schema_conformance, chat_stream_is_well_formed, converse_body_is_well_formed, data_acceptance]
 #: Streams are read to their end (schemathesis reads 20 events by default).
-#: Valid data may still meet a 401/403/404 (random ids, no credentials); 5xx
-#: are judged by ``no_undocumented_server_error``.
 CONFIG = {
     "max-stream-events": 10_000,
     "checks": {
-        "positive_data_acceptance": {"expected-statuses": ["2xx", "401", "403", "404", "5xx"]},
-        "negative_data_rejection": {"expected-statuses": ["400", "401", "403", "404", "413", "422", "5xx"]},
+        "positive_data_acceptance": {"expected-statuses": ACCEPTED},
+        "negative_data_rejection": {"expected-statuses": REFUSED},
     },
 }
 #: Examples per operation and generation mode.  Requests that reach the agent
@@ -418,12 +683,127 @@ CHAT_EXAMPLES = {GenerationMode.POSITIVE: 150, GenerationMode.NEGATIVE: 60}
 #: on: what is theirs is the body (and where the instance is named), which
 #: needs fewer examples.
 AGENT_EXAMPLES = {GenerationMode.POSITIVE: 100, GenerationMode.NEGATIVE: 50}
+#: Dify turns and transcriptions: the agent's part is the chat (or transcribe)
+#: operation fuzzed above; theirs is the body and the conversation store.
+TURN_EXAMPLES = {GenerationMode.POSITIVE: 50, GenerationMode.NEGATIVE: 25}
+
+
+def _wire_json(value: Any) -> Any:
+    """A generated body as JSON: a multipart file (bytes) as a one-character string, for schema checks."""
+    if isinstance(value, dict):
+        return {k: _wire_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_wire_json(v) for v in value]
+    return "x" if isinstance(value, (bytes, Binary)) else value
 
 
 def _body_validator(operation) -> Any:
-    """The operation's JSON body schema, as the fuzzer validates it."""
-    schema = operation.definition.raw["requestBody"]["content"]["application/json"]["schema"]
+    """The operation's body schema (JSON or multipart), as the fuzzer validates it."""
+    content = operation.definition.raw["requestBody"]["content"]
+    schema = next(iter(content.values()))["schema"]
     return jsonschema_rs.validator_for({**schema, "components": build_openapi("x")["components"]})
+
+
+class Rewrites:
+    """What the fuzzer cannot know, put into its cases: ids that exist, credentials.
+
+    Each rewrite takes the generated value's place in some of the cases, in
+    turn (hypothesis often generates the same value, so shares by value would
+    be lopsided).  Ids and users are only rewritten in positive cases: a
+    negative one may be negative by the very value replaced.  A case's mode
+    is its own, not the one it was drawn in: a case drawn in negative mode
+    with nothing negated in it is a positive one.
+    """
+
+    def __init__(self, live_relay: dict[str, Any], label: str):
+        self.live, self.label = live_relay, label
+        self.dify = _dify_route(label)
+        self.turns = itertools.count()
+
+    def share(self, tenths: int) -> bool:
+        return next(self.turns) % 10 < tenths
+
+    def credential(self, case: schemathesis.Case, token: str) -> bool:
+        """Send ``token``, unless the case is negative by a credential schemathesis made (then it stays)."""
+        if case.meta is not None and case.meta.is_negative_at(ParameterLocation.HEADER):
+            return False
+        case.headers["Authorization"] = f"Bearer {token}"
+        return True
+
+    def apply(self, case: schemathesis.Case) -> None:
+        positive = case.meta is None or case.meta.generation.mode.is_positive
+        if self.label in OWNER_OPERATIONS:
+            owned_id, owned_token = self.live["owned"]
+            if self.share(8) and self.credential(case, owned_token):
+                case.path_parameters["instance_id"] = owned_id
+                if positive and isinstance(case.body, dict):
+                    _unique_variable_keys(case.body)
+            return
+        if self.dify is None:
+            return
+        base, route = self.dify
+        # /v1 needs the key (without it: 401 api_key_required); per instance, anonymous callers too.
+        keyed = self.share(9 if base == "/v1" else 5) and self.credential(case, self.live["key"])
+        if not keyed and base == "/v1":
+            return
+        if positive:
+            self._known_ids(case, route, "key" if keyed else "anon")
+
+    def _known_ids(self, case: schemathesis.Case, route: str, who: str) -> None:
+        """A conversation and message of this caller and ``KNOWN_USER``, in more than half the cases."""
+        conversation_id, message_id = self.live["known"][who]
+        body = case.body if isinstance(case.body, dict) else None
+        query, path = case.query, case.path_parameters
+        method = self.label.split(" ", 1)[0]
+        if route == "/conversations/{conversation_id}":
+            if not (body and body.get("user")) and not query.get("user"):
+                query["user"] = KNOWN_USER  # the document: one of them (no schema ties the body to the query)
+            if self.share(3):
+                path["conversation_id"] = self._new_conversation(who)
+                query["user"] = KNOWN_USER
+                if body and body.get("user"):
+                    body["user"] = KNOWN_USER
+            return
+        if route == "/chat-messages" and body is not None and self.share(5):
+            body["response_mode"] = "streaming"  # left to the fuzzer, it is mostly left out: blocking
+        if not self.share(6) or (method == "POST" and body is None):
+            return
+        if route == "/chat-messages":
+            if self.share(5):
+                body.pop("conversation_id", None)  # a new conversation
+            else:
+                body.update(conversation_id=conversation_id, user=KNOWN_USER)
+        elif route in ("/conversations/{conversation_id}/name", "/messages/{message_id}/feedbacks"):
+            body["user"] = KNOWN_USER
+            path.update(conversation_id=conversation_id) if "conversation_id" in path else path.update(
+                message_id=message_id)
+        elif route in ("/messages", "/conversations"):
+            query["user"] = KNOWN_USER
+            if route == "/messages":
+                query["conversation_id"] = conversation_id
+            for name, value in (("first_id", message_id), ("last_id", conversation_id)):
+                if query.get(name):
+                    query[name] = value
+
+    def _new_conversation(self, who: str) -> str:
+        """A conversation to delete."""
+        if who == "key":
+            url, headers = f"{self.live['url']}/v1", {"Authorization": f"Bearer {self.live['key']}"}
+        else:
+            url, headers = f"{self.live['url']}/api/chat/{self.live['instance_id']}", {}
+        answer = httpx.post(f"{url}/chat-messages", json={"query": "to delete", "user": KNOWN_USER},
+                            headers=headers, timeout=30)
+        answer.raise_for_status()
+        return str(answer.json()["conversation_id"])
+
+
+def _unique_variable_keys(body: dict[str, Any]) -> None:
+    """PATCH's one rule the schema cannot state (its description does): each variable's key once."""
+    variables = body.get("variables")
+    if isinstance(variables, list):
+        seen: set[Any] = set()
+        body["variables"] = [v for v in variables
+                             if not (isinstance(v, dict) and (v.get("key") in seen or seen.add(v.get("key"))))]
 
 
 def _fuzz(operation, live_relay: dict[str, Any], mode: GenerationMode, examples: int) -> None:
@@ -431,19 +811,23 @@ def _fuzz(operation, live_relay: dict[str, Any], mode: GenerationMode, examples:
     on_agent = label in CHAT_OPERATIONS or label in AGENT_OPERATIONS
     field = AGENT_OPERATIONS.get(label)
     instance_id = live_relay["instance_id"]
+    in_path = "{instance_id}" in label
     # Invalid requests are sent to the live instance (a broken id would only find a 404).
-    fixed = {"path_parameters": {"instance_id": instance_id}} if on_agent and not field and mode.is_negative else {}
+    fixed = ({"path_parameters": {"instance_id": instance_id}}
+             if on_agent and in_path and not field and mode.is_negative else {})
     checks = [server_error_check(live_relay["backend"]), *CHECKS]
     body_schema = _body_validator(operation) if field and mode.is_negative else None
     turns = itertools.count()
+    rewrites = Rewrites(live_relay, label)
+    # Random ids only ever find 404s: use the live instance's id most of the time (the Dify API's too).
+    live_share = "x" if on_agent or _dify_route(label) else "V"
 
     @given(case=operation.as_strategy(generation_mode=mode, **fixed))
     @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
     def conforms(case):
         params = case.path_parameters or {}
-        # Random ids only ever find 404s: use the live instance's id most of the time.
-        if "instance_id" in params and not fixed and str(params["instance_id"])[:1] < ("x" if on_agent else "V"):
+        if "instance_id" in params and not fixed and str(params["instance_id"])[:1] < live_share:
             params["instance_id"] = instance_id
         if field and isinstance(case.body, dict) and isinstance(case.body.get(field), str):
             # The same for an instance named in the body: mostly the live one, some of it with
@@ -453,8 +837,9 @@ def _fuzz(operation, live_relay: dict[str, Any], mode: GenerationMode, examples:
             share = next(turns) % 10
             if share < 8:
                 case.body[field] = instance_id if share < 6 else f"{instance_id}/{named}"
-            if body_schema is not None and body_schema.is_valid(case.body):
+            if body_schema is not None and body_schema.is_valid(_wire_json(case.body)):
                 case.body[field] = named  # the name was what made the body invalid: keep it
+        rewrites.apply(case)
         case.call_and_validate(base_url=live_relay["url"], checks=checks, timeout=30)
 
     conforms()
@@ -472,13 +857,14 @@ def test_relay_conforms_to_its_openapi_document(live_relay):
     backend = live_relay["backend"]
     for operation in all_operations:
         label = operation.label
+        capable = not _lacks_capability(label, backend)
         if label in CHAT_OPERATIONS:
             examples = CHAT_EXAMPLES
-        elif label in AGENT_OPERATIONS and (label not in IMAGE_OPERATIONS or DRAWS[backend]):
-            examples = AGENT_EXAMPLES
-        elif backend == "demo" or label in IMAGE_OPERATIONS:
+        elif label in AGENT_OPERATIONS and capable:
+            examples = TURN_EXAMPLES if label in DIFY_TURNS | TRANSCRIBE_OPERATIONS else AGENT_EXAMPLES
+        elif backend == "demo" or not capable:
             # The rest never reaches the agent: once (with the first backend) is enough;
-            # images without an agent that draws only need to show their 501 is documented.
+            # operations without an agent that can run them only need to show their 501 is documented.
             examples = EXAMPLES
         else:
             continue
@@ -486,6 +872,71 @@ def test_relay_conforms_to_its_openapi_document(live_relay):
             takes_input = {"parameters", "requestBody"} & operation.definition.raw.keys()
             if mode.is_positive or takes_input:  # nothing to get wrong in GET /healthz
                 _fuzz(operation, live_relay, mode, count)
+
+
+#: What schemathesis does not send an audio door: bodies that are no multipart form,
+#: files that are no audio, forms past their bounds (and one file it does not
+#: name as audio, taken by its content type).  (status, code) per request.
+WAV = (b"RIFF$\x00\x00\x00WAVEfmt \x10\x00\x00\x00\x01\x00\x01\x00@\x1f\x00\x00\x80>\x00\x00\x02\x00\x10\x00"
+       b"data\x00\x00\x00\x00")
+AUDIO_REFUSALS: list[tuple[str, dict[str, Any], int, str | None]] = [
+    ("JSON", {"json": {"file": "x"}}, 415, "multipart_required"),
+    ("no content type", {"content": b"RIFF"}, 415, "multipart_required"),
+    ("urlencoded", {"data": {"file": "x"}}, 422, "invalid_parameter"),
+    ("no boundary", {"content": b"--x\r\n\r\n--x--\r\n", "headers": {"Content-Type": "multipart/form-data"}},
+     400, "invalid_request"),
+    ("not multipart inside", {"content": b"just bytes",
+                              "headers": {"Content-Type": "multipart/form-data; boundary=zz"}}, 400, "invalid_request"),
+    ("no file", {"files": {"model": (None, "m")}}, 422, "invalid_parameter"),
+    ("empty file", {"files": {"file": ("a.wav", b"", "audio/wav")}}, 422, "invalid_parameter"),
+    ("text file", {"files": {"file": ("notes.txt", b"hello", "text/plain")}}, 415, "unsupported_file_format"),
+    ("neither name nor type", {"files": {"file": ("audio", WAV, "application/octet-stream")}},
+     415, "unsupported_file_format"),
+    ("a named type", {"files": {"file": ("audio", WAV, "audio/x-wav")}}, 200, None),
+    ("two files", {"files": [("file", ("a.wav", WAV, "audio/wav")), ("file", ("b.wav", WAV, "audio/wav"))]},
+     400, "invalid_request"),
+    ("too many fields", {"files": [("file", ("a.wav", WAV, "audio/wav")),
+                                   *((f"f{i}", (None, "x")) for i in range(MAX_FIELDS + 1))]}, 400, "invalid_request"),
+    ("a field too long", {"files": {"file": ("a.wav", WAV, "audio/wav"), "prompt": (None, "é" * MAX_FIELD_BYTES)}},
+     400, "invalid_request"),
+    ("a bad format", {"files": {"file": ("a.wav", WAV, "audio/wav"), "response_format": (None, "mp3")}},
+     422, "invalid_parameter"),
+    ("too warm", {"files": {"file": ("a.wav", WAV, "audio/wav"), "temperature": (None, "1.5")}},
+     422, "invalid_parameter"),
+]
+
+
+@pytest.mark.parametrize("name, request_kwargs, status, code", AUDIO_REFUSALS, ids=[r[0] for r in AUDIO_REFUSALS])
+def test_audio_doors_answer_forms_the_fuzzer_does_not_send(live_relay, name, request_kwargs, status, code):
+    """Every audio door refuses what is no audio form with a documented 4xx, before any agent is asked.
+
+    413 is left to ``test_uploads`` (it takes a body of RELAY_MAX_UPLOAD_BYTES).
+    """
+    if live_relay["backend"] != "demo":
+        pytest.skip("refused before the agent: one backend is enough")
+    document = build_openapi("x")
+    paths = {"/api/chat/{instance_id}/audio/transcriptions": {},
+             "/v1/audio/transcriptions": {"model": live_relay["instance_id"]},
+             "/api/chat/{instance_id}/audio-to-text": {},
+             "/v1/audio-to-text": {"Authorization": f"Bearer {live_relay['key']}"}}
+    for path, extra in paths.items():
+        kwargs = {**request_kwargs, "headers": {**request_kwargs.get("headers", {})}}
+        if "Authorization" in extra:
+            kwargs["headers"]["Authorization"] = extra["Authorization"]
+        elif "model" in extra and "files" in kwargs:
+            files = kwargs["files"]
+            parts = list(files.items() if isinstance(files, dict) else files)
+            kwargs["files"] = [*parts, ("model", (None, extra["model"]))]
+        if path.endswith("/audio-to-text") and name in ("a bad format", "too warm"):
+            continue  # Dify's form has no such fields: they are ignored
+        url = live_relay["url"] + path.replace("{instance_id}", live_relay["instance_id"])
+        response = httpx.post(url, timeout=30, **kwargs)
+        assert response.status_code == status, (path, response.status_code, response.text)
+        assert str(status) in document["paths"][path]["post"]["responses"], (path, status)
+        answer = "ErrorResponse" if status >= 400 else "Transcription"
+        assert _validator(answer).is_valid(response.json()), response.text
+        if code is not None:
+            assert response.json()["error"]["code"] == code, (path, response.text)
 
 
 def test_the_fuzzed_instance_survived(live_relay):
