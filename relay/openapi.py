@@ -421,7 +421,8 @@ def dify_operations(base: str) -> dict[str, dict[str, Any]]:
     def ok(description: str, model: type[BaseModel]) -> dict[str, Any]:
         return {"200": {"description": description, "content": _json(model)}}
 
-    small = (400, 401, 403, 404, 413, 422, 503)  # a small JSON body (at most 16 KiB) about one conversation
+    # Writes (a small JSON body, at most 16 KiB) count against the caller's rate limits like turns; reads do not.
+    small = (400, 401, 403, 404, 413, 422, 429, 503)
     reads = (400, 401, 403, 404, 422, 503)
     chat = op(
         "Dify: send a message (one turn of a conversation the relay keeps)", "ChatMessages",

@@ -699,9 +699,16 @@ def _wire_json(value: Any) -> Any:
 
 def _body_validator(operation) -> Any:
     """The operation's body schema (JSON or multipart), as the fuzzer validates it."""
-    content = operation.definition.raw["requestBody"]["content"]
+    return _body_validator_of(operation.label)
+
+
+@functools.cache
+def _body_validator_of(label: str) -> Any:
+    method, path = label.split(" ", 1)
+    document = build_openapi("x")
+    content = document["paths"][path][method.lower()]["requestBody"]["content"]
     schema = next(iter(content.values()))["schema"]
-    return jsonschema_rs.validator_for({**schema, "components": build_openapi("x")["components"]})
+    return jsonschema_rs.validator_for({**schema, "components": document["components"]})
 
 
 class Rewrites:
