@@ -357,6 +357,8 @@ class InstanceView(BaseModel):
     models: list[str]
     #: Image generation models of the connected agents (the ``images`` operation).
     image_models: list[str]
+    #: Transcription models of the connected agents (the ``transcribe`` operation).
+    transcribe_models: list[str]
     agents: int
     last_seen: float | None
     created_at: float

@@ -140,6 +140,14 @@ def image_type(b64: str) -> str:
 # -- models ------------------------------------------------------------------------
 
 
+def served_models(view: dict[str, Any]) -> list[str]:
+    """Every model an instance's agents serve, for a model list: chat, then image, then transcription models."""
+    names: list[str] = []
+    for field in ("models", "image_models", "transcribe_models"):
+        names.extend(m for m in view.get(field, ()) if m not in names)
+    return names
+
+
 def model_card(name: str, created: Any, owner: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": int(created), "owned_by": owner}
 
@@ -150,7 +158,7 @@ async def instance_models(request: Request) -> Response:
     instance_id = request.path_params["instance_id"]
     await state.access.authorize_caller(instance_id, bearer_token(request), client_ip(request))
     view = await state.registry.view(instance_id)
-    names = [*view["models"], *(m for m in view["image_models"] if m not in view["models"])]
+    names = served_models(view)
     return ORJSONResponse({"object": "list",
                            "data": [model_card(n, view["created_at"], view["instance_id"]) for n in names]})
 
@@ -164,7 +172,7 @@ async def global_models(request: Request) -> Response:
     if keyed is not None:
         await state.access.authorize_caller(keyed, presented, client_ip(request))
         view = await state.registry.view(keyed)
-        names = [*view["models"], *(m for m in view["image_models"] if m not in view["models"])]
+        names = served_models(view)
         return ORJSONResponse({"object": "list", "has_more": False, "next_cursor": None,
                                "data": [model_card(n, view["created_at"], view["name"]) for n in names]})
     params = request.query_params
@@ -174,7 +182,7 @@ async def global_models(request: Request) -> Response:
     data = [
         model_card(Target(view["instance_id"], name).name(), view["created_at"], view["name"])
         for view in views
-        for name in (*view["models"], *(m for m in view["image_models"] if m not in view["models"]))
+        for name in served_models(view)
     ]
     return ORJSONResponse({"object": "list", "data": data, "has_more": next_cursor is not None,
                            "next_cursor": next_cursor})

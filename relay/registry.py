@@ -474,9 +474,11 @@ class InstanceRegistry:
     def _view(self, instance_id: str, record: dict[str, str], live: list[AgentEntry]) -> dict[str, Any]:
         models: list[str] = []
         image_models: list[str] = []
+        transcribe_models: list[str] = []
         for entry in live:
             models.extend(m for m in entry.models if m not in models)
             image_models.extend(m for m in entry.image_models if m not in image_models)
+            transcribe_models.extend(m for m in entry.transcribe_models if m not in transcribe_models)
         if not models:
             models = orjson.loads(record.get("models") or "[]")
         online = bool(live)
@@ -489,6 +491,7 @@ class InstanceRegistry:
             "visibility": record.get("visibility", "public"),
             "models": models,
             "image_models": image_models,
+            "transcribe_models": transcribe_models,
             "agents": len(live),
             "last_seen": last_seen,
             "created_at": float(record["created_at"]),

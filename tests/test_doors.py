@@ -188,7 +188,7 @@ async def test_v1_with_a_caller_key_takes_plain_model_names(redis_url):
         sdk = AsyncOpenAI(base_url=f"{relay.url}/v1", api_key=key, max_retries=0)
         async with sdk:
             listed = await sdk.models.list()
-            assert [m.id for m in listed.data] == ["demo", "demo-image"]
+            assert [m.id for m in listed.data] == ["demo", "demo-image", "demo-transcribe"]
             assert {m.owned_by for m in listed.data} == {"door-test"}
             for model in ("demo", iid, f"{iid}/demo"):
                 reply = await sdk.chat.completions.create(model=model, messages=HI)

@@ -122,7 +122,7 @@ async def test_upstream_stream_and_non_stream(redis_url, path):
 async def test_openai_sdk(redis_url, backend):
     upstream = FakeUpstream(chunks=4) if backend == "upstream" else None
     model = "fake-model" if upstream else "demo"
-    listed = [model] if upstream else [model, "demo-image"]  # the demo also makes images
+    listed = [model] if upstream else [model, "demo-image", "demo-transcribe"]  # the demo also draws and listens
     async with stack(redis_url, upstream) as (relay, iid, agent, client):
         sdk = AsyncOpenAI(base_url=f"{relay.url}/api/chat/{iid}", api_key="x", max_retries=0, timeout=30)
         async with sdk:
