@@ -34,6 +34,7 @@ Answers: ``json`` and ``verbose_json`` are the agent's JSON; ``text``,
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +89,10 @@ class AudioForm:
     content_type: str
     #: The text fields, as sent (``model`` among them).
     fields: dict[str, str]
+
+
+#: A number as JSON writes one (RFC 8259, section 6).
+_JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 
 
 # -- reading the form ----------------------------------------------------------------
@@ -221,10 +226,10 @@ def transcription_fields(fields: dict[str, Any]) -> dict[str, Any]:
         out["response_format"] = response_format
     temperature = fields.get("temperature")
     if temperature not in (None, ""):
-        try:
-            value = float(temperature)
-        except (TypeError, ValueError):
-            value = math.nan
+        # A JSON number, as the document says: Python's float() would also take
+        # "+0.5", "0_5" and other scripts' digits.
+        text = str(temperature).strip()
+        value = float(text) if _JSON_NUMBER.fullmatch(text) else math.nan
         if not 0.0 <= value <= 1.0:
             raise ValidationFailed("temperature: must be a number from 0 to 1", param="temperature")
         out["temperature"] = value

@@ -67,10 +67,10 @@ def int_param(params: Any, name: str, default: int, low: int, high: int) -> int:
     raw = params.get(name) or ""
     if not raw:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValidationFailed(f"{name} must be an integer", param=name) from None
+    # ASCII digits only: int() would also take "+5", " 5", "1_0" and other scripts' digits.
+    if not (raw.isascii() and raw.removeprefix("-").isdigit()):
+        raise ValidationFailed(f"{name} must be an integer", param=name)
+    value = int(raw)
     if not low <= value <= high:
         raise ValidationFailed(f"{name} must be between {low} and {high}", param=name)
     return value

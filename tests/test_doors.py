@@ -247,7 +247,8 @@ async def test_v1_models_pages_through_online_public_instances(redis_url):
             assert {m["id"].split("/")[0] for m in first_page["data"]} == {iid}
             rest = (await client.get("/v1/models", params={"limit": 1, "after": first_page["next_cursor"]})).json()
             assert {m["id"].split("/")[0] for m in rest["data"]} == {second}
-        for bad in ({"limit": 0}, {"limit": 501}, {"limit": "x"}, {"after": "-1"}):
+        for bad in ({"limit": 0}, {"limit": 501}, {"limit": "x"}, {"after": "-1"}, {"limit": "+5"}, {"limit": "1_0"},
+                    {"limit": "\u0661\u0660"}):
             assert_openai_error(await client.get("/v1/models", params=bad), 422)
 
 
