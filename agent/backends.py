@@ -187,25 +187,22 @@ class OpenAIBackend:
         except httpx.HTTPError as exc:
             raise _unreachable(exc) from exc
 
-    async def complete(self, body: dict[str, Any]) -> bytes:
-        body = {**body, "stream": False}
+    async def _post(self, path: str, **content: Any) -> httpx.Response:
+        """One upstream call that answers one body; its failures as BackendErrors."""
         try:
-            response = await self.client.post("/chat/completions", json=body)
+            response = await self.client.post(path, **content)
         except httpx.HTTPError as exc:
             raise _unreachable(exc) from exc
         if response.status_code >= 400:
             raise _upstream_error(response.status_code, response.content)
-        return response.content
+        return response
+
+    async def complete(self, body: dict[str, Any]) -> bytes:
+        return (await self._post("/chat/completions", json={**body, "stream": False})).content
 
     async def images(self, body: dict[str, Any]) -> bytes:
         # The answer travels as one JSON body: never ask for partial images.
-        body = {k: v for k, v in body.items() if k != "stream"}
-        try:
-            response = await self.client.post("/images/generations", json=body)
-        except httpx.HTTPError as exc:
-            raise _unreachable(exc) from exc
-        if response.status_code >= 400:
-            raise _upstream_error(response.status_code, response.content)
+        response = await self._post("/images/generations", json={k: v for k, v in body.items() if k != "stream"})
         try:
             answer = orjson.loads(response.content)
         except orjson.JSONDecodeError:
@@ -245,13 +242,8 @@ class OpenAIBackend:
         fields = {name: str(body[name]) for name in TRANSCRIBE_FIELDS if body.get(name) is not None}
         filename = body.get("filename") or "audio"
         content_type = body.get("content_type") or "application/octet-stream"
-        try:
-            response = await self.client.post("/audio/transcriptions", data=fields,
-                                              files={"file": (filename, audio, content_type)})
-        except httpx.HTTPError as exc:
-            raise _unreachable(exc) from exc
-        if response.status_code >= 400:
-            raise _upstream_error(response.status_code, response.content)
+        response = await self._post("/audio/transcriptions", data=fields,
+                                    files={"file": (filename, audio, content_type)})
         if body.get("response_format", "json") in ("text", "srt", "vtt"):
             return orjson.dumps({"text": response.text})
         try:

@@ -32,7 +32,9 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
+from websockets.exceptions import ConnectionClosed
 
+import wire
 from agent.backends import DemoBackend, OpenAIBackend, encode_png
 from agent.client import AgentClient
 from relay.app import create_app
@@ -641,3 +643,15 @@ async def stream_in_flight(client: httpx.AsyncClient, url: str, body: dict[str, 
         stream = InFlight(response)
         await stream.read(after)
         yield stream
+
+
+async def keep_alive(ws: Any) -> None:
+    """Ping the relay from a raw test agent every 0.2 s, until its connection closes.
+
+    Well-behaved in this one respect, so the relay's heartbeat timeout never
+    decides a test meant to be about something else.
+    """
+    with contextlib.suppress(ConnectionClosed):
+        while True:
+            await asyncio.sleep(0.2)
+            await ws.send(wire.encode(wire.Ping(0.0)))

@@ -26,6 +26,7 @@ import wire
 from relay.sessions import AgentSession
 from tests.helpers import (
     FakeUpstream,
+    keep_alive,
     openai_backend,
     running_agent,
     running_relay,
@@ -81,20 +82,13 @@ async def raw_agent(relay_url: str, token: str, *, hello: bool = True, agent_id:
         welcome = wire.decode(await ws.recv())
         assert type(welcome) is wire.Welcome
         agent.welcome = welcome
-        heartbeat = asyncio.create_task(_heartbeat(ws))
+        heartbeat = asyncio.create_task(keep_alive(ws))
         try:
             yield agent
         finally:
             heartbeat.cancel()
 
 
-async def _heartbeat(ws) -> None:
-    # Well-behaved in this one respect, so the relay's heartbeat timeout never
-    # decides a test meant to be about something else.
-    with contextlib.suppress(ConnectionClosed):
-        while True:
-            await asyncio.sleep(0.2)
-            await ws.send(wire.encode(wire.Ping(0.0)))
 
 
 def chunk(text: str) -> bytes:

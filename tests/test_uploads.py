@@ -35,6 +35,7 @@ from relay.streams import Stream
 from tests.helpers import (
     FakeUpstream,
     assert_openai_error,
+    keep_alive,
     running_agent,
     running_relay,
     running_upstream,
@@ -538,18 +539,13 @@ async def raw_agent(relay_url: str, token: str) -> AsyncIterator[Any]:
         await ws.send(wire.encode(wire.Hello(wire.PROTOCOL_VERSION, "raw", "raw", ("m",), 4,
                                              (wire.OP_CHAT, wire.OP_TRANSCRIBE), 2, (), ("w",))))
         assert type(wire.decode(await ws.recv())) is wire.Welcome
-        heartbeat = asyncio.create_task(_heartbeat(ws))  # so the relay's heartbeat timeout decides nothing here
+        heartbeat = asyncio.create_task(keep_alive(ws))  # so the relay's heartbeat timeout decides nothing here
         try:
             yield ws
         finally:
             heartbeat.cancel()
 
 
-async def _heartbeat(ws) -> None:
-    with contextlib.suppress(ConnectionClosed):
-        while True:
-            await asyncio.sleep(0.2)
-            await ws.send(wire.encode(wire.Ping(0.0)))
 
 
 async def next_of(ws, kind: type) -> Any:
