@@ -51,11 +51,10 @@ from wire.frames import MAX_MODEL_NAME_LENGTH
 from . import keys
 from .chat import run_op
 from .errors import InvalidRequest, PayloadTooLarge, RelayError, UpstreamError, ValidationFailed
-from .gate import Admitted, admit, leased
-from .inputs import bearer_token, client_ip
+from .gate import Admitted, admit, admit_model, leased
+from .inputs import client_ip
 from .limits import Slot
 from .streams import cleanup_scope
-from .targets import resolve
 
 #: Room next to the file for the multipart framing and the text fields.
 FORM_ROOM = 64 * 1024
@@ -299,13 +298,10 @@ async def instance_transcriptions(request: Request) -> Response:
 
 async def global_transcriptions(request: Request) -> Response:
     """``POST /v1/audio/transcriptions``: the instance is named by ``model`` (or the caller key)."""
-    state = request.app.state
     form = await read_audio(request)
     if form is None:
         return Response(status_code=499)
-    named = form.fields.get("model") or None
-    target = await resolve(state.access, named, bearer_token(request), field="model")
-    admitted = await admit(request, target.instance_id, named_by_model=named or target.instance_id)
+    target, admitted = await admit_model(request, form.fields.get("model") or None)
     audio_file(form.filename, form.content_type)
     fields = {k: v for k, v in form.fields.items() if k != "model"}  # it named the instance
     transcription_fields(fields)

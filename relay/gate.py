@@ -70,11 +70,16 @@ async def admit_named(request: Request, field: str = "model") -> tuple[Any, Targ
 
     Returns the parsed body (not validated yet: the door does that), the target and the admission.
     """
-    state = request.app.state
-    data = await read_json(request, state.settings.max_body_bytes)
+    data = await read_json(request, request.app.state.settings.max_body_bytes)
     named = data.get(field) if isinstance(data, dict) else None
-    target = await resolve(state.access, named, bearer_token(request), field=field)
-    return data, target, await admit(request, target.instance_id, named_by_model=named or target.instance_id)
+    target, admitted = await admit_model(request, named, field)
+    return data, target, admitted
+
+
+async def admit_model(request: Request, named: Any, field: str = "model") -> tuple[Target, Admitted]:
+    """Find the instance a global door's ``named`` model (or the caller key) names, and admit the call."""
+    target = await resolve(request.app.state.access, named, bearer_token(request), field=field)
+    return target, await admit(request, target.instance_id, named_by_model=named or target.instance_id)
 
 
 async def leased(request: Request, admitted: Admitted, run: Callable[[], Awaitable[Response]]) -> Response:
