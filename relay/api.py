@@ -16,11 +16,21 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
+import wire
+
 from . import keys
+from .chat import SSE_HEADERS
 from .errors import ORJSONResponse, ServiceNotReady, ValidationFailed, render_error
 from .inputs import SMALL_BODY_BYTES, bearer_token, client_ip, int_param, read_json, validate
 from .limits import Bucket
 from .models import CreateKeyRequest, RegisterRequest, UpdateInstanceRequest
+from .targets import INSTANCE_ID
+from .watch import MAX_IDS, WatchResponse
+
+#: A directory search's longest query.
+MAX_QUERY_CHARS = 100
+#: Seconds between SSE comments on an idle status stream (proxies cut silent connections).
+KEEPALIVE_SECONDS = 15.0
 
 # -- instances ---------------------------------------------------------------
 
@@ -58,8 +68,39 @@ async def list_instances(request: Request) -> Response:
         raise ValidationFailed("status must be 'online' or 'offline'", param="status")
     limit = int_param(params, "limit", 50, 1, 500)
     cursor = int_param(params, "cursor", 0, 0, 2**63 - 1)
-    data, next_cursor = await request.app.state.registry.list(status=status, limit=limit, cursor=cursor)
+    query = (params.get("q") or "").strip()
+    if len(query) > MAX_QUERY_CHARS:
+        raise ValidationFailed(f"q: at most {MAX_QUERY_CHARS} characters", param="q")
+    data, next_cursor = await request.app.state.registry.list(
+        status=status, limit=limit, cursor=cursor, query=query)
     return ORJSONResponse({"data": data, "next_cursor": next_cursor})
+
+
+async def instance_events(request: Request) -> Response:
+    """Server-Sent Events: the views of the given instances, again whenever one changes."""
+    state = request.app.state
+    raw = request.query_params.get("ids") or ""
+    ids = list(dict.fromkeys(part for part in raw.split(",") if part))
+    if not ids:
+        raise ValidationFailed("ids: give one or more instance ids, comma-separated", param="ids")
+    if len(ids) > MAX_IDS:
+        raise ValidationFailed(f"ids: at most {MAX_IDS} instances per stream", param="ids")
+    if not all(INSTANCE_ID.fullmatch(iid) for iid in ids):
+        raise ValidationFailed("ids: an instance id is 16 hexadecimal digits", param="ids")
+    if state.node.draining:
+        raise ServiceNotReady("relay node is draining", headers={"Retry-After": "1"})
+    watcher = state.watch.open(ids, client_ip(request))  # 429/503 here, before the response starts
+    return WatchResponse(state.watch, watcher, KEEPALIVE_SECONDS, SSE_HEADERS)
+
+
+async def relay_info(request: Request) -> Response:
+    """What a client (the dashboard) needs to know about this relay before it asks anything."""
+    state = request.app.state
+    return ORJSONResponse({
+        "base_url": state.settings.base_url(),
+        "version": wire.__version__,
+        "registration": "key_required" if state.settings.registration_key else "open",
+    })
 
 
 async def delete_instance(request: Request) -> Response:
@@ -90,6 +131,18 @@ async def update_instance(request: Request) -> Response:
     changes = validate(UpdateInstanceRequest, await read_json(request, SMALL_BODY_BYTES))
     await state.access.update(instance_id, changes.stored())
     return ORJSONResponse(await state.registry.view(instance_id))
+
+
+async def instance_settings(request: Request) -> Response:
+    """What the owner may change, as it stands (the conversation parameters are not in the public view)."""
+    state, instance_id, _ = await _owner(request)
+    view = await state.registry.view(instance_id)
+    found = await state.registry.parameters(instance_id)
+    return ORJSONResponse({
+        "name": view["name"], "description": view["description"], "visibility": view["visibility"],
+        "introduction": found["introduction"], "variables": found["variables"],
+        "conversations": found["conversations"],
+    })
 
 
 async def rotate_token(request: Request) -> Response:

@@ -25,7 +25,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 from wire import redaction
 
-from . import api, audio, dify, keys, openai_doors, swiftchat
+from . import api, audio, dashboard, dify, keys, openai_doors, swiftchat
 from .access import AccessControl, ChatCORS
 from .conversations import ConversationStore
 from .crossnode import CrossNode
@@ -43,17 +43,20 @@ from .router import StreamRouter
 from .sessions import SessionManager
 from .settings import RelaySettings
 from .subscriber import Subscriber
+from .watch import StatusWatch
 
 log = logging.getLogger("relay.app")
 
 
-def routes(gateway: AgentGateway) -> list[BaseRoute]:
+def routes(gateway: AgentGateway, *, with_dashboard: bool) -> list[BaseRoute]:
     return [
         Route("/api/instances", api.register_instance, methods=["POST"]),
         Route("/api/instances", api.list_instances, methods=["GET"]),
+        Route("/api/instances/events", api.instance_events, methods=["GET"]),
         Route("/api/instances/{instance_id}", api.get_instance, methods=["GET"]),
         Route("/api/instances/{instance_id}", api.delete_instance, methods=["DELETE"]),
         Route("/api/instances/{instance_id}", api.update_instance, methods=["PATCH"]),
+        Route("/api/instances/{instance_id}/settings", api.instance_settings, methods=["GET"]),
         Route("/api/instances/{instance_id}/token", api.rotate_token, methods=["POST"]),
         Route("/api/instances/{instance_id}/keys", api.create_key, methods=["POST"]),
         Route("/api/instances/{instance_id}/keys", api.list_keys, methods=["GET"]),
@@ -78,10 +81,13 @@ def routes(gateway: AgentGateway) -> list[BaseRoute]:
         *dify_routes("/v1"),
         Route("/api/instances/{instance_id}/conversations", dify.purge, methods=["DELETE"]),
         WebSocketRoute("/api/agent/connect", gateway),
+        Route("/api/relay", api.relay_info, methods=["GET"]),
         Route("/healthz", api.healthz, methods=["GET"]),
         Route("/readyz", api.readyz, methods=["GET"]),
         Route("/openapi.json", api.openapi, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
+        # The web dashboard (relay/web): the pages for owners and callers.
+        *(dashboard.routes() if with_dashboard else []),
     ]
 
 
@@ -137,6 +143,8 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
         redis, ttl_ms=keys.stream_lease_ttl_ms(settings.heartbeat_interval, settings.heartbeat_timeout))
     redaction.install()  # no credential in any log record, even at DEBUG
     metrics = RelayMetrics(node.node_id, sessions, bus)  # a registry per app: no globals
+    watch = StatusWatch(registry, interval=settings.watch_interval, max_watchers=settings.max_watchers,
+                        per_address=settings.watchers_per_address)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -149,6 +157,7 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
             tg.start_soon(presence.run)
             tg.start_soon(subscriber.run)
             tg.start_soon(stream_leases.run, settings.heartbeat_interval)
+            tg.start_soon(watch.run)
             # Serve only once this node can receive cross-node traffic (bounded:
             # with Redis down we still start, and /readyz says not ready).
             with anyio.move_on_after(5):
@@ -158,13 +167,14 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
             finally:
                 with anyio.CancelScope(shield=True):
                     node.draining = True
+                    watch.close()
                     await gateway.send_all_away()  # none left when RelayServer drained first
                     await presence.leave()
                 tg.cancel_scope.cancel()
         await redis.aclose()
 
     app = Starlette(
-        routes=routes(gateway),
+        routes=routes(gateway, with_dashboard=settings.dashboard),
         exception_handlers={
             RelayError: metrics.counting(api.error_handler),
             RedisError: metrics.counting(api.error_handler, reason="storage_unavailable"),
@@ -181,7 +191,7 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
     state.settings, state.redis, state.node, state.sessions = settings, redis, node, sessions
     state.registry, state.presence, state.bus, state.gateway = registry, presence, bus, gateway
     state.router, state.access, state.stream_leases, state.metrics = router, access, stream_leases, metrics
-    state.rate_limiter = RateLimiter(redis)
+    state.rate_limiter, state.watch = RateLimiter(redis), watch
     state.conversations = ConversationStore(
         redis, retention_seconds=settings.conversation_retention, max_messages=settings.conversation_max_messages,
         max_conversations=settings.conversations_per_user, max_message_bytes=settings.conversation_message_bytes,

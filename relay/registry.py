@@ -502,46 +502,74 @@ class InstanceRegistry:
         record = await self._record(instance_id)
         return self._view(instance_id, record, await self.live_agents(instance_id))
 
+    async def _read_views(self, ids: list[str]) -> list[dict[str, Any] | None]:
+        """The views of ``ids`` in one pipeline (None for an id not registered)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for iid in ids:
+                pipe.hgetall(keys.instance(iid))
+                pipe.hgetall(keys.agents(iid))
+            results = await pipe.execute()
+        agent_maps = [[AgentEntry.decode(text(k), v) for k, v in raw.items()] for raw in results[1::2]]
+        # One liveness read per distinct node in the batch, not per agent.
+        nodes = sorted({e.node for entries in agent_maps for e in entries})
+        alive = dict(zip(nodes, await self.redis.mget([keys.node(n) for n in nodes]), strict=True)) if nodes else {}
+        out: list[dict[str, Any] | None] = []
+        for iid, record, entries in zip(ids, results[0::2], agent_maps, strict=True):
+            if not record:
+                out.append(None)  # never registered, or deleted between the two reads
+                continue
+            live = [e for e in entries if alive.get(e.node) is not None]
+            out.append(self._view(iid, {text(k): text(v) for k, v in record.items()}, live))
+        return out
+
+    async def views(self, ids: list[str]) -> dict[str, dict[str, Any] | None]:
+        """Current views of ``ids`` (private ones too: the id is what shows them), two round trips."""
+        return dict(zip(ids, await self._read_views(ids), strict=True)) if ids else {}
+
     async def list(
-        self, *, status: str | None = None, limit: int = 50, cursor: int = 0
+        self, *, status: str | None = None, limit: int = 50, cursor: int = 0, query: str = "",
+        scan_limit: int = 2000,
     ) -> tuple[list[dict[str, Any]], str | None]:
         """One page of instances in registration order.
 
-        The cursor is the registration sequence of the last instance returned;
-        with a status filter, pages are filled by reading further batches, so a
-        page is short only at the end of the list.
+        The cursor is the registration sequence of the last instance examined;
+        with a filter (status, ``query``), pages are filled by reading further
+        batches, so a page is short only at the end of the list, or when
+        ``scan_limit`` instances were examined without filling it (a search
+        that matches little must not read the whole registry in one request:
+        the caller follows ``next_cursor``).
+
+        ``query`` matches, ignoring case, a substring of the name, the
+        description, the id or a model name.
         """
+        needle = query.casefold()
         out: list[dict[str, Any]] = []
-        position = cursor
-        while len(out) < limit:
+        position, examined = cursor, 0
+        while len(out) < limit and examined < scan_limit:
             batch = cast("list[tuple[bytes, float]]", await self.redis.zrangebyscore(
-                keys.INSTANCES, f"({position}", "+inf", start=0, num=limit, withscores=True
+                keys.INSTANCES, f"({position}", "+inf", start=0, num=min(limit, scan_limit - examined),
+                withscores=True,
             ))
             if not batch:
                 return out, None
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for member, _ in batch:
-                    pipe.hgetall(keys.instance(text(member)))
-                    pipe.hgetall(keys.agents(text(member)))
-                results = await pipe.execute()
-            agent_maps = [
-                [AgentEntry.decode(text(k), v) for k, v in raw.items()] for raw in results[1::2]
-            ]
-            # One liveness read per distinct node in the batch, not per agent.
-            nodes = sorted({e.node for entries in agent_maps for e in entries})
-            alive = dict(zip(nodes, await self.redis.mget([keys.node(n) for n in nodes]), strict=True)) if nodes else {}
-            for (member, score), record, entries in zip(batch, results[0::2], agent_maps, strict=True):
+            found = await self._read_views([text(member) for member, _ in batch])
+            for (_, score), view in zip(batch, found, strict=True):
                 position = int(score)
-                if not record:
-                    continue  # deleted between the two reads
-                iid = text(member)
-                live = [e for e in entries if alive.get(e.node) is not None]
-                view = self._view(iid, {text(k): text(v) for k, v in record.items()}, live)
-                if view["visibility"] != "public":
+                examined += 1
+                if view is None or view["visibility"] != "public":
                     continue  # private instances are not advertised; their owners know the id
-                if status is None or view["status"] == status:
-                    out.append(view)
-                    if len(out) == limit:
-                        break
+                if status is not None and view["status"] != status:
+                    continue
+                if needle and not _matches(view, needle):
+                    continue
+                out.append(view)
+                if len(out) == limit:
+                    break
         more = await self.redis.zcount(keys.INSTANCES, f"({position}", "+inf")
         return out, (str(position) if more else None)
+
+
+def _matches(view: dict[str, Any], needle: str) -> bool:
+    """Whether a directory search (casefolded) finds this instance."""
+    fields = [view["name"], view["description"], view["instance_id"], *view["models"]]
+    return any(needle in str(field).casefold() for field in fields)

@@ -52,6 +52,7 @@ class RelayServer(uvicorn.Server):
         for server in self.servers:
             server.close()  # stop accepting connections
         state.node.draining = True  # new chats get 503 + Retry-After; /readyz turns 503
+        state.watch.close()  # browsers' live status streams end; EventSource reconnects elsewhere
         deadline = time.monotonic() + state.settings.drain_timeout
         active = self.active_streams()
         if active:

@@ -109,6 +109,15 @@ class RelaySettings(BaseSettings):
     #: Seconds between saves of an answer still streaming (what a node that dies loses at most).
     conversation_checkpoint_interval: float = Field(default=2.0, gt=0)
 
+    # -- the web dashboard ---------------------------------------------------------
+    #: Serve the pages at ``/``, ``/register`` and ``/i/{id}`` (the API works either way).
+    dashboard: bool = True
+    #: Seconds between reads of the instances browsers follow live (``/api/instances/events``).
+    watch_interval: float = Field(default=2.0, gt=0)
+    #: Live status streams one node serves at once (503 past it), and per client address (429).
+    max_watchers: int = Field(default=2000, ge=1)
+    watchers_per_address: int = Field(default=8, ge=1)
+
     log_level: str = "info"
     #: "json": one JSON object per line, for log shippers; "plain": human-readable.
     log_format: str = Field(default="plain", pattern="^(plain|json)$")

@@ -1,0 +1,188 @@
+"""Live instance status for browsers: ``GET /api/instances/events?ids=…``.
+
+Presence is derived (an agent entry counts only while its node's liveness key
+lives), so there is no single moment at which "instance X went offline" could
+be published: a node that dies just stops renewing its key.  The truth is a
+read.  So each node runs one poller for every browser connected to it: once
+per ``interval`` it reads the views of the union of the ids its watchers
+follow (one pipeline, whatever the number of watchers), and tells each
+watcher what changed since it last heard.
+
+A watcher keeps only the newest view per id (``pending``), never a queue: a
+slow reader costs one view per id it follows, and reads the latest state
+when it catches up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import orjson
+from redis.exceptions import RedisError
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from .errors import RateLimited, ServiceNotReady
+from .registry import InstanceRegistry
+
+log = logging.getLogger("relay.watch")
+
+#: Ids one watcher may follow: a directory page, with room to spare.
+MAX_IDS = 100
+
+
+def comparable(view: dict[str, Any] | None) -> Any:
+    """What a change means: an online instance's ``last_seen`` is "now" at every read."""
+    if view is None or view["status"] != "online":
+        return view
+    return {k: v for k, v in view.items() if k != "last_seen"}
+
+
+class Watcher:
+    """One browser's subscription: the ids it follows and the views it has not read yet."""
+
+    def __init__(self, ids: list[str], address: str):
+        self.ids = ids
+        self.address = address
+        self.seen: dict[str, Any] = {}
+        self.pending: dict[str, dict[str, Any] | None] = {}
+        self.changed = asyncio.Event()
+        self.closed = False
+
+    def offer(self, views: dict[str, dict[str, Any] | None]) -> None:
+        for iid in self.ids:
+            if iid not in views:
+                continue
+            view = views[iid]
+            key = comparable(view)
+            if iid in self.seen and self.seen[iid] == key:
+                continue
+            self.seen[iid] = key
+            self.pending[iid] = view
+            self.changed.set()
+
+    def take(self) -> dict[str, dict[str, Any] | None]:
+        out, self.pending = self.pending, {}
+        self.changed.clear()
+        return out
+
+
+class StatusWatch:
+    def __init__(self, registry: InstanceRegistry, *, interval: float, max_watchers: int, per_address: int):
+        self.registry = registry
+        self.interval = interval
+        self.max_watchers = max_watchers
+        self.per_address = per_address
+        self.watchers: set[Watcher] = set()
+        self._by_address: Counter[str] = Counter()
+        self._wake = asyncio.Event()
+
+    def open(self, ids: list[str], address: str) -> Watcher:
+        """Follow ``ids`` until :meth:`release`; 429 past the per-address cap, 503 past the node's."""
+        if self._by_address[address] >= self.per_address:
+            raise RateLimited(f"at most {self.per_address} live status streams per address",
+                              headers={"Retry-After": "5"})
+        if len(self.watchers) >= self.max_watchers:
+            raise ServiceNotReady("this relay node follows as many live status streams as it can",
+                                  headers={"Retry-After": "5"})
+        watcher = Watcher(ids, address)
+        self.watchers.add(watcher)
+        self._by_address[address] += 1
+        self._wake.set()  # a newcomer gets its first views now, not an interval later
+        return watcher
+
+    def release(self, watcher: Watcher) -> None:
+        if watcher not in self.watchers:
+            return
+        self.watchers.discard(watcher)
+        self._by_address[watcher.address] -= 1
+        if not self._by_address[watcher.address]:
+            del self._by_address[watcher.address]
+
+    def close(self) -> None:
+        """End every watcher's stream (the node is draining: browsers reconnect elsewhere)."""
+        for watcher in self.watchers:
+            watcher.closed = True
+            watcher.changed.set()
+
+    async def run(self) -> None:
+        """The poller: one batched read per interval while anyone watches."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.interval):
+                    await self._wake.wait()
+            self._wake.clear()
+            if self.watchers:
+                await self.poll()
+
+    async def poll(self) -> None:
+        ids = sorted({iid for watcher in self.watchers for iid in watcher.ids})
+        try:
+            views = await self.registry.views(ids)
+        except (RedisError, OSError) as exc:
+            # Watchers hear nothing until Redis answers; the browser shows the last state it read.
+            log.warning("live status: could not read %d instances (%s)", len(ids), exc)
+            return
+        for watcher in list(self.watchers):
+            watcher.offer(views)
+
+
+class WatchResponse(Response):
+    """The SSE body: ``instance`` events (a view) and ``deleted`` events, comments to keep proxies open.
+
+    Releases its watcher however the response ends (finished, client gone, cancelled).
+    """
+
+    def __init__(self, watch: StatusWatch, watcher: Watcher, keepalive: float, headers: list[tuple[bytes, bytes]]):
+        self.watch, self.watcher, self.keepalive = watch, watcher, keepalive
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = headers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async with anyio.create_task_group() as tg:
+
+                async def watch_disconnect() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(watch_disconnect)
+                async for part in self.events():
+                    await send({"type": "http.response.body", "body": part, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                tg.cancel_scope.cancel()
+        except OSError:
+            pass  # the client went away mid-write
+        finally:
+            self.watch.release(self.watcher)
+
+    async def events(self) -> AsyncIterator[bytes]:
+        watcher = self.watcher
+        # Tell EventSource to reconnect quickly after a node goes away.
+        yield b"retry: 2000\n\n"
+        while not watcher.closed:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.keepalive):
+                    await watcher.changed.wait()
+            if watcher.closed:
+                return
+            changes = watcher.take()
+            if not changes:
+                yield b": keep-alive\n\n"
+                continue
+            yield b"".join(event(iid, view) for iid, view in changes.items())
+
+
+def event(instance_id: str, view: dict[str, Any] | None) -> bytes:
+    if view is None:
+        return b"event: deleted\ndata: " + orjson.dumps({"instance_id": instance_id}) + b"\n\n"
+    return b"event: instance\ndata: " + orjson.dumps(view) + b"\n\n"
