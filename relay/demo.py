@@ -29,6 +29,7 @@ def banner(chat_url: str, relay_url: str, instance_id: str) -> str:
     return f"""
   instance-relay demo is running.
 
+  Dashboard: {relay_url}/  (this instance: {relay_url}/i/{instance_id}, with a playground)
   Chat URL:  {chat_url}
   One OpenAI base URL for every instance:  {relay_url}/v1  (model "{instance_id}")
 

@@ -171,11 +171,12 @@ async function send() {
       bubble.dataset.state = 'stopped';
     } else {
       bubble.dataset.state = 'error';
+      bubble.append(el('p', { class: 'error', text: error.message }));
       showError($('#chat-error'), error);
       if (error.status === 401 || error.status === 403) $('#key-row').hidden = false;
     }
   } finally {
-    paint();
+    if (content) paint();
     // What the model said (even when stopped) is the next turn's context; a failed turn is not.
     if (content) messages.push({ role: 'assistant', content });
     else messages.pop();
@@ -311,7 +312,7 @@ $('#key-form').addEventListener('submit', async (event) => {
     $('#key-name').value = '';
     $('#new-key').replaceChildren(
       el('p', { class: 'warning' }, el('strong', { text: 'Copy the new key now: it is shown only once.' })),
-      snippet(`Caller key "${created.name}"`, created.key, { name: 'caller-key' }),
+      snippet(`New key "${created.name}"`, created.key, { name: 'caller-key' }),
     );
     fillKeys((await owned('/keys')).data);
   } catch (error) {
