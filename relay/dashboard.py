@@ -16,13 +16,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Message, Receive, Scope, Send
 
-from .errors import NotFound
 from .targets import INSTANCE_ID
 
 WEB = Path(__file__).parent / "web"
@@ -69,12 +67,11 @@ def page(name: str) -> Secured:
     path = WEB / name
 
     async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
-        request = Request(scope, receive)
-        instance_id = request.path_params.get("instance_id")
-        if instance_id is not None and not INSTANCE_ID.fullmatch(instance_id):
-            raise NotFound("no such page: an instance id is 16 hexadecimal digits")
+        instance_id = scope.get("path_params", {}).get("instance_id")
+        # A malformed id cannot name an instance: 404, with the page, which says "no such instance".
+        status = 404 if instance_id is not None and not INSTANCE_ID.fullmatch(instance_id) else 200
         # no-cache: revalidated (ETag) on every load, so an upgrade shows at once.
-        response: Response = FileResponse(path, media_type="text/html; charset=utf-8",
+        response: Response = FileResponse(path, status_code=status, media_type="text/html; charset=utf-8",
                                           headers={"Cache-Control": "no-cache"})
         await response(scope, receive, send)
 
