@@ -292,13 +292,21 @@ async def test_directory_is_live_searchable_and_paged(redis_url, tmp_path):
             await expect(page.locator("#live-state")).to_contain_text("Live")
             await shoot(page, tmp_path, "directory")
             await page.evaluate("window.notReloaded = true")
-        # The agent stopped: the card turns offline in place, no reload.
+        # The agent stopped: the card turns offline and moves to the offline list, no reload.
         await expect(card).to_have_attribute("data-status", "offline", timeout=SOON)
         await expect(card.locator(".badge")).to_have_text("offline")
         await expect(card).to_contain_text("last seen")
+        await expect(page.locator("#offline-list li.card").first).to_have_attribute("data-instance", alpha)
+        await expect(page.locator("#online-empty")).to_be_visible()
+        # And back: an agent connects, the card is online again, first of the online list.
+        async with running_agent(relay.url, alpha_token):
+            await expect(page.locator("#online-list li.card").first).to_have_attribute(
+                "data-instance", alpha, timeout=SOON)
+            await expect(card.locator(".badge")).to_have_text("online")
         assert await page.evaluate("window.notReloaded") is True
 
         # Paged: the first page of offline instances is full, the next one has the rest.
+        await wait_until(lambda: offline(relay, alpha), 20, what="alpha offline again")
         await page.reload()
         offline_cards = page.locator("#offline-list li.card")
         await expect(offline_cards).to_have_count(24)
@@ -368,7 +376,7 @@ async def test_playground_on_a_phone(redis_url, tmp_path):
     problems = Problems()
     async with running_relay(redis_url, watch_interval=0.2) as relay, browser() as chromium:
         instance_id, token = await register(relay, "pocket", "the demo model, on a phone-sized screen")
-        async with running_agent(relay.url, token, DemoBackend(rate=0)):
+        async with running_agent(relay.url, token, DemoBackend(rate=60)):  # a believable tokens/s on screen
             page = await new_page(chromium, problems, viewport=PHONE, is_mobile=True, has_touch=True)
             await page.goto(f"{relay.url}/i/{instance_id}")
             await page.get_by_label("Message").fill("Hello from a phone")

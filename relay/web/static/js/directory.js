@@ -57,7 +57,16 @@ function follow() {
   live = watch(ids.slice(0, 100), {
     onView(view) {
       const li = document.querySelector(`li.card[data-instance="${view.instance_id}"]`);
-      if (li) fill(li, view);
+      if (!li) return;
+      fill(li, view);
+      // Online first: a card whose status changed moves to the top of the other list.
+      const list = $(`#${view.status}-list`);
+      if (li.parentElement !== list) {
+        list.prepend(li);
+        for (const status of Object.keys(lists)) {
+          $(`#${status}-empty`).hidden = $(`#${status}-list`).children.length > 0 || lists[status].index > 0;
+        }
+      }
     },
     onDeleted(id) {
       document.querySelector(`li.card[data-instance="${id}"]`)?.remove();
