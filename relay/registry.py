@@ -545,9 +545,12 @@ class InstanceRegistry:
         needle = query.casefold()
         out: list[dict[str, Any]] = []
         position, examined = cursor, 0
+        # A filtered page may need many instances read: in larger batches, fewer round trips
+        # (what a batch reads past the page's last match is read again by the next page).
+        batch_size = limit if status is None and not needle else max(limit, FILTERED_BATCH)
         while len(out) < limit and examined < scan_limit:
             batch = cast("list[tuple[bytes, float]]", await self.redis.zrangebyscore(
-                keys.INSTANCES, f"({position}", "+inf", start=0, num=min(limit, scan_limit - examined),
+                keys.INSTANCES, f"({position}", "+inf", start=0, num=min(batch_size, scan_limit - examined),
                 withscores=True,
             ))
             if not batch:
@@ -567,6 +570,10 @@ class InstanceRegistry:
                     break
         more = await self.redis.zcount(keys.INSTANCES, f"({position}", "+inf")
         return out, (str(position) if more else None)
+
+
+#: Instances read per round trip while filling a filtered page (status, search).
+FILTERED_BATCH = 200
 
 
 def _matches(view: dict[str, Any], needle: str) -> bool:
