@@ -8,26 +8,31 @@ document's schema is a subclass of the model that says so; ``/api/converse``
 is checked by ``wire.converse``, which ``ConverseRequest`` describes; and
 the bodies read by hand have hand-written schemas: ``/api/upgrade``'s, the
 Dify ``DELETE …/conversations/{id}`` body, and the audio doors' multipart
-forms (from ``audio.py``'s own bounds).
+forms (from ``audio.py``'s own bounds).  The few bodies ``api.py`` builds as
+dicts (``GET /api/relay``, an owner's settings, the live status events) are
+described by the models of this module, which ``tests/test_dashboard.py``
+holds the answers to.
 Operations are a table below: one entry per route, with the statuses it can
 answer.  ``tests/test_openapi.py`` checks that every route of
 the app is described here and runs schemathesis against the document.
 
 The agent websocket (``GET /api/agent/connect``) is not an HTTP operation; it
 is described under the ``x-websockets`` extension so that HTTP tools and
-fuzzers leave it alone.
+fuzzers leave it alone; the web dashboard's pages (HTML for browsers, and
+absent when ``RELAY_DASHBOARD=false``) under ``x-pages``.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 from pydantic.json_schema import models_json_schema
 
 from wire.frames import MAX_MODEL_NAME_LENGTH
 
 from . import __version__
+from .api import KEEPALIVE_SECONDS, MAX_QUERY_CHARS
 from .audio import AUDIO_EXTENSIONS, AUDIO_TYPES, MAX_FIELD_BYTES, MAX_FIELDS, MAX_LANGUAGE, RESPONSE_FORMATS
 from .dify import PAGE_DEFAULT, PAGE_MAX
 from .models import (
@@ -52,6 +57,7 @@ from .models import (
     DifyRenamed,
     DifyResult,
     DifyUser,
+    DifyVariable,
     ErrorResponse,
     GlobalChatRequest,
     GlobalImageRequest,
@@ -73,7 +79,44 @@ from .models import (
     Transcription,
     UpdateInstanceRequest,
     UpgradeInfo,
+    Visibility,
 )
+from .watch import MAX_IDS
+
+# -- bodies api.py builds by hand -----------------------------------------------------
+
+
+class RelayInfo(BaseModel):
+    """``GET /api/relay``: what a client (the dashboard) needs to know before it asks anything."""
+
+    model_config = ConfigDict(extra="forbid")
+    #: The relay's public URL (RELAY_PUBLIC_URL, else where it listens).
+    base_url: str
+    version: str
+    #: ``key_required``: registering takes RELAY_REGISTRATION_KEY as the bearer credential.
+    registration: Literal["open", "key_required"]
+
+
+class InstanceSettings(BaseModel):
+    """``GET /api/instances/{id}/settings``: what the owner may change (``PATCH``), as it stands."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    description: str
+    visibility: Visibility
+    #: The Dify API's parameters: the owner's, else what the instance's agent suggested.
+    introduction: str
+    variables: list[DifyVariable]
+    #: Whether the instance keeps conversations (the Dify API's chat-messages).
+    conversations: bool
+
+
+class InstanceDeleted(BaseModel):
+    """The ``data`` of a live status stream's ``deleted`` event."""
+
+    model_config = ConfigDict(extra="forbid")
+    instance_id: str
+
 
 REQUEST_MODELS: tuple[type[BaseModel], ...] = (
     RegisterRequest, UpdateInstanceRequest, CreateKeyRequest, ChatRequest, GlobalChatRequest, ImageRequest,
@@ -84,7 +127,7 @@ RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     ChatCompletion, ModelList, ModelPage, ImagesResponse, ErrorResponse, Health, Ready,
     SwiftChatModels, SwiftChatImageResponse, SwiftChatError, UpgradeInfo, DifyAnswer, DifyMessageEvent,
     DifyMessageEndEvent, DifyErrorEvent, DifyMessagePage, DifyConversationPage, DifyRenamed, DifyResult,
-    DifyParameters, ConversationsPurged, Transcription,
+    DifyParameters, ConversationsPurged, Transcription, RelayInfo, InstanceSettings, InstanceDeleted,
 )
 
 ERROR_MEANING = {
@@ -120,6 +163,25 @@ SSE_EVENT = {
     },
     "required": ["data"],
 }
+
+
+#: One Server-Sent Event of a live status stream (``GET /api/instances/events``).
+STATUS_EVENT = {
+    "type": "object",
+    "description": "``retry: 2000`` first (no data); then ``event: instance`` (``data``: the InstanceView, as GET "
+                   "/api/instances/{instance_id} answers it) or ``event: deleted`` (``data``: InstanceDeleted); "
+                   "``: keep-alive`` comments between them.",
+    "properties": {
+        "event": {"enum": ["instance", "deleted"]},
+        "data": {"type": "string", "contentMediaType": "application/json",
+                 "contentSchema": {"oneOf": [{"$ref": "#/components/schemas/InstanceView"},
+                                             {"$ref": "#/components/schemas/InstanceDeleted"}]},
+                 "description": "An InstanceView (event instance) or InstanceDeleted (event deleted) object"},
+        "retry": {"type": "integer", "description": "Milliseconds EventSource waits before it reconnects"},
+    },
+}
+#: ``ids`` of a live status stream, as a browser sends them.
+STATUS_IDS = f"^[0-9a-f]{{16}}(,[0-9a-f]{{16}}){{0,{MAX_IDS - 1}}}$"
 
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:
@@ -538,9 +600,50 @@ def operations() -> dict[str, dict[str, Any]]:
                     {"name": "cursor", "in": "query", "allowEmptyValue": True,
                      "description": "``next_cursor`` of the previous page",
                      "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"}},
+                    {"name": "q", "in": "query", "allowEmptyValue": True,
+                     "description": "Search: instances whose name, description, id or one of whose models "
+                                    "contains it, ignoring case (leading and trailing whitespace aside; empty: "
+                                    "no search)",
+                     "schema": {"type": "string", "maxLength": MAX_QUERY_CHARS}},
                 ],
+                "description": "A page holds `limit` instances, or fewer at the end of the list. With a filter "
+                               "(`status`, `q`) one request examines at most 2000 instances: a page may then be "
+                               "short, even empty, with a `next_cursor` to go on from.",
                 "responses": {"200": {"description": "One page", "content": _json(InstancePage)},
                               **_errors(400, 422, 503)},
+            },
+        },
+        "/api/instances/events": {
+            "get": {
+                "summary": "Live status of instances (Server-Sent Events, for EventSource)",
+                "description": (
+                    "The stream never ends by itself. First ``retry: 2000``; then an ``instance`` event with each "
+                    "instance's view (private instances too: the id is what shows them), and another whenever "
+                    "it changes (an online instance's `last_seen` aside); a ``deleted`` event for an id that is "
+                    "not (or no longer) registered. A ``: keep-alive`` comment every "
+                    f"{KEEPALIVE_SECONDS:g} s on a quiet stream. The node reads the instances every "
+                    "RELAY_WATCH_INTERVAL seconds (2 unless the relay says otherwise). The stream ends when "
+                    "the node shuts down: EventSource reconnects, to another node behind a load balancer."
+                ),
+                "operationId": "instanceEvents", "tags": ["instances"],
+                "parameters": [{
+                    "name": "ids", "in": "query", "required": True,
+                    "description": f"Instance ids, comma-separated: 1 to {MAX_IDS} (an id given twice counts "
+                                   "once, empty ones are ignored)",
+                    "schema": {"type": "string", "pattern": STATUS_IDS},
+                }],
+                "responses": {
+                    "200": {"description": "The events (never one body: read it as a stream)",
+                            "content": {"text/event-stream": {"schema": STATUS_EVENT}}},
+                    **_errors(422, 429, 503, meaning={
+                        422: "`ids` missing or empty, more than 100 of them, or one that is not 16 hexadecimal "
+                             "digits",
+                        429: "This address already holds RELAY_WATCHERS_PER_ADDRESS live status streams on this "
+                             "node; see Retry-After",
+                        503: "This node serves RELAY_MAX_WATCHERS live status streams already, is draining, or "
+                             "its storage is unavailable; see Retry-After",
+                    }),
+                },
             },
         },
         "/api/instances/{instance_id}": {
@@ -567,6 +670,17 @@ def operations() -> dict[str, dict[str, Any]]:
                 "operationId": "deleteInstance", "tags": ["owner"], "security": OWNER,
                 "parameters": [INSTANCE_ID],
                 "responses": {"204": {"description": "Deleted"}, **_errors(400, 401, 403, 404, 503)},
+            },
+        },
+        "/api/instances/{instance_id}/settings": {
+            "get": {
+                "summary": "What the owner may change, as it stands, the Dify API's parameters included (owner)",
+                "description": "`introduction` and `variables` are the owner's (PATCH), else what the "
+                               "instance's agent suggested; the public view does not show them.",
+                "operationId": "instanceSettings", "tags": ["owner"], "security": OWNER,
+                "parameters": [INSTANCE_ID],
+                "responses": {"200": {"description": "The settings", "content": _json(InstanceSettings)},
+                              **_errors(400, 401, 403, 404, 503)},
             },
         },
         "/api/instances/{instance_id}/token": {
@@ -718,6 +832,11 @@ def operations() -> dict[str, dict[str, Any]]:
                 "responses": {**upgrade_answer, **_errors(400, 413, 422, dialect="swiftchat")},
             },
         },
+        "/api/relay": {"get": {
+            "summary": "This relay: its public URL, version, and whether registering needs a key",
+            "operationId": "relayInfo", "tags": ["ops"],
+            "responses": {"200": {"description": "The relay", "content": _json(RelayInfo)}},
+        }},
         "/healthz": {"get": {"summary": "Liveness", "operationId": "healthz", "tags": ["ops"],
                              "responses": {"200": {"description": "Alive", "content": _json(Health)}}}},
         "/readyz": {"get": {"summary": "Readiness (Redis reachable, not draining)", "operationId": "readyz",
@@ -733,6 +852,18 @@ def operations() -> dict[str, dict[str, Any]]:
                                   "content": {"application/json": {"schema": {"type": "object"}}}}},
         }},
     }
+
+
+#: The web dashboard (``dashboard.py``): HTML pages and their assets, for browsers, not API operations.
+#: Every one is served with a strict Content-Security-Policy, ``X-Frame-Options: DENY``, ``nosniff``, no
+#: referrer and ``Cache-Control: no-cache``; none of them exists when the relay runs with RELAY_DASHBOARD=false.
+PAGES = {
+    "/": "The directory of public instances: search, status live",
+    "/register": "Register an instance (the agent token is shown once, in the page)",
+    "/i/{instance_id}": "An instance: its status live, how to call it, and its owner's settings (with the "
+                        "agent token, kept in the browser); 404 unless the id is 16 hexadecimal digits",
+    "/static/{path}": "The pages' scripts and styles",
+}
 
 
 def schemas() -> dict[str, Any]:
@@ -786,4 +917,5 @@ def build_openapi(base_url: str) -> dict[str, Any]:
                 },
             }
         },
+        "x-pages": PAGES,
     }

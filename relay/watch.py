@@ -112,14 +112,21 @@ class StatusWatch:
             watcher.changed.set()
 
     async def run(self) -> None:
-        """The poller: one batched read per interval while anyone watches."""
+        """The poller: one batched read per interval while anyone watches.
+
+        It runs in the task group of the node's heartbeat and subscriber: a
+        poll that fails is logged and the next one tried, never let out of here.
+        """
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.interval):
                     await self._wake.wait()
             self._wake.clear()
             if self.watchers:
-                await self.poll()
+                try:
+                    await self.poll()
+                except Exception:
+                    log.exception("live status: a poll failed; the next one is tried in %gs", self.interval)
 
     async def poll(self) -> None:
         ids = sorted({iid for watcher in self.watchers for iid in watcher.ids})
@@ -148,6 +155,9 @@ class WatchResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            if scope.get("method") == "HEAD":  # the headers a GET gets; a body would never end
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
             async with anyio.create_task_group() as tg:
 
                 async def watch_disconnect() -> None:

@@ -50,6 +50,7 @@ import asyncio
 import contextlib
 import email.policy
 import functools
+import inspect
 import itertools
 import json
 import logging
@@ -79,16 +80,19 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 from schemathesis.transport.serialization import Binary
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import Mount, Route, WebSocketRoute
 
 from agent.backends import DemoBackend
+from relay import api, dashboard
 from relay.app import create_app
 from relay.audio import MAX_FIELD_BYTES, MAX_FIELDS, transcription_fields
 from relay.errors import ValidationFailed
 from relay.logs import DeliberateEndings
 from relay.models import MAX_COUNT, MAX_SIDE, PYTHON_WHITESPACE, DifyRename, SwiftChatImage, UpdateInstanceRequest
 from relay.openapi import build_openapi, operations
+from relay.registry import InstanceRegistry
 from relay.settings import RelaySettings
+from relay.watch import MAX_IDS
 from tests.helpers import FakeUpstream, openai_backend, running_agent, running_relay, running_upstream
 from wire.converse import InvalidConverse, converse_request
 from wire.frames import MAX_MODEL_NAME_LENGTH
@@ -125,7 +129,11 @@ AGENT_OPERATIONS = {
     **{f"POST {base}/audio-to-text": None for base in DIFY_BASES},
 }
 #: Owner actions fuzzed with an owner token, on an instance of their own (the live one must keep its settings).
-OWNER_OPERATIONS = {"PATCH /api/instances/{instance_id}", "DELETE /api/instances/{instance_id}/conversations"}
+OWNER_OPERATIONS = {"PATCH /api/instances/{instance_id}", "DELETE /api/instances/{instance_id}/conversations",
+                    "GET /api/instances/{instance_id}/settings"}
+#: The live status stream never ends (its events come while an instance changes): no fuzzer call
+#: would return.  tests/test_dashboard.py reads it as a stream, refusals (422, 429, 503) included.
+NOT_FUZZED = {"GET /api/instances/events"}
 #: Which backends can make images and transcribe (the OpenAI one in this fixture serves neither).
 DRAWS = {"demo": True, "openai": False}
 HEARS = {"demo": True, "openai": False}
@@ -157,22 +165,55 @@ def _lacks_capability(label: str, backend: str) -> bool:
                                                                    and not HEARS[backend])
 
 
+def _page_path(route: Any) -> str:
+    """A route's path as ``x-pages`` names it (a mount of files: ``/static/{path}``)."""
+    return f"{route.path}/{{path}}" if isinstance(route, Mount) else route.path
+
+
 def test_every_route_is_documented():
     app = create_app(RelaySettings(), redis_url="redis://127.0.0.1:1")  # never connected: routes only
     documented = operations()
     websockets = build_openapi("http://x")["x-websockets"]
+    # The dashboard's pages are HTML for browsers, not API operations (and not there at all with
+    # RELAY_DASHBOARD=false, while the document stays the same): x-pages names them, the fuzzer leaves
+    # them alone, and tests/test_dashboard.py checks what they serve.
+    pages = build_openapi("http://x")["x-pages"]
+    assert {_page_path(route) for route in dashboard.routes()} == set(pages)
     for route in app.routes:
         if isinstance(route, WebSocketRoute):
             assert route.path in websockets
+            continue
+        if _page_path(route) in pages:
             continue
         assert isinstance(route, Route)
         for method in route.methods - {"HEAD"}:
             assert method.lower() in documented.get(route.path, {}), f"{method} {route.path} is not in /openapi.json"
     # ... and nothing is documented that does not exist.
-    real = {(r.path, m.lower()) for r in app.routes if isinstance(r, Route) for m in r.methods}
+    real = {(r.path, m.lower()) for r in app.routes if isinstance(r, Route) and r.path not in pages
+            for m in r.methods}
     for path, methods in documented.items():
         for method in methods:
             assert (path, method) in real, f"/openapi.json documents {method.upper()} {path}, which does not exist"
+
+
+def test_the_status_stream_and_the_search_are_documented_as_the_relay_reads_them():
+    """The numbers the words of the document state, and the ``ids`` pattern at its bounds."""
+    doc = build_openapi("http://x")
+    events = doc["paths"]["/api/instances/events"]["get"]
+    assert set(events["responses"]["200"]["content"]) == {"text/event-stream"}
+    assert f"every {api.KEEPALIVE_SECONDS:g} s" in events["description"]
+    (ids,) = events["parameters"]
+    assert ids["required"] and f"1 to {MAX_IDS}" in ids["description"]
+    pattern = jsonschema_rs.validator_for(ids["schema"])
+    one = "0123456789abcdef"
+    assert pattern.is_valid(one) and pattern.is_valid(",".join([one] * MAX_IDS))
+    for refused in ("", ",".join([one] * (MAX_IDS + 1)), one.upper(), one[:-1], one + "0", f"{one},", f" {one}"):
+        assert not pattern.is_valid(refused), refused
+    listing = doc["paths"]["/api/instances"]["get"]
+    (q,) = [p for p in listing["parameters"] if p["name"] == "q"]
+    assert q["schema"]["maxLength"] == api.MAX_QUERY_CHARS
+    scan_limit = inspect.signature(InstanceRegistry.list).parameters["scan_limit"].default
+    assert f"at most {scan_limit} instances" in listing["description"]
 
 
 def test_document_is_self_consistent():
@@ -865,6 +906,8 @@ def test_relay_conforms_to_its_openapi_document(live_relay):
     backend = live_relay["backend"]
     for operation in all_operations:
         label = operation.label
+        if label in NOT_FUZZED:
+            continue
         capable = not _lacks_capability(label, backend)
         if label in CHAT_OPERATIONS:
             examples = CHAT_EXAMPLES
