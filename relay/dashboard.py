@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from starlette.responses import FileResponse, Response
+from starlette.exceptions import HTTPException
+from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Message, Receive, Scope, Send
@@ -80,6 +81,13 @@ def page(name: str) -> Secured:
 
 class _Assets(StaticFiles):
     """The pages' scripts and styles, revalidated on every load (small, and never stale after an upgrade)."""
+
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        try:
+            return await super().get_response(path, scope)
+        except HTTPException as exc:
+            # Answered here, inside Secured, so a missing asset carries the headers too.
+            return PlainTextResponse(exc.detail, status_code=exc.status_code, headers=exc.headers)
 
     def file_response(self, *args: object, **kwargs: object) -> Response:
         response = super().file_response(*args, **kwargs)  # type: ignore[arg-type]

@@ -348,6 +348,38 @@ class TokenRotated(BaseModel):
     agent_token: str
 
 
+class RelayInfo(BaseModel):
+    """``GET /api/relay``: what a client (the dashboard) needs to know before it asks anything."""
+
+    model_config = ConfigDict(extra="forbid")
+    #: The relay's public URL (RELAY_PUBLIC_URL, else where it listens).
+    base_url: str
+    version: str
+    #: ``key_required``: registering takes RELAY_REGISTRATION_KEY as the bearer credential.
+    registration: Literal["open", "key_required"]
+
+
+class InstanceSettings(BaseModel):
+    """``GET /api/instances/{id}/settings``: what the owner may change (``PATCH``), as it stands."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    description: str
+    visibility: Visibility
+    #: The Dify API's parameters: the owner's, else what the instance's agent suggested.
+    introduction: str
+    variables: list[DifyVariable]
+    #: Whether the instance keeps conversations (the Dify API's chat-messages).
+    conversations: bool
+
+
+class InstanceDeleted(BaseModel):
+    """The ``data`` of a live status stream's ``deleted`` event."""
+
+    model_config = ConfigDict(extra="forbid")
+    instance_id: str
+
+
 class InstanceView(BaseModel):
     instance_id: str
     name: str

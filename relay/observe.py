@@ -29,7 +29,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import logs
 from .metrics import RelayMetrics
 
-_INSTANCE_PATH = re.compile(r"^/api/(?:chat|instances)/([^/]+)")
+#: The instance a request is about, for its log lines (``/api/instances/events`` follows many: none).
+_INSTANCE_PATH = re.compile(r"^/api/(?:chat|instances)/(?!events(?:/|$))([^/]+)")
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _EVENT_STREAM = b"text/event-stream"
 #: Endpoints polled by load balancers and Prometheus: logged only when they fail.
@@ -59,10 +60,14 @@ def endpoint_of(path: str) -> str:
         return "conversations"  # the Dify API's reads and writes: messages, conversations, parameters
     if path in _SWIFTCHAT:
         return _SWIFTCHAT[path]
+    if path == "/api/instances/events":
+        return "watch"  # the dashboard's live status streams: long-lived, and not answers
     if path.startswith("/api/instances"):
         return "instances"
     if path.startswith("/api/agent/"):
         return "agent"
+    if path in ("/", "/register") or path.startswith(("/i/", "/static/")):
+        return "dashboard"
     if path in ("/healthz", "/readyz"):
         return "health"
     if path == "/metrics":
@@ -109,6 +114,7 @@ class RequestObserver:
         status = 500  # if the app raises before answering, the server answers 500
         streaming = awaiting_first = False
         header = (b"x-request-id", rid.encode())
+        chat = endpoint in OPERATIONS
 
         async def observed_send(message: Message) -> None:
             nonlocal status, streaming, awaiting_first
@@ -119,13 +125,13 @@ class RequestObserver:
             elif message["type"] == "http.response.start":
                 status = message["status"]
                 headers = list(message.get("headers", ()))
-                streaming = awaiting_first = status == 200 and any(
+                # Answers' streams only: the dashboard's status streams are not answers.
+                streaming = awaiting_first = chat and status == 200 and any(
                     name.lower() == b"content-type" and value.startswith(_EVENT_STREAM) for name, value in headers
                 )
                 message = {**message, "headers": [*headers, header]}
             await send(message)
 
-        chat = endpoint in OPERATIONS
         if chat:
             metrics.active_streams.inc()
         try:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from wire.frames import MAX_MODEL_NAME_LENGTH
@@ -57,20 +57,22 @@ from .models import (
     DifyRenamed,
     DifyResult,
     DifyUser,
-    DifyVariable,
     ErrorResponse,
     GlobalChatRequest,
     GlobalImageRequest,
     Health,
     ImageRequest,
     ImagesResponse,
+    InstanceDeleted,
     InstancePage,
+    InstanceSettings,
     InstanceView,
     ModelList,
     ModelPage,
     Ready,
     Registered,
     RegisterRequest,
+    RelayInfo,
     SwiftChatError,
     SwiftChatImageRequest,
     SwiftChatImageResponse,
@@ -79,44 +81,8 @@ from .models import (
     Transcription,
     UpdateInstanceRequest,
     UpgradeInfo,
-    Visibility,
 )
 from .watch import MAX_IDS
-
-# -- bodies api.py builds by hand -----------------------------------------------------
-
-
-class RelayInfo(BaseModel):
-    """``GET /api/relay``: what a client (the dashboard) needs to know before it asks anything."""
-
-    model_config = ConfigDict(extra="forbid")
-    #: The relay's public URL (RELAY_PUBLIC_URL, else where it listens).
-    base_url: str
-    version: str
-    #: ``key_required``: registering takes RELAY_REGISTRATION_KEY as the bearer credential.
-    registration: Literal["open", "key_required"]
-
-
-class InstanceSettings(BaseModel):
-    """``GET /api/instances/{id}/settings``: what the owner may change (``PATCH``), as it stands."""
-
-    model_config = ConfigDict(extra="forbid")
-    name: str
-    description: str
-    visibility: Visibility
-    #: The Dify API's parameters: the owner's, else what the instance's agent suggested.
-    introduction: str
-    variables: list[DifyVariable]
-    #: Whether the instance keeps conversations (the Dify API's chat-messages).
-    conversations: bool
-
-
-class InstanceDeleted(BaseModel):
-    """The ``data`` of a live status stream's ``deleted`` event."""
-
-    model_config = ConfigDict(extra="forbid")
-    instance_id: str
-
 
 REQUEST_MODELS: tuple[type[BaseModel], ...] = (
     RegisterRequest, UpdateInstanceRequest, CreateKeyRequest, ChatRequest, GlobalChatRequest, ImageRequest,

@@ -206,8 +206,26 @@ async def test_metrics_scrape_is_cheap_and_stable(redis_url):
     ("/api/chat/x/conversations", "conversations"), ("/v1/messages", "conversations"),
     ("/api/chat/x/messages/m/feedbacks", "conversations"), ("/v1/parameters", "conversations"),
     ("/api/upgrade", "upgrade"), ("/api/instances/x", "instances"), ("/nowhere", "other"),
+    ("/api/instances/events", "watch"), ("/", "dashboard"), ("/register", "dashboard"),
+    ("/i/0123456789abcdef", "dashboard"), ("/static/js/common.js", "dashboard"), ("/v1", "other"),
 ])
 def test_each_door_has_its_label(path, label):
     from relay.observe import endpoint_of
 
     assert endpoint_of(path) == label
+
+
+async def test_status_streams_are_not_answers_in_the_stream_metrics(redis_url):
+    """The dashboard's live status streams (hours long) stay out of the answer histograms and logs' instance."""
+    async with running_relay(redis_url, watch_interval=0.05) as relay, relay.client() as client:
+        instance_id, _ = await relay.register("watched")
+        async with client.stream("GET", f"/api/instances/events?ids={instance_id}") as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if line.startswith("event: instance"):
+                    break
+        await wait_until(lambda: not relay.app.state.watch.watchers, what="the watcher released")
+        after = await scrape(client)
+    assert value(after, "relay_requests_total", endpoint="watch", status="200") == 1
+    assert value(after, "relay_time_to_first_chunk_seconds_count") == 0
+    assert value(after, "relay_stream_duration_seconds_count") == 0
