@@ -133,6 +133,13 @@ class ClientGone(Exception):
     """The caller hung up, or stopped reading for longer than the stall limit."""
 
 
+async def cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
+    """Wait for the client to hang up, then cancel ``scope`` (the task group writing its response)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
+
+
 class EventStreamResponse(Response):
     """Writes a stream to the client as Server-Sent Events.
 
@@ -156,13 +163,7 @@ class EventStreamResponse(Response):
         try:
             await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
             async with anyio.create_task_group() as tg:
-
-                async def watch_disconnect() -> None:
-                    while (await receive())["type"] != "http.disconnect":
-                        pass
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(watch_disconnect)
+                tg.start_soon(cancel_on_disconnect, receive, tg.cancel_scope)
                 try:
                     await self._write(send)
                 except ClientGone:

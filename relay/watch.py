@@ -28,6 +28,7 @@ from redis.exceptions import RedisError
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from .chat import cancel_on_disconnect
 from .errors import RateLimited, ServiceNotReady
 from .registry import InstanceRegistry
 
@@ -159,13 +160,7 @@ class WatchResponse(Response):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return
             async with anyio.create_task_group() as tg:
-
-                async def watch_disconnect() -> None:
-                    while (await receive())["type"] != "http.disconnect":
-                        pass
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(watch_disconnect)
+                tg.start_soon(cancel_on_disconnect, receive, tg.cancel_scope)
                 async for part in self.events():
                     await send({"type": "http.response.body", "body": part, "more_body": True})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
