@@ -151,3 +151,13 @@ def test_relay_without_the_server_extra_says_how_to_install_it():
     result = run_blocked("import sys, relay.cli; sys.exit(relay.cli.main())", "serve")
     assert result.returncode == 2, result.stderr
     assert "pip install 'instance-relay[server]'" in result.stderr
+
+
+def test_the_dashboard_files_are_package_data():
+    """Every file under relay/web is matched by pyproject's package-data, so wheels and images carry the pages."""
+    globs = PYPROJECT["tool"]["setuptools"]["package-data"]["relay"]
+    web = ROOT / "relay" / "web"
+    files = {p.relative_to(ROOT / "relay").as_posix() for p in web.rglob("*") if p.is_file()}
+    assert files, "no dashboard files?"
+    matched = {f for f in files for g in globs if Path(f).match(g) and f.count("/") == g.count("/")}
+    assert matched == files, f"not packaged: {sorted(files - matched)}"
