@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
+import random
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
@@ -36,6 +38,13 @@ log = logging.getLogger("relay.watch")
 
 #: Ids one watcher may follow: a directory page, with room to spare.
 MAX_IDS = 100
+#: Distinct ids one node follows for all its watchers (each is read once per interval).
+MAX_IDS_PER_NODE = 20_000
+#: Seconds a status stream lives before the relay ends it (EventSource reconnects at
+#: once, with a fresh snapshot): no stream, and no stalled reader, is held forever.
+MAX_AGE = 1800.0
+#: Seconds one write may wait for a client that reads nothing before the stream ends.
+WRITE_TIMEOUT = 30.0
 
 
 def comparable(view: dict[str, Any] | None) -> Any:
@@ -56,7 +65,9 @@ class Watcher:
         self.changed = asyncio.Event()
         self.closed = False
 
-    def offer(self, views: dict[str, dict[str, Any] | None]) -> None:
+    def offer(self, views: dict[str, dict[str, Any] | None]) -> list[str]:
+        """Note what changed; return the ids that are gone (told once, then no longer followed)."""
+        gone = []
         for iid in self.ids:
             if iid not in views:
                 continue
@@ -67,6 +78,11 @@ class Watcher:
             self.seen[iid] = key
             self.pending[iid] = view
             self.changed.set()
+            if view is None:
+                gone.append(iid)
+        if gone:
+            self.ids = [iid for iid in self.ids if iid not in gone]
+        return gone
 
     def take(self) -> dict[str, dict[str, Any] | None]:
         out, self.pending = self.pending, {}
@@ -74,27 +90,57 @@ class Watcher:
         return out
 
 
+def address_group(address: str) -> str:
+    """Whom a per-address cap counts: one IPv4 address, or one IPv6 /64 (what one host is handed)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
 class StatusWatch:
-    def __init__(self, registry: InstanceRegistry, *, interval: float, max_watchers: int, per_address: int):
+    """The node's watchers and its one poller.
+
+    Cost is bounded three ways: streams per address group and per node, and
+    distinct ids per node (``max_ids``; each id costs a read per interval,
+    however many watchers follow it).  A newcomer's first views are read at
+    once, for its own ids only; everyone else's on the interval.
+    """
+
+    def __init__(self, registry: InstanceRegistry, *, interval: float, max_watchers: int, per_address: int,
+                 max_ids: int = MAX_IDS_PER_NODE):
         self.registry = registry
         self.interval = interval
         self.max_watchers = max_watchers
         self.per_address = per_address
+        self.max_ids = max_ids
         self.watchers: set[Watcher] = set()
         self._by_address: Counter[str] = Counter()
+        #: How many watchers follow each id.
+        self._refs: Counter[str] = Counter()
+        self._newcomers: set[Watcher] = set()
         self._wake = asyncio.Event()
 
     def open(self, ids: list[str], address: str) -> Watcher:
         """Follow ``ids`` until :meth:`release`; 429 past the per-address cap, 503 past the node's."""
-        if self._by_address[address] >= self.per_address:
+        group = address_group(address)
+        if self._by_address[group] >= self.per_address:
             raise RateLimited(f"at most {self.per_address} live status streams per address",
                               headers={"Retry-After": "5"})
-        if len(self.watchers) >= self.max_watchers:
+        if len(self.watchers) >= self.max_watchers or (
+                len(self._refs) + sum(1 for iid in ids if iid not in self._refs) > self.max_ids):
             raise ServiceNotReady("this relay node follows as many live status streams as it can",
                                   headers={"Retry-After": "5"})
-        watcher = Watcher(ids, address)
+        watcher = Watcher(ids, group)
         self.watchers.add(watcher)
-        self._by_address[address] += 1
+        self._by_address[group] += 1
+        self._refs.update(ids)
+        self._newcomers.add(watcher)
         self._wake.set()  # a newcomer gets its first views now, not an interval later
         return watcher
 
@@ -102,9 +148,17 @@ class StatusWatch:
         if watcher not in self.watchers:
             return
         self.watchers.discard(watcher)
+        self._newcomers.discard(watcher)
         self._by_address[watcher.address] -= 1
         if not self._by_address[watcher.address]:
             del self._by_address[watcher.address]
+        self._forget(watcher.ids)
+
+    def _forget(self, ids: list[str]) -> None:
+        self._refs.subtract(ids)
+        for iid in ids:
+            if self._refs[iid] <= 0:
+                del self._refs[iid]
 
     def close(self) -> None:
         """End every watcher's stream (the node is draining: browsers reconnect elsewhere)."""
@@ -113,32 +167,44 @@ class StatusWatch:
             watcher.changed.set()
 
     async def run(self) -> None:
-        """The poller: one batched read per interval while anyone watches.
+        """The poller: one batched read per interval while anyone watches, and newcomers' first reads.
 
         It runs in the task group of the node's heartbeat and subscriber: a
         poll that fails is logged and the next one tried, never let out of here.
         """
+        loop = asyncio.get_running_loop()
+        due = loop.time() + self.interval
         while True:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.interval):
+                async with asyncio.timeout_at(due):
                     await self._wake.wait()
             self._wake.clear()
-            if self.watchers:
+            everyone = loop.time() >= due
+            if everyone:
+                due = loop.time() + self.interval
+            watchers = set(self.watchers) if everyone else set(self._newcomers)
+            self._newcomers.clear()
+            if watchers:
                 try:
-                    await self.poll()
+                    await self.poll(watchers)
                 except Exception:
                     log.exception("live status: a poll failed; the next one is tried in %gs", self.interval)
 
-    async def poll(self) -> None:
-        ids = sorted({iid for watcher in self.watchers for iid in watcher.ids})
+    async def poll(self, watchers: set[Watcher] | None = None) -> None:
+        """Read the views ``watchers`` (default: all) follow, in one batch, and offer them."""
+        watchers = self.watchers if watchers is None else watchers
+        ids = sorted({iid for watcher in watchers for iid in watcher.ids})
+        if not ids:
+            return
         try:
             views = await self.registry.views(ids)
         except (RedisError, OSError) as exc:
             # Watchers hear nothing until Redis answers; the browser shows the last state it read.
             log.warning("live status: could not read %d instances (%s)", len(ids), exc)
             return
-        for watcher in list(self.watchers):
-            watcher.offer(views)
+        for watcher in list(watchers):
+            if watcher in self.watchers:
+                self._forget(watcher.offer(views))
 
 
 class WatchResponse(Response):
@@ -162,21 +228,25 @@ class WatchResponse(Response):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(cancel_on_disconnect, receive, tg.cancel_scope)
                 async for part in self.events():
-                    await send({"type": "http.response.body", "body": part, "more_body": True})
+                    async with asyncio.timeout(WRITE_TIMEOUT):
+                        await send({"type": "http.response.body", "body": part, "more_body": True})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 tg.cancel_scope.cancel()
-        except OSError:
-            pass  # the client went away mid-write
+        except (OSError, TimeoutError):
+            pass  # the client went away mid-write, or reads nothing: the stream ends
         finally:
             self.watch.release(self.watcher)
 
     async def events(self) -> AsyncIterator[bytes]:
         watcher = self.watcher
+        loop = asyncio.get_running_loop()
+        # Spread out: streams opened together (a node's restart) must not all end together.
+        end = loop.time() + MAX_AGE * random.uniform(0.75, 1.0)
         # Tell EventSource to reconnect quickly after a node goes away.
         yield b"retry: 2000\n\n"
-        while not watcher.closed:
+        while not watcher.closed and loop.time() < end:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.keepalive):
+                async with asyncio.timeout(min(self.keepalive, max(0.0, end - loop.time()))):
                     await watcher.changed.wait()
             if watcher.closed:
                 return

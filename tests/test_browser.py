@@ -356,8 +356,22 @@ async def test_playground_streams_and_stop_cancels_upstream(redis_url, tmp_path)
             await expect(page.get_by_role("button", name="Send")).to_be_enabled()
             assert upstream.completed == 0
 
-            # The next turn streams to its end; the stopped answer is part of its history.
+            # "New chat" while a turn streams: that turn is cancelled too, and the next
+            # conversation starts empty (the old turn, ending late, must not write into it).
+            await page.get_by_label("Message").fill("Something else")
+            await page.get_by_role("button", name="Send").click()
+            await expect(page.locator("#transcript li.assistant").last).to_contain_text("w2")
+            await page.get_by_role("button", name="New chat").click()
+            await wait_until(lambda: upstream.disconnects == 2, 20, what="the second stream closed upstream")
+            await expect(page.locator("#transcript li")).to_have_count(0)
+
+            # The next turns stream to their end; each answer is part of the next one's history.
             upstream.release()
+            await page.get_by_label("Message").fill("Tell me a long story")
+            await page.get_by_role("button", name="Send").click()
+            await expect(page.locator("#transcript li.assistant").last).to_have_attribute(
+                "data-state", "done", timeout=SOON)
+            assert [m["role"] for m in upstream.requests[-1]["messages"]] == ["user"]
             await page.get_by_label("Message").fill("Go on")
             await page.get_by_role("button", name="Send").click()
             last = page.locator("#transcript li.assistant").last
@@ -367,7 +381,7 @@ async def test_playground_streams_and_stop_cancels_upstream(redis_url, tmp_path)
             await expect(page.locator("#stats")).to_contain_text("40 tokens")  # the usage chunk, asked for
             sent = upstream.requests[-1]["messages"]
             assert [m["role"] for m in sent] == ["user", "assistant", "user"]
-            assert sent[1]["content"].startswith("w0 w1 w2")
+            assert sent[1]["content"].startswith("w0 w1 w2 w3")
             await shoot(page, tmp_path, "instance")
         problems.check()
 
@@ -442,7 +456,7 @@ async def test_owner_view_keys_visibility_rotation_and_delete(redis_url, tmp_pat
             # A wrong token is refused and not kept.
             await page.get_by_label("Agent token").fill("ira_wrong")
             await page.get_by_role("button", name="Unlock").click()
-            await expect(page.locator("#unlock-error")).to_contain_text("does not own this instance")
+            await expect(page.locator("#owner-error")).to_contain_text("does not own this instance")
             assert await page.evaluate(f"sessionStorage.getItem('owner:{instance_id}')") is None
             await page.get_by_label("Agent token").fill(token)
             await page.get_by_role("button", name="Unlock").click()
@@ -572,10 +586,76 @@ async def test_markdown_in_answers_is_rendered_safely(redis_url):
         assert "<code>code</code>" in rich and "<li>one</li><li>two</li>" in rich
         assert 'print(1 &lt; 2)' in rich and 'data-lang="py"' in rich
         assert 'href="https://example.org/a?b=1"' in rich and 'rel="noopener noreferrer nofollow"' in rich
+        # Inputs that used to overflow the stack or backtrack for seconds: rendered, as text.
+        for text in ('>' * 5000 + ' deep', '# a' + ' ' * 4000 + 'b', '**a ' * 50000, 'x\n' + ' ' * 5000 + 'y'):
+            assert await page.evaluate("""async (text) => {
+              const { render } = await import('/static/js/markdown.js');
+              return render(text).textContent.length > 0;
+            }""", text)
+        headings = await page.evaluate("""async () => {
+          const { render } = await import('/static/js/markdown.js');
+          return ['# Title ##', '## a #b', '### #', '#nospace'].map((t) => render(t).innerHTML);
+        }""")
+        assert headings == ["<h3>Title</h3>", "<h4>a #b</h4>", "<h5></h5>", "<p>#nospace</p>"]
         hostile = rendered["hostile"]
         assert "<img" not in hostile and "<script" not in hostile and "<b>" not in hostile
         assert "&lt;img src=x onerror=alert(1)&gt;" in hostile
         assert "javascript:" not in hostile.replace("[click](javascript:alert(3))", "") and "href" not in hostile
+        problems.check()
+
+
+async def test_answers_are_read_as_the_event_stream_rules_say(redis_url):
+    """The playground's SSE reader, in the browser: every line ending, split anywhere between reads."""
+    problems = Problems()
+    async with running_relay(redis_url) as relay, browser() as chromium:
+        page = await new_page(chromium, problems)
+        await page.goto(f"{relay.url}/")
+        result = await page.evaluate("""async () => {
+          const { sseEvents, parseAll } = await import('/static/js/sse.js');
+          const whole = 'event: x\\r\\ndata: a\\r\\ndata: b\\r\\n\\r\\n: note\\ndata: c\\n\\r\\ndata: d\\r\\r'
+                        + 'data:e\\n\\ndata: [DONE]\\n\\n';
+          const read = async (pieces) => {
+            const body = new ReadableStream({ start(c) {
+              for (const p of pieces) c.enqueue(new TextEncoder().encode(p));
+              c.close();
+            } });
+            const out = [];
+            for await (const e of sseEvents(body)) out.push(e);
+            return JSON.stringify(out);
+          };
+          const expected = JSON.stringify(parseAll(whole));
+          const bad = [];
+          for (let i = 0; i <= whole.length; i++) {
+            if (await read([whole.slice(0, i), whole.slice(i)]) !== expected) bad.push(i);
+          }
+          return { expected: JSON.parse(expected), bad, bytewise: await read([...whole]) === expected };
+        }""")
+        assert result["expected"] == [{"event": "x", "data": "a\nb"}, {"event": "message", "data": "c"},
+                                      {"event": "message", "data": "d"}, {"event": "message", "data": "e"},
+                                      {"event": "message", "data": "[DONE]"}]
+        assert result["bad"] == [] and result["bytewise"]
+        problems.check()
+
+
+async def test_live_status_comes_back_after_the_relay_refused_the_stream(redis_url):
+    """EventSource gives up on a 429; the page opens the stream again (backing off) and is live once let in."""
+    problems = Problems()
+    async with (running_relay(redis_url, watch_interval=0.2, watchers_per_address=1) as relay,
+                browser() as chromium):
+        instance_id, token = await register(relay, "contested")
+        async with running_agent(relay.url, token, DemoBackend(rate=0)):
+            first = await new_page(chromium, problems)
+            await first.goto(f"{relay.url}/i/{instance_id}")
+            await wait_until(lambda: len(relay.app.state.watch.watchers) == 1, what="the first tab's stream")
+            second = await new_page(chromium, problems)
+            refused: list[int] = []
+            second.on("response", lambda r: refused.append(r.status) if "/events" in r.url else None)
+            await second.goto(f"{relay.url}/i/{instance_id}")
+            await wait_until(lambda: 429 in refused, what="the second tab refused")
+            await first.close()  # its place frees
+            await wait_until(lambda: refused.count(200) == 1, 30, what="the second tab let in")
+            await expect(second.locator("#instance-status")).to_have_attribute("data-status", "online")
+        await expect(second.locator("#instance-status")).to_have_attribute("data-status", "offline", timeout=SOON)
         problems.check()
 
 

@@ -674,3 +674,70 @@ async def test_settings_are_refused_as_every_owner_route_refuses(redis_url):
         assert_openai_error(in_url, 400, code="credentials_in_url")
         # The other's own token reads its own.
         assert (await client.get(f"/api/instances/{other}/settings", headers=bearer(other_token))).status_code == 200
+
+
+# -- what a stream costs the node --------------------------------------------------------
+
+
+async def test_a_newcomer_first_reads_only_its_own_ids(redis_url):
+    # A long interval: any read that happens at once is a newcomer's.
+    async with running_relay(redis_url, watch_interval=30) as relay, relay.client() as client:
+        old, _ = await relay.register("old")
+        new, _ = await relay.register("new")
+        reads = count_reads(relay)
+        async with status_stream(client, [old]) as first:
+            assert (await first.event())[1]["instance_id"] == old
+            async with status_stream(client, [new]) as second:
+                assert (await second.event())[1]["instance_id"] == new
+        assert reads == [[old], [new]], reads
+
+
+async def test_an_id_that_is_gone_is_told_once_then_no_longer_read(redis_url):
+    async with running_relay(redis_url, **WATCH) as relay, relay.client() as client:
+        real, _ = await relay.register("real")
+        reads = count_reads(relay)
+        async with status_stream(client, [real, UNKNOWN_ID]) as stream:
+            told = await stream.events(2)
+            assert told[UNKNOWN_ID][0] == "deleted" and told[real][0] == "instance"
+            reads.clear()
+            await wait_until(lambda: len(reads) >= 3, what="three more polls")
+            assert all(ids == [real] for ids in reads), reads
+            assert dict(relay.app.state.watch._refs) == {real: 1}
+        await watchers(relay, 0)
+        assert not relay.app.state.watch._refs  # nothing left counted once everyone hung up
+
+
+async def test_past_the_nodes_distinct_ids_503(redis_url):
+    async with running_relay(redis_url, **WATCH) as relay, relay.client() as client:
+        relay.app.state.watch.max_ids = 3
+        ids = [(await relay.register(f"i{n}"))[0] for n in range(4)]  # registered: followed until hung up
+        async with status_stream(client, ids[:2]) as stream:
+            await stream.events(2)
+            # Ids already followed cost nothing more; two new ones would make four.
+            async with status_stream(client, ids[:2]) as again:
+                await again.events(2)
+            refused = await client.get("/api/instances/events", params={"ids": ",".join(ids[1:])})
+            assert_openai_error(refused, 503, type_="service_unavailable")
+
+
+@pytest.mark.parametrize(("address", "group"), [
+    ("203.0.113.7", "203.0.113.7"),
+    ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+    ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),
+    ("::ffff:203.0.113.7", "203.0.113.7"),
+    ("not an address", "not an address"),
+])
+def test_the_per_address_cap_counts_an_ipv6_host_by_its_64(address, group):
+    from relay.watch import address_group
+
+    assert address_group(address) == group
+
+
+async def test_a_stream_ends_when_it_is_old_and_says_retry(redis_url, monkeypatch):
+    monkeypatch.setattr("relay.watch.MAX_AGE", 0.5)
+    async with running_relay(redis_url, **WATCH) as relay, relay.client() as client:
+        iid, _ = await relay.register("aged")
+        async with status_stream(client, [iid]) as stream:
+            assert (await stream.event())[0] == "instance"
+            assert all(item[0] == "comment" for item in await stream.end())  # then a clean end
+        await watchers(relay, 0)

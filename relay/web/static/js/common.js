@@ -57,16 +57,70 @@ export function relayInfo() {
 
 /**
  * Follow instances live (GET /api/instances/events, Server-Sent Events).
- * EventSource reconnects by itself when a relay node goes away.
+ *
+ * EventSource reconnects by itself after a dropped connection, but gives up for
+ * good on an error status (a 429, a draining node's 503, a proxy's 502): then
+ * this opens it again, after a growing, jittered delay.  A hidden tab lets its
+ * stream go (browsers allow six connections per host on HTTP/1.1, so idle tabs
+ * must not hold them) and opens it again when shown: the first events are a
+ * fresh snapshot, so nothing is missed.
  */
 export function watch(ids, { onView, onDeleted, onState } = {}) {
   if (!ids.length) return { close() {} };
-  const source = new EventSource(`/api/instances/events?ids=${ids.map(encodeURIComponent).join(',')}`);
-  source.addEventListener('instance', (e) => onView?.(JSON.parse(e.data)));
-  source.addEventListener('deleted', (e) => onDeleted?.(JSON.parse(e.data).instance_id));
-  source.addEventListener('open', () => onState?.('live'));
-  source.addEventListener('error', () => onState?.(source.readyState === EventSource.CLOSED ? 'closed' : 'reconnecting'));
-  return { close: () => source.close() };
+  const url = `/api/instances/events?ids=${ids.map(encodeURIComponent).join(',')}`;
+  let source = null;
+  let retry = null;
+  let failures = 0;
+  let closed = false;
+
+  const open = () => {
+    clearTimeout(retry);
+    if (closed || source || document.hidden) return;
+    source = new EventSource(url);
+    source.addEventListener('instance', (e) => onView?.(JSON.parse(e.data)));
+    source.addEventListener('deleted', (e) => onDeleted?.(JSON.parse(e.data).instance_id));
+    source.addEventListener('open', () => {
+      failures = 0;
+      onState?.('live');
+    });
+    source.addEventListener('error', () => {
+      if (source.readyState !== EventSource.CLOSED) {
+        onState?.('reconnecting');
+        return;
+      }
+      source = null;
+      failures += 1;
+      onState?.('reconnecting');
+      const delay = Math.min(30000, 1000 * 2 ** Math.min(failures, 5)) * (0.5 + Math.random());
+      retry = setTimeout(open, delay);
+    });
+  };
+  const drop = () => {
+    clearTimeout(retry);
+    source?.close();
+    source = null;
+  };
+  const visibility = () => (document.hidden ? drop() : open());
+  document.addEventListener('visibilitychange', visibility);
+  open();
+  return {
+    close() {
+      closed = true;
+      document.removeEventListener('visibilitychange', visibility);
+      drop();
+    },
+  };
+}
+
+let announcer = null;
+/** Say something to screen readers once (a polite live region), without moving focus. */
+export function announce(text) {
+  if (!announcer) {
+    announcer = el('div', { class: 'sr-only', role: 'status', 'aria-live': 'polite' });
+    document.body.append(announcer);
+  }
+  announcer.textContent = '';
+  setTimeout(() => { announcer.textContent = text; }, 50);
 }
 
 export function badge(status) {
@@ -99,14 +153,25 @@ export function tickTimes() {
 
 export const plural = (n, word) => `${n} ${word}${n === 1 ? '' : 's'}`;
 
+// Bidirectional-text controls would make a pasted snippet read differently from what
+// it does ("Trojan Source"): they are written as escapes, never as themselves.
+const BIDI = /[\u202a-\u202e\u2066-\u2069]/g;
+const HAS_BIDI = /[\u202a-\u202e\u2066-\u2069]/;
+const escaped = (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`;
+
 /** A value as one shell word: as is when it is safe, single-quoted otherwise. */
 export function sh(value) {
   const text = String(value);
-  return /^[\w@%+=:,./-]+$/.test(text) ? text : `'${text.replaceAll("'", "'\\''")}'`;
+  if (/^[\w@%+=:,./-]+$/.test(text)) return text;
+  if (HAS_BIDI.test(text)) {
+    // bash's $'…' is the quoting that can spell a character as an escape.
+    return `$'${text.replace(/[\\']/g, (c) => `\\${c}`).replace(BIDI, escaped)}'`;
+  }
+  return `'${text.replaceAll("'", "'\\''")}'`;
 }
 
 /** A Python (and JSON) string literal. */
-export const py = (value) => JSON.stringify(String(value));
+export const py = (value) => JSON.stringify(String(value)).replace(BIDI, escaped);
 
 async function copyText(text, pre) {
   try {
@@ -125,12 +190,15 @@ async function copyText(text, pre) {
 
 /** A titled block of code with a Copy button. */
 export function snippet(title, code, { name } = {}) {
-  const pre = el('pre', { tabindex: 0, 'data-snippet': name }, el('code', { text: code }));
-  const button = el('button', { type: 'button', class: 'secondary', text: 'Copy', 'aria-label': `Copy: ${title}` });
+  const pre = el('pre', { tabindex: 0, 'data-snippet': name, 'aria-label': title }, el('code', { text: code }));
+  const state = el('span', { text: 'Copy' });
+  // The button's name is "Copy: <title>"; what happened is announced, not put in its name.
+  const button = el('button', { type: 'button', class: 'secondary' }, state, el('span', { class: 'sr-only', text: `: ${title}` }));
   button.addEventListener('click', async () => {
     const copied = await copyText(code, pre);
-    button.textContent = copied ? 'Copied' : 'Selected: press Ctrl+C';
-    setTimeout(() => { button.textContent = 'Copy'; }, 2000);
+    state.textContent = copied ? 'Copied' : 'Selected: press Ctrl+C';
+    announce(copied ? `Copied: ${title}` : `Selected ${title}: press Ctrl+C to copy`);
+    setTimeout(() => { state.textContent = 'Copy'; }, 2000);
   });
   return el('figure', { class: 'snippet' }, el('figcaption', {}, el('span', { text: title }), button), pre);
 }

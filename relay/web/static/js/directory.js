@@ -9,9 +9,12 @@ import { $, api, badge, el, lastSeen, plural, showError, tickTimes, watch } from
 
 const PAGE = 24;
 const lists = {
-  online: { cursors: [''], index: 0, next: null },
-  offline: { cursors: [''], index: 0, next: null },
+  online: { cursors: [''], index: 0, next: null, asked: 0 },
+  offline: { cursors: [''], index: 0, next: null, asked: 0 },
 };
+// A search examines a bounded stretch of the registry per request: an empty stretch is
+// followed by itself this many times before the page says so.
+const EMPTY_STRETCHES = 5;
 let query = '';
 let live = { close() {} };
 
@@ -36,19 +39,34 @@ function fill(li, view) {
 
 async function load(status) {
   const list = lists[status];
-  const params = new URLSearchParams({ status, limit: String(PAGE) });
-  if (list.cursors[list.index]) params.set('cursor', list.cursors[list.index]);
-  if (query) params.set('q', query);
-  const page = await api(`/api/instances?${params}`);
+  // Answers may come back out of order (typing fast): only the last one asked is shown.
+  const asked = ++list.asked;
+  let page;
+  for (let stretch = 0; ; stretch++) {
+    const params = new URLSearchParams({ status, limit: String(PAGE) });
+    if (list.cursors[list.index]) params.set('cursor', list.cursors[list.index]);
+    if (query) params.set('q', query);
+    page = await api(`/api/instances?${params}`);
+    if (asked !== list.asked) return;
+    if (page.data.length || !page.next_cursor || stretch + 1 >= EMPTY_STRETCHES) break;
+    list.cursors[list.index] = page.next_cursor; // nothing in that stretch: look further
+  }
   list.next = page.next_cursor;
   $(`#${status}-list`).replaceChildren(...page.data.map(card));
-  $(`#${status}-empty`).hidden = page.data.length > 0 || list.index > 0;
-  $(`#${status}-empty`).textContent = query ? 'No match.' : (status === 'online'
-    ? 'No public instance is online right now.' : 'None.');
+  $(`#${status}-empty`).textContent = query ? (list.next ? 'No match so far: Next searches further.' : 'No match.')
+    : (status === 'online' ? 'No public instance is online right now.' : 'None.');
+  hints();
   const pager = $(`#${status}-pager`);
   pager.hidden = list.index === 0 && !list.next;
   pager.querySelector('[data-page=prev]').disabled = list.index === 0;
   pager.querySelector('[data-page=next]').disabled = !list.next;
+}
+
+function hints() {
+  for (const status of Object.keys(lists)) {
+    $(`#${status}-empty`).hidden = $(`#${status}-list`).children.length > 0
+      || (lists[status].index > 0 && !query);
+  }
 }
 
 function follow() {
@@ -58,18 +76,22 @@ function follow() {
     onView(view) {
       const li = document.querySelector(`li.card[data-instance="${view.instance_id}"]`);
       if (!li) return;
+      if (view.visibility !== 'public') {
+        li.remove(); // made private: no longer advertised
+        hints();
+        return;
+      }
       fill(li, view);
       // Online first: a card whose status changed moves to the top of the other list.
       const list = $(`#${view.status}-list`);
       if (li.parentElement !== list) {
         list.prepend(li);
-        for (const status of Object.keys(lists)) {
-          $(`#${status}-empty`).hidden = $(`#${status}-list`).children.length > 0 || lists[status].index > 0;
-        }
+        hints();
       }
     },
     onDeleted(id) {
       document.querySelector(`li.card[data-instance="${id}"]`)?.remove();
+      hints();
     },
     onState(state) {
       $('#live-state').textContent = state === 'live' ? 'Live: statuses update as agents come and go.'

@@ -2,7 +2,7 @@
 // chat through the public API, snippets to copy, and the owner's view.
 
 import {
-  $, agentCommands, ApiError, api, badge, callerKeys, el, errorOf, lastSeen, ownerTokens, plural, py,
+  $, agentCommands, announce, ApiError, api, badge, callerKeys, el, errorOf, lastSeen, ownerTokens, plural, py,
   relayInfo, sh, showError, snippet, tickTimes, watch,
 } from './common.js';
 import { render } from './markdown.js';
@@ -14,6 +14,7 @@ let view = null;
 // -- overview (live) ---------------------------------------------------------------
 
 function showOverview() {
+  $('#page').dataset.models = view.models.join('\n');
   document.title = `${view.name} · instance-relay`;
   $('#overview').replaceChildren(
     el('h1', {}, el('span', { id: 'instance-name', text: view.name }), ' ', badge(view.status),
@@ -89,6 +90,8 @@ print(reply.json()["answer"])`, 'dify'],
 
 const messages = [];
 let running = null;
+// Bumped by "New chat": a turn still finishing must not write into the next conversation.
+let conversation = 0;
 
 function turn(role, text) {
   const li = el('li', { class: role }, el('span', { class: 'who', text: role === 'user' ? 'You' : view.name }));
@@ -127,15 +130,29 @@ async function send() {
   const answer = el('div', { class: 'answer' });
   bubble.append(answer);
   const controller = new AbortController();
+  const mine = conversation;
   running = controller;
   $('#send').disabled = true;
   $('#stop').disabled = false;
+  bubble.setAttribute('aria-busy', 'true');
   const measure = { started: performance.now(), first: null, last: null, tokens: 0, usage: null };
   let content = '';
-  let painted = false;
+  let scheduled = false;
+  let cost = 0; // how long the last paint took: long answers are repainted less often
   const paint = () => {
-    painted = false;
-    answer.replaceChildren(...render(content).childNodes);
+    scheduled = false;
+    const started = performance.now();
+    try {
+      answer.replaceChildren(...render(content).childNodes);
+    } catch {
+      answer.replaceChildren(el('p', { text: content })); // never lose the text to a rendering bug
+    }
+    cost = performance.now() - started;
+  };
+  const schedule = () => {
+    if (scheduled) return;
+    scheduled = true;
+    setTimeout(() => requestAnimationFrame(paint), Math.min(1000, cost * 4));
   };
   try {
     const response = await fetch(`/api/chat/${id}/chat/completions`, {
@@ -157,10 +174,7 @@ async function send() {
       measure.last = now;
       measure.tokens += 1;
       content += delta;
-      if (!painted) {
-        painted = true;
-        requestAnimationFrame(paint);
-      }
+      schedule();
       stats(measure);
     }
     stats(measure);
@@ -176,13 +190,19 @@ async function send() {
       if (error.status === 401 || error.status === 403) $('#key-row').hidden = false;
     }
   } finally {
-    if (content) paint();
-    // What the model said (even when stopped) is the next turn's context; a failed turn is not.
-    if (content) messages.push({ role: 'assistant', content });
-    else messages.pop();
     running = null;
     $('#send').disabled = false;
     $('#stop').disabled = true;
+    bubble.removeAttribute('aria-busy');
+    if (content) paint();
+    if (mine === conversation) {
+      // What the model said (even when stopped or cut off) is the next turn's context;
+      // a question that got no answer at all is dropped.
+      if (content) messages.push({ role: 'assistant', content });
+      else messages.pop();
+    }
+    announce(bubble.dataset.state === 'done' ? `Answer complete. ${$('#stats').textContent}`
+      : bubble.dataset.state === 'stopped' ? 'Stopped.' : `The answer failed: ${$('#chat-error').textContent}`);
   }
 }
 
@@ -200,6 +220,7 @@ $('#prompt').addEventListener('keydown', (event) => {
 // aborts its request to the model.
 $('#stop').addEventListener('click', () => running?.abort());
 $('#clear').addEventListener('click', () => {
+  conversation += 1;
   running?.abort();
   messages.length = 0;
   $('#transcript').replaceChildren();
@@ -228,7 +249,7 @@ async function showOwner() {
       $('#unlock-form').hidden = false;
       $('#owner-panel').hidden = true;
     }
-    showError($('#unlock-error'), error.status === 401 || error.status === 403
+    showError($('#owner-error'), error.status === 401 || error.status === 403
       ? new Error(`That token does not own this instance (${error.message}).`) : error);
   }
 }
@@ -263,6 +284,8 @@ async function revoke(keyId) {
     await owned(`/keys/${encodeURIComponent(keyId)}`, { method: 'DELETE' });
     fillKeys((await owned('/keys')).data);
     showError($('#keys-error'), null);
+    announce('Key revoked.');
+    $('#key-name').focus(); // its row (and button) is gone
   } catch (error) {
     showError($('#keys-error'), error);
   }
@@ -272,7 +295,7 @@ $('#unlock-form').addEventListener('submit', (event) => {
   event.preventDefault();
   ownerTokens.set(id, $('#owner-token').value.trim());
   $('#owner-token').value = '';
-  showError($('#unlock-error'), null);
+  showError($('#owner-error'), null);
   showOwner();
 });
 
@@ -314,6 +337,7 @@ $('#key-form').addEventListener('submit', async (event) => {
       el('p', { class: 'warning' }, el('strong', { text: 'Copy the new key now: it is shown only once.' })),
       snippet(`New key "${created.name}"`, created.key, { name: 'caller-key' }),
     );
+    $('#new-key button').focus();
     fillKeys((await owned('/keys')).data);
   } catch (error) {
     showError($('#keys-error'), error);
@@ -341,6 +365,7 @@ twoStep('#rotate', '#rotate-confirm', '#rotate-yes', '#rotate-no', async () => {
       snippet('New agent token', rotated.agent_token, { name: 'agent-token' }),
       ...agentCommands(base, rotated.agent_token).map(([title, code, name]) => snippet(title, code, { name })),
     );
+    $('#new-token button').focus();
   } catch (error) {
     showError($('#token-error'), error);
   }
@@ -379,8 +404,13 @@ if (!view) {
   tickTimes();
   watch([id], {
     onView(next) {
+      const before = view;
       view = next;
       showOverview();
+      if (before.status !== view.status) announce(`${view.name} is now ${view.status}`);
+      if (before.models.join('\n') !== view.models.join('\n') || before.visibility !== view.visibility) {
+        showSnippets();
+      }
     },
     onDeleted() {
       $('#page').hidden = true;

@@ -4,11 +4,7 @@
 
 import { $, agentCommands, api, el, ownerTokens, plural, relayInfo, showError, snippet, watch } from './common.js';
 
-const info = await relayInfo().catch(() => null);
-if (info?.registration === 'key_required') {
-  $('#key-field').hidden = false;
-  $('#registration-key').required = true;
-}
+let info = null;
 
 $('#register-form').addEventListener('submit', async (event) => {
   event.preventDefault();
@@ -60,3 +56,12 @@ function shown(created, baseUrl) {
     },
   });
 }
+
+// The button is disabled in the page until here: a submit before the script runs
+// would post the form itself.
+info = await relayInfo().catch(() => null);
+if (info?.registration === 'key_required') {
+  $('#key-field').hidden = false;
+  $('#registration-key').required = true;
+}
+$('#register-button').disabled = false;
