@@ -68,10 +68,15 @@ def page(name: str) -> Secured:
     path = WEB / name
 
     async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] not in ("GET", "HEAD"):
+            # Answered here rather than by the router, so that it carries the headers too.
+            refusal = PlainTextResponse("Method Not Allowed", status_code=405, headers={"Allow": "GET, HEAD"})
+            await refusal(scope, receive, send)
+            return
         instance_id = scope.get("path_params", {}).get("instance_id")
         # A malformed id cannot name an instance: 404, with the page, which says "no such instance".
         status = 404 if instance_id is not None and not INSTANCE_ID.fullmatch(instance_id) else 200
-        # no-cache: revalidated (ETag) on every load, so an upgrade shows at once.
+        # no-cache: never served stale after an upgrade (pages are small; assets answer 304s).
         response: Response = FileResponse(path, status_code=status, media_type="text/html; charset=utf-8",
                                           headers={"Cache-Control": "no-cache"})
         await response(scope, receive, send)
@@ -97,8 +102,9 @@ class _Assets(StaticFiles):
 
 def routes() -> list[BaseRoute]:
     return [
-        Route("/", page("index.html"), methods=["GET", "HEAD"]),
-        Route("/register", page("register.html"), methods=["GET", "HEAD"]),
-        Route("/i/{instance_id}", page("instance.html"), methods=["GET", "HEAD"]),
+        # Every method reaches the page, which refuses all but GET and HEAD itself.
+        Route("/", page("index.html")),
+        Route("/register", page("register.html")),
+        Route("/i/{instance_id}", page("instance.html")),
         Mount("/static", Secured(_Assets(directory=WEB / "static"))),
     ]

@@ -741,3 +741,12 @@ async def test_a_stream_ends_when_it_is_old_and_says_retry(redis_url, monkeypatc
             assert (await stream.event())[0] == "instance"
             assert all(item[0] == "comment" for item in await stream.end())  # then a clean end
         await watchers(relay, 0)
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
+async def test_a_page_refuses_other_methods_with_the_headers(redis_url, method):
+    async with running_relay(redis_url) as relay, relay.client() as client:
+        for path in ("/", "/register", f"/i/{UNKNOWN_ID}"):
+            response = await client.request(method, path, content=b"name=x")
+            assert response.status_code == 405 and response.headers["allow"] == "GET, HEAD"
+            assert_secured(response)
