@@ -616,19 +616,37 @@ class Bench:
                 if name not in self.paths:
                     continue
                 port, path = self.paths[name]
-                before = _redis_calls(rcli)
+                # Round trips as relay A counts them (relay_redis_round_trips_total), less what
+                # its own loops (heartbeat, leases) sent in an idle window of the same length.
+                idle_start, t0 = await self.round_trips(), time.perf_counter()
+                await asyncio.sleep(0.5)
+                idle_rate = (await self.round_trips() - idle_start) / (time.perf_counter() - t0)
+                before, trips_before, t0 = _redis_calls(rcli), await self.round_trips(), time.perf_counter()
                 async with lg.HTTPConnection(HOST, port) as conn:
                     for _ in range(n):
                         await conn.request("POST", path, lg.chat_body(self.o.ttfc_chunks))
-                after = _redis_calls(rcli)
+                after, trips_after, elapsed = _redis_calls(rcli), await self.round_trips(), time.perf_counter() - t0
                 calls = {k: after.get(k, 0) - before.get(k, 0) for k in after}
                 calls = {
                     k: round(v / n, 2) for k, v in sorted(calls.items(), key=lambda kv: -kv[1]) if v and k != "info"
                 }
-                out[name] = {"per_request": round(sum(calls.values()), 2), "by_command": calls}
+                trips = max(0.0, trips_after - trips_before - idle_rate * elapsed) / n
+                out[name] = {"per_request": round(sum(calls.values()), 2), "by_command": calls,
+                             "round_trips_a": round(trips, 2)}
         finally:
             rcli.close()
         self.results["redis_per_request"] = out
+
+    async def round_trips(self) -> float:
+        """relay A's count of the requests it has sent to Redis (each pipeline counts once)."""
+        port = self.paths["relay"][0]
+        async with lg.HTTPConnection(HOST, port) as conn:
+            result = await conn.request("GET", "/metrics")
+        status, body = result.status, result.body or b""
+        for line in body.decode().splitlines():
+            if line.startswith("relay_redis_round_trips_total "):
+                return float(line.split()[1])
+        raise RuntimeError(f"relay A's /metrics has no round-trip count ({status})")
 
     async def phase_idle_agents(self) -> None:
         """RSS / CPU / Redis commands of a fresh node holding N idle agents, N growing."""
@@ -835,7 +853,7 @@ async def _httpx_one_stream(url: str, body: bytes) -> dict:
 
 
 def evaluate_targets(r: dict) -> list[dict]:
-    """Each target of issue 5 with the measured value, met or not, and the distance."""
+    """Each target (issue 13's speed targets, issue 5's idle-agent ones) with the figure, met or not."""
     out: list[dict] = []
 
     def add(name: str, measured, limit, unit: str, *, higher_is_better: bool = False, note: str = "") -> None:
@@ -849,28 +867,43 @@ def evaluate_targets(r: dict) -> list[dict]:
                     "distance": distance, "note": note})
 
     t = r.get("ttfc_ms", {}).get("relay", {})
-    add("added TTFC p50 over direct", t.get("added_p50"), 0.5, "ms")
-    add("added TTFC p99 over direct", t.get("added_p99"), 2.0, "ms")
+    add("added TTFC p50 over direct, 1 node", t.get("added_p50"), 0.5, "ms")
+    add("added TTFC p99 over direct, 1 node", t.get("added_p99"), 2.0, "ms")
+    hop = r.get("ttfc_ms", {}).get("relay-2node", {}).get("hop_p50_over_relay")
+    add("cross-node hop: added TTFC p50 over 1 node", hop, 0.5, "ms",
+        note="" if hop is not None else r.get("paths", {}).get("relay-2node", {}).get("reason", ""))
     one = r.get("one_stream", {}).get("relay", {})
     add("one stream, % of direct chunks/s", one.get("pct_of_direct"), 50.0, "%", higher_is_better=True)
     conc = r.get("concurrent", {})
     for key, paths in conc.items():
-        d = paths.get("relay")
-        if not d:
-            continue
-        all_ok = d["completed"] == d["streams"] and d["errors"] == 0
-        add(f"{key}: all complete, zero errors", d["completed"], d["streams"], "streams", higher_is_better=True,
-            note=f"{d['errors']} errors")
-        out[-1]["met"] = all_ok
-        add(f"{key}: p99 added inter-chunk delay", d.get("added_p99_ms"), 10.0, "ms",
-            note=f"relay p99 excess {d['excess_ms'].get('p99')} ms,"
-                 f" direct {paths.get('direct', {}).get('excess_ms', {}).get('p99')} ms")
-    for key, paths in conc.items():
-        d = paths.get("relay-2node")
-        if d:
-            add(f"{key} across nodes: all complete, zero errors", d["completed"], d["streams"], "streams",
-                higher_is_better=True, note="; ".join(d.get("error_samples", [])[:1]))
+        for name, where in (("relay", "1 node"), ("relay-2node", "2 nodes")):
+            d = paths.get(name)
+            if not d:
+                continue
+            add(f"{key}, {where}: all complete, zero errors", d["completed"], d["streams"], "streams",
+                higher_is_better=True, note=f"{d['errors']} errors; " + "; ".join(d.get("error_samples", [])[:1]))
             out[-1]["met"] = d["completed"] == d["streams"] and d["errors"] == 0
+            add(f"{key}, {where}: p99 time to first chunk", d.get("ttfc_ms", {}).get("p99"), 500.0, "ms",
+                note=f"direct p99 {paths.get('direct', {}).get('ttfc_ms', {}).get('p99')} ms")
+            add(f"{key}, {where}: p99 added inter-chunk delay", d.get("added_p99_ms"), 10.0, "ms",
+                note=f"p99 excess {d['excess_ms'].get('p99')} ms,"
+                     f" direct {paths.get('direct', {}).get('excess_ms', {}).get('p99')} ms")
+    rpr = r.get("redis_per_request", {})
+    for name, where in (("relay", "1 node"), ("relay-2node", "2 nodes")):
+        v = rpr.get(name)
+        if v and "round_trips_a" in v:
+            add(f"Redis round trips per request, {where} (relay A)", v["round_trips_a"], 2.0, "round trips",
+                note=f"{v['per_request']} commands")
+    cpc = r.get("cpu_per_chunk", {})
+    small = next((v for v in cpc.values() if isinstance(v, dict)), None)
+    if small:
+        add("relay CPU per relayed paced chunk", round(small["relay_cpu_s_per_100k"] * 10, 1), 45.0, "µs",
+            note=f"agent CPU per chunk {round(small['agent_cpu_s_per_100k'] * 10, 1)} µs (reported)")
+    ratio = cpc.get("ratio_large_to_small")
+    add("relay CPU per chunk does not grow with size (large/small ratio)", ratio, 1.25, "x",
+        note=", ".join(
+            f"{v['event_bytes']} B: {v['relay_cpu_s_per_100k']} s/100k" for v in cpc.values() if isinstance(v, dict)
+        ))
     idle = r.get("idle_agents", {})
     if idle.get("steps"):
         last = idle["steps"][-1]
@@ -886,15 +919,6 @@ def evaluate_targets(r: dict) -> list[dict]:
         add("Redis commands per heartbeat interval independent of agent count (max - min over steps)",
             round(spread, 1), 2.0, "cmds",
             note=f"per interval at {[s['agents'] for s in idle['steps']]} agents: {counts}")
-    hop = r.get("ttfc_ms", {}).get("relay-2node", {}).get("hop_p50_over_relay")
-    add("cross-node hop: added p50 over single node", hop, 0.5, "ms",
-        note="" if hop is not None else r.get("paths", {}).get("relay-2node", {}).get("reason", ""))
-    cpc = r.get("cpu_per_chunk", {})
-    ratio = cpc.get("ratio_large_to_small")
-    add("relay CPU per chunk does not grow with size (large/small ratio)", ratio, 1.25, "x",
-        note=", ".join(
-            f"{v['event_bytes']} B: {v['relay_cpu_s_per_100k']} s/100k" for v in cpc.values() if isinstance(v, dict)
-        ))
     return out
 
 
@@ -975,7 +999,8 @@ def table(r: dict) -> str:
                      f" ({idle.get('all_offline_after_s')} s after the last close)")
     rpr = r.get("redis_per_request", {})
     for name, v in rpr.items():
-        lines.append(f"redis commands per request via {LABELS[name]}: {v['per_request']}  {v['by_command']}")
+        lines.append(f"redis per request via {LABELS[name]}: {v.get('round_trips_a')} round trips (relay A), "
+                     f"{v['per_request']} commands  {v['by_command']}")
     one = r.get("one_stream", {})
     if "direct-httpx" in one and "direct" in one:
         lines.append("load generator's own cost (direct path, one stream):")
@@ -986,7 +1011,7 @@ def table(r: dict) -> str:
     if "direct-httpx" in t:
         lines.append(f"  TTFC p50 direct: loadgen {t['direct'].get('p50')} ms, httpx {t['direct-httpx'].get('p50')} ms")
     lines.append("")
-    lines.append("targets (issue 5):")
+    lines.append("targets (met / MISSED / not measured):")
     for tg in r.get("targets", []):
         mark = {True: "MET   ", False: "MISSED", None: "n/a   "}[tg["met"]]
         dist = (

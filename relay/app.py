@@ -143,6 +143,8 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
         redis, ttl_ms=keys.stream_lease_ttl_ms(settings.heartbeat_interval, settings.heartbeat_timeout))
     redaction.install()  # no credential in any log record, even at DEBUG
     metrics = RelayMetrics(node.node_id, sessions, bus)  # a registry per app: no globals
+    # Connections are made lazily, so the pool can still be told which class to make.
+    pool.connection_class = metrics.count_round_trips(pool.connection_class)
     watch = StatusWatch(registry, interval=settings.watch_interval, max_watchers=settings.max_watchers,
                         per_address=settings.watchers_per_address)
 

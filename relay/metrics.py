@@ -85,8 +85,23 @@ class RelayMetrics:
             "relay_stream_duration_seconds",
             "Seconds from a streaming chat request's arrival to the end of its answer",
             buckets=DURATION_BUCKETS, registry=r)
+        self.redis_round_trips = Counter(
+            "relay_redis_round_trips", "Requests this node sent to Redis and waited for: a command, a script, "
+            "or a whole pipeline", registry=r)
         r.register(_NodeCollector(node_id, sessions, bus))
         ProcessCollector(registry=r)
+
+    def count_round_trips(self, connection_class: type) -> type:
+        """``connection_class`` counting each send it makes (redis-py sends a pipeline in one)."""
+        counter = self.redis_round_trips
+
+        class Counted(connection_class):
+            async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+                counter.inc()
+                await super().send_packed_command(command, check_health)
+
+        Counted.__name__ = f"Counted{connection_class.__name__}"
+        return Counted
 
     def counting(self, handler: Handler, reason: str | None = None) -> Handler:
         """Wrap an exception handler so each error it turns into a response is counted."""

@@ -229,3 +229,21 @@ async def test_status_streams_are_not_answers_in_the_stream_metrics(redis_url):
     assert value(after, "relay_requests_total", endpoint="watch", status="200") == 1
     assert value(after, "relay_time_to_first_chunk_seconds_count") == 0
     assert value(after, "relay_stream_duration_seconds_count") == 0
+
+
+async def test_redis_round_trips_are_counted_per_send(redis_url):
+    """One count per command, script or pipeline sent: what the bench divides by requests."""
+    # Slow housekeeping: the node's own loops send (almost) nothing during the test.
+    async with running_relay(redis_url, heartbeat_interval=30, heartbeat_timeout=90) as relay, \
+            relay.client() as client:
+        redis = relay.app.state.redis
+        before = value(await scrape(client), "relay_redis_round_trips_total")
+        await redis.get("x")
+        async with redis.pipeline(transaction=False) as pipe:
+            for n in range(10):
+                pipe.get(f"x{n}")
+            await pipe.execute()
+        after = value(await scrape(client), "relay_redis_round_trips_total")
+    # The two sends, and whatever the node's own loops did meanwhile (never fewer than two).
+    assert after - before >= 2
+    assert after - before < 12  # the pipeline was one send, not ten
