@@ -72,6 +72,14 @@ def test_whole_bench_with_tiny_counts(tmp_path):
     assert idle["steps"][-1]["presence_correct"]
     assert idle["online_after_disconnect"] == 0
     assert {t["target"] for t in evaluate_targets(results)} == {t["target"] for t in results["targets"]}
-    assert "targets (issue 5)" in table(results)
+    assert "targets (met / MISSED / not measured):" in table(results)
+    # Every issue-13 target is evaluated (a figure, or "not measured" with the reason).
+    names = " | ".join(t["target"] for t in results["targets"])
+    for target in ("added TTFC p50", "added TTFC p99", "cross-node hop", "one stream", "p99 time to first chunk",
+                   "p99 added inter-chunk delay", "Redis round trips per request, 1 node",
+                   "relay CPU per relayed paced chunk"):
+        assert target in names, target
+    trips = results["redis_per_request"]["relay"]["round_trips_a"]
+    assert 1 <= trips < 20, trips  # counted by relay A itself, the idle rate taken off
     json_path, _png = write_outputs(results, raw, options)
     assert orjson.loads(json_path.read_bytes())["meta"]["cores"]
