@@ -227,12 +227,6 @@ class EventStreamResponse(Response):
                 return
 
 
-async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    scope.cancel()
-
-
 async def run_op(router: StreamRouter, instance_id: str, op: str, body_for: Callable[[tuple[str, ...]], Any],
                  settings: RelaySettings, receive: Receive | None = None, *, stream: bool, model: str = "",
                  encoder: BodyEncoder | None = None, upload: bytes = b"") -> Response:
@@ -268,7 +262,7 @@ async def _answer(stream: Stream, settings: RelaySettings, receive: Receive | No
     try:
         body = None
         with anyio.CancelScope() as waiting:
-            watcher = asyncio.create_task(_cancel_on_disconnect(receive, waiting)) if receive else None
+            watcher = asyncio.create_task(cancel_on_disconnect(receive, waiting)) if receive else None
             try:
                 if upload:
                     # Returns early if the stream ends: the agent's early error

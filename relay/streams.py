@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -93,11 +94,18 @@ class Backlog:
     queued at once (so it can coalesce it into one write) or waits.
     """
 
-    __slots__ = ("_items", "_waiter")
+    __slots__ = ("_items", "_waiter", "_deadline", "_timer")
 
     def __init__(self) -> None:
         self._items: deque[Item] = deque()
         self._waiter: asyncio.Future[None] | None = None
+        # One lazy timer per stream, not one per chunk: a wait only moves the
+        # deadline (a float), and the timer, when it fires early, re-arms
+        # itself at the deadline.  A stream that flows never touches the
+        # event loop's timer heap; asyncio.timeout per wait cost a schedule
+        # and a cancel for every chunk.
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
 
     def __bool__(self) -> bool:
         return bool(self._items)
@@ -112,12 +120,39 @@ class Backlog:
         """Return once something is queued; TimeoutError after ``timeout`` seconds."""
         if self._items:
             return
-        self._waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._waiter = waiter = loop.create_future()
+        if timeout is None:
+            self._deadline = math.inf  # a timer armed by an earlier wait must not end this one
+        else:
+            self._deadline = loop.time() + timeout
+            if self._timer is None or self._timer.when() > self._deadline:
+                self._arm(loop)
         try:
-            async with asyncio.timeout(timeout):
-                await self._waiter
+            await waiter
         finally:
             self._waiter = None
+
+    def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = loop.call_at(self._deadline, self._expire, loop)
+
+    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # nobody waits: the next wait arms a timer again
+        if loop.time() >= self._deadline:
+            waiter.set_exception(TimeoutError())
+        elif self._deadline != math.inf:
+            self._arm(loop)  # the wait began after this timer was set: its deadline is later
+
+    def discard(self) -> None:
+        """The stream is over: no timer may keep it alive."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def take(self) -> list[Item]:
         items = list(self._items)
@@ -306,6 +341,7 @@ class Stream:
         if self._closed:
             return
         self._closed = True
+        self._items.discard()
         if self.tracker.end_here(wire.Cancel(self.id, reason)):
             self._ended_here = True
         self._upload_wake.set()

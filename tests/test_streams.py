@@ -204,3 +204,58 @@ async def test_the_caller_leaving_cancels_the_stream_at_the_agent():
     leaves.set()
     await asyncio.wait_for(task, 5)
     assert link.cancels == ["client disconnected"]
+
+
+# -- the backlog's lazy timer ------------------------------------------------------------
+
+
+async def test_backlog_wait_times_out_and_a_flowing_stream_never_does():
+    from relay.streams import Backlog
+
+    backlog = Backlog()
+    with pytest.raises(TimeoutError):
+        await backlog.wait(0.01)
+    # Items arriving within the timeout, again and again: each wait returns, none times out,
+    # although an earlier wait's timer fires in the middle of later ones (and re-arms).
+    loop = asyncio.get_running_loop()
+    for n in range(20):
+        loop.call_later(0.002, backlog.push, n)
+        await backlog.wait(0.02)
+        assert backlog.take() == [n]
+    backlog.discard()
+
+
+async def test_backlog_wait_without_timeout_outlives_an_earlier_timer():
+    from relay.streams import Backlog
+
+    backlog = Backlog()
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.001, backlog.push, "x")
+    await backlog.wait(0.05)  # arms a timer 50 ms out
+    backlog.take()
+    untimed = asyncio.ensure_future(backlog.wait(None))
+    await asyncio.sleep(0)
+    armed = backlog._timer
+    assert armed is not None  # still armed from the first wait
+    expired = loop.create_future()
+    # Scheduled after the old timer: the loop runs timers in order, so it has fired by then.
+    loop.call_at(armed.when(), expired.set_result, None)
+    await expired
+    assert not untimed.done()  # the old timer did not end it
+    backlog.push("y")
+    await untimed
+    backlog.discard()
+
+
+async def test_backlog_shorter_timeout_after_a_longer_one_is_honoured():
+    from relay.streams import Backlog
+
+    backlog = Backlog()
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.001, backlog.push, "x")
+    await backlog.wait(600)  # arms a timer ten minutes out
+    backlog.take()
+    short = asyncio.ensure_future(backlog.wait(0.01))
+    done, _ = await asyncio.wait({short}, timeout=30)  # a deadline for the behaviour, not a bound
+    assert done and isinstance(short.exception(), TimeoutError)
+    backlog.discard()
