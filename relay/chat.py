@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -140,6 +141,59 @@ async def cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> No
     scope.cancel()
 
 
+class StallGuard:
+    """A deadline on the send in progress, as one lazy timer per stream.
+
+    ``asyncio.timeout`` around every send scheduled and cancelled a timer per
+    chunk.  Here a send only records when it must be done by (a float); the
+    timer, armed at most once per ``timeout``, re-arms itself when the send
+    it was armed for finished, and cancels the sending task only when a send
+    really has waited ``timeout`` seconds (a client that reads nothing).
+    """
+
+    __slots__ = ("timeout", "_deadline", "_timer", "_task", "fired")
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self._deadline = math.inf
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[object] | None = None
+        self.fired = False
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + self.timeout
+        self._task = asyncio.current_task()
+        if self._timer is None:
+            self._timer = loop.call_at(self._deadline, self._expire, loop)
+
+    def stop(self) -> None:
+        self._deadline = math.inf
+
+    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        if self._deadline == math.inf:
+            return  # no send in progress: the next one arms a timer again
+        if loop.time() < self._deadline:
+            self._timer = loop.call_at(self._deadline, self._expire, loop)
+        elif self._task is not None:
+            self.fired = True
+            self._task.cancel()
+
+    def stalled(self) -> bool:
+        """After a CancelledError in the send: was it this guard's, and only this guard's?"""
+        if not self.fired:
+            return False
+        self.fired = False
+        task = asyncio.current_task()
+        return task is not None and task.uncancel() == 0
+
+    def discard(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 class EventStreamResponse(Response):
     """Writes a stream to the client as Server-Sent Events.
 
@@ -156,6 +210,7 @@ class EventStreamResponse(Response):
         self.first = first
         self.idle_timeout = idle_timeout
         self.stall_timeout = stall_timeout
+        self.guard = StallGuard(stall_timeout)
         self.status_code = 200
         self.background = None
 
@@ -170,23 +225,29 @@ class EventStreamResponse(Response):
                     pass  # the finally clause cancels the stream at the agent
                 tg.cancel_scope.cancel()
         finally:
+            self.guard.discard()
             with cleanup_scope():
                 await self.stream.close("client disconnected")
 
     async def _send(self, send: Send, body: bytes, more: bool) -> None:
         message: Message = {"type": "http.response.body", "body": body, "more_body": more}
+        # A client that stops reading blocks this send (uvicorn waits for the
+        # socket to drain); the agent stops too once the window is spent.
+        # Past the stall limit, give up on the client.
+        guard = self.guard
+        guard.start()
         try:
-            # A client that stops reading blocks this send (uvicorn waits for
-            # the socket to drain); the agent stops too once the window is
-            # spent.  Past the stall limit, give up on the client.
-            async with asyncio.timeout(self.stall_timeout):
-                await send(message)
-        except TimeoutError:
+            await send(message)
+        except asyncio.CancelledError:
+            if not guard.stalled():
+                raise
             log.warning("stream %s: client read nothing for %gs; cutting it off", self.stream.id, self.stall_timeout)
             logs.ended_on_purpose()
             raise ClientGone() from None
         except OSError:
             raise ClientGone() from None
+        finally:
+            guard.stop()
 
     async def _write(self, send: Send) -> None:
         try:

@@ -259,3 +259,37 @@ async def test_backlog_shorter_timeout_after_a_longer_one_is_honoured():
     done, _ = await asyncio.wait({short}, timeout=30)  # a deadline for the behaviour, not a bound
     assert done and isinstance(short.exception(), TimeoutError)
     backlog.discard()
+
+
+async def test_stall_guard_cuts_only_a_send_that_waits_past_its_timeout():
+    from relay.chat import StallGuard
+
+    guard = StallGuard(0.02)
+    loop = asyncio.get_running_loop()
+
+    async def send(blocked: asyncio.Future) -> str:
+        guard.start()
+        try:
+            await blocked
+            return "sent"
+        except asyncio.CancelledError:
+            if not guard.stalled():
+                raise
+            return "stalled"
+        finally:
+            guard.stop()
+
+    # Sends that finish quickly, many timeouts' worth of them: none is cut.
+    for _ in range(10):
+        done = loop.create_future()
+        loop.call_later(0.005, done.set_result, None)
+        assert await send(done) == "sent"
+    # One that never finishes is cut once the timeout has passed since it began.
+    assert await asyncio.wait_for(send(loop.create_future()), 30) == "stalled"
+    # A cancellation that is not the guard's goes through.
+    task = asyncio.ensure_future(send(loop.create_future()))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    guard.discard()
