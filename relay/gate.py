@@ -26,7 +26,7 @@ from . import keys, logs
 from .access import Caller
 from .errors import NotFound
 from .inputs import bearer_token, client_ip, read_json
-from .limits import Bucket, Slot
+from .limits import PENDING_RELEASES, Bucket, Releases, Slot
 from .streams import cleanup_scope
 from .targets import Target, resolve, unknown_model
 
@@ -90,13 +90,23 @@ async def leased(request: Request, admitted: Admitted, run: Callable[[], Awaitab
         Slot(keys.streams("instance", admitted.instance_id), settings.max_streams_per_instance, "this instance"),
         Slot(keys.streams("caller", admitted.who), settings.max_streams_per_caller, "this caller"),
     ])
+    # The agent slot the router takes is given back with the lease: one round trip at the end.
+    releases = Releases()
+    PENDING_RELEASES.set(releases)
+
+    async def release() -> None:
+        releases.flushed = True  # from here on, a late release goes on its own
+        agents = releases.agents
+        await state.stream_leases.release(
+            lease, (lambda pipe: state.registry.release_agents_in(pipe, agents)) if agents else None)
+
     try:
         response = await run()
     except BaseException:
         with cleanup_scope():
-            await state.stream_leases.release(lease)
+            await release()
         raise
-    return ThenResponse(response, lambda: state.stream_leases.release(lease))
+    return ThenResponse(response, release)
 
 
 class ThenResponse(Response):

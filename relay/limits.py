@@ -24,8 +24,10 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 from redis.asyncio import Redis
@@ -210,6 +212,27 @@ class Lease:
     keys: list[str] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class Releases:
+    """Agent slots a request gives back with its stream lease, in the same round trip to Redis."""
+
+    agents: list[tuple[str, str]] = field(default_factory=list)  # (instance id, agent session)
+    flushed: bool = False
+
+
+#: The request's pending releases, set by ``gate.leased`` for the request it admits.
+PENDING_RELEASES: ContextVar[Releases | None] = ContextVar("pending_releases", default=None)
+
+
+def defer_agent_release(instance_id: str, session: str) -> bool:
+    """Queue an agent slot's release with the request's lease; False when there is none to join."""
+    releases = PENDING_RELEASES.get()
+    if releases is None or releases.flushed:
+        return False
+    releases.agents.append((instance_id, session))
+    return True
+
+
 class StreamLeases:
     def __init__(self, redis: Redis, *, ttl_ms: int):
         self.redis = redis
@@ -233,13 +256,18 @@ class StreamLeases:
         self.held[lease.id] = lease
         return lease
 
-    async def release(self, lease: Lease) -> None:
-        if self.held.pop(lease.id, None) is None:
+    async def release(self, lease: Lease, also: Callable[[Any], Awaitable[object]] | None = None) -> None:
+        """Give the lease back; ``also(pipeline)`` adds other releases to the same round trip."""
+        held = self.held.pop(lease.id, None) is not None
+        if not held and also is None:
             return
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                for key in lease.keys:
-                    pipe.zrem(key, lease.id)
+                if held:
+                    for key in lease.keys:
+                        pipe.zrem(key, lease.id)
+                if also is not None:
+                    await also(pipe)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             log.debug("could not release stream lease (%s); it expires on its own", exc)

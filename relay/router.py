@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 from . import logs
 from .crossnode import CrossNode, NodeGone
 from .errors import InstanceUnavailable, ModelNotFound, NotFound, OperationUnsupported
+from .limits import defer_agent_release
 from .node import NodeState
 from .registry import InstanceRegistry
 from .sessions import SessionManager
@@ -59,6 +60,8 @@ class StreamRouter:
             chosen = entry
 
             async def release(session: str = chosen.session) -> None:
+                if defer_agent_release(instance_id, session):
+                    return  # given back with the request's stream lease, in one round trip
                 try:
                     await self.registry.release_agent(instance_id, session)
                 except (RedisError, OSError):
