@@ -29,7 +29,8 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import keys
-from .errors import Forbidden, InvalidRequest, NotFound, Unauthorized, ValidationFailed
+from .errors import Forbidden, InvalidRequest, NotFound, RateLimited, Unauthorized, ValidationFailed
+from .limits import retry_after_seconds
 from .registry import InstanceRegistry, hash_token, new_token, text
 
 CALLER_KEY_PREFIX = "irk_"
@@ -71,6 +72,55 @@ class Caller:
     identity: str  # "key:<key_id>" or "ip:<address>"
     key_id: str | None = None
 
+
+# Who is calling, and charge the rates: one script, so admission is one round trip.
+# KEYS: instance hash, the presented credential's key index (global), the instance's
+# caller keys, the caller's bucket when anonymous (by address), the caller's bucket
+# when keyed (by key hash), the instance's bucket.  ARGV: instance id, credential
+# hash ('' = none), '1' if a credential was presented, then (interval, tolerance) ms
+# for the caller's and the instance's buckets (0 = not charged).
+# Returns {verdict, key id, full bucket (1 caller, 2 instance, 0 none), wait ms}.
+# The rate part is GCRA as in limits._GCRA: nothing is charged unless all fit.
+_ADMIT = """
+local found = redis.call('HMGET', KEYS[1], 'visibility', 'created_at')
+if not found[2] then return {'missing', '', 0, 0} end
+local key_id, index = '', false
+if ARGV[2] ~= '' then
+  index = redis.call('GET', KEYS[2])
+  if index then
+    local space = string.find(index, ' ', 1, true)
+    if space and string.sub(index, 1, space - 1) == ARGV[1] then
+      local kid = string.sub(index, space + 1)
+      local raw = redis.call('HGET', KEYS[3], kid)
+      if raw and cjson.decode(raw)['key_hash'] == ARGV[2] then key_id = kid end
+    end
+  end
+end
+if key_id == '' and found[1] == 'private' then
+  if ARGV[3] == '0' then return {'no_key', '', 0, 0} end
+  if index then return {'other_instance', '', 0, 0} end
+  return {'invalid_key', '', 0, 0}
+end
+local buckets = {key_id == '' and KEYS[4] or KEYS[5], KEYS[6]}
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local tats = {}
+for i = 1, 2 do
+  local period, tau = tonumber(ARGV[2 + 2 * i]), tonumber(ARGV[3 + 2 * i])
+  if period > 0 then
+    local tat = tonumber(redis.call('GET', buckets[i]) or now)
+    if tat < now then tat = now end
+    if now < tat - tau then return {'ok', key_id, i, math.ceil(tat - tau - now)} end
+    tats[i] = tat + period
+  end
+end
+for i = 1, 2 do
+  if tats[i] then
+    redis.call('SET', buckets[i], tostring(tats[i]), 'PX', math.max(1, math.ceil(tats[i] - now)))
+  end
+end
+return {'ok', key_id, 0, 0}
+"""
 
 # Replace an instance's agent token if (and only if) the presented one is still
 # current: two concurrent rotations with the same old token cannot both win.
@@ -129,6 +179,7 @@ class AccessControl:
         self._add_key = redis.register_script(_ADD_KEY)
         self._revoke_key = redis.register_script(_REVOKE_KEY)
         self._purge_keys = redis.register_script(_PURGE_KEYS)
+        self._admit = redis.register_script(_ADMIT)
 
     # -- registration ----------------------------------------------------------
 
@@ -200,32 +251,42 @@ class AccessControl:
 
     # -- callers ------------------------------------------------------------------
 
-    async def authorize_caller(self, instance_id: str, presented: str | None, client_ip: str) -> Caller:
+    async def authorize_caller(self, instance_id: str, presented: str | None, client_ip: str, *,
+                               per_minute: tuple[int, int] = (0, 0)) -> Caller:
         """Who is calling ``instance_id``; raises 404 / 401 / 403 as the rules say.
 
-        One pipelined round trip, plus one more only when a known key is presented.
+        With ``per_minute`` = (per caller, per instance) the call is also
+        charged to the caller's and the instance's rate buckets (429 when
+        either is spent; neither is charged then, nor on a refusal).  Access
+        and rates are one script: one round trip, whatever the credential.
         """
-        key_hash = hash_token(presented) if presented else None
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(keys.instance(instance_id), "visibility", "created_at")
-            if key_hash is not None:
-                pipe.get(keys.caller_key(key_hash))
-            results = await pipe.execute()
-        (visibility, created_at), index = results[0], (results[1] if key_hash is not None else None)
-        if created_at is None:
+        key_hash = hash_token(presented) if presented else ""
+        per_caller, per_instance = per_minute
+        verdict, key_id, full, wait_ms = await self._admit(
+            keys=[keys.instance(instance_id), keys.caller_key(key_hash), keys.caller_keys(instance_id),
+                  keys.rate("caller", f"{instance_id}:ip:{client_ip}"),
+                  keys.rate("caller", f"{instance_id}:keyhash:{key_hash}"),
+                  keys.rate("instance", instance_id)],
+            args=[instance_id, key_hash, "1" if presented is not None else "0",
+                  *_gcra_args(per_caller), *_gcra_args(per_instance)])
+        verdict = text(verdict)
+        if verdict == "missing":
             raise NotFound(f"instance {instance_id!r} not found", param="instance_id")
-        private = visibility == b"private"
-        key_id = await self._verify_key(instance_id, key_hash, index) if key_hash and index is not None else None
-        if key_id is not None:
-            return Caller(f"key:{key_id}", key_id)
-        if private:
-            if presented is None:
-                raise Unauthorized("this instance is private: send an API key from its owner "
-                                   "(Authorization: Bearer <key>)", code="api_key_required")
-            if index is not None:  # a real key, but of another instance
-                raise Forbidden("this API key is not valid for this instance", code="key_not_for_instance")
+        if verdict == "no_key":
+            raise Unauthorized("this instance is private: send an API key from its owner "
+                               "(Authorization: Bearer <key>)", code="api_key_required")
+        if verdict == "other_instance":  # a real key, but of another instance
+            raise Forbidden("this API key is not valid for this instance", code="key_not_for_instance")
+        if verdict == "invalid_key":
             raise Unauthorized("unknown or revoked API key", code="invalid_api_key")
-        return Caller(f"ip:{client_ip}")
+        if int(full):
+            limit, what = (per_caller, "this caller") if int(full) == 1 else (per_instance, "this instance")
+            raise RateLimited(
+                f"rate limit of {limit} requests per minute for {what} reached; "
+                f"retry in {retry_after_seconds(wait_ms)} s",
+                code="rate_limited", headers={"Retry-After": retry_after_seconds(wait_ms)})
+        key_id = text(key_id)
+        return Caller(f"key:{key_id}", key_id) if key_id else Caller(f"ip:{client_ip}")
 
     async def key_instance(self, presented: str | None) -> str | None:
         """The instance a caller key belongs to, for doors where the key picks the instance.
@@ -238,16 +299,14 @@ class AccessControl:
         index = await self.redis.get(keys.caller_key(hash_token(presented)))
         return text(index).partition(" ")[0] if index else None
 
-    async def _verify_key(self, instance_id: str, key_hash: str, index: bytes) -> str | None:
-        owner, _, key_id = index.decode().partition(" ")
-        if owner != instance_id:
-            return None
-        raw = await self.redis.hget(keys.caller_keys(instance_id), key_id)
-        if raw is None:
-            return None  # revoked between the two reads
-        if not hmac.compare_digest(orjson.loads(raw)["key_hash"], key_hash):
-            return None
-        return key_id
+
+
+def _gcra_args(per_minute: int) -> tuple[float, float]:
+    """A bucket's (emission interval, burst tolerance) in ms, as the admission script takes them; (0, 0): off."""
+    if per_minute <= 0:
+        return 0.0, 0.0
+    period = 60_000 / per_minute
+    return period, period * (per_minute - 1)
 
 
 # -- browsers -------------------------------------------------------------------------

@@ -24,9 +24,9 @@ from starlette.types import Receive, Scope, Send
 
 from . import keys, logs
 from .access import Caller
-from .errors import NotFound
+from .errors import NotFound, RateLimited
 from .inputs import bearer_token, client_ip, read_json
-from .limits import PENDING_RELEASES, Bucket, Releases, Slot
+from .limits import PENDING_RELEASES, Releases, Slot
 from .streams import cleanup_scope
 from .targets import Target, resolve, unknown_model
 
@@ -51,18 +51,19 @@ async def admit(request: Request, instance_id: str, *, named_by_model: str | Non
     state = request.app.state
     settings = state.settings
     try:
-        caller = await state.access.authorize_caller(instance_id, bearer_token(request), client_ip(request))
+        # Access and both rate buckets (this caller's, this instance's): one script, one round trip.
+        caller = await state.access.authorize_caller(
+            instance_id, bearer_token(request), client_ip(request),
+            per_minute=(settings.rate_per_caller, settings.rate_per_instance))
     except NotFound:
         if named_by_model is None:
             raise
         raise unknown_model(named_by_model) from None
+    except RateLimited:
+        logs.instance_id.set(instance_id)  # a real instance: its 429 is logged with it
+        raise
     logs.instance_id.set(instance_id)  # a global door learns it only now
-    admitted = Admitted(instance_id, caller)
-    await state.rate_limiter.hit([
-        Bucket(keys.rate("caller", admitted.who), settings.rate_per_caller, "this caller"),
-        Bucket(keys.rate("instance", instance_id), settings.rate_per_instance, "this instance"),
-    ])
-    return admitted
+    return Admitted(instance_id, caller)
 
 
 async def admit_named(request: Request, field: str = "model") -> tuple[Any, Target, Admitted]:
@@ -96,9 +97,7 @@ async def leased(request: Request, admitted: Admitted, run: Callable[[], Awaitab
 
     async def release() -> None:
         releases.flushed = True  # from here on, a late release goes on its own
-        agents = releases.agents
-        await state.stream_leases.release(
-            lease, (lambda pipe: state.registry.release_agents_in(pipe, agents)) if agents else None)
+        await state.stream_leases.release(lease, [(keys.load(iid), session) for iid, session in releases.agents])
 
     try:
         response = await run()

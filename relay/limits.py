@@ -24,10 +24,9 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
 
 import anyio
 from redis.asyncio import Redis
@@ -197,6 +196,21 @@ return 0
 """
 
 
+# A request's end: its lease out of every set, and each agent slot it took
+# given back (as registry's release script does: the counter down, the field
+# gone at zero).  KEYS: the lease's sets, then the agents' load hashes;
+# ARGV: lease id, how many sets, then the agents' sessions.
+_RELEASE = """
+local sets = tonumber(ARGV[2])
+for i = 1, sets do redis.call('ZREM', KEYS[i], ARGV[1]) end
+for i = sets + 1, #KEYS do
+  local session = ARGV[i - sets + 2]
+  if redis.call('HINCRBY', KEYS[i], session, -1) <= 0 then redis.call('HDEL', KEYS[i], session) end
+end
+return 0
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Slot:
     """One concurrency limit: at most ``limit`` leases in the set ``key``."""
@@ -240,6 +254,7 @@ class StreamLeases:
         self.held: dict[str, Lease] = {}
         self._acquire = redis.register_script(_ACQUIRE)
         self._renew = redis.register_script(_RENEW)
+        self._release = redis.register_script(_RELEASE)
 
     async def acquire(self, slots: list[Slot]) -> Lease:
         active = [s for s in slots if s.limit > 0]
@@ -256,19 +271,15 @@ class StreamLeases:
         self.held[lease.id] = lease
         return lease
 
-    async def release(self, lease: Lease, also: Callable[[Any], Awaitable[object]] | None = None) -> None:
-        """Give the lease back; ``also(pipeline)`` adds other releases to the same round trip."""
+    async def release(self, lease: Lease, agents: Sequence[tuple[str, str]] = ()) -> None:
+        """Give the lease back, and the agent slots ``agents`` (load hash key, session) with it: one script."""
         held = self.held.pop(lease.id, None) is not None
-        if not held and also is None:
+        sets = lease.keys if held else []
+        if not sets and not agents:
             return
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                if held:
-                    for key in lease.keys:
-                        pipe.zrem(key, lease.id)
-                if also is not None:
-                    await also(pipe)
-                await pipe.execute()
+            await self._release(keys=[*sets, *(key for key, _ in agents)],
+                                args=[lease.id, len(sets), *(session for _, session in agents)])
         except (RedisError, OSError) as exc:
             log.debug("could not release stream lease (%s); it expires on its own", exc)
 

@@ -339,3 +339,28 @@ def test_a_window_that_does_not_fit_in_a_frame_is_refused():
     with pytest.raises(ValueError, match="stream_window"):
         RelaySettings(stream_window=4 * 1024 * 1024, max_frame_bytes=4 * 1024 * 1024)
     assert RelaySettings(stream_window=1024, max_frame_bytes=4096).stream_window == 1024
+
+
+async def test_refused_callers_spend_no_rate_and_a_key_keeps_its_bucket_across_addresses(redis_url):
+    """Access and rates are one script: a refusal (401/403) charges nothing, so nobody without a key
+    can spend a private instance's budget; a key's bucket is the key's, from any address."""
+    async with running_relay(redis_url, rate_per_caller=2, rate_per_instance=3) as relay, relay.client() as client:
+        instance_id, token = await relay.register("private")
+        other_id, other_token = await relay.register("other")
+        owner = {"Authorization": f"Bearer {token}"}
+        await client.patch(f"/api/instances/{instance_id}", json={"visibility": "private"}, headers=owner)
+        key = (await client.post(f"/api/instances/{instance_id}/keys", json={"name": "k"}, headers=owner)).json()["key"]
+        foreign = (await client.post(f"/api/instances/{other_id}/keys", json={"name": "f"},
+                                     headers={"Authorization": f"Bearer {other_token}"})).json()["key"]
+        async with running_agent(relay.url, token):
+            url = f"/api/chat/{instance_id}"
+            for n in range(10):  # far past both budgets, from many addresses
+                assert (await client.post(url, json=CHAT, headers=ip(f"10.9.0.{n}"))).status_code == 401
+                wrong = {**ip(f"10.9.1.{n}"), "Authorization": f"Bearer {foreign}"}
+                assert (await client.post(url, json=CHAT, headers=wrong)).status_code == 403
+            keyed = [{**ip(f"10.8.0.{n}"), "Authorization": f"Bearer {key}"} for n in range(3)]
+            assert (await client.post(url, json=CHAT, headers=keyed[0])).status_code == 200
+            assert (await client.post(url, json=CHAT, headers=keyed[1])).status_code == 200
+            # The key's own bucket (2 a minute) is spent, whatever address it comes from.
+            limited = await client.post(url, json=CHAT, headers=keyed[2])
+            assert limited.status_code == 429 and "this caller" in limited.json()["error"]["message"]
