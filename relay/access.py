@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import keys
 from .errors import Forbidden, InvalidRequest, NotFound, RateLimited, Unauthorized, ValidationFailed
-from .limits import retry_after_seconds
+from .limits import GCRA_FUNCTION, retry_after_seconds
 from .registry import InstanceRegistry, hash_token, new_token, text
 
 CALLER_KEY_PREFIX = "irk_"
@@ -80,8 +80,8 @@ class Caller:
 # hash ('' = none), '1' if a credential was presented, then (interval, tolerance) ms
 # for the caller's and the instance's buckets (0 = not charged).
 # Returns {verdict, key id, full bucket (1 caller, 2 instance, 0 none), wait ms}.
-# The rate part is GCRA as in limits._GCRA: nothing is charged unless all fit.
-_ADMIT = """
+# The rate part is limits.GCRA_FUNCTION: nothing is charged unless all fit.
+_ADMIT = GCRA_FUNCTION + """
 local found = redis.call('HMGET', KEYS[1], 'visibility', 'created_at')
 if not found[2] then return {'missing', '', 0, 0} end
 local key_id, index = '', false
@@ -102,24 +102,8 @@ if key_id == '' and found[1] == 'private' then
   return {'invalid_key', '', 0, 0}
 end
 local buckets = {key_id == '' and KEYS[4] or KEYS[5], KEYS[6]}
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local tats = {}
-for i = 1, 2 do
-  local period, tau = tonumber(ARGV[2 + 2 * i]), tonumber(ARGV[3 + 2 * i])
-  if period > 0 then
-    local tat = tonumber(redis.call('GET', buckets[i]) or now)
-    if tat < now then tat = now end
-    if now < tat - tau then return {'ok', key_id, i, math.ceil(tat - tau - now)} end
-    tats[i] = tat + period
-  end
-end
-for i = 1, 2 do
-  if tats[i] then
-    redis.call('SET', buckets[i], tostring(tats[i]), 'PX', math.max(1, math.ceil(tats[i] - now)))
-  end
-end
-return {'ok', key_id, 0, 0}
+local full, wait = gcra(buckets, {tonumber(ARGV[4]), tonumber(ARGV[6])}, {tonumber(ARGV[5]), tonumber(ARGV[7])})
+return {'ok', key_id, full, wait}
 """
 
 # Replace an instance's agent token if (and only if) the presented one is still

@@ -106,21 +106,38 @@ def check_chat_request(chat: ChatRequest, settings: RelaySettings) -> None:
 # burst tolerance tau (ms) per key.  A request is allowed when now >= TAT - tau
 # in every bucket; then each TAT advances by T.  Returns {0, 0} when allowed,
 # else {index of the first full bucket, ms until it has room}.
-_GCRA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local tats = {}
-for i = 1, #KEYS do
-  local period, tau = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
-  local tat = tonumber(redis.call('GET', KEYS[i]) or now)
-  if tat < now then tat = now end
-  if now < tat - tau then return {i, math.ceil(tat - tau - now)} end
-  tats[i] = tat + period
+#: GCRA over several buckets, as a Lua function other scripts include: charge one
+#: request to every bucket of ``buckets`` (key names) whose ``periods[i]`` (emission
+#: interval, ms) is above 0, with ``taus[i]`` (burst tolerance, ms), or charge none.
+#: Returns 0, 0 when charged, else the index of the first spent bucket and the ms to wait.
+GCRA_FUNCTION = """
+local function gcra(buckets, periods, taus)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local tats = {}
+  for i = 1, #buckets do
+    if periods[i] > 0 then
+      local tat = tonumber(redis.call('GET', buckets[i]) or now)
+      if tat < now then tat = now end
+      if now < tat - taus[i] then return i, math.ceil(tat - taus[i] - now) end
+      tats[i] = tat + periods[i]
+    end
+  end
+  for i = 1, #buckets do
+    if tats[i] then
+      redis.call('SET', buckets[i], tostring(tats[i]), 'PX', math.max(1, math.ceil(tats[i] - now)))
+    end
+  end
+  return 0, 0
 end
-for i = 1, #KEYS do
-  redis.call('SET', KEYS[i], tostring(tats[i]), 'PX', math.max(1, math.ceil(tats[i] - now)))
-end
-return {0, 0}
+"""
+
+# KEYS: the buckets; ARGV: (interval, tolerance) ms per bucket.
+_GCRA = GCRA_FUNCTION + """
+local periods, taus = {}, {}
+for i = 1, #KEYS do periods[i], taus[i] = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i]) end
+local index, wait = gcra(KEYS, periods, taus)
+return {index, wait}
 """
 
 
