@@ -436,11 +436,6 @@ class InstanceRegistry:
     async def release_agent(self, instance_id: str, session: str) -> None:
         await self._release_agent(keys=[keys.load(instance_id)], args=[session])
 
-    async def release_agents_in(self, pipe: Any, agents: Sequence[tuple[str, str]]) -> None:
-        """Queue :meth:`release_agent` for each (instance id, session) in ``pipe`` (sent by its owner)."""
-        for instance_id, session in agents:
-            await self._release_agent(keys=[keys.load(instance_id)], args=[session], client=pipe)
-
     async def refresh_node(self, node_id: str, entries: Sequence[tuple[str, AgentEntry]] = ()) -> bool:
         """Mark this node alive for one more heartbeat timeout.
 
