@@ -34,6 +34,7 @@ from redis.exceptions import RedisError
 
 from .errors import RateLimited, ValidationFailed
 from .models import ChatRequest
+from .registry import RELEASE_AGENT_FUNCTION
 from .settings import RelaySettings
 
 log = logging.getLogger("relay.limits")
@@ -214,16 +215,12 @@ return 0
 
 
 # A request's end: its lease out of every set, and each agent slot it took
-# given back (as registry's release script does: the counter down, the field
-# gone at zero).  KEYS: the lease's sets, then the agents' load hashes;
-# ARGV: lease id, how many sets, then the agents' sessions.
-_RELEASE = """
+# given back.  KEYS: the lease's sets, then the agents' load hashes; ARGV:
+# lease id, how many sets, then the agents' sessions.
+_RELEASE = RELEASE_AGENT_FUNCTION + """
 local sets = tonumber(ARGV[2])
 for i = 1, sets do redis.call('ZREM', KEYS[i], ARGV[1]) end
-for i = sets + 1, #KEYS do
-  local session = ARGV[i - sets + 2]
-  if redis.call('HINCRBY', KEYS[i], session, -1) <= 0 then redis.call('HDEL', KEYS[i], session) end
-end
+for i = sets + 1, #KEYS do release_agent(KEYS[i], ARGV[i - sets + 2]) end
 return 0
 """
 

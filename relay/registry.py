@@ -232,8 +232,16 @@ return {'ok', best[1], best[2]}
 # (it reconciles counters of agents it sees idle, see ``reset_load``), so the
 # counter never goes below zero: a negative one would let a busy agent be
 # picked past its concurrency.  KEYS: load.  ARGV: session.
-_RELEASE_AGENT = """
-if redis.call('HINCRBY', KEYS[1], ARGV[1], -1) <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
+#: Give an agent slot back: its counter down, the field gone at zero.  A Lua
+#: function, so that a request's end (``limits._RELEASE``) gives it back the same way.
+RELEASE_AGENT_FUNCTION = """
+local function release_agent(load, session)
+  if redis.call('HINCRBY', load, session, -1) <= 0 then redis.call('HDEL', load, session) end
+end
+"""
+
+_RELEASE_AGENT = RELEASE_AGENT_FUNCTION + """
+release_agent(KEYS[1], ARGV[1])
 return 0
 """
 
