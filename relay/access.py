@@ -12,8 +12,11 @@ Three kinds of credential, all ``Authorization: Bearer`` headers, never URLs:
   on a public instance is ignored (OpenAI SDKs always send *some* key).
 
 Tokens and keys carry 256 random bits and are stored only as SHA-256 hashes;
-lookups go by hash and the record found is re-checked with
-:func:`hmac.compare_digest`, so no secret is ever compared byte by byte.
+lookups go by hash, so no secret is ever compared.  Owner tokens and the
+registration key are re-checked with :func:`hmac.compare_digest`; a caller
+key's record is re-checked inside the admission script (``_ADMIT``), where a
+timing difference could only tell how much of a SHA-256 digest matched, which
+gives nothing towards a key.
 """
 
 from __future__ import annotations
