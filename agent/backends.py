@@ -12,7 +12,15 @@ body (``transcribe``); ``check_transcribe`` refuses a request before its
 upload arrives, so a request that cannot succeed stops the upload at once.
 Failures are :class:`BackendError` with an HTTP status hint.
 Cancelling the consuming task aborts the upstream HTTP request at once
-(httpx closes the connection when its stream context is left).
+(the connection is closed when its stream context is left unfinished).
+
+The OpenAI backend talks to its model server with two HTTP clients, on
+purpose: chat completions, the path every token takes, go through aiohttp,
+whose C parser (llhttp) costs a quarter of httpx's CPU per request and
+about half per streamed event (measured in bench/README.md, "Speed");
+everything else (models, images, transcription, image downloads) stays on
+httpx, where the cost does not matter and redirects, multipart and the
+tests' mock transports are simplest.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import zlib
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
+import aiohttp
 import httpx
 import orjson
 
@@ -112,7 +121,7 @@ def _upstream_error(status: int, payload: bytes) -> BackendError:
     return BackendError(mapped, f"model server: {message}", "upstream_error")
 
 
-def _unreachable(exc: httpx.HTTPError) -> BackendError:
+def _unreachable(exc: Exception) -> BackendError:
     return BackendError(502, f"model server unreachable: {type(exc).__name__}: {exc}")
 
 
@@ -143,6 +152,9 @@ class OpenAIBackend:
             *((wire.OP_TRANSCRIBE,) if self.transcribe_models else ()),
         )
         self._timeout = timeout
+        self._headers = {"Content-Type": "application/json", **headers}
+        # Created on first use: an aiohttp session belongs to the running loop.
+        self._chat: aiohttp.ClientSession | None = None
         self.client = httpx.AsyncClient(
             base_url=self.base_url,
             headers=headers,
@@ -167,24 +179,49 @@ class OpenAIBackend:
             raise BackendError(502, f"{self.base_url}/models lists no models; pass --model")
         return names
 
+    def _chat_session(self) -> aiohttp.ClientSession:
+        if self._chat is None or self._chat.closed:
+            self._chat = aiohttp.ClientSession(
+                # No limit on connections: the relay bounds the agent's
+                # concurrent requests; idle ones are kept for the next request.
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+                headers=self._headers,
+                # No read timeout on a stream: a model may think for a long
+                # time; the relay enforces the first-chunk and idle timeouts.
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10.0),
+                # As httpx does: HTTP(S)_PROXY / NO_PROXY from the environment.
+                trust_env=True,
+                # Our own JSON (orjson) and no cookie jar: each request stands alone.
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        return self._chat
+
     async def stream(self, body: dict[str, Any]) -> AsyncIterator[list[bytes]]:
-        body = {**body, "stream": True}
+        payload = orjson.dumps({**body, "stream": True})
         try:
-            async with self.client.stream("POST", "/chat/completions", json=body) as response:
-                if response.status_code >= 400:
-                    raise _upstream_error(response.status_code, await response.aread())
-                buffer = bytearray()
-                done = False
-                async for data in response.aiter_raw():
-                    if done:
-                        continue  # read the body to its end so the connection is reused
-                    events = wire.iter_sse_data(buffer, data)
-                    if b"[DONE]" in events:
-                        events = events[: events.index(b"[DONE]")]
-                        done = True
-                    if events:
-                        yield events
-        except httpx.HTTPError as exc:
+            async with self._chat_session().post(f"{self.base_url}/chat/completions", data=payload) as response:
+                if response.status >= 400:
+                    raise _upstream_error(response.status, await response.read())
+                finished = False
+                try:
+                    buffer = bytearray()
+                    done = False
+                    async for data in response.content.iter_any():
+                        if done:
+                            continue  # read the body to its end so the connection is reused
+                        events = wire.iter_sse_data(buffer, data)
+                        if b"[DONE]" in events:
+                            events = events[: events.index(b"[DONE]")]
+                            done = True
+                        if events:
+                            yield events
+                    finished = True
+                finally:
+                    if not finished:
+                        # Cancelled, or the consumer stopped reading: close the
+                        # connection, which is what tells the model server to stop.
+                        response.close()
+        except aiohttp.ClientError as exc:
             raise _unreachable(exc) from exc
 
     async def _post(self, path: str, **content: Any) -> httpx.Response:
@@ -198,7 +235,17 @@ class OpenAIBackend:
         return response
 
     async def complete(self, body: dict[str, Any]) -> bytes:
-        return (await self._post("/chat/completions", json={**body, "stream": False})).content
+        payload = orjson.dumps({**body, "stream": False})
+        try:
+            async with self._chat_session().post(f"{self.base_url}/chat/completions", data=payload,
+                                                 timeout=aiohttp.ClientTimeout(total=self._timeout,
+                                                                               sock_connect=10.0)) as response:
+                answer = await response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _unreachable(exc) from exc
+        if response.status >= 400:
+            raise _upstream_error(response.status, answer)
+        return answer
 
     async def images(self, body: dict[str, Any]) -> bytes:
         # The answer travels as one JSON body: never ask for partial images.
@@ -297,6 +344,8 @@ class OpenAIBackend:
         return base64.b64encode(data).decode()
 
     async def aclose(self) -> None:
+        if self._chat is not None:
+            await self._chat.close()
         await self.client.aclose()
 
 

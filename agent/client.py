@@ -425,8 +425,10 @@ class AgentClient:
                     await wake.wait()
                     wake.clear()
                     continue
-                payload = bytes(pending)
-                pending.clear()
+                # At most one window per frame: a read can bring more than that
+                # at once, and the relay holds a stream's frames until sent on.
+                payload = bytes(pending[:cap])
+                del pending[:cap]
                 room.set()
                 await self._send_data(sid, window, payload)
 

@@ -31,6 +31,7 @@ import wire
 
 from . import logs
 from .errors import ModelTimeout, RelayError, UpstreamError, from_status, sse_error
+from .observe import BODY_SEND
 from .router import StreamRouter
 from .settings import RelaySettings
 from .streams import Item, Stream, cleanup_scope, split_items
@@ -217,6 +218,9 @@ class EventStreamResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            # The start went through every layer; the body goes straight to the
+            # request observer (see observe.BODY_SEND), one call per chunk.
+            send = scope.get(BODY_SEND, send)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(cancel_on_disconnect, receive, tg.cancel_scope)
                 try:

@@ -33,6 +33,12 @@ from .metrics import RelayMetrics
 _INSTANCE_PATH = re.compile(r"^/api/(?:chat|instances)/(?!events(?:/|$))([^/]+)")
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _EVENT_STREAM = b"text/event-stream"
+#: The scope entry holding this middleware's ``send``: a streamed answer writes
+#: its body chunks there directly (``chat.EventStreamResponse``), past the
+#: layers between here and the route (CORS, Starlette's exception handling),
+#: which only act on ``http.response.start``, still sent through all of them.
+#: So a chunk costs two calls on its way to the socket, not five.
+BODY_SEND = "relay.body_send"
 #: Endpoints polled by load balancers and Prometheus: logged only when they fail.
 _QUIET = frozenset({"health", "metrics"})
 
@@ -134,6 +140,7 @@ class RequestObserver:
 
         if chat:
             metrics.active_streams.inc()
+            scope[BODY_SEND] = observed_send
         try:
             await self.app(scope, receive, observed_send)
         finally:
