@@ -137,10 +137,10 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
         on_subscribed=subscribed,
         on_lost=bus.inbox_lost,
     )
-    router = StreamRouter(node, sessions, registry, bus)
     access = AccessControl(redis, registry, registration_key=settings.registration_key)
     stream_leases = StreamLeases(
         redis, ttl_ms=keys.stream_lease_ttl_ms(settings.heartbeat_interval, settings.heartbeat_timeout))
+    router = StreamRouter(node, sessions, registry, bus, stream_leases)
     redaction.install()  # no credential in any log record, even at DEBUG
     metrics = RelayMetrics(node.node_id, sessions, bus)  # a registry per app: no globals
     # Connections are made lazily, so the pool can still be told which class to make.

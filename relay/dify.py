@@ -312,7 +312,7 @@ async def chat_messages(request: Request) -> Response:
                 await saver.finish("", "stopped" if isinstance(exc, asyncio.CancelledError) else "error")
             raise
 
-    return await leased(request, admitted, run)
+    return await leased(request, admitted, run, first=True)  # a refused turn leaves no trace
 
 
 async def _blocking(request: Request, saver: TurnSaver, body_for: Any) -> Response:

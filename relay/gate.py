@@ -83,16 +83,26 @@ async def admit_model(request: Request, named: Any, field: str = "model") -> tup
     return target, await admit(request, target.instance_id, named_by_model=named or target.instance_id)
 
 
-async def leased(request: Request, admitted: Admitted, run: Callable[[], Awaitable[Response]]) -> Response:
-    """Run ``run()`` holding a concurrent-stream lease until its response is sent."""
+async def leased(request: Request, admitted: Admitted, run: Callable[[], Awaitable[Response]], *,
+                 first: bool = False) -> Response:
+    """Run ``run()`` holding a concurrent-stream lease until its response is sent.
+
+    The lease is taken by the router's first pick, in the same script (so a
+    request costs one round trip less), and given back with the agent slot
+    that pick took, in one script too.  ``first=True`` takes it before
+    ``run()`` starts instead, for a ``run()`` that writes something before
+    it routes (a Dify turn) and must not when the limit refuses (429).
+    """
     state = request.app.state
     settings = state.settings
-    lease = await state.stream_leases.acquire([
+    pending = state.stream_leases.prepare([
         Slot(keys.streams("instance", admitted.instance_id), settings.max_streams_per_instance, "this instance"),
         Slot(keys.streams("caller", admitted.who), settings.max_streams_per_caller, "this caller"),
     ])
-    # The agent slot the router takes is given back with the lease: one round trip at the end.
-    releases = Releases()
+    lease = pending.lease
+    if first:
+        await state.stream_leases.take(pending)
+    releases = Releases(pending=None if first else pending)
     PENDING_RELEASES.set(releases)
 
     async def release() -> None:

@@ -34,7 +34,7 @@ from redis.exceptions import RedisError
 
 from .errors import RateLimited, ValidationFailed
 from .models import ChatRequest
-from .registry import RELEASE_AGENT_FUNCTION
+from .registry import PICK_AGENT_FUNCTION, RELEASE_AGENT_FUNCTION, AgentEntry, InstanceRegistry
 from .settings import RelaySettings
 
 log = logging.getLogger("relay.limits")
@@ -182,21 +182,51 @@ class RateLimiter:
 # -- streams at once ----------------------------------------------------------------------
 
 # Take a lease in every set, or in none.  Expired leases (their node died
-# without releasing them) are swept first.  ARGV: lease id, TTL ms, limits.
-# Returns 0, or the index of the first set that is full.
-_ACQUIRE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[2])
-for i = 1, #KEYS do
-  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
-  if redis.call('ZCARD', KEYS[i]) >= tonumber(ARGV[i + 2]) then return i end
+# without releasing them) are swept first.  ``lease_full`` returns 0, or the
+# index of the first set that is full; ``lease_take`` adds the lease.  Lua
+# functions, so that the pick can take the lease in the same script.
+LEASE_FUNCTIONS = """
+local function lease_now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-for i = 1, #KEYS do
-  redis.call('ZADD', KEYS[i], now + ttl, ARGV[1])
-  redis.call('PEXPIRE', KEYS[i], ttl)
+local function lease_full(sets, limits, now)
+  for i, set in ipairs(sets) do
+    redis.call('ZREMRANGEBYSCORE', set, '-inf', now)
+    if redis.call('ZCARD', set) >= tonumber(limits[i]) then return i end
+  end
+  return 0
 end
-return 0
+local function lease_take(sets, id, ttl, now)
+  for _, set in ipairs(sets) do
+    redis.call('ZADD', set, now + ttl, id)
+    redis.call('PEXPIRE', set, ttl)
+  end
+end
+"""
+
+# KEYS: the sets.  ARGV: lease id, TTL ms, then one limit per set.
+_ACQUIRE = LEASE_FUNCTIONS + """
+local now = lease_now()
+local full = lease_full(KEYS, {unpack(ARGV, 3)}, now)
+if full == 0 then lease_take(KEYS, ARGV[1], tonumber(ARGV[2]), now) end
+return full
+"""
+
+# A request's first pick and its stream lease, in one script: the lease is
+# checked first (as when it was taken on its own, before the pick), and taken
+# only when an agent was picked, so a request that finds no agent holds none.
+# KEYS: agents, load, instance (the pick's), then the lease's sets.  ARGV:
+# node key prefix, tie break, op, here, model (the pick's), lease id, TTL ms,
+# then one limit per set.  Returns the pick's answer, or {'full', index}.
+_LEASE_AND_PICK = PICK_AGENT_FUNCTION + LEASE_FUNCTIONS + """
+local sets = {unpack(KEYS, 4)}
+local now = lease_now()
+local full = lease_full(sets, {unpack(ARGV, 8)}, now)
+if full > 0 then return {'full', full} end
+local picked = pick_agent(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], {})
+if picked[1] == 'ok' then lease_take(sets, ARGV[6], tonumber(ARGV[7]), now) end
+return picked
 """
 
 # Push the expiry of live leases forward.  KEYS: sets; ARGV: lease id, TTL ms.
@@ -241,15 +271,34 @@ class Lease:
 
 
 @dataclass(slots=True)
+class PendingLease:
+    """A lease not taken yet, and the limits it must fit (only those that are on)."""
+
+    lease: Lease
+    slots: list[Slot]
+
+
+@dataclass(slots=True)
 class Releases:
-    """Agent slots a request gives back with its stream lease, in the same round trip to Redis."""
+    """A request's stream lease and the agent slots it gives back with it, in the same round trip to Redis."""
 
     agents: list[tuple[str, str]] = field(default_factory=list)  # (instance id, agent session)
     flushed: bool = False
+    #: The lease while nobody has taken it: the router's first pick takes it (``StreamLeases.pick``).
+    pending: PendingLease | None = None
 
 
 #: The request's pending releases, set by ``gate.leased`` for the request it admits.
 PENDING_RELEASES: ContextVar[Releases | None] = ContextVar("pending_releases", default=None)
+
+
+def take_pending_lease() -> PendingLease | None:
+    """The request's lease still to take, handed to one taker only (the first pick)."""
+    releases = PENDING_RELEASES.get()
+    if releases is None or releases.pending is None:
+        return None
+    pending, releases.pending = releases.pending, None
+    return pending
 
 
 def defer_agent_release(instance_id: str, session: str) -> bool:
@@ -269,21 +318,52 @@ class StreamLeases:
         self._acquire = redis.register_script(_ACQUIRE)
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
+        self._lease_and_pick = redis.register_script(_LEASE_AND_PICK)
+
+    def prepare(self, slots: list[Slot]) -> PendingLease:
+        """A lease for ``slots``, not taken yet (no round trip): :meth:`take` or :meth:`pick` takes it."""
+        active = [s for s in slots if s.limit > 0]
+        return PendingLease(Lease(secrets.token_hex(8), [s.key for s in active]), active)
 
     async def acquire(self, slots: list[Slot]) -> Lease:
-        active = [s for s in slots if s.limit > 0]
-        lease = Lease(secrets.token_hex(8), [s.key for s in active])
-        if not active:
-            return lease
-        full = await self._acquire(keys=lease.keys, args=[lease.id, self.ttl_ms, *(s.limit for s in active)])
+        """Take a lease in every one of ``slots`` now (429 when one is full)."""
+        pending = self.prepare(slots)
+        await self.take(pending)
+        return pending.lease
+
+    async def take(self, pending: PendingLease) -> None:
+        lease = pending.lease
+        if not pending.slots:
+            return
+        full = await self._acquire(keys=lease.keys, args=[lease.id, self.ttl_ms, *(s.limit for s in pending.slots)])
+        self._taken(pending, int(full))
+
+    async def pick(self, pending: PendingLease, registry: InstanceRegistry, instance_id: str, op: str, *,
+                   here: str, model: str) -> tuple[str, AgentEntry | None]:
+        """``registry.pick_agent`` and :meth:`take` in one script: the lease is taken if an agent was picked."""
+        if not pending.slots:
+            return await registry.pick_agent(instance_id, op, here=here, model=model)
+        lease = pending.lease
+        pick_keys, pick_args = registry.pick_request(instance_id, op, here=here, model=model)
+        result = await self._lease_and_pick(keys=[*pick_keys, *lease.keys],
+                                            args=[*pick_args, lease.id, self.ttl_ms,
+                                                  *(s.limit for s in pending.slots)])
+        if result[0] == b"full":
+            self._taken(pending, int(result[1]))
+        verdict, entry = registry.picked(result)
+        if entry is not None:
+            self.held[lease.id] = lease
+        return verdict, entry
+
+    def _taken(self, pending: PendingLease, full: int) -> None:
+        """After a script took the lease (``full`` 0) or found slot ``full`` (1-based) full: 429."""
         if full:
-            slot = active[int(full) - 1]
+            slot = pending.slots[full - 1]
             raise RateLimited(
                 f"{slot.what} already has {slot.limit} streams running; retry when one ends",
                 code="too_many_streams", headers={"Retry-After": "1"},
             )
-        self.held[lease.id] = lease
-        return lease
+        self.held[pending.lease.id] = pending.lease
 
     async def release(self, lease: Lease, agents: Sequence[tuple[str, str]] = ()) -> None:
         """Give the lease back, and the agent slots ``agents`` (load hash key, session) with it: one script."""

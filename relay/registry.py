@@ -161,69 +161,76 @@ return out
 # {'offline'} | {'missing'}: incapable when no connected agent can run the
 # operation at all, no_model when those that can do not serve the model,
 # offline when those that can are out of reach.
-_PICK_AGENT = _LIVE_ENTRIES + """
-local live = live_entries(KEYS[1], KEYS[2], ARGV[1])
-if #live == 0 then
-  if redis.call('EXISTS', KEYS[3]) == 0 then return {'missing'} end
-  return {'offline'}
+# A Lua function, so that ``limits`` can take the stream lease in
+# the same script (``StreamLeases.pick``); ``excluded`` is a set of nodes.
+PICK_AGENT_FUNCTION = _LIVE_ENTRIES + """
+local function pick_agent(agents_key, load_key, instance_key, node_prefix, tie, op, here, model, excluded)
+  local live = live_entries(agents_key, load_key, node_prefix)
+  if #live == 0 then
+    if redis.call('EXISTS', instance_key) == 0 then return {'missing'} end
+    return {'offline'}
+  end
+  local best, best_load = nil, nil
+  local capable, has_model, reachable = false, false, false
+  local count = #live
+  local start = tonumber(tie) % count
+  for k = 0, count - 1 do
+    local e = live[((start + k) % count) + 1]
+    local entry = e[3]
+    local caps = entry['capabilities']
+    local can = false
+    if type(caps) == 'table' then
+      for _, c in ipairs(caps) do
+        if c == op then can = true end
+      end
+    else
+      can = op == 'chat'
+    end
+    if can then
+      capable = true
+      if model ~= '' then
+        local served_field = 'models'
+        if op == 'images' then served_field = 'image_models'
+        elseif op == 'transcribe' then served_field = 'transcribe_models' end
+        local served = entry[served_field]
+        can = false
+        if type(served) == 'table' then
+          for _, m in ipairs(served) do
+            if m == model then can = true end
+          end
+        end
+      end
+    end
+    if can then
+      has_model = true
+      local node = entry['node']
+      if not excluded[node] and (node == here or entry['bus'] ~= nil) then
+        reachable = true
+        local inflight = tonumber(redis.call('HGET', load_key, entry['session']) or '0')
+        if inflight < entry['max_concurrency'] then
+          local load = inflight / entry['max_concurrency']
+          if best_load == nil or load < best_load then
+            best, best_load = e, load
+          end
+        end
+      end
+    end
+  end
+  if best == nil then
+    if not capable then return {'incapable'} end
+    if not has_model then return {'no_model'} end
+    if not reachable then return {'offline'} end
+    return {'busy'}
+  end
+  redis.call('HINCRBY', load_key, best[3]['session'], 1)
+  return {'ok', best[1], best[2]}
 end
-local op, here, model = ARGV[3], ARGV[4], ARGV[5]
+"""
+
+_PICK_AGENT = PICK_AGENT_FUNCTION + """
 local excluded = {}
 for i = 6, #ARGV do excluded[ARGV[i]] = true end
-local best, best_load = nil, nil
-local capable, has_model, reachable = false, false, false
-local count = #live
-local start = tonumber(ARGV[2]) % count
-for k = 0, count - 1 do
-  local e = live[((start + k) % count) + 1]
-  local entry = e[3]
-  local caps = entry['capabilities']
-  local can = false
-  if type(caps) == 'table' then
-    for _, c in ipairs(caps) do
-      if c == op then can = true end
-    end
-  else
-    can = op == 'chat'
-  end
-  if can then
-    capable = true
-    if model ~= '' then
-      local served_field = 'models'
-      if op == 'images' then served_field = 'image_models'
-      elseif op == 'transcribe' then served_field = 'transcribe_models' end
-      local served = entry[served_field]
-      can = false
-      if type(served) == 'table' then
-        for _, m in ipairs(served) do
-          if m == model then can = true end
-        end
-      end
-    end
-  end
-  if can then
-    has_model = true
-    local node = entry['node']
-    if not excluded[node] and (node == here or entry['bus'] ~= nil) then
-      reachable = true
-      local inflight = tonumber(redis.call('HGET', KEYS[2], entry['session']) or '0')
-      if inflight < entry['max_concurrency'] then
-        local load = inflight / entry['max_concurrency']
-        if best_load == nil or load < best_load then
-          best, best_load = e, load
-        end
-      end
-    end
-  end
-end
-if best == nil then
-  if not capable then return {'incapable'} end
-  if not has_model then return {'no_model'} end
-  if not reachable then return {'offline'} end
-  return {'busy'}
-end
-redis.call('HINCRBY', KEYS[2], best[3]['session'], 1)
-return {'ok', best[1], best[2]}
+return pick_agent(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], excluded)
 """
 
 # Remove an agent only if the entry still belongs to the session that is
@@ -432,14 +439,21 @@ class InstanceRegistry:
 
         Every "ok" must be paired with :meth:`release_agent` when the request ends.
         """
-        result = await self._pick_agent(
-            keys=[keys.agents(instance_id), keys.load(instance_id), keys.instance(instance_id)],
-            args=[keys.NODE_PREFIX, next(self._tie_break), op, here, model, *exclude_nodes],
-        )
-        verdict = result[0].decode()
+        pick_keys, pick_args = self.pick_request(instance_id, op, here=here, model=model)
+        return self.picked(await self._pick_agent(keys=pick_keys, args=[*pick_args, *exclude_nodes]))
+
+    def pick_request(self, instance_id: str, op: str, *, here: str, model: str) -> tuple[list[str], list[Any]]:
+        """The keys and arguments of ``pick_agent`` (the Lua function), nodes to exclude aside."""
+        return ([keys.agents(instance_id), keys.load(instance_id), keys.instance(instance_id)],
+                [keys.NODE_PREFIX, next(self._tie_break), op, here, model])
+
+    @staticmethod
+    def picked(result: list[Any]) -> tuple[str, AgentEntry | None]:
+        """A pick script's answer as ``(verdict, entry)``."""
+        verdict = text(result[0])
         if verdict != "ok":
             return verdict, None
-        return verdict, AgentEntry.decode(result[1].decode(), result[2])
+        return verdict, AgentEntry.decode(text(result[1]), result[2])
 
     async def release_agent(self, instance_id: str, session: str) -> None:
         await self._release_agent(keys=[keys.load(instance_id)], args=[session])

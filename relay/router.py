@@ -2,7 +2,8 @@
 
 ``StreamRouter.open`` reserves a slot on the least busy agent of the
 instance that can run the operation (one atomic Redis script across all
-nodes, see ``registry.py``), then opens the stream on this node's session of
+nodes, see ``registry.py``; the request's first pick takes its stream lease
+in the same script, ``limits.StreamLeases.pick``), then opens the stream on this node's session of
 that agent or, when the agent sits on another node, over the bus.  The slot
 is given back when the stream closes.  Without Redis there is no routing:
 access rules, limits and slot counts all live there, so a chat request fails
@@ -19,7 +20,7 @@ from redis.exceptions import RedisError
 from . import logs
 from .crossnode import CrossNode, NodeGone
 from .errors import InstanceUnavailable, ModelNotFound, NotFound, OperationUnsupported
-from .limits import defer_agent_release
+from .limits import StreamLeases, defer_agent_release, take_pending_lease
 from .node import NodeState
 from .registry import InstanceRegistry
 from .sessions import SessionManager
@@ -32,8 +33,10 @@ MAX_ATTEMPTS = 3
 
 
 class StreamRouter:
-    def __init__(self, node: NodeState, sessions: SessionManager, registry: InstanceRegistry, bus: CrossNode):
+    def __init__(self, node: NodeState, sessions: SessionManager, registry: InstanceRegistry, bus: CrossNode,
+                 leases: StreamLeases):
         self.node = node
+        self.leases = leases
         self.sessions = sessions
         self.registry = registry
         self.bus = bus
@@ -53,8 +56,13 @@ class StreamRouter:
                                       headers={"Retry-After": "1"})
         excluded: tuple[str, ...] = ()
         for _ in range(MAX_ATTEMPTS):
-            verdict, entry = await self.registry.pick_agent(instance_id, op, excluded, here=self.node.node_id,
-                                                            model=model)
+            pending = take_pending_lease()
+            if pending is not None:  # the request's first pick takes its stream lease too
+                verdict, entry = await self.leases.pick(pending, self.registry, instance_id, op,
+                                                        here=self.node.node_id, model=model)
+            else:
+                verdict, entry = await self.registry.pick_agent(instance_id, op, excluded, here=self.node.node_id,
+                                                                model=model)
             if entry is None:
                 raise no_agent(instance_id, op, verdict, model)
             chosen = entry

@@ -10,7 +10,8 @@ import orjson
 import pytest
 
 from relay import keys
-from relay.errors import InstanceUnavailable, ModelNotFound, NotFound, OperationUnsupported
+from relay.errors import InstanceUnavailable, ModelNotFound, NotFound, OperationUnsupported, RateLimited
+from relay.limits import Slot, StreamLeases
 from relay.registry import AgentEntry, InstanceRegistry
 from relay.router import no_agent
 
@@ -172,3 +173,37 @@ async def test_an_entry_without_image_models_serves_none(registry, redis):
     await redis.set(keys.node("n1"), "1")
     assert await picks(registry, 1, "chat", model="m") == ["old"]
     assert await picks(registry, 1, "images", model="x") == ["incapable"]
+
+
+# -- the first pick takes the request's stream lease (limits.StreamLeases.pick) --------------
+
+
+async def test_the_first_pick_takes_the_stream_lease_in_the_same_script(registry, redis):
+    leases = StreamLeases(redis, ttl_ms=60_000)
+    slot = Slot(keys.streams("instance", INSTANCE), 1, "this instance")
+    await add(redis, "a", concurrency=5)
+
+    first = leases.prepare([slot])
+    verdict, entry = await leases.pick(first, registry, INSTANCE, "chat", here="n1", model="")
+    assert verdict == "ok" and entry is not None and entry.agent_id == "a"
+    assert await redis.zrange(slot.key, 0, -1) == [first.lease.id.encode()]  # the lease, taken
+    assert first.lease.id in leases.held  # renewed and released like any other
+    assert int(await redis.hget(keys.load(INSTANCE), "s-a")) == 1
+
+    # The limit is full: 429, and the agent's slot is not taken either.
+    with pytest.raises(RateLimited) as refused:
+        await leases.pick(leases.prepare([slot]), registry, INSTANCE, "chat", here="n1", model="")
+    assert refused.value.code == "too_many_streams"
+    assert int(await redis.hget(keys.load(INSTANCE), "s-a")) == 1
+
+    # A pick that finds no agent takes no lease: the limit's room stays for later.
+    await leases.release(first.lease, [(keys.load(INSTANCE), "s-a")])
+    assert await redis.zcard(slot.key) == 0
+    none = leases.prepare([slot])
+    assert (await leases.pick(none, registry, INSTANCE, "chat", here="n1", model="absent"))[0] == "no_model"
+    assert await redis.zcard(slot.key) == 0 and none.lease.id not in leases.held
+
+    # With every limit off, it is the plain pick.
+    off = leases.prepare([Slot(slot.key, 0, "this instance")])
+    assert (await leases.pick(off, registry, INSTANCE, "chat", here="n1", model=""))[0] == "ok"
+    assert await redis.zcard(slot.key) == 0
