@@ -32,6 +32,8 @@ import io
 import re
 import struct
 import time
+import urllib.parse
+import urllib.request
 import uuid
 import zlib
 from collections.abc import AsyncIterator
@@ -125,6 +127,14 @@ def _unreachable(exc: Exception) -> BackendError:
     return BackendError(502, f"model server unreachable: {type(exc).__name__}: {exc}")
 
 
+def _env_proxy(url: str) -> str | None:
+    """The proxy the environment names for ``url`` (``HTTP_PROXY``/``HTTPS_PROXY``, ``NO_PROXY``), if any."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.hostname and urllib.request.proxy_bypass(parsed.hostname):
+        return None
+    return urllib.request.getproxies_environment().get(parsed.scheme) or None
+
+
 def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
     return url.scheme, url.host, url.port
 
@@ -189,8 +199,10 @@ class OpenAIBackend:
                 # No read timeout on a stream: a model may think for a long
                 # time; the relay enforces the first-chunk and idle timeouts.
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=10.0),
-                # As httpx does: HTTP(S)_PROXY / NO_PROXY from the environment.
-                trust_env=True,
+                # As httpx does: HTTP(S)_PROXY / NO_PROXY from the environment,
+                # read once here (aiohttp's trust_env reads them, and ~/.netrc
+                # in a thread, on every request).
+                proxy=_env_proxy(self.base_url),
                 # Our own JSON (orjson) and no cookie jar: each request stands alone.
                 cookie_jar=aiohttp.DummyCookieJar(),
             )

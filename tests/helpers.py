@@ -275,6 +275,8 @@ class FakeUpstream:
     fail_status: int | None = None
     model: str = "fake-model"
     requests: list[dict[str, Any]] = field(default_factory=list)
+    #: The client address of each chat request: one port for many requests is a connection kept alive.
+    peers: list[tuple[str, int]] = field(default_factory=list)
     disconnects: int = 0
     completed: int = 0
     echo: bool = False
@@ -360,6 +362,8 @@ class FakeUpstream:
     async def _chat(self, request: Request) -> Response:
         body = await request.json()
         self.requests.append(body)
+        if request.client is not None:
+            self.peers.append((request.client.host, request.client.port))
         if self.fail_status:
             return JSONResponse({"error": {"message": "fake failure", "type": "server_error"}},
                                 status_code=self.fail_status)
