@@ -16,7 +16,7 @@ import logging
 from collections.abc import AsyncIterator
 
 import anyio
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -25,7 +25,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 from wire import redaction
 
-from . import api, audio, dashboard, dify, keys, openai_doors, swiftchat
+from . import api, audio, dashboard, dify, keys, openai_doors, storage, swiftchat
 from .access import AccessControl, ChatCORS
 from .conversations import ConversationStore
 from .crossnode import CrossNode
@@ -109,15 +109,7 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
     url = redis_url or settings.redis_url
     if not url:
         raise ValueError("create_app needs a Redis URL (relay serve starts an embedded one)")
-    # Short timeouts: a hung Redis must turn into a quick 503, not a hung request.
-    # A blocking pool: a burst (thousands of agents leaving at once) waits its
-    # turn for a connection instead of failing with "Too many connections".
-    pool = BlockingConnectionPool.from_url(
-        url, max_connections=settings.redis_max_connections, timeout=settings.redis_timeout,
-        socket_timeout=settings.redis_timeout, socket_connect_timeout=min(2.0, settings.redis_timeout),
-        health_check_interval=10,
-    )
-    redis = Redis(connection_pool=pool)
+    redis = storage.connect(url, settings)
     node = NodeState()
     sessions = SessionManager()
     registry = InstanceRegistry(redis, heartbeat_timeout=settings.heartbeat_timeout, base_url=settings.base_url())
@@ -144,6 +136,7 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
     redaction.install()  # no credential in any log record, even at DEBUG
     metrics = RelayMetrics(node.node_id, sessions, bus)  # a registry per app: no globals
     # Connections are made lazily, so the pool can still be told which class to make.
+    pool = redis.connection_pool
     pool.connection_class = metrics.count_round_trips(pool.connection_class)
     watch = StatusWatch(registry, interval=settings.watch_interval, max_watchers=settings.max_watchers,
                         per_address=settings.watchers_per_address)

@@ -1,0 +1,59 @@
+"""The relay's Redis connections (relay/storage.py): sends bounded without a task per send."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+from redis.asyncio.connection import UnixDomainSocketConnection
+from redis.exceptions import TimeoutError as RedisTimeout
+
+from relay import storage
+from relay.embedded_redis import EmbeddedRedis
+from relay.settings import RelaySettings
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_commands_run_and_the_timeout_is_kept(redis_url, monkeypatch):
+    def no_task_per_send(*args, **kwargs):
+        raise AssertionError("a send went through asyncio.wait_for")
+
+    client = storage.connect(redis_url, RelaySettings(redis_timeout=2.0))
+    monkeypatch.setattr(asyncio, "wait_for", no_task_per_send)
+    try:
+        assert issubclass(client.connection_pool.connection_class, (storage.TimedSends, UnixDomainSocketConnection))
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.set("k", "v").get("k")
+            assert await pipe.execute() == [True, b"v"]
+        connection = await client.connection_pool.get_connection()
+        try:
+            await connection.send_command("PING")
+            assert await connection.read_response() == b"PONG"
+            assert connection.socket_timeout == 2.0  # unset only for the length of a send
+        finally:
+            await client.connection_pool.release(connection)
+    finally:
+        await client.aclose()
+
+
+async def test_a_write_to_a_stalled_redis_times_out_as_a_redis_error(tmp_path):
+    # A Redis that stops reading (SIGSTOP): a write bigger than the socket's
+    # buffers blocks, and must end at the timeout with redis-py's own error,
+    # which the relay answers with 503.
+    server = EmbeddedRedis(tmp_path, persist=False).start()
+    client = storage.connect(server.url, RelaySettings(redis_timeout=0.5))
+    try:
+        assert await client.ping()
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(RedisTimeout):
+                await client.set("big", b"x" * (32 * 1024 * 1024))
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        assert await client.ping()  # the stalled connection was dropped; a new one works
+    finally:
+        await client.aclose()
+        server.stop()
