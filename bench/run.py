@@ -448,11 +448,26 @@ class Bench:
                 d["added_p50"] = _diff(d.get("p50"), direct.get("p50"))
                 d["added_p99"] = _diff(d.get("p99"), direct.get("p99"))
             out[name] = d
+        for name in ("relay", "relay-2node"):
+            if name in out:
+                out[name]["cpu_ms_per_request"] = await self._cpu_per_request(name, body, o.ttfc_requests)
         if "relay-2node" in out and "relay" in out:
             out["relay-2node"]["hop_p50_over_relay"] = _diff(out["relay-2node"].get("p50"), out["relay"].get("p50"))
             out["relay-2node"]["hop_p99_over_relay"] = _diff(out["relay-2node"].get("p99"), out["relay"].get("p99"))
         self.results["ttfc_ms"] = out
         self.raw["ttfc"] = samples
+
+    async def _cpu_per_request(self, name: str, body: bytes, n: int) -> dict[str, float]:
+        """CPU milliseconds each process spends per sequential request on path ``name`` (what a
+        burst queues behind, and what the capacity model counts)."""
+        port, path = self.paths[name]
+        window = self.cpu_window().start()
+        async with lg.HTTPConnection(HOST, port) as conn:
+            for _ in range(n):
+                await conn.request("POST", path, body)
+        window.stop()
+        return {proc: round(used / n * 1000, 3) for proc, used in window.used.items()
+                if proc in ("relay_a", "relay_b", "agent_a", "redis")}
 
     async def one_stream(self, name: str, chunks: int, size: int = 16) -> dict:
         port, path = self.paths[name]
@@ -964,6 +979,10 @@ def table(r: dict) -> str:
         row("TTFC p99 ms", [_fmt(t.get(p, {}).get("p99"), nd=3) for p in paths])
         row("  added p50 ms vs direct", [_fmt(t.get(p, {}).get("added_p50"), nd=3) for p in paths])
         row("  added p99 ms vs direct", [_fmt(t.get(p, {}).get("added_p99"), nd=3) for p in paths])
+        for proc in ("relay_a", "relay_b", "agent_a", "redis"):
+            if any(proc in t.get(p, {}).get("cpu_ms_per_request", {}) for p in paths):
+                row(f"  {proc} CPU ms / request", [
+                    _fmt(t.get(p, {}).get("cpu_ms_per_request", {}).get(proc), nd=3) for p in paths])
     one = r.get("one_stream", {})
     if one:
         n = one.get("direct", {}).get("chunks", 0)
