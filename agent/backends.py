@@ -253,7 +253,10 @@ class OpenAIBackend:
                                                  timeout=aiohttp.ClientTimeout(total=self._timeout,
                                                                                sock_connect=10.0)) as response:
                 answer = await response.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except TimeoutError:
+            raise BackendError(504, f"model server: no answer within {self._timeout:g} s",
+                               "upstream_timeout") from None
+        except aiohttp.ClientError as exc:
             raise _unreachable(exc) from exc
         if response.status >= 400:
             raise _upstream_error(response.status, answer)

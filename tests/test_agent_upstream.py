@@ -78,3 +78,15 @@ def test_the_environment_proxy_is_read_as_httpx_reads_it(monkeypatch):
     monkeypatch.setenv("NO_PROXY", "models.lan,localhost")
     assert _env_proxy("http://models.lan:8000/v1") is None
     assert _env_proxy("http://other.lan/v1") == "http://proxy.lan:3128"
+
+
+async def test_a_completion_that_takes_longer_than_the_timeout_is_504():
+    upstream = FakeUpstream(hang=True)
+    async with running_upstream(upstream):
+        backend = OpenAIBackend(upstream.url, timeout=0.3)
+        try:
+            with pytest.raises(BackendError) as slow:
+                await backend.complete(CHAT)
+            assert slow.value.status == 504 and slow.value.code == "upstream_timeout"
+        finally:
+            await backend.aclose()
