@@ -38,6 +38,7 @@ from typing import Any
 import orjson
 
 from . import loadgen as lg
+from . import realmodel
 from .procs import (
     CpuWindow,
     Proc,
@@ -60,6 +61,7 @@ PATH_ORDER = ["direct", "nginx", "relay", "relay-2node"]
 LIMITS = ["MAX_STREAMS_PER_INSTANCE", "MAX_STREAMS_PER_CALLER", "RATE_PER_CALLER", "RATE_PER_INSTANCE",
           "RATE_REGISTER_PER_IP", "AGENT_FRAMES_PER_SECOND", "AGENT_BYTES_PER_SECOND"]
 PHASES = ["ttfc", "one_stream", "concurrent", "cpu", "idle"]  # plus "profile" with --profile
+OPTIONAL_PHASES = ["profile", "real_model"]  # real_model: bench/realmodel.py, only when asked
 LABELS = {
     "direct": "direct",
     "nginx": "nginx",
@@ -96,6 +98,7 @@ class Options:
     settle: float = 0.5  # seconds of quiet between scenarios
     phases: list[str] = field(default_factory=lambda: list(PHASES))
     native: bool = False  # py-spy --native: see into C (uvloop, httptools) too
+    real_model: dict[str, Any] = field(default_factory=dict)  # bench/realmodel.py settings
 
 
 QUICK = dict(
@@ -169,6 +172,8 @@ class Bench:
                 await self.phase_concurrent()
             if "cpu" in phases:
                 await self.phase_cpu_per_chunk()
+            if "real_model" in phases:
+                await realmodel.run_phase(self)
             if "profile" in phases:
                 await self.phase_profile()
             if "idle" in phases and self.o.idle_agents:
@@ -1029,6 +1034,7 @@ def table(r: dict) -> str:
                      f"{one['direct-httpx']['loadgen_cpu_s_per_100k']:.3f} CPU s/100k")
     if "direct-httpx" in t:
         lines.append(f"  TTFC p50 direct: loadgen {t['direct'].get('p50')} ms, httpx {t['direct-httpx'].get('p50')} ms")
+    lines.extend(realmodel.table_lines(r))
     lines.append("")
     lines.append("targets (met / MISSED / not measured):")
     for tg in r.get("targets", []):
@@ -1146,9 +1152,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-httpx", action="store_true", help="skip the generic-client comparison")
     p.add_argument("--profile", action="store_true", help="also sample relay A and agent A with py-spy (extra runs)")
     p.add_argument("--native", action="store_true", help="py-spy --native (C frames of uvloop/httptools too)")
-    p.add_argument("--phases", help=f"comma-separated subset of {','.join(PHASES)},profile (default: all)")
+    p.add_argument("--phases", help=f"comma-separated subset of {','.join(PHASES + OPTIONAL_PHASES)}"
+                   " (default: all but the optional ones)")
     p.add_argument("--output", type=Path, help="results directory (default bench/results)")
     p.add_argument("--no-plot", action="store_true")
+    realmodel.add_arguments(p)
     return p
 
 
@@ -1179,11 +1187,14 @@ def options_from(argv: list[str] | None) -> Options:
     o.native = args.native
     if args.phases:
         o.phases = [x.strip() for x in args.phases.split(",") if x.strip()]
-        unknown = set(o.phases) - set(PHASES) - {"profile"}
+        unknown = set(o.phases) - set(PHASES) - set(OPTIONAL_PHASES)
         if unknown:
             raise SystemExit(f"unknown phases: {', '.join(sorted(unknown))}")
     if o.profile and "profile" not in o.phases:
         o.phases.append("profile")
+    o.real_model, asked = realmodel.options(args, o.quick)
+    if asked and "real_model" not in o.phases:
+        o.phases.append("real_model")
     o.plot = not args.no_plot
     return o
 
