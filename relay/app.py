@@ -166,7 +166,7 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
                     await gateway.send_all_away()  # none left when RelayServer drained first
                     await presence.leave()
                 tg.cancel_scope.cancel()
-        await redis.aclose()
+        await storage.close(redis)
 
     app = Starlette(
         routes=routes(gateway, with_dashboard=settings.dashboard),

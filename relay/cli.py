@@ -26,6 +26,7 @@ try:
     from .demo import run_demo
     from .embedded_redis import redis_for
     from .server import RelayServer, uvicorn_config
+    from .storage import BadRedisURL
 except ModuleNotFoundError as exc:
     if (exc.name or "").partition(".")[0] not in SERVER_EXTRA:
         raise
@@ -96,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(run_demo(settings))
     except KeyboardInterrupt:
         pass
+    except BadRedisURL as exc:
+        print(f"relay: bad Redis URL: {exc}", file=sys.stderr)
+        return 2
     except RuntimeError as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return 1

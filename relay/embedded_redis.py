@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import re
 import shutil
 import signal
 import subprocess
@@ -175,9 +176,14 @@ def redis_for(settings: RelaySettings, data_subdir: str = "redis") -> Iterator[s
         yield embedded.url
 
 
+_QUERY_PASSWORD = re.compile(r"(?i)(password=)[^&]*")
+
+
 def safe_url(url: str) -> str:
-    """The Redis URL without its password, for logs."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
-    return url
+    """The Redis URL without its passwords (in the user part or a Sentinel URL's query), for logs."""
+    if "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    if "@" in rest.split("/", 1)[0]:
+        rest = "***@" + rest.split("@", 1)[1]
+    return scheme + "://" + _QUERY_PASSWORD.sub(r"\1***", rest)

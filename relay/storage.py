@@ -1,5 +1,16 @@
 """How the relay connects to Redis: one pool, its timeouts, its connection class.
 
+Two kinds of URL:
+
+* ``redis://`` / ``rediss://`` / ``unix://`` — one server, as redis-py reads them;
+* ``redis+sentinel://[user:password@]host:port[,host:port...]/service[/db]`` (or
+  ``rediss+sentinel://`` for TLS to the master) — the master Redis Sentinel
+  names ``service``.  Every connection asks the sentinels where the master is
+  when it connects, so after a failover the relay finds the new master by
+  itself: requests fail with 503 while no master is known, then work again.
+  The URL's password is the master's; ``?sentinel_password=`` is the
+  sentinels' own, when they have one.
+
 Short timeouts: a hung Redis must turn into a quick 503, not a hung request.
 A blocking pool: a burst (thousands of agents leaving at once) waits its turn
 for a connection instead of failing with "Too many connections".
@@ -14,10 +25,13 @@ the same bound with ``asyncio.timeout``, one timer and no task.
 from __future__ import annotations
 
 import asyncio
+import urllib.parse
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection, SentinelManagedSSLConnection
 from redis.exceptions import TimeoutError as RedisTimeout
 
 from .settings import RelaySettings
@@ -50,13 +64,79 @@ def timed(connection_class: type[AbstractConnection]) -> type[AbstractConnection
     return type(f"Timed{connection_class.__name__}", (TimedSends, connection_class), {})
 
 
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+
+
+class BadRedisURL(ValueError):
+    """A ``--redis-url`` the relay cannot use; its message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class SentinelURL:
+    """A parsed ``redis+sentinel://`` URL."""
+
+    sentinels: list[tuple[str, int]]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    sentinel_password: str | None = field(default=None, repr=False)
+    ssl: bool = False
+
+    @classmethod
+    def parse(cls, url: str) -> SentinelURL:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in SENTINEL_SCHEMES:
+            raise BadRedisURL(f"not a Sentinel URL (scheme {parts.scheme!r}, expected redis+sentinel://)")
+        where = parts.netloc.rpartition("@")[2]
+        sentinels = []
+        for item in where.split(","):
+            host, _, port = item.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise BadRedisURL(f"Sentinel URL: {item!r} is not host:port (e.g. redis+sentinel://s1:26379,"
+                                 "s2:26379/mymaster)")
+            sentinels.append((host.strip("[]"), int(port)))
+        path = [p for p in parts.path.split("/") if p]
+        if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+            raise BadRedisURL("Sentinel URL: the path must name the master, e.g. redis+sentinel://s1:26379/mymaster "
+                             "(optionally /mymaster/DB)")
+        query = urllib.parse.parse_qs(parts.query)
+        unquote = urllib.parse.unquote
+        return cls(sentinels, unquote(path[0]), int(path[1]) if len(path) == 2 else 0,
+                   unquote(parts.username) if parts.username else None,
+                   unquote(parts.password) if parts.password is not None else None,
+                   query.get("sentinel_password", [None])[0], parts.scheme == "rediss+sentinel")
+
+
 def connect(url: str, settings: RelaySettings) -> Redis:
-    """The relay's client for ``url``: a blocking pool of timed connections, opened lazily (so the
+    """The relay's client for ``url``: a pool of timed connections, opened lazily (so the
     composition root can still wrap their class: ``RelayMetrics.count_round_trips``)."""
-    pool = BlockingConnectionPool.from_url(
-        url, max_connections=settings.redis_max_connections, timeout=settings.redis_timeout,
-        socket_timeout=settings.redis_timeout, socket_connect_timeout=min(2.0, settings.redis_timeout),
-        health_check_interval=10,
-    )
+    timeouts = {"socket_timeout": settings.redis_timeout,
+                "socket_connect_timeout": min(2.0, settings.redis_timeout)}
+    if url.split("://", 1)[0] in SENTINEL_SCHEMES:
+        target = SentinelURL.parse(url)
+        sentinel = Sentinel(target.sentinels, sentinel_kwargs={**timeouts, "password": target.sentinel_password},
+                            **timeouts)
+        managed = SentinelManagedSSLConnection if target.ssl else SentinelManagedConnection
+        # redis-py's Sentinel pool does not block when full: past max_connections
+        # a request fails (503) instead of waiting its turn.
+        return sentinel.master_for(target.service, connection_class=timed(managed), db=target.db,
+                                   username=target.username, password=target.password,
+                                   max_connections=settings.redis_max_connections, health_check_interval=10)
+    try:
+        pool = BlockingConnectionPool.from_url(
+            url, max_connections=settings.redis_max_connections, timeout=settings.redis_timeout,
+            health_check_interval=10, **timeouts,
+        )
+    except ValueError as exc:  # redis-py's word for a URL it cannot read
+        raise BadRedisURL(f"{exc} (or redis+sentinel:// for Sentinel)") from None
     pool.connection_class = timed(pool.connection_class)
     return Redis(connection_pool=pool)
+
+
+async def close(client: Redis) -> None:
+    """Close ``client``'s pool, and its sentinels' connections when it has sentinels."""
+    await client.aclose()
+    manager = getattr(client.connection_pool, "sentinel_manager", None)
+    for sentinel in getattr(manager, "sentinels", ()):
+        await sentinel.aclose()

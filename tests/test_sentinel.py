@@ -1,0 +1,129 @@
+"""The relay on Redis Sentinel: the URL, serving through the master, and a failover.
+
+A real Sentinel set (``tests/redis_servers.py``: master, replica, three
+sentinels from Debian's packages) behind two in-process relay nodes.  The
+failover test kills the master with SIGKILL and measures how long until new
+chats work again (printed with ``-s``; never asserted on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import httpx
+import pytest
+
+from relay.embedded_redis import safe_url
+from relay.storage import SentinelURL
+from tests.helpers import (
+    FakeUpstream,
+    Stopwatch,
+    offline,
+    online,
+    openai_backend,
+    running_agent,
+    running_relay,
+    running_upstream,
+    sse_lines,
+    wait_until,
+)
+from tests.redis_servers import SentinelSet
+
+pytestmark = pytest.mark.anyio
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_sentinel_urls_parse_and_refuse_clearly():
+    url = SentinelURL.parse("redis+sentinel://app:s%40cret@10.0.0.1:26379,[::1]:26380/main/2?sentinel_password=x")
+    assert url.sentinels == [("10.0.0.1", 26379), ("::1", 26380)]
+    assert (url.service, url.db, url.username, url.password, url.sentinel_password, url.ssl) == (
+        "main", 2, "app", "s@cret", "x", False)
+    assert SentinelURL.parse("rediss+sentinel://s1:26379/main").ssl
+    for bad, says in [("redis+sentinel://s1:26379", "must name the master"),
+                      ("redis+sentinel://s1/main", "not host:port"),
+                      ("redis+sentinel://s1:26379/main/x", "must name the master"),
+                      ("redis://s1:6379/0", "not a Sentinel URL")]:
+        with pytest.raises(ValueError, match=says):
+            SentinelURL.parse(bad)
+    assert safe_url("redis+sentinel://app:pw@s1:1/main?sentinel_password=x") == \
+        "redis+sentinel://***@s1:1/main?sentinel_password=***"
+
+
+@pytest.fixture
+def sentinels(tmp_path):
+    servers = SentinelSet(tmp_path).start()
+    yield servers
+    servers.stop()
+
+
+async def chat_ok(client: httpx.AsyncClient, url: str) -> bool:
+    try:
+        async with client.stream("POST", url, json={**CHAT, "stream": True}) as response:
+            return response.status_code == 200 and (await sse_lines(response))[-1] == "[DONE]"
+    except httpx.HTTPError:
+        return False
+
+
+async def test_two_nodes_on_sentinel_serve_across_nodes_and_survive_a_failover(sentinels):
+    upstream = FakeUpstream(chunks=3)
+    async with running_upstream(upstream), running_relay(sentinels.url) as node_a, \
+            running_relay(sentinels.url) as node_b:
+        instance_id, token = await node_a.register()
+        async with running_agent(node_b.url, token, openai_backend(upstream)), node_a.client() as client:
+            await wait_until(lambda: online(node_a, instance_id), what="the agent online, seen from node A")
+            url = f"/api/chat/{instance_id}"
+            assert await chat_ok(client, url)  # caller on A, agent on B: the bus runs through the master
+            # The registration is on the replica before the master dies (replication is asynchronous).
+            assert sentinels.master.client().execute_command("WAIT", 1, 5000) == 1
+
+            clock = Stopwatch("sentinel failover (master SIGKILLed)")
+            sentinels.master.kill()
+            await asyncio.to_thread(sentinels.wait_for, lambda: sentinels.master_port() == sentinels.replica.port,
+                                    "the replica promoted")
+            clock.lap("replica promoted")
+            await wait_until(lambda: chat_ok(client, url), 60, 0.1, "a chat across nodes on the new master")
+            clock.lap("chats across nodes work again")
+            assert (await online(node_b, instance_id)) is not None  # no instance stuck offline
+            # Both nodes write to the new master: its keys are theirs now.
+            promoted = sentinels.replica.client()
+            assert promoted.execute_command("ROLE")[0] == b"master"
+            assert any(key.startswith(b"ir:node:") for key in promoted.scan_iter("ir:node:*"))
+        # No instance stuck online: the agent leaves, and both nodes see it offline.
+        await wait_until(lambda: offline(node_a, instance_id), 30, what="the instance offline after its agent left")
+
+
+async def test_a_stream_in_flight_when_the_master_dies_ends_cleanly(sentinels):
+    # The stream's frames do not touch Redis (agent and caller on one node), so it
+    # finishes; its end (lease release) fails quietly and the lease expires by itself.
+    upstream = FakeUpstream(chunks=20, hold_after=2)
+    async with running_upstream(upstream), running_relay(sentinels.url) as relay:
+        instance_id, token = await relay.register()
+        async with running_agent(relay.url, token, openai_backend(upstream)), relay.client() as client:
+            await wait_until(lambda: online(relay, instance_id), what="the agent online")
+            async with client.stream("POST", f"/api/chat/{instance_id}", json={**CHAT, "stream": True}) as response:
+                assert response.status_code == 200
+                lines = response.aiter_lines()
+                first = await anext(lines)
+                assert first.startswith("data: ")
+                sentinels.master.kill()
+                upstream.release()
+                rest = [line async for line in lines if line.startswith("data: ")]
+            assert rest[-1] == "data: [DONE]"
+            assert not any('"error"' in line for line in rest)
+            await wait_until(lambda: chat_ok(client, f"/api/chat/{instance_id}"), 60, 0.1,
+                             "chats working again after the failover")
+
+
+@pytest.mark.parametrize("url", ["redis+sentinel://s1/main", "redis+sentinel://s1:26379", "mongodb://x:1/0"])
+def test_relay_serve_refuses_a_bad_redis_url_clearly(url, capsys, tmp_path):
+    from relay.cli import main
+
+    handler = signal.getsignal(signal.SIGTERM)  # main() installs its own
+    try:
+        assert main(["serve", "--redis-url", url, "--data-dir", str(tmp_path)]) == 2
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    error = capsys.readouterr().err
+    assert error.startswith("relay: bad Redis URL:") and "Traceback" not in error
