@@ -11,6 +11,7 @@ says they must run.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -157,3 +158,69 @@ class SentinelSet:
     def stop(self) -> None:
         for server in (*self.sentinels, self.replica, self.master):
             server.kill()
+
+
+class PartitionableLink:
+    """A TCP front for a Redis on a unix socket, that a test can cut like a network.
+
+    One relay node reaches Redis through it (``url``), the others directly, so
+    cutting it isolates that node alone.  ``cut()`` drops every connection and
+    leaves new ones hanging (connected, never answered: packets going nowhere);
+    ``heal()`` forwards again.
+    """
+
+    def __init__(self, socket_path: str):
+        self.socket_path = socket_path
+        self.port = 0
+        self.severed = False
+        self._server: asyncio.base_events.Server | None = None
+        self._open: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> PartitionableLink:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._open.add(writer)
+        try:
+            if self.severed:
+                await reader.read()  # hold it open, answer nothing, until the client gives up
+                return
+            up_reader, up_writer = await asyncio.open_unix_connection(self.socket_path)
+            self._open.add(up_writer)
+
+            async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+                while data := await source.read(65536):
+                    if self.severed:
+                        return
+                    sink.write(data)
+                    await sink.drain()
+
+            await asyncio.wait([asyncio.ensure_future(pump(reader, up_writer)),
+                                asyncio.ensure_future(pump(up_reader, writer))],
+                               return_when=asyncio.FIRST_COMPLETED)
+            up_writer.close()
+        except OSError:
+            pass
+        finally:
+            self._open.discard(writer)
+            writer.close()
+
+    def cut(self) -> None:
+        self.severed = True
+        for writer in list(self._open):
+            writer.transport.abort()
+        self._open.clear()
+
+    def heal(self) -> None:
+        self.severed = False
+
+    async def stop(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()

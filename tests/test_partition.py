@@ -1,0 +1,73 @@
+"""One relay node cut off from Redis while the others still reach it.
+
+Node A reaches Redis through a link the test can cut (``PartitionableLink``),
+node B directly.  The agent is on A.  While A is cut off, B must see the
+instance offline (A's liveness key expires: nobody is sent to an agent no
+node can vouch for) and callers at A get 503s, not hangs; once the link is
+back, A re-asserts its agents and requests cross nodes again, without the
+agent reconnecting.  Recovery times are printed with ``-s``, never asserted.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.helpers import (
+    FakeUpstream,
+    Stopwatch,
+    offline,
+    online,
+    openai_backend,
+    running_agent,
+    running_relay,
+    running_upstream,
+    wait_until,
+)
+from tests.redis_servers import PartitionableLink
+
+pytestmark = pytest.mark.anyio
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "stream": False}
+
+
+async def test_a_node_cut_off_from_redis_goes_dark_then_comes_back(redis_server, redis_url):
+    upstream = FakeUpstream(chunks=3)
+    link = await PartitionableLink(str(redis_server.socket_path)).start()
+    try:
+        async with running_upstream(upstream), running_relay(link.url, redis_timeout=1.0) as node_a, \
+                running_relay(redis_url, redis_timeout=1.0) as node_b:
+            instance_id, token = await node_b.register()
+            async with running_agent(node_a.url, token, openai_backend(upstream)) as agent, \
+                    node_a.client() as at_a, node_b.client() as at_b:
+                url = f"/api/chat/{instance_id}"
+                await wait_until(lambda: online(node_b, instance_id), what="the agent online, seen from B")
+                assert (await at_b.post(url, json=CHAT)).status_code == 200  # B -> bus -> A -> agent
+
+                link.cut()
+                clock = Stopwatch("one node cut off from redis")
+                await wait_until(lambda: offline(node_b, instance_id), 30, what="B to see the instance offline")
+                clock.lap("the other node sees the instance offline")
+                refused = await at_b.post(url, json=CHAT)
+                assert refused.status_code == 503 and refused.json()["error"]["code"] == "instance_offline", \
+                    refused.text
+                try:
+                    at_a_now = await at_a.post(url, json=CHAT)
+                except httpx.HTTPError as exc:  # a hang would surface here as a timeout
+                    raise AssertionError(f"node A did not answer while cut off: {exc!r}") from None
+                assert at_a_now.status_code == 503, at_a_now.text
+                clock.lap("callers at the cut-off node get 503")
+
+                link.heal()
+                clock = Stopwatch("link back")
+                await wait_until(lambda: online(node_b, instance_id), 30, what="the instance online again at B")
+                clock.lap("presence re-asserted")
+
+                async def served() -> bool:
+                    return (await at_b.post(url, json=CHAT)).status_code == 200
+
+                await wait_until(served, 30, what="a chat at B served by the agent on A again")
+                clock.lap("chats across nodes again")
+                assert agent.connected.is_set()  # the agent rode it out on its websocket
+    finally:
+        await link.stop()
