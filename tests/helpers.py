@@ -37,6 +37,7 @@ from websockets.exceptions import ConnectionClosed
 import wire
 from agent.backends import DemoBackend, OpenAIBackend, encode_png
 from agent.client import AgentClient
+from relay import storage
 from relay.app import create_app
 from relay.server import RelayServer, uvicorn_config
 from relay.settings import RelaySettings
@@ -46,6 +47,11 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def redis_client(url: str):
+    """A client for any Redis URL the relay takes (one server, or Sentinel), connected as the relay connects."""
+    return storage.connect(url, RelaySettings())
 
 
 def fast_settings(**overrides: Any) -> RelaySettings:

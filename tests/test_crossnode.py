@@ -21,6 +21,7 @@ from relay.streams import Stream
 from tests.helpers import (
     FakeUpstream,
     openai_backend,
+    redis_client,
     running_agent,
     running_relay,
     running_upstream,
@@ -63,7 +64,7 @@ async def test_malformed_cross_node_messages_are_dropped_and_the_node_keeps_work
     async with running_relay(redis_url) as node_a, running_relay(redis_url) as node_b:
         instance_id, token = await node_a.register()
         async with running_agent(node_b.url, token), node_a.client() as client:
-            redis = Redis.from_url(redis_url)
+            redis = redis_client(redis_url)
             try:
                 for message in GARBAGE:
                     await redis.publish(keys.inbox(node_a.app.state.node.node_id), message)
@@ -109,7 +110,7 @@ async def test_the_frames_on_the_bus_are_the_agent_frames(redis_url):
     async with running_relay(redis_url) as node_a, running_relay(redis_url) as node_b:
         instance_id, token = await node_a.register()
         a_id, b_id = node_a.app.state.node.node_id, node_b.app.state.node.node_id
-        redis = Redis.from_url(redis_url)
+        redis = redis_client(redis_url)
         pubsub = redis.pubsub()
         await pubsub.subscribe(keys.inbox(a_id), keys.inbox(b_id))
         try:
@@ -141,7 +142,7 @@ async def test_the_frames_on_the_bus_are_the_agent_frames(redis_url):
 async def test_a_handler_that_fails_does_not_end_the_subscription(redis_url):
     from relay.subscriber import Subscriber
 
-    redis = Redis.from_url(redis_url)
+    redis = redis_client(redis_url)
     got: list[bytes] = []
 
     def handler(data: bytes) -> None:
@@ -226,7 +227,7 @@ async def test_nodes_with_different_windows_still_stream(redis_url):
 
 async def test_a_0_1_node_asking_for_a_stream_is_refused_in_its_own_codec(redis_url):
     async with running_relay(redis_url) as node:
-        redis = Redis.from_url(redis_url)
+        redis = redis_client(redis_url)
         pubsub = redis.pubsub()
         await pubsub.subscribe(keys.inbox("old-node"))
         try:

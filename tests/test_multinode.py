@@ -16,7 +16,6 @@ import contextlib
 import httpx
 import orjson
 import pytest
-from redis.asyncio import Redis
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
@@ -30,6 +29,7 @@ from tests.helpers import (
     Stopwatch,
     instance_view,
     online,
+    redis_client,
     running_relay,
     running_upstream,
     sse_lines,
@@ -41,7 +41,7 @@ pytestmark = pytest.mark.anyio
 
 async def _load(redis_url: str, instance_id: str) -> dict[str, int]:
     """Requests in flight per agent session, as the routing script counts them."""
-    client = Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     try:
         raw = await client.hgetall(keys.load(instance_id))
     finally:
