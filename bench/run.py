@@ -642,17 +642,22 @@ class Bench:
                 await asyncio.sleep(0.5)
                 idle_rate = (await self.round_trips() - idle_start) / (time.perf_counter() - t0)
                 before, trips_before, t0 = _redis_calls(rcli), await self.round_trips(), time.perf_counter()
+                bytes_before = _redis_bytes(rcli)
                 async with lg.HTTPConnection(HOST, port) as conn:
                     for _ in range(n):
                         await conn.request("POST", path, lg.chat_body(self.o.ttfc_chunks))
                 after, trips_after, elapsed = _redis_calls(rcli), await self.round_trips(), time.perf_counter() - t0
+                bytes_after = _redis_bytes(rcli)
                 calls = {k: after.get(k, 0) - before.get(k, 0) for k in after}
                 calls = {
                     k: round(v / n, 2) for k, v in sorted(calls.items(), key=lambda kv: -kv[1]) if v and k != "info"
                 }
                 trips = max(0.0, trips_after - trips_before - idle_rate * elapsed) / n
+                # Bytes into and out of Redis, every client (both nodes, and the node's own loops
+                # during the run: a few hundred bytes per heartbeat, small beside 50 requests).
+                traffic = [round((b - a) / n) for a, b in zip(bytes_before, bytes_after, strict=True)]
                 out[name] = {"per_request": round(sum(calls.values()), 2), "by_command": calls,
-                             "round_trips_a": round(trips, 2)}
+                             "round_trips_a": round(trips, 2), "bytes_in": traffic[0], "bytes_out": traffic[1]}
         finally:
             rcli.close()
         self.results["redis_per_request"] = out
@@ -808,6 +813,12 @@ def _children(pid: int) -> list[int]:
         return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
         return []
+
+
+def _redis_bytes(rcli) -> tuple[int, int]:
+    """Bytes Redis has read from and written to its clients so far."""
+    stats = rcli.info("stats")
+    return int(stats["total_net_input_bytes"]), int(stats["total_net_output_bytes"])
 
 
 def _redis_calls(rcli) -> dict[str, int]:
@@ -1024,7 +1035,8 @@ def table(r: dict) -> str:
     rpr = r.get("redis_per_request", {})
     for name, v in rpr.items():
         lines.append(f"redis per request via {LABELS[name]}: {v.get('round_trips_a')} round trips (relay A), "
-                     f"{v['per_request']} commands  {v['by_command']}")
+                     f"{v['per_request']} commands, {v.get('bytes_in')} B in / {v.get('bytes_out')} B out  "
+                     f"{v['by_command']}")
     one = r.get("one_stream", {})
     if "direct-httpx" in one and "direct" in one:
         lines.append("load generator's own cost (direct path, one stream):")

@@ -81,5 +81,10 @@ def test_whole_bench_with_tiny_counts(tmp_path):
         assert target in names, target
     trips = results["redis_per_request"]["relay"]["round_trips_a"]
     assert 1 <= trips < 20, trips  # counted by relay A itself, the idle rate taken off
+    per_request = results["redis_per_request"]["relay"]
+    assert per_request["bytes_in"] > 100 and per_request["bytes_out"] > 10, per_request  # the scripts' traffic
+    # Measured for each process (with --quick's few requests, the clock's 10 ms ticks may round it to 0).
+    cpu = results["ttfc_ms"]["relay"]["cpu_ms_per_request"]
+    assert {"relay_a", "agent_a", "redis"} <= cpu.keys() and min(cpu.values()) >= 0, cpu
     json_path, _png = write_outputs(results, raw, options)
     assert orjson.loads(json_path.read_bytes())["meta"]["cores"]
