@@ -583,6 +583,26 @@ class Bench:
         if len(sizes) >= 2 and sizes[0]["relay_cpu_s_per_100k"]:
             out["ratio_large_to_small"] = round(sizes[-1]["relay_cpu_s_per_100k"] / sizes[0]["relay_cpu_s_per_100k"], 2)
         self.results["cpu_per_chunk"] = out
+        if "relay-2node" in self.paths:
+            await self._cpu_per_chunk_across_nodes(min(o.sizes))
+
+    async def _cpu_per_chunk_across_nodes(self, size: int) -> None:
+        """The same paced load with the caller on node A and the agent on node B: what both nodes spend
+        per chunk (docs/capacity.md counts it for callers that land on another node than the agent)."""
+        o = self.o
+        port, path = self.paths["relay-2node"]
+        self.say(f"cpu per chunk across nodes: {o.cpu_streams}x{o.cpu_chunks}@{o.cpu_rate:g}/s, {size}-char chunks")
+        window = self.cpu_window().start()
+        res = await lg.run_concurrent(HOST, port, path, o.cpu_streams, o.cpu_chunks, o.cpu_rate, size=size,
+                                      ramp=1.0 / o.cpu_rate, timeout=max(60.0, 5 * o.cpu_chunks / o.cpu_rate))
+        window.stop()
+        chunks = max(res.completed * (o.cpu_chunks + 1), 1)
+        self.results["cpu_per_chunk_across_nodes"] = {
+            "event_bytes": len(_sample_event(size)), "completed": res.completed, "errors": res.errors,
+            **{f"{proc}_us_per_chunk": round(window.used.get(proc, 0) / chunks * 1e6, 1)
+               for proc in ("relay_a", "relay_b", "redis")},
+        }
+        await asyncio.sleep(self.o.settle)
 
     async def phase_profile(self) -> None:
         """Sample node A and agent A with py-spy under three loads (separate runs, figures not reused)."""
@@ -1022,6 +1042,12 @@ def table(r: dict) -> str:
                              f" ({v['completed']} streams, {v['errors']} errors)")
         if "ratio_large_to_small" in cpc:
             lines.append(f"  large/small ratio: {cpc['ratio_large_to_small']}")
+    across = r.get("cpu_per_chunk_across_nodes")
+    if across:
+        lines.append(f"  across nodes ({across['event_bytes']} B events, caller on A, agent on B): relay A "
+                     f"{across['relay_a_us_per_chunk']} µs + relay B {across['relay_b_us_per_chunk']} µs per chunk, "
+                     f"redis {across['redis_us_per_chunk']} µs "
+                     f"({across['completed']} streams, {across['errors']} errors)")
     idle = r.get("idle_agents")
     if idle:
         lines.append(f"idle agents on one fresh node (heartbeat {idle['heartbeat_interval_s']:g} s):")
