@@ -132,7 +132,14 @@ def _env_proxy(url: str) -> str | None:
     parsed = urllib.parse.urlsplit(url)
     if parsed.hostname and urllib.request.proxy_bypass(parsed.hostname):
         return None
-    return urllib.request.getproxies_environment().get(parsed.scheme) or None
+    proxies = urllib.request.getproxies_environment()
+    proxy = proxies.get(parsed.scheme) or proxies.get("all") or None
+    if proxy is not None and urllib.parse.urlsplit(proxy).scheme not in ("http", "https"):
+        # httpx would need its socks extra too; aiohttp speaks HTTP proxies only.
+        kind = urllib.parse.urlsplit(proxy).scheme
+        raise BackendError(502, f"the proxy for {url} ({kind}://) is not an HTTP proxy; the agent reaches "
+                                "its model server through HTTP(S) proxies only", "proxy_unsupported")
+    return proxy
 
 
 def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
@@ -163,6 +170,7 @@ class OpenAIBackend:
         )
         self._timeout = timeout
         self._headers = {"Content-Type": "application/json", **headers}
+        self._proxy = _env_proxy(self.base_url)  # a proxy it cannot use is refused now, not per request
         # Created on first use: an aiohttp session belongs to the running loop.
         self._chat: aiohttp.ClientSession | None = None
         self.client = httpx.AsyncClient(
@@ -202,7 +210,7 @@ class OpenAIBackend:
                 # As httpx does: HTTP(S)_PROXY / NO_PROXY from the environment,
                 # read once here (aiohttp's trust_env reads them, and ~/.netrc
                 # in a thread, on every request).
-                proxy=_env_proxy(self.base_url),
+                proxy=self._proxy,
                 # Our own JSON (orjson) and no cookie jar: each request stands alone.
                 cookie_jar=aiohttp.DummyCookieJar(),
             )
@@ -253,11 +261,11 @@ class OpenAIBackend:
                                                  timeout=aiohttp.ClientTimeout(total=self._timeout,
                                                                                sock_connect=10.0)) as response:
                 answer = await response.read()
+        except aiohttp.ClientError as exc:  # its connect timeout too: unreachable, as on the stream path
+            raise _unreachable(exc) from exc
         except TimeoutError:
             raise BackendError(504, f"model server: no answer within {self._timeout:g} s",
                                "upstream_timeout") from None
-        except aiohttp.ClientError as exc:
-            raise _unreachable(exc) from exc
         if response.status >= 400:
             raise _upstream_error(response.status, answer)
         return answer

@@ -128,6 +128,8 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
         {keys.EVENTS_CHANNEL: gateway.on_registry_event, bus.channel: bus.handle},
         on_subscribed=subscribed,
         on_lost=bus.inbox_lost,
+        probe_after=settings.heartbeat_interval,
+        probe_timeout=settings.redis_timeout,
     )
     access = AccessControl(redis, registry, registration_key=settings.registration_key)
     stream_leases = StreamLeases(

@@ -184,6 +184,7 @@ def safe_url(url: str) -> str:
     if "://" not in url:
         return url
     scheme, rest = url.split("://", 1)
-    if "@" in rest.split("/", 1)[0]:
-        rest = "***@" + rest.split("@", 1)[1]
+    netloc, slash, path = rest.partition("/")
+    if "@" in netloc:  # the last one ends the user part, as urllib (and redis-py) read it
+        rest = "***@" + netloc.rpartition("@")[2] + slash + path
     return scheme + "://" + _QUERY_PASSWORD.sub(r"\1***", rest)

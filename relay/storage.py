@@ -31,7 +31,12 @@ from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
-from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection, SentinelManagedSSLConnection
+from redis.asyncio.sentinel import (
+    Sentinel,
+    SentinelConnectionPool,
+    SentinelManagedConnection,
+    SentinelManagedSSLConnection,
+)
 from redis.exceptions import TimeoutError as RedisTimeout
 
 from .settings import RelaySettings
@@ -46,9 +51,11 @@ class TimedSends(AbstractConnection):
             await super().send_packed_command(command, check_health)
             return
         # redis-py takes an unset socket timeout to mean "write directly";
-        # the deadline around the call bounds the write, and the health check
-        # that may precede it, just as its own wait_for did.  A connection is
-        # used by one task at a time, so nothing reads the unset value meanwhile.
+        # the deadline around the call bounds the write, as its own wait_for
+        # did, and also what may precede it inside the call (a health-check
+        # PING, a reconnect after a retry's disconnect): one timeout for all.
+        # A connection is used by one task at a time, so nothing reads the
+        # unset value meanwhile.
         self.socket_timeout = None
         try:
             async with asyncio.timeout(timeout):
@@ -65,6 +72,10 @@ def timed(connection_class: type[AbstractConnection]) -> type[AbstractConnection
 
 
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+
+
+class BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """The Sentinel pool that waits for a free connection when full, as the relay's pool does for one server."""
 
 
 class BadRedisURL(ValueError):
@@ -118,11 +129,10 @@ def connect(url: str, settings: RelaySettings) -> Redis:
         sentinel = Sentinel(target.sentinels, sentinel_kwargs={**timeouts, "password": target.sentinel_password},
                             **timeouts)
         managed = SentinelManagedSSLConnection if target.ssl else SentinelManagedConnection
-        # redis-py's Sentinel pool does not block when full: past max_connections
-        # a request fails (503) instead of waiting its turn.
-        return sentinel.master_for(target.service, connection_class=timed(managed), db=target.db,
-                                   username=target.username, password=target.password,
-                                   max_connections=settings.redis_max_connections, health_check_interval=10)
+        return sentinel.master_for(target.service, connection_pool_class=BlockingSentinelPool,
+                                   connection_class=timed(managed), db=target.db, username=target.username,
+                                   password=target.password, max_connections=settings.redis_max_connections,
+                                   timeout=settings.redis_timeout, health_check_interval=10)
     try:
         pool = BlockingConnectionPool.from_url(
             url, max_connections=settings.redis_max_connections, timeout=settings.redis_timeout,
@@ -136,7 +146,7 @@ def connect(url: str, settings: RelaySettings) -> Redis:
 
 async def close(client: Redis) -> None:
     """Close ``client``'s pool, and its sentinels' connections when it has sentinels."""
-    await client.aclose()
+    await client.aclose(close_connection_pool=True)
     manager = getattr(client.connection_pool, "sentinel_manager", None)
     for sentinel in getattr(manager, "sentinels", ()):
         await sentinel.aclose()

@@ -166,13 +166,17 @@ class PartitionableLink:
     One relay node reaches Redis through it (``url``), the others directly, so
     cutting it isolates that node alone.  ``cut()`` drops every connection and
     leaves new ones hanging (connected, never answered: packets going nowhere);
-    ``heal()`` forwards again.
+    ``heal()`` forwards again.  ``silence()`` is the nastier fault: the
+    connections open now stay open but carry nothing more, ever (a host gone
+    without a reset, a frozen server), while new ones work.
     """
 
     def __init__(self, socket_path: str):
         self.socket_path = socket_path
         self.port = 0
         self.severed = False
+        self._generation = 0  # connections accepted before generation ``_silent_below`` carry nothing
+        self._silent_below = 0
         self._server: asyncio.base_events.Server | None = None
         self._open: set[asyncio.StreamWriter] = set()
 
@@ -193,11 +197,14 @@ class PartitionableLink:
                 return
             up_reader, up_writer = await asyncio.open_unix_connection(self.socket_path)
             self._open.add(up_writer)
+            generation = self._generation
 
             async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
                 while data := await source.read(65536):
                     if self.severed:
                         return
+                    if generation < self._silent_below:
+                        continue  # swallowed: the connection looks alive and says nothing
                     sink.write(data)
                     await sink.drain()
 
@@ -216,6 +223,10 @@ class PartitionableLink:
         for writer in list(self._open):
             writer.transport.abort()
         self._open.clear()
+
+    def silence(self) -> None:
+        self._generation += 1
+        self._silent_below = self._generation
 
     def heal(self) -> None:
         self.severed = False

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from agent.backends import BackendError, OpenAIBackend, _env_proxy
-from tests.helpers import FakeUpstream, running_upstream
+from tests.helpers import FakeUpstream, running_upstream, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -37,6 +37,8 @@ async def test_a_stream_left_early_closes_its_connection():
             stream = backend.stream(CHAT)
             assert await anext(stream)
             await stream.aclose()
+            # What tells the model server to stop: it sees its client gone, mid-answer.
+            await wait_until(lambda: upstream.disconnects == 1, what="the model server seeing the request closed")
             upstream.release()
             # The next request cannot be on the abandoned connection.
             assert [event async for batch in backend.stream(CHAT) for event in batch]
@@ -78,6 +80,12 @@ def test_the_environment_proxy_is_read_as_httpx_reads_it(monkeypatch):
     monkeypatch.setenv("NO_PROXY", "models.lan,localhost")
     assert _env_proxy("http://models.lan:8000/v1") is None
     assert _env_proxy("http://other.lan/v1") == "http://proxy.lan:3128"
+    monkeypatch.setenv("ALL_PROXY", "http://all.lan:8080")  # for any scheme without its own
+    assert _env_proxy("https://other.lan/v1") == "http://all.lan:8080"
+    # A proxy aiohttp cannot speak is refused when the backend is made, not on every chat.
+    monkeypatch.setenv("HTTPS_PROXY", "socks5://proxy.lan:1080")
+    with pytest.raises(BackendError, match="not an HTTP proxy"):
+        OpenAIBackend("https://other.lan/v1")
 
 
 async def test_a_completion_that_takes_longer_than_the_timeout_is_504():

@@ -71,3 +71,31 @@ async def test_a_node_cut_off_from_redis_goes_dark_then_comes_back(redis_server,
                 assert agent.connected.is_set()  # the agent rode it out on its websocket
     finally:
         await link.stop()
+
+
+async def test_a_subscription_that_goes_silent_is_rebuilt(redis_server, redis_url):
+    # Node A's connections all go quiet at once, the subscription's included, and stay
+    # open; new connections work (as after a failover to a master that answers when
+    # the old one's host vanished).  Commands time out and reconnect by themselves; the
+    # subscription only reads, so it must be probed, or A would never hear B again.
+    upstream = FakeUpstream(chunks=3)
+    link = await PartitionableLink(str(redis_server.socket_path)).start()
+    try:
+        async with running_upstream(upstream), running_relay(link.url, redis_timeout=1.0) as node_a, \
+                running_relay(redis_url, redis_timeout=1.0) as node_b:
+            instance_id, token = await node_b.register()
+            async with running_agent(node_a.url, token, openai_backend(upstream)), node_b.client() as at_b:
+                url = f"/api/chat/{instance_id}"
+                await wait_until(lambda: online(node_b, instance_id), what="the agent online, seen from B")
+                assert (await at_b.post(url, json=CHAT)).status_code == 200
+
+                link.silence()
+                clock = Stopwatch("node A's redis connections gone silent")
+
+                async def served() -> bool:
+                    return (await at_b.post(url, json=CHAT)).status_code == 200
+
+                await wait_until(served, 60, 0.2, "a chat at B reaching the agent on A again")
+                clock.lap("chats across nodes again (subscription rebuilt)")
+    finally:
+        await link.stop()

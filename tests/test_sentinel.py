@@ -14,7 +14,9 @@ import signal
 import httpx
 import pytest
 
+from relay import storage
 from relay.embedded_redis import safe_url
+from relay.settings import RelaySettings
 from relay.storage import SentinelURL
 from tests.helpers import (
     FakeUpstream,
@@ -49,6 +51,18 @@ def test_sentinel_urls_parse_and_refuse_clearly():
             SentinelURL.parse(bad)
     assert safe_url("redis+sentinel://app:pw@s1:1/main?sentinel_password=x") == \
         "redis+sentinel://***@s1:1/main?sentinel_password=***"
+    assert safe_url("redis://:p@ss@host:6379/0") == "redis://***@host:6379/0"  # the last @ ends the user part
+
+
+async def test_a_burst_past_the_pool_waits_its_turn_on_sentinel(sentinels):
+    # As with one Redis: past redis_max_connections, commands wait for a connection rather than fail.
+    client = storage.connect(sentinels.url, RelaySettings(redis_max_connections=2))
+    try:
+        script = client.register_script("return redis.call('INCR', KEYS[1])")
+        results = await asyncio.gather(*(script(keys=["burst"]) for _ in range(40)))
+        assert sorted(results) == list(range(1, 41))
+    finally:
+        await storage.close(client)
 
 
 @pytest.fixture

@@ -24,7 +24,9 @@ async def test_commands_run_and_the_timeout_is_kept(redis_url, monkeypatch):
     client = storage.connect(redis_url, RelaySettings(redis_timeout=2.0))
     monkeypatch.setattr(asyncio, "wait_for", no_task_per_send)
     try:
-        assert issubclass(client.connection_pool.connection_class, (storage.TimedSends, UnixDomainSocketConnection))
+        connection_class = client.connection_pool.connection_class
+        assert issubclass(connection_class, storage.TimedSends)
+        assert issubclass(connection_class, UnixDomainSocketConnection)  # the URL's kind, kept
         async with client.pipeline(transaction=False) as pipe:
             pipe.set("k", "v").get("k")
             assert await pipe.execute() == [True, b"v"]
@@ -57,3 +59,14 @@ async def test_a_write_to_a_stalled_redis_times_out_as_a_redis_error(tmp_path):
     finally:
         await client.aclose()
         server.stop()
+
+
+async def test_close_closes_the_pool(redis_url):
+    client = storage.connect(redis_url, RelaySettings())
+    await client.ping()
+    pool = client.connection_pool
+    connection = await pool.get_connection()
+    await pool.release(connection)
+    assert connection.is_connected
+    await storage.close(client)
+    assert not connection.is_connected
