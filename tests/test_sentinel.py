@@ -9,9 +9,11 @@ chats work again (printed with ``-s``; never asserted on).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 
 import httpx
+import orjson
 import pytest
 
 from relay import storage
@@ -21,6 +23,7 @@ from relay.storage import SentinelURL
 from tests.helpers import (
     FakeUpstream,
     Stopwatch,
+    frozen,
     offline,
     online,
     openai_backend,
@@ -28,6 +31,7 @@ from tests.helpers import (
     running_relay,
     running_upstream,
     sse_lines,
+    stream_in_flight,
     wait_until,
 )
 from tests.redis_servers import SentinelSet
@@ -141,3 +145,37 @@ def test_relay_serve_refuses_a_bad_redis_url_clearly(url, capsys, tmp_path):
         signal.signal(signal.SIGTERM, handler)
     error = capsys.readouterr().err
     assert error.startswith("relay: bad Redis URL:") and "Traceback" not in error
+
+
+@pytest.mark.parametrize("fault", ["killed", "frozen"])
+async def test_a_cross_node_stream_when_the_master_fails_finishes_or_ends_with_an_error(sentinels, fault):
+    # Caller on A, agent on B: the stream's frames ride the master's pub/sub.  Killed
+    # (connections reset) or frozen (SIGSTOP: connections open and silent, the nastier
+    # case), the stream must end, whole or with an error event, never hang; then chats
+    # across nodes work again on the promoted replica.
+    upstream = FakeUpstream(chunks=20, hold_after=2)
+    async with running_upstream(upstream), running_relay(sentinels.url, redis_timeout=1.0) as node_a, \
+            running_relay(sentinels.url, redis_timeout=1.0) as node_b:
+        instance_id, token = await node_a.register()
+        async with running_agent(node_b.url, token, openai_backend(upstream)), node_a.client() as client:
+            await wait_until(lambda: online(node_a, instance_id), what="the agent online, seen from A")
+            assert sentinels.master.client().execute_command("WAIT", 1, 5000) == 1
+            url = f"/api/chat/{instance_id}"
+            clock = Stopwatch(f"sentinel failover, master {fault}, stream across nodes in flight")
+            with contextlib.ExitStack() as fault_scope:
+                async with stream_in_flight(client, url, {**CHAT, "stream": True}) as stream:
+                    if fault == "killed":
+                        sentinels.master.kill()
+                    else:
+                        fault_scope.enter_context(frozen(sentinels.master.process))  # resumed at the end
+                    upstream.release()
+                    events = await stream.rest(60)
+                clock.lap("the stream in flight ended")
+                assert events[-1] == "[DONE]"
+                whole = len(events) == 20 + 2  # 20 words, the finish chunk, [DONE]
+                assert whole or "error" in orjson.loads(events[-2]), events[-3:]
+                await asyncio.to_thread(sentinels.wait_for, lambda: sentinels.master_port() == sentinels.replica.port,
+                                        "the replica promoted")
+                clock.lap("replica promoted")
+                await wait_until(lambda: chat_ok(client, url), 60, 0.1, "a chat across nodes on the new master")
+                clock.lap("chats across nodes work again")
