@@ -26,7 +26,7 @@ try:
     from .demo import run_demo
     from .embedded_redis import redis_for
     from .server import RelayServer, uvicorn_config
-    from .storage import BadRedisURL
+    from .storage import BadRedisURL, preflight
 except ModuleNotFoundError as exc:
     if (exc.name or "").partition(".")[0] not in SERVER_EXTRA:
         raise
@@ -68,6 +68,7 @@ def configure_logging(level: str, fmt: str = "plain") -> None:
 
 def serve(settings: RelaySettings) -> None:
     with redis_for(settings) as url:
+        asyncio.run(preflight(url, settings))  # a Redis too old stops here, with its version
         app = create_app(settings, redis_url=url)
         logs.bind(node_id=app.state.node.node_id)  # one node per process: on every line
         RelayServer(uvicorn_config(app, settings), app).run()

@@ -25,6 +25,7 @@ the same bound with ``asyncio.timeout``, one timer and no task.
 from __future__ import annotations
 
 import asyncio
+import re
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ from redis.asyncio.sentinel import (
     SentinelManagedConnection,
     SentinelManagedSSLConnection,
 )
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeout
 
 from .settings import RelaySettings
@@ -150,3 +152,46 @@ async def close(client: Redis) -> None:
     manager = getattr(client.connection_pool, "sentinel_manager", None)
     for sentinel in getattr(manager, "sentinels", ()):
         await sentinel.aclose()
+
+
+#: The oldest Redis the relay runs on: presence uses ``SET ... GET`` (6.2).
+MINIMUM_VERSION = (6, 2)
+
+
+class RedisTooOld(RuntimeError):
+    """The Redis behind the URL lacks a command the relay needs."""
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """``"7.0.15"`` -> ``(7, 0, 15)``; the leading numeric parts only."""
+    parts = []
+    for piece in text.split("."):
+        digits = re.match(r"[0-9]+", piece)
+        if digits is None:
+            break
+        parts.append(int(digits.group()))
+        if digits.end() < len(piece):
+            break  # "4-rc1": the number ends here
+    return tuple(parts)
+
+
+async def check_version(client: Redis, minimum: tuple[int, ...] | None = None) -> str:
+    """The server's version; :class:`RedisTooOld` when it is older than ``minimum`` (MINIMUM_VERSION)."""
+    minimum = minimum or MINIMUM_VERSION
+    version = str((await client.info("server")).get("redis_version", ""))
+    if parse_version(version) < minimum:
+        raise RedisTooOld(f"Redis {version or '(unknown version)'} is too old: the relay needs "
+                          f"{'.'.join(map(str, minimum))} or newer")
+    return version
+
+
+async def preflight(url: str, settings: RelaySettings) -> None:
+    """Before serving: refuse a Redis too old for the relay (RedisTooOld).  An unreachable one is
+    not refused: the node starts, says not ready, and keeps trying."""
+    client = connect(url, settings)
+    try:
+        await check_version(client)
+    except (RedisError, OSError):
+        pass
+    finally:
+        await close(client)

@@ -70,3 +70,34 @@ async def test_close_closes_the_pool(redis_url):
     assert connection.is_connected
     await storage.close(client)
     assert not connection.is_connected
+
+
+def test_versions_are_compared_as_numbers():
+    assert storage.parse_version("7.0.15") == (7, 0, 15)
+    assert storage.parse_version("6.2.14") >= storage.MINIMUM_VERSION > storage.parse_version("6.0.20")
+    assert storage.parse_version("7.2.4-rc1") == (7, 2, 4)
+    assert storage.parse_version("10.0.0") > storage.parse_version("9.9.9")
+    assert storage.parse_version("") == ()
+
+
+async def test_the_server_version_is_checked(redis_url):
+    client = storage.connect(redis_url, RelaySettings())
+    try:
+        assert storage.parse_version(await storage.check_version(client)) >= storage.MINIMUM_VERSION
+        with pytest.raises(storage.RedisTooOld, match=r"is too old: the relay needs 99\.0 or newer"):
+            await storage.check_version(client, (99, 0))
+    finally:
+        await storage.close(client)
+
+
+def test_relay_serve_refuses_a_redis_too_old(redis_server, tmp_path, monkeypatch, capsys):
+    # The real server and the real command; only the bar is raised above it.
+    from relay.cli import main
+
+    monkeypatch.setattr(storage, "MINIMUM_VERSION", (99, 0))
+    handler = signal.getsignal(signal.SIGTERM)  # main() installs its own
+    try:
+        assert main(["serve", "--redis-url", redis_server.url, "--data-dir", str(tmp_path)]) == 1
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    assert "is too old: the relay needs 99.0 or newer" in capsys.readouterr().err
