@@ -173,15 +173,25 @@ class OpenAIBackend:
         self._proxy = _env_proxy(self.base_url)  # a proxy it cannot use is refused now, not per request
         # Created on first use: an aiohttp session belongs to the running loop.
         self._chat: aiohttp.ClientSession | None = None
-        self.client = httpx.AsyncClient(
-            base_url=self.base_url,
-            headers=headers,
-            # No read timeout on a stream: a model may think for a long time;
-            # the relay enforces the first-chunk and idle timeouts.
-            timeout=httpx.Timeout(timeout, connect=10.0, read=None),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
-            transport=transport,
-        )
+        self._api_headers = headers
+        self._transport = transport
+        # Both clients are made on first use, and again after aclose(): a backend
+        # outlives an agent's connection (tests run several agents on one).
+        self._client: httpx.AsyncClient | None = None
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None or self._client.is_closed:
+            self._client = httpx.AsyncClient(
+                base_url=self.base_url,
+                headers=self._api_headers,
+                # No read timeout on a stream: a model may think for a long time;
+                # the relay enforces the first-chunk and idle timeouts.
+                timeout=httpx.Timeout(self._timeout, connect=10.0, read=None),
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+                transport=self._transport,
+            )
+        return self._client
 
     async def models(self) -> list[str]:
         if self._configured_models:
@@ -367,9 +377,13 @@ class OpenAIBackend:
         return base64.b64encode(data).decode()
 
     async def aclose(self) -> None:
-        if self._chat is not None:
-            await self._chat.close()
-        await self.client.aclose()
+        """Close both clients' connections (the backend stays usable: they are made again when needed)."""
+        chat, self._chat = self._chat, None
+        if chat is not None:
+            await chat.close()
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
 
 
 def _where(url: httpx.URL | str) -> str:

@@ -162,6 +162,9 @@ async def running_agent(relay_url: str, token: str, backend=None, *, models=None
         yield client
     finally:
         swallowed = await _stop(task)
+        close = getattr(backend, "aclose", None)  # its connections to the model server (it stays usable)
+        if close is not None:
+            await close()
     if swallowed:  # (only when the test itself passed: its own failure comes first)
         raise AssertionError("AgentClient.run() went on after it was cancelled (a swallowed CancelledError: "
                              "the agent would not stop on SIGTERM either)")

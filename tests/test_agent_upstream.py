@@ -22,10 +22,14 @@ async def test_streams_and_completions_reuse_one_connection():
                 events = [event for batch in batches for event in batch]
                 assert len(events) == 3 + 1  # three words and the finish chunk; [DONE] is not an event
             assert b'"object":"chat.completion"' in await backend.complete(CHAT)
+            assert len(set(upstream.peers)) == 1  # read to its end, each answer left the connection reusable
+            await backend.aclose()  # closes its connections; the backend stays usable (a new one is made)
+            assert [event async for batch in backend.stream(CHAT) for event in batch]
+            assert await backend.models() == ["fake-model"]
         finally:
             await backend.aclose()
-    assert [body["stream"] for body in upstream.requests] == [True, True, True, False]
-    assert len(set(upstream.peers)) == 1  # read to its end, each answer left the connection reusable
+    assert [body["stream"] for body in upstream.requests] == [True, True, True, False, True]
+    assert len(set(upstream.peers)) == 2
 
 
 async def test_a_stream_left_early_closes_its_connection():
