@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -34,7 +33,7 @@ from .errors import ModelTimeout, RelayError, UpstreamError, from_status, sse_er
 from .observe import BODY_SEND
 from .router import StreamRouter
 from .settings import RelaySettings
-from .streams import Item, Stream, cleanup_scope, split_items
+from .streams import Item, LazyDeadline, Stream, cleanup_scope, split_items
 
 log = logging.getLogger("relay.chat")
 
@@ -143,41 +142,27 @@ async def cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> No
 
 
 class StallGuard:
-    """A deadline on the send in progress, as one lazy timer per stream.
+    """A deadline on the send in progress (a :class:`streams.LazyDeadline`): past it, the
+    sending task is cancelled, and :meth:`stalled` tells that cancellation from any other."""
 
-    ``asyncio.timeout`` around every send scheduled and cancelled a timer per
-    chunk.  Here a send only records when it must be done by (a float); the
-    timer, armed at most once per ``timeout``, re-arms itself when the send
-    it was armed for finished, and cancels the sending task only when a send
-    really has waited ``timeout`` seconds (a client that reads nothing).
-    """
-
-    __slots__ = ("timeout", "_deadline", "_timer", "_task", "fired")
+    __slots__ = ("timeout", "_deadline", "_task", "fired")
 
     def __init__(self, timeout: float):
         self.timeout = timeout
-        self._deadline = math.inf
-        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = LazyDeadline(self._expired)
         self._task: asyncio.Task[object] | None = None
         self.fired = False
 
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._deadline = loop.time() + self.timeout
         self._task = asyncio.current_task()
-        if self._timer is None:
-            self._timer = loop.call_at(self._deadline, self._expire, loop)
+        loop = asyncio.get_running_loop()
+        self._deadline.set(loop, loop.time() + self.timeout)
 
     def stop(self) -> None:
-        self._deadline = math.inf
+        self._deadline.clear()
 
-    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._timer = None
-        if self._deadline == math.inf:
-            return  # no send in progress: the next one arms a timer again
-        if loop.time() < self._deadline:
-            self._timer = loop.call_at(self._deadline, self._expire, loop)
-        elif self._task is not None:
+    def _expired(self) -> None:
+        if self._task is not None:
             self.fired = True
             self._task.cancel()
 
@@ -190,9 +175,7 @@ class StallGuard:
         return task is not None and task.uncancel() == 0
 
     def discard(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline.discard()
 
 
 class EventStreamResponse(Response):

@@ -87,25 +87,69 @@ def split_items(items: list[Item]) -> tuple[bytes, wire.End | wire.StreamError |
     return bytes(payload), last
 
 
+class LazyDeadline:
+    """A deadline that moves on every chunk and almost never expires, on one timer.
+
+    ``asyncio.timeout`` around each wait or send scheduled and cancelled a
+    timer per chunk.  Here moving the deadline only stores a float; the
+    timer, when it fires early (the deadline moved on since it was armed),
+    re-arms itself at the current deadline, and calls ``fire`` only once the
+    deadline has really passed.  A stream that flows never touches the event
+    loop's timer heap.  Used for the model's idle limit (``Backlog``) and the
+    caller's stall limit (``chat.StallGuard``).
+    """
+
+    __slots__ = ("_when", "_timer", "_fire")
+
+    def __init__(self, fire: Callable[[], None]):
+        self._when = math.inf
+        self._timer: asyncio.TimerHandle | None = None
+        self._fire = fire
+
+    def set(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        """Expire at ``when`` (loop time); arms a timer only if none is armed for earlier."""
+        self._when = when
+        if self._timer is None or self._timer.when() > when:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = loop.call_at(when, self._expire, loop)
+
+    def clear(self) -> None:
+        """Nothing to expire now (an armed timer finds this and lapses)."""
+        self._when = math.inf
+
+    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        if self._when == math.inf:
+            return  # cleared since: the next set() arms a timer again
+        if loop.time() < self._when:
+            self._timer = loop.call_at(self._when, self._expire, loop)
+        else:
+            self._when = math.inf
+            self._fire()
+
+    def discard(self) -> None:
+        """Done for good: no timer may keep the owner alive."""
+        self._when = math.inf
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 class Backlog:
     """Items queued for one reader, and the one waiter the reader may be.
 
     The feeder pushes without ever blocking; the reader takes everything
-    queued at once (so it can coalesce it into one write) or waits.
+    queued at once (so it can coalesce it into one write) or waits, up to a
+    deadline kept by a :class:`LazyDeadline`.
     """
 
-    __slots__ = ("_items", "_waiter", "_deadline", "_timer")
+    __slots__ = ("_items", "_waiter", "_deadline")
 
     def __init__(self) -> None:
         self._items: deque[Item] = deque()
         self._waiter: asyncio.Future[None] | None = None
-        # One lazy timer per stream, not one per chunk: a wait only moves the
-        # deadline (a float), and the timer, when it fires early, re-arms
-        # itself at the deadline.  A stream that flows never touches the
-        # event loop's timer heap; asyncio.timeout per wait cost a schedule
-        # and a cancel for every chunk.
-        self._deadline = 0.0
-        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = LazyDeadline(self._timed_out)
 
     def __bool__(self) -> bool:
         return bool(self._items)
@@ -122,37 +166,22 @@ class Backlog:
             return
         loop = asyncio.get_running_loop()
         self._waiter = waiter = loop.create_future()
-        if timeout is None:
-            self._deadline = math.inf  # a timer armed by an earlier wait must not end this one
-        else:
-            self._deadline = loop.time() + timeout
-            if self._timer is None or self._timer.when() > self._deadline:
-                self._arm(loop)
+        if timeout is not None:
+            self._deadline.set(loop, loop.time() + timeout)
         try:
             await waiter
         finally:
             self._waiter = None
+            self._deadline.clear()
 
-    def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = loop.call_at(self._deadline, self._expire, loop)
-
-    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._timer = None
+    def _timed_out(self) -> None:
         waiter = self._waiter
-        if waiter is None or waiter.done():
-            return  # nobody waits: the next wait arms a timer again
-        if loop.time() >= self._deadline:
+        if waiter is not None and not waiter.done():
             waiter.set_exception(TimeoutError())
-        elif self._deadline != math.inf:
-            self._arm(loop)  # the wait began after this timer was set: its deadline is later
 
     def discard(self) -> None:
         """The stream is over: no timer may keep it alive."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline.discard()
 
     def take(self) -> list[Item]:
         items = list(self._items)

@@ -235,7 +235,7 @@ async def test_backlog_wait_without_timeout_outlives_an_earlier_timer():
     backlog.take()
     untimed = asyncio.ensure_future(backlog.wait(None))
     await asyncio.sleep(0)
-    armed = backlog._timer
+    armed = backlog._deadline._timer
     assert armed is not None  # still armed from the first wait
     expired = loop.create_future()
     # Scheduled after the old timer: the loop runs timers in order, so it has fired by then.
