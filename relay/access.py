@@ -31,7 +31,7 @@ from redis.asyncio import Redis
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import keys
+from . import keys, storage
 from .errors import Forbidden, InvalidRequest, NotFound, RateLimited, Unauthorized, ValidationFailed
 from .limits import GCRA_FUNCTION, retry_after_seconds
 from .registry import InstanceRegistry, hash_token, new_token, text
@@ -77,46 +77,42 @@ class Caller:
 
 
 # Who is calling, and charge the rates: one script, so admission is one round trip.
-# KEYS: instance hash, the presented credential's key index (global), the instance's
-# caller keys, the caller's bucket when anonymous (by address), the caller's bucket
-# when keyed (by key hash), the instance's bucket.  ARGV: instance id, credential
-# hash ('' = none), '1' if a credential was presented, then (interval, tolerance) ms
-# for the caller's and the instance's buckets (0 = not charged).
-# Returns {verdict, key id, full bucket (1 caller, 2 instance, 0 none), wait ms}.
+# All its keys are the instance's (one slot): the presented credential is found
+# by its hash in the instance's own caller keys.  KEYS: instance hash, the
+# instance's caller keys, the caller's bucket when anonymous (by address), the
+# caller's bucket when keyed (by key hash), the instance's bucket.  ARGV:
+# credential hash ('' = none), '1' if a credential was presented, then
+# (interval, tolerance) ms for the caller's and the instance's buckets (0 = not
+# charged).  Returns {verdict, key id, full bucket (1 caller, 2 instance, 0
+# none), wait ms}; 'unknown_key' when a private instance does not know the key
+# (the caller tells an unknown key from another instance's).
 # The rate part is limits.GCRA_FUNCTION: nothing is charged unless all fit.
 _ADMIT = GCRA_FUNCTION + """
 local found = redis.call('HMGET', KEYS[1], 'visibility', 'created_at')
 if not found[2] then return {'missing', '', 0, 0} end
-local key_id, index = '', false
-if ARGV[2] ~= '' then
-  index = redis.call('GET', KEYS[2])
-  if index then
-    local space = string.find(index, ' ', 1, true)
-    if space and string.sub(index, 1, space - 1) == ARGV[1] then
-      local kid = string.sub(index, space + 1)
-      local raw = redis.call('HGET', KEYS[3], kid)
-      if raw and cjson.decode(raw)['key_hash'] == ARGV[2] then key_id = kid end
-    end
+local key_id = ''
+if ARGV[1] ~= '' then
+  local kid = redis.call('HGET', KEYS[2], 'h:' .. ARGV[1])
+  if kid then
+    local raw = redis.call('HGET', KEYS[2], kid)
+    if raw and cjson.decode(raw)['key_hash'] == ARGV[1] then key_id = kid end
   end
 end
 if key_id == '' and found[1] == 'private' then
-  if ARGV[3] == '0' then return {'no_key', '', 0, 0} end
-  if index then return {'other_instance', '', 0, 0} end
-  return {'invalid_key', '', 0, 0}
+  if ARGV[2] == '0' then return {'no_key', '', 0, 0} end
+  return {'unknown_key', '', 0, 0}
 end
-local buckets = {key_id == '' and KEYS[4] or KEYS[5], KEYS[6]}
-local full, wait = gcra(buckets, {tonumber(ARGV[4]), tonumber(ARGV[6])}, {tonumber(ARGV[5]), tonumber(ARGV[7])})
+local buckets = {key_id == '' and KEYS[3] or KEYS[4], KEYS[5]}
+local full, wait = gcra(buckets, {tonumber(ARGV[3]), tonumber(ARGV[5])}, {tonumber(ARGV[4]), tonumber(ARGV[6])})
 return {'ok', key_id, full, wait}
 """
 
 # Replace an instance's agent token if (and only if) the presented one is still
 # current: two concurrent rotations with the same old token cannot both win.
-# KEYS: instance hash, old token index, new token index.  ARGV: old hash, new hash, id.
+# KEYS: instance hash.  ARGV: old hash, new hash.
 _ROTATE = """
 if redis.call('HGET', KEYS[1], 'token_hash') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'token_hash', ARGV[2])
-redis.call('DEL', KEYS[2])
-redis.call('SET', KEYS[3], ARGV[3])
 return 1
 """
 
@@ -127,32 +123,35 @@ if #ARGV > 0 then redis.call('HSET', KEYS[1], unpack(ARGV)) end
 return 1
 """
 
-# Add a caller key unless the instance is gone or already has too many.
-# KEYS: instance hash, keys hash, key index.  ARGV: key id, record, index value, max.
+# Add a caller key unless the instance is gone or already has too many (each key
+# is two fields: its record, and its id under its hash).
+# KEYS: instance hash, keys hash.  ARGV: key id, record, hash field, max.
 _ADD_KEY = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-if redis.call('HLEN', KEYS[2]) >= tonumber(ARGV[4]) then return 0 end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-redis.call('SET', KEYS[3], ARGV[3])
+if redis.call('HLEN', KEYS[2]) >= 2 * tonumber(ARGV[4]) then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[1])
 return 1
 """
 
-# Revoke one key: its record and its index entry go together.
-# KEYS: keys hash.  ARGV: key id, index key prefix.
+# Revoke one key: its record and its id under its hash go together.
+# KEYS: keys hash.  ARGV: key id.  Returns the key's hash (nil: no such key).
 _REVOKE_KEY = """
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
-if not raw then return 0 end
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('DEL', ARGV[2] .. cjson.decode(raw)['key_hash'])
-return 1
+if not raw then return nil end
+local key_hash = cjson.decode(raw)['key_hash']
+redis.call('HDEL', KEYS[1], ARGV[1], 'h:' .. key_hash)
+return key_hash
 """
 
-# Forget every caller key of a deleted instance.  KEYS: keys hash.  ARGV: index prefix.
+# Forget every caller key of a deleted instance.  KEYS: keys hash.  Returns their hashes.
 _PURGE_KEYS = """
-local all = redis.call('HVALS', KEYS[1])
-for _, raw in ipairs(all) do redis.call('DEL', ARGV[1] .. cjson.decode(raw)['key_hash']) end
+local hashes = {}
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  if string.sub(all[i], 1, 2) ~= 'h:' then table.insert(hashes, cjson.decode(all[i + 1])['key_hash']) end
+end
 redis.call('DEL', KEYS[1])
-return #all
+return hashes
 """
 
 
@@ -167,6 +166,7 @@ class AccessControl:
         self._revoke_key = redis.register_script(_REVOKE_KEY)
         self._purge_keys = redis.register_script(_PURGE_KEYS)
         self._admit = redis.register_script(_ADMIT)
+        self._publish = storage.publisher(redis)
 
     # -- registration ----------------------------------------------------------
 
@@ -188,14 +188,18 @@ class AccessControl:
         old_hash = hash_token(old_token)
         token = new_token()
         new_hash = hash_token(token)
-        done = await self._rotate(
-            keys=[keys.instance(instance_id), keys.token(old_hash), keys.token(new_hash)],
-            args=[old_hash, new_hash, instance_id],
-        )
-        if not done:  # rotated (or deleted) by someone else since check_owner
+        # The index entries are in other slots than the record: the new one is
+        # written first (it points at a record that does not accept it yet),
+        # the record changes (the old token stops working there and then),
+        # then the old entry goes.
+        await self.redis.set(keys.token(new_hash), instance_id)
+        if not await self._rotate(keys=[keys.instance(instance_id)], args=[old_hash, new_hash]):
+            await self.redis.delete(keys.token(new_hash))
+            # rotated (or deleted) by someone else since check_owner
             raise Forbidden("this token does not own the instance", code="forbidden")
+        await self.redis.delete(keys.token(old_hash))
         # Every node closes the agents still connected with the old token.
-        await self.redis.publish(keys.EVENTS_CHANNEL, orjson.dumps({"rotated": instance_id, "credential": old_hash}))
+        await self._publish(keys.EVENTS_CHANNEL, orjson.dumps({"rotated": instance_id, "credential": old_hash}))
         return token
 
     async def update(self, instance_id: str, changes: dict[str, str]) -> None:
@@ -207,10 +211,15 @@ class AccessControl:
         key, key_id, now = new_caller_key(), new_key_id(), time.time()
         key_hash = hash_token(key)
         record = orjson.dumps({"name": name, "created_at": now, "key_hash": key_hash})
+        # The global index first (for the doors where the key names the instance):
+        # until the instance's own record has the key, it lets nobody in.
+        await self.redis.set(keys.caller_key(key_hash), f"{instance_id} {key_id}")
         added = await self._add_key(
-            keys=[keys.instance(instance_id), keys.caller_keys(instance_id), keys.caller_key(key_hash)],
-            args=[key_id, record, f"{instance_id} {key_id}", MAX_KEYS_PER_INSTANCE],
+            keys=[keys.instance(instance_id), keys.caller_keys(instance_id)],
+            args=[key_id, record, keys.caller_key_field(key_hash), MAX_KEYS_PER_INSTANCE],
         )
+        if added != 1:
+            await self.redis.delete(keys.caller_key(key_hash))
         if added == -1:
             raise NotFound(f"instance {instance_id!r} not found", param="instance_id")
         if added == 0:
@@ -224,17 +233,25 @@ class AccessControl:
         raw = await self.redis.hgetall(keys.caller_keys(instance_id))
         out = []
         for key_id, value in raw.items():
+            if text(key_id).startswith("h:"):
+                continue  # a key id under its hash, not a key
             record = orjson.loads(value)
             out.append({"key_id": text(key_id), "name": record["name"], "created_at": record["created_at"]})
         return sorted(out, key=lambda k: (k["created_at"], k["key_id"]))
 
     async def revoke_key(self, instance_id: str, key_id: str) -> None:
-        if not await self._revoke_key(keys=[keys.caller_keys(instance_id)], args=[key_id, keys.caller_key("")]):
+        key_hash = await self._revoke_key(keys=[keys.caller_keys(instance_id)], args=[key_id])
+        if key_hash is None:
             raise NotFound(f"no caller key {key_id!r} on this instance", param="key_id", code="key_not_found")
+        await self.redis.delete(keys.caller_key(text(key_hash)))  # the key stopped working one line up
 
     async def purge(self, instance_id: str) -> None:
         """Drop the caller keys of a deleted instance."""
-        await self._purge_keys(keys=[keys.caller_keys(instance_id)], args=[keys.caller_key("")])
+        hashes = await self._purge_keys(keys=[keys.caller_keys(instance_id)])
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key_hash in hashes:
+                pipe.delete(keys.caller_key(text(key_hash)))
+            await pipe.execute()
 
     # -- callers ------------------------------------------------------------------
 
@@ -250,13 +267,17 @@ class AccessControl:
         key_hash = hash_token(presented) if presented else ""
         per_caller, per_instance = per_minute
         verdict, key_id, full, wait_ms = await self._admit(
-            keys=[keys.instance(instance_id), keys.caller_key(key_hash), keys.caller_keys(instance_id),
-                  keys.rate("caller", f"{instance_id}:ip:{client_ip}"),
-                  keys.rate("caller", f"{instance_id}:keyhash:{key_hash}"),
-                  keys.rate("instance", instance_id)],
-            args=[instance_id, key_hash, "1" if presented is not None else "0",
+            keys=[keys.instance(instance_id), keys.caller_keys(instance_id),
+                  keys.caller_rate(instance_id, f"ip:{client_ip}"),
+                  keys.caller_rate(instance_id, f"keyhash:{key_hash}"),
+                  keys.instance_rate(instance_id)],
+            args=[key_hash, "1" if presented is not None else "0",
                   *_gcra_args(per_caller), *_gcra_args(per_instance)])
         verdict = text(verdict)
+        if verdict == "unknown_key":
+            # Refused either way; the global index (another slot) says which words to use.
+            owner = await self.redis.get(keys.caller_key(key_hash)) if key_hash else None
+            verdict = "other_instance" if owner and text(owner).partition(" ")[0] != instance_id else "invalid_key"
         if verdict == "missing":
             raise NotFound(f"instance {instance_id!r} not found", param="instance_id")
         if verdict == "no_key":

@@ -25,7 +25,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 from wire import redaction
 
-from . import api, audio, dashboard, dify, keys, openai_doors, storage, swiftchat
+from . import api, audio, dashboard, dify, keys, migrate, openai_doors, storage, swiftchat
 from .access import AccessControl, ChatCORS
 from .conversations import ConversationStore
 from .crossnode import CrossNode
@@ -38,7 +38,7 @@ from .node import NodeState
 from .observe import RequestObserver
 from .openapi import build_openapi
 from .presence import Presence
-from .registry import InstanceRegistry, text
+from .registry import InstanceRegistry, NodeLiveness, text
 from .router import StreamRouter
 from .sessions import SessionManager
 from .settings import RelaySettings
@@ -112,7 +112,9 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
     redis = storage.connect(url, settings)
     node = NodeState()
     sessions = SessionManager()
-    registry = InstanceRegistry(redis, heartbeat_timeout=settings.heartbeat_timeout, base_url=settings.base_url())
+    liveness = NodeLiveness(redis, heartbeat_timeout=settings.heartbeat_timeout)
+    registry = InstanceRegistry(redis, heartbeat_timeout=settings.heartbeat_timeout, base_url=settings.base_url(),
+                                liveness=liveness)
     presence = Presence(node, registry, sessions, heartbeat_interval=settings.heartbeat_interval,
                         heartbeat_timeout=settings.heartbeat_timeout)
     bus = CrossNode(redis, node.node_id, sessions, registry, heartbeat_timeout=settings.heartbeat_timeout,
@@ -138,19 +140,20 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
     redaction.install()  # no credential in any log record, even at DEBUG
     metrics = RelayMetrics(node.node_id, sessions, bus)  # a registry per app: no globals
     # Connections are made lazily, so the pool can still be told which class to make.
-    pool = redis.connection_pool
-    pool.connection_class = metrics.count_round_trips(pool.connection_class)
+    storage.wrap_connections(redis, metrics.count_round_trips)
     watch = StatusWatch(registry, interval=settings.watch_interval, max_watchers=settings.max_watchers,
                         per_address=settings.watchers_per_address)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         try:
+            await migrate.ensure_layout(redis)
             await warn_if_not_persistent(redis)
         except (RedisError, OSError) as exc:
             log.error("redis at %s unreachable at startup (%s); will keep trying", safe_url(url), exc)
         log.info("relay node %s using redis %s; public URL %s", node.node_id, safe_url(url), settings.base_url())
         async with anyio.create_task_group() as tg:
+            tg.start_soon(liveness.run)
             tg.start_soon(presence.run)
             tg.start_soon(subscriber.run)
             tg.start_soon(stream_leases.run, settings.heartbeat_interval)

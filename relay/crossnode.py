@@ -44,7 +44,7 @@ from redis.exceptions import RedisError
 
 import wire
 
-from . import keys, logs
+from . import keys, logs, storage
 from .errors import ServiceNotReady
 from .registry import AgentEntry, InstanceRegistry
 from .sessions import SessionManager
@@ -118,6 +118,7 @@ class CrossNode:
     def __init__(self, redis: Redis, node_id: str, sessions: SessionManager, registry: InstanceRegistry,
                  *, heartbeat_timeout: float, window: int, idle_timeout: float = 60.0):
         self.redis = redis
+        self._publish = storage.publisher(redis)
         self.node_id = node_id
         self.sessions = sessions
         self.registry = registry
@@ -143,7 +144,7 @@ class CrossNode:
     async def send(self, node: str, event: wire.Event, session: str = "") -> None:
         """Publish one frame to another node; LinkLost (NodeGone) when it cannot arrive."""
         try:
-            receivers = await self.redis.publish(keys.inbox(node), wire.encode_envelope(self.node_id, event, session))
+            receivers = await self._publish(keys.inbox(node), wire.encode_envelope(self.node_id, event, session))
         except (RedisError, OSError) as exc:
             raise LinkLost(f"message bus unavailable ({type(exc).__name__})") from None
         if not receivers:
@@ -310,7 +311,7 @@ class CrossNode:
 
     async def _publish_quietly(self, channel: str, message: bytes) -> None:
         try:
-            await self.redis.publish(channel, message)
+            await self._publish(channel, message)
         except (RedisError, OSError):
             pass
 

@@ -36,11 +36,6 @@ class Admitted:
     instance_id: str
     caller: Caller
 
-    @property
-    def who(self) -> str:
-        """The caller within this instance, as the limits count it."""
-        return f"{self.instance_id}:{self.caller.identity}"
-
 
 async def admit(request: Request, instance_id: str, *, named_by_model: str | None = None) -> Admitted:
     """Check access and rates for a call on ``instance_id``.
@@ -96,8 +91,9 @@ async def leased(request: Request, admitted: Admitted, run: Callable[[], Awaitab
     state = request.app.state
     settings = state.settings
     pending = state.stream_leases.prepare([
-        Slot(keys.streams("instance", admitted.instance_id), settings.max_streams_per_instance, "this instance"),
-        Slot(keys.streams("caller", admitted.who), settings.max_streams_per_caller, "this caller"),
+        Slot(keys.instance_streams(admitted.instance_id), settings.max_streams_per_instance, "this instance"),
+        Slot(keys.caller_streams(admitted.instance_id, admitted.caller.identity), settings.max_streams_per_caller,
+             "this caller"),
     ])
     lease = pending.lease
     if first:

@@ -1,28 +1,50 @@
 """Every Redis key the relay uses, and every TTL.  Nothing else builds key names.
 
-Layout (prefix ``ir:``):
+The layout is made for Redis Cluster as much as for one server: every key of
+one instance carries the instance id as a hash tag (the braces below are
+literal), so each script touches one slot, on one shard, whatever the
+deployment.  Keys that are not an instance's (the directory, the indexes by
+hash, node liveness) are each read or written on their own, never in a script
+or transaction with another key.
 
-``ir:inst:{id}``            hash  name, description, token_hash, created_at, seq,
+Layout (prefix ``ir:``; ``<id>`` an instance id):
+
+``ir:inst:{<id>}``          hash  name, description, token_hash, created_at, seq,
                                   last_seen, models (JSON list, last reported)
-``ir:token:{sha256}``       str   instance id owning that agent-token hash
+``ir:agents:{<id>}``        hash  agent id -> JSON {node, session, max_concurrency,
+                                  models, connected_at}: agents of one instance,
+                                  written on connect, removed on disconnect
+``ir:load:{<id>}``          hash  agent session -> requests in flight (all nodes),
+                                  incremented by the node that routes a request,
+                                  decremented when it ends; drives least-busy picks
+``ir:ckeys:{<id>}``         hash  caller key id -> JSON {name, created_at, key_hash},
+                                  and ``h:<sha256>`` -> key id: the owner's API keys
+                                  for callers (no secrets), found by hash in-slot
+``ir:rate:instance:{<id>}`` str   GCRA "theoretical arrival time" (ms, Redis clock)
+``ir:rate:caller:{<id>}:<who>``   of the instance's or one caller's rate limit
+                                  (``<who>`` ``ip:<addr>`` or ``keyhash:<sha256>``);
+                                  TTL = until the bucket is full
+``ir:streams:instance:{<id>}``    zset stream lease id scored by expiry (ms, Redis
+``ir:streams:caller:{<id>}:<who>`` clock): concurrent streams of the instance or of
+                                  one caller of it; TTL = lease TTL, renewed while streaming
+
+Not an instance's:
+
+``ir:token:<sha256>``       str   instance id owning that agent-token hash
+``ir:ckey:<sha256>``        str   "<instance id> <key id>" owning that caller-key hash
+                                  (only for doors where the key names the instance;
+                                  admission checks the instance's own ``ckeys``)
 ``ir:instances``            zset  instance id scored by registration sequence
                                   (cursor paging walks scores)
 ``ir:seq``                  str   registration sequence counter
-``ir:agents:{id}``          hash  agent id -> JSON {node, session, max_concurrency,
-                                  models, connected_at}: agents of one instance,
-                                  written on connect, removed on disconnect
-``ir:load:{id}``            hash  agent session -> requests in flight (all nodes),
-                                  incremented by the node that routes a request,
-                                  decremented when it ends; drives least-busy picks
-``ir:node:{node}``          str   node liveness, TTL = heartbeat timeout
-``ir:ckeys:{id}``           hash  caller key id -> JSON {name, created_at, key_hash}:
-                                  the owner's API keys for callers (no secrets)
-``ir:ckey:{sha256}``        str   "{instance id} {key id}" owning that caller-key hash
-``ir:rate:{scope}:{who}``   str   GCRA "theoretical arrival time" (ms, Redis clock)
-                                  of one rate limit; TTL = until the bucket is full
-``ir:streams:{scope}:{who}`` zset stream lease id scored by expiry (ms, Redis
-                                  clock): concurrent streams of one instance or
-                                  caller; TTL = lease TTL, renewed while streaming
+``ir:nodes``                zset  relay node id scored by when its liveness ends
+                                  (ms, Redis clock): refreshed every heartbeat
+``ir:nodeinst:{<node>}``    set   instances a node has recorded agents of: where to
+                                  clean up once that node is dead for good
+``ir:sweep:{<node>}``       str   lock of the relay node sweeping a dead node's entries
+``ir:rate:register:<addr>`` str   registration rate limit of one address
+``ir:streams:upload:ip:<addr>`` zset uploads being read from one address
+``ir:layout``               str   version of this layout (``LAYOUT``), see ``relay/migrate.py``
 
 Dify-style conversations (see ``conversations.py``).  The braces are literal: a
 Redis Cluster hash tag, so every key of one instance's conversations hashes to
@@ -48,14 +70,20 @@ index entries included); index entries whose conversation has expired are
 dropped lazily, when a list or a creation meets them.
 
 Pub/sub channels: ``ir:events`` (registry events every node must see, e.g. an
-instance deleted, an agent token rotated) and ``ir:inbox:{node}`` (one per node: cross-node stream
-traffic, see ``crossnode.py``).
+instance deleted, an agent token rotated) and ``ir:inbox:<node>`` (one per node:
+cross-node stream traffic, see ``crossnode.py``).  On Redis Cluster they are
+shard channels (SPUBLISH/SSUBSCRIBE): each is carried by the shard owning its
+slot alone, so node-to-node traffic grows with the shards.
 
 Presence is derived, never a sticky flag: an instance is ``online`` when one of
-its agents is registered on a node whose liveness key still exists.  The node
-refreshes one key per heartbeat interval however many agents it holds, and it
-drops an agent itself the moment that agent's own heartbeats go stale.  A node
-that dies takes all its agents offline when its key expires.
+its agents is registered on a node whose liveness has not ended.  A node
+refreshes its one member of ``ir:nodes`` per heartbeat interval however many
+agents it holds, and it drops an agent itself the moment that agent's own
+heartbeats go stale.  A node that dies takes all its agents offline when its
+liveness ends: every node reads the list of dead nodes once a second
+(``registry.NodeLiveness``) and the scripts that read an instance's agents
+skip (and delete) the entries of those nodes.  Scripts cannot read the
+liveness themselves: on a cluster it lives in another slot.
 """
 
 from __future__ import annotations
@@ -64,11 +92,22 @@ PREFIX = "ir:"
 
 INSTANCES = PREFIX + "instances"
 SEQUENCE = PREFIX + "seq"
+NODES = PREFIX + "nodes"
+LAYOUT_KEY = PREFIX + "layout"
 EVENTS_CHANNEL = PREFIX + "events"
+
+#: The key layout this code reads and writes; older data is moved by ``relay.migrate``.
+#: 1: keys named by instance id without a hash tag; 2: this layout.
+LAYOUT = 2
+
+
+def tag(instance_id: str) -> str:
+    """The hash tag of an instance: its keys' slot on a Redis Cluster."""
+    return "{" + instance_id + "}"
 
 
 def instance(instance_id: str) -> str:
-    return f"{PREFIX}inst:{instance_id}"
+    return f"{PREFIX}inst:{tag(instance_id)}"
 
 
 def token(token_hash: str) -> str:
@@ -76,18 +115,20 @@ def token(token_hash: str) -> str:
 
 
 def agents(instance_id: str) -> str:
-    return f"{PREFIX}agents:{instance_id}"
+    return f"{PREFIX}agents:{tag(instance_id)}"
 
 
 def load(instance_id: str) -> str:
-    return f"{PREFIX}load:{instance_id}"
+    return f"{PREFIX}load:{tag(instance_id)}"
 
 
-def node(node_id: str) -> str:
-    return f"{PREFIX}node:{node_id}"
+def node_instances(node_id: str) -> str:
+    return f"{PREFIX}nodeinst:{{{node_id}}}"
 
 
-NODE_PREFIX = PREFIX + "node:"
+def sweep_lock(node_id: str) -> str:
+    """Held by the one relay node sweeping a dead node's leftovers."""
+    return f"{PREFIX}sweep:{{{node_id}}}"
 
 
 def inbox(node_id: str) -> str:
@@ -95,15 +136,29 @@ def inbox(node_id: str) -> str:
 
 
 def node_ttl_ms(heartbeat_timeout: float) -> int:
-    """A node key lives exactly one heartbeat timeout past its last refresh."""
+    """A node's liveness ends exactly one heartbeat timeout past its last refresh."""
     return max(1, int(heartbeat_timeout * 1000))
+
+
+def dead_node_memory_ms(heartbeat_timeout: float) -> int:
+    """How long a dead node is listed before its leftovers are swept and it is forgotten.
+
+    Long enough that each node's one-second reading of the list sees it, and
+    that instances read meanwhile drop its entries by themselves.
+    """
+    return max(60_000, int(10 * heartbeat_timeout * 1000))
 
 
 # -- access: caller keys (see access.py) ---------------------------------------
 
 
 def caller_keys(instance_id: str) -> str:
-    return f"{PREFIX}ckeys:{instance_id}"
+    return f"{PREFIX}ckeys:{tag(instance_id)}"
+
+
+def caller_key_field(key_hash: str) -> str:
+    """The field of ``caller_keys`` that finds a key id by its hash."""
+    return "h:" + key_hash
 
 
 def caller_key(key_hash: str) -> str:
@@ -114,13 +169,31 @@ def caller_key(key_hash: str) -> str:
 
 
 def rate(scope: str, who: str) -> str:
-    """One rate-limit bucket; ``scope`` is e.g. ``caller``, ``instance``, ``register``."""
+    """A rate-limit bucket that belongs to no instance (``register`` per address)."""
     return f"{PREFIX}rate:{scope}:{who}"
 
 
+def instance_rate(instance_id: str) -> str:
+    return f"{PREFIX}rate:instance:{tag(instance_id)}"
+
+
+def caller_rate(instance_id: str, who: str) -> str:
+    """One caller's bucket on one instance; ``who`` is ``ip:<addr>`` or ``keyhash:<sha256>``."""
+    return f"{PREFIX}rate:caller:{tag(instance_id)}:{who}"
+
+
 def streams(scope: str, who: str) -> str:
-    """Concurrent-stream leases of one instance or caller."""
+    """Concurrent leases that belong to no instance (``upload`` per address)."""
     return f"{PREFIX}streams:{scope}:{who}"
+
+
+def instance_streams(instance_id: str) -> str:
+    return f"{PREFIX}streams:instance:{tag(instance_id)}"
+
+
+def caller_streams(instance_id: str, who: str) -> str:
+    """Concurrent streams of one caller (``key:<id>`` or ``ip:<addr>``) on one instance."""
+    return f"{PREFIX}streams:caller:{tag(instance_id)}:{who}"
 
 
 def stream_lease_ttl_ms(heartbeat_interval: float, heartbeat_timeout: float) -> int:
@@ -137,7 +210,7 @@ def stream_lease_ttl_ms(heartbeat_interval: float, heartbeat_timeout: float) -> 
 
 def conversations_prefix(instance_id: str) -> str:
     """The start of every conversation key of an instance: its hash tag keeps them in one slot."""
-    return f"{PREFIX}conv:{{{instance_id}}}:"
+    return f"{PREFIX}conv:{tag(instance_id)}:"
 
 
 def conversation(instance_id: str, conversation_id: str) -> str:

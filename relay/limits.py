@@ -32,6 +32,7 @@ import anyio
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from . import storage
 from .errors import RateLimited, ValidationFailed
 from .models import ChatRequest
 from .registry import PICK_AGENT_FUNCTION, RELEASE_AGENT_FUNCTION, AgentEntry, InstanceRegistry
@@ -217,26 +218,30 @@ return full
 # checked first (as when it was taken on its own, before the pick), and taken
 # only when an agent was picked, so a request that finds no agent holds none.
 # KEYS: agents, load, instance (the pick's), then the lease's sets.  ARGV:
-# node key prefix, tie break, op, here, model (the pick's), lease id, TTL ms,
-# then one limit per set.  Returns the pick's answer, or {'full', index}.
+# tie break, op, here, model (the pick's), lease id, TTL ms, one limit per
+# set, then the dead nodes.  Returns the pick's answer, or {'full', index}.
 _LEASE_AND_PICK = PICK_AGENT_FUNCTION + LEASE_FUNCTIONS + """
 local sets = {unpack(KEYS, 4)}
+local limits_to = 6 + #sets
 local now = lease_now()
-local full = lease_full(sets, {unpack(ARGV, 8)}, now)
+local full = lease_full(sets, {unpack(ARGV, 7, limits_to)}, now)
 if full > 0 then return {'full', full} end
-local picked = pick_agent(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], {})
-if picked[1] == 'ok' then lease_take(sets, ARGV[6], tonumber(ARGV[7]), now) end
+local picked = pick_agent(KEYS[1], KEYS[2], KEYS[3], node_set(limits_to + 1, #ARGV), ARGV[1], ARGV[2], ARGV[3],
+                          ARGV[4], {})
+if picked[1] == 'ok' then lease_take(sets, ARGV[5], tonumber(ARGV[6]), now) end
 return picked
 """
 
-# Push the expiry of live leases forward.  KEYS: sets; ARGV: lease id, TTL ms.
+# Push the expiry of live leases forward.  KEYS: sets (of one slot); ARGV: TTL
+# ms, then the lease id in each set.
 _RENEW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[2])
+local ttl = tonumber(ARGV[1])
 for i = 1, #KEYS do
-  if redis.call('ZSCORE', KEYS[i], ARGV[1]) then
-    redis.call('ZADD', KEYS[i], now + ttl, ARGV[1])
+  local id = ARGV[i + 1]
+  if redis.call('ZSCORE', KEYS[i], id) then
+    redis.call('ZADD', KEYS[i], now + ttl, id)
     redis.call('PEXPIRE', KEYS[i], ttl)
   end
 end
@@ -347,7 +352,7 @@ class StreamLeases:
         pick_keys, pick_args = registry.pick_request(instance_id, op, here=here, model=model)
         result = await self._lease_and_pick(keys=[*pick_keys, *lease.keys],
                                             args=[*pick_args, lease.id, self.ttl_ms,
-                                                  *(s.limit for s in pending.slots)])
+                                                  *(s.limit for s in pending.slots), *registry.liveness.dead])
         if result[0] == b"full":
             self._taken(pending, int(result[1]))
         verdict, entry = registry.picked(result)
@@ -378,14 +383,15 @@ class StreamLeases:
             log.debug("could not release stream lease (%s); it expires on its own", exc)
 
     async def renew_all(self) -> None:
-        """Renew every lease this node holds, in one pipeline."""
-        leases = list(self.held.values())
-        if not leases:
-            return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for lease in leases:
-                await self._renew(keys=lease.keys, args=[lease.id, self.ttl_ms], client=pipe)
-            await pipe.execute()
+        """Renew every lease this node holds: one script per slot (an instance's), all in one go."""
+        by_slot: dict[str, tuple[list[str], list[str]]] = {}
+        for lease in list(self.held.values()):
+            for key in lease.keys:
+                sets, ids = by_slot.setdefault(storage.hash_tag(key), ([], []))
+                sets.append(key)
+                ids.append(lease.id)
+        await storage.run_scripts(self.redis, self._renew,
+                                  [(sets, [self.ttl_ms, *ids]) for sets, ids in by_slot.values()])
 
     async def run(self, interval: float) -> None:
         """Renew leases forever (started by the composition root)."""

@@ -1,9 +1,13 @@
 """Instances and their presence, stored in Redis.
 
 ``InstanceRegistry`` owns registration (ids, hashed agent tokens, paging) and
-presence (which agents of an instance are connected, on which node).  All key
-names come from :mod:`relay.keys`; every multi-step change is a pipeline
-(MULTI/EXEC) or a Lua script, so concurrent relay nodes never see half of one.
+presence (which agents of an instance are connected, on which node);
+``NodeLiveness`` which relay nodes are dead.  All key names come from
+:mod:`relay.keys`.  A change to one instance's keys is a Lua script (one
+slot, atomic on one server and on a cluster alike); a change that also
+touches a key of its own (an index by hash, the directory) is made in the
+order that keeps every reader right if it stops halfway: the instance's
+record is the truth, and indexes only point at it.
 """
 
 from __future__ import annotations
@@ -18,14 +22,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
+import anyio
 import orjson
 from pydantic import ValidationError
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from wire import OP_CHAT, OP_IMAGES, OP_TRANSCRIBE
 from wire.bus import ENVELOPE_VERSION
 
-from . import keys
+from . import keys, storage
 from .errors import Forbidden, NotFound, Unauthorized
 from .models import AgentParameters
 
@@ -114,29 +120,36 @@ class AgentEntry:
 
 
 # The agents of one instance whose node is alive, as {field, raw, decoded}.
-# Entries of dead nodes are removed on the way (a dead node cannot clean up
-# after itself), with their load counters.  Shared by the scripts below.
+# Entries of dead nodes (``dead``, a set the caller passes: node liveness is
+# in another slot) are removed on the way, with their load counters: a dead
+# node cannot clean up after itself.  ``node_set`` makes a set of ARGV[from..to].
+# Shared by the scripts below.
 _LIVE_ENTRIES = """
-local function live_entries(agents_key, load_key, node_prefix)
+local function node_set(from, to)
+  local set = {}
+  for i = from, to do set[ARGV[i]] = true end
+  return set
+end
+local function live_entries(agents_key, load_key, dead)
   local entries = redis.call('HGETALL', agents_key)
   local live = {}
   for i = 1, #entries, 2 do
     local entry = cjson.decode(entries[i + 1])
-    if redis.call('EXISTS', node_prefix .. entry['node']) == 1 then
-      table.insert(live, {entries[i], entries[i + 1], entry})
-    else
+    if dead[entry['node']] then
       redis.call('HDEL', agents_key, entries[i])
       redis.call('HDEL', load_key, entry['session'])
+    else
+      table.insert(live, {entries[i], entries[i + 1], entry})
     end
   end
   return live
 end
 """
 
-# KEYS: agents, load.  ARGV: node key prefix.  Flat {agent id, entry, ...}.
+# KEYS: agents, load.  ARGV: the dead nodes.  Flat {agent id, entry, ...}.
 _LIVE_AGENTS = _LIVE_ENTRIES + """
 local out = {}
-for _, e in ipairs(live_entries(KEYS[1], KEYS[2], ARGV[1])) do
+for _, e in ipairs(live_entries(KEYS[1], KEYS[2], node_set(1, #ARGV))) do
   table.insert(out, e[1])
   table.insert(out, e[2])
 end
@@ -164,8 +177,8 @@ return out
 # A Lua function, so that ``limits`` can take the stream lease in
 # the same script (``StreamLeases.pick``); ``excluded`` is a set of nodes.
 PICK_AGENT_FUNCTION = _LIVE_ENTRIES + """
-local function pick_agent(agents_key, load_key, instance_key, node_prefix, tie, op, here, model, excluded)
-  local live = live_entries(agents_key, load_key, node_prefix)
+local function pick_agent(agents_key, load_key, instance_key, dead, tie, op, here, model, excluded)
+  local live = live_entries(agents_key, load_key, dead)
   if #live == 0 then
     if redis.call('EXISTS', instance_key) == 0 then return {'missing'} end
     return {'offline'}
@@ -227,10 +240,12 @@ local function pick_agent(agents_key, load_key, instance_key, node_prefix, tie, 
 end
 """
 
+# KEYS: agents, load, instance.  ARGV: tie, op, here, model, number of dead
+# nodes, the dead nodes, then the nodes to exclude.
 _PICK_AGENT = PICK_AGENT_FUNCTION + """
-local excluded = {}
-for i = 6, #ARGV do excluded[ARGV[i]] = true end
-return pick_agent(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], excluded)
+local dead_to = 5 + tonumber(ARGV[5])
+return pick_agent(KEYS[1], KEYS[2], KEYS[3], node_set(6, dead_to), ARGV[1], ARGV[2], ARGV[3], ARGV[4],
+                  node_set(dead_to + 1, #ARGV))
 """
 
 # Remove an agent only if the entry still belongs to the session that is
@@ -252,6 +267,7 @@ release_agent(KEYS[1], ARGV[1])
 return 0
 """
 
+# KEYS: agents, instance, load.  ARGV: agent id, session, now.
 _REMOVE_AGENT = """
 redis.call('HDEL', KEYS[3], ARGV[2])
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
@@ -271,13 +287,150 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """
 
+# Record a connected agent; its models become the instance's last reported.
+# KEYS: agents, instance.  ARGV: agent id, entry, models (JSON), now.
+# Returns the entry it replaced, or nil.
+_ADD_AGENT = """
+local previous = redis.call('HGET', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], 'models', ARGV[3], 'last_seen', ARGV[4])
+return previous
+"""
+
+# Delete an instance's own keys; returns {its agent-token hash, the nodes its
+# agents were on...}, or {} when there was no such instance.
+# KEYS: instance, agents, load.
+_DELETE = """
+local token_hash = redis.call('HGET', KEYS[1], 'token_hash')
+if not token_hash then return {} end
+local out = {token_hash}
+for _, raw in ipairs(redis.call('HVALS', KEYS[2])) do table.insert(out, cjson.decode(raw)['node']) end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+return out
+"""
+
+# Drop an instance's entries of one dead node.  KEYS: agents, load.  ARGV: node.
+_DROP_NODE_ENTRIES = """
+local entries = redis.call('HGETALL', KEYS[1])
+for i = 1, #entries, 2 do
+  local entry = cjson.decode(entries[i + 1])
+  if entry['node'] == ARGV[1] then
+    redis.call('HDEL', KEYS[1], entries[i])
+    redis.call('HDEL', KEYS[2], entry['session'])
+  end
+end
+return 0
+"""
+
+# Node liveness, on the Redis clock (KEYS: the nodes zset).
+# A heartbeat: ARGV node, TTL ms.  Returns 1 when the node was alive until now.
+_BEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local until_ms = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '0')
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+if until_ms > now then return 1 end
+return 0
+"""
+
+# The dead nodes and since when: flat {now, node, ended at, ...}.
+_DEAD_NODES = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = {tostring(now)}
+for _, v in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES')) do table.insert(out, v) end
+return out
+"""
+
+# Whether one node is alive.  ARGV: node.
+_NODE_ALIVE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '0') > now then return 1 end
+return 0
+"""
+
+# Forget a node dead for longer than ARGV[2] ms (not if it came back).  ARGV: node, ms.
+_FORGET_NODE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local until_ms = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if until_ms and tonumber(until_ms) < now - tonumber(ARGV[2]) then return redis.call('ZREM', KEYS[1], ARGV[1]) end
+return 0
+"""
+
+
+class NodeLiveness:
+    """Which relay nodes are dead, read once a second, for the scripts that read agents.
+
+    Those scripts run in an instance's slot and cannot read ``ir:nodes`` (on a
+    cluster it is in another), so each node keeps the list and passes it in.
+    A node never seen is alive: one that just started is never taken for dead.
+    A node dead for ``keys.dead_node_memory_ms`` is swept (its entries deleted
+    from every instance it recorded agents of) and forgotten, so the list
+    stays as short as the number of nodes that died recently.
+    """
+
+    def __init__(self, redis: Redis, *, heartbeat_timeout: float, interval: float = 1.0):
+        self.redis = redis
+        self.interval = interval
+        self.memory_ms = keys.dead_node_memory_ms(heartbeat_timeout)
+        #: The dead nodes, as last read.
+        self.dead: tuple[str, ...] = ()
+        self._dead_nodes = redis.register_script(_DEAD_NODES)
+        self._forget = redis.register_script(_FORGET_NODE)
+        self._drop_entries = redis.register_script(_DROP_NODE_ENTRIES)
+
+    async def refresh(self) -> list[str]:
+        """Read the dead nodes; returns those dead long enough to be swept."""
+        flat = await self._dead_nodes(keys=[keys.NODES])
+        now = int(flat[0])
+        dead = [text(flat[i]) for i in range(1, len(flat), 2)]
+        self.dead = tuple(dead)
+        return [node for node, ended in zip(dead, flat[2::2], strict=True) if float(ended) < now - self.memory_ms]
+
+    async def sweep(self, node: str) -> int:
+        """Delete a long-dead node's entries from every instance it recorded, then forget it.
+
+        One relay node sweeps it (a lock key); if it stops halfway the node
+        stays listed, and the sweep is done again once the lock expires.
+        """
+        if not await self.redis.set(keys.sweep_lock(node), "1", nx=True, px=60_000):
+            return 0
+        instances = 0
+        async for instance_id in self.redis.sscan_iter(keys.node_instances(node), count=500):
+            iid = text(instance_id)
+            await self._drop_entries(keys=[keys.agents(iid), keys.load(iid)], args=[node])
+            instances += 1
+        await self.redis.delete(keys.node_instances(node))
+        await self._forget(keys=[keys.NODES], args=[node, self.memory_ms])
+        return instances
+
+    async def run(self) -> None:
+        """Keep the list fresh and sweep the long dead, forever (started by the composition root)."""
+        while True:
+            try:
+                for node in await self.refresh():
+                    log.info("sweeping the entries of relay node %s, dead for good", node)
+                    await self.sweep(node)
+            except (RedisError, OSError) as exc:
+                log.debug("could not read node liveness (%s)", exc)
+            await anyio.sleep(self.interval)
+
 
 class InstanceRegistry:
-    def __init__(self, redis: Redis, *, heartbeat_timeout: float, base_url: str):
+    def __init__(self, redis: Redis, *, heartbeat_timeout: float, base_url: str,
+                 liveness: NodeLiveness | None = None):
         self.redis = redis
         self.heartbeat_timeout = heartbeat_timeout
         self.base_url = base_url.rstrip("/")
+        self.liveness = liveness or NodeLiveness(redis, heartbeat_timeout=heartbeat_timeout)
+        self._publish = storage.publisher(redis)
         self._live_agents = redis.register_script(_LIVE_AGENTS)
+        self._add_agent = redis.register_script(_ADD_AGENT)
+        self._delete = redis.register_script(_DELETE)
+        self._beat = redis.register_script(_BEAT)
+        self._node_alive = redis.register_script(_NODE_ALIVE)
         self._remove_agent = redis.register_script(_REMOVE_AGENT)
         self._release_agent = redis.register_script(_RELEASE_AGENT)
         self._pick_agent = redis.register_script(_PICK_AGENT)
@@ -299,7 +452,11 @@ class InstanceRegistry:
         token_hash = hash_token(token)
         seq = await self.redis.incr(keys.SEQUENCE)
         now = time.time()
-        async with self.redis.pipeline(transaction=True) as pipe:
+        # Three keys in three slots, so no transaction: if this stops halfway,
+        # the record is there without its index or its directory entry (an
+        # orphan nobody has the token of), or the reverse (pointing at nothing,
+        # which every reader skips).
+        async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(
                 keys.instance(instance_id),
                 mapping={
@@ -393,26 +550,30 @@ class InstanceRegistry:
             raise Forbidden("this token does not own the instance")
 
     async def delete(self, instance_id: str) -> None:
-        record = await self._record(instance_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(keys.instance(instance_id), keys.agents(instance_id))
-            pipe.delete(keys.token(record["token_hash"]))
+        """Delete an instance: its record first (from then on it is gone for every reader),
+        then the token index and the directory entry, then tell every node."""
+        found = await self._delete(keys=[keys.instance(instance_id), keys.agents(instance_id),
+                                         keys.load(instance_id)])
+        if not found:
+            raise NotFound(f"instance {instance_id!r} not found", param="instance_id")
+        token_hash, *nodes = (text(v) for v in found)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(keys.token(token_hash))
             pipe.zrem(keys.INSTANCES, instance_id)
-            pipe.publish(keys.EVENTS_CHANNEL, orjson.dumps({"deleted": instance_id}))
+            for node in set(nodes):
+                pipe.srem(keys.node_instances(node), instance_id)
             await pipe.execute()
+        await self._publish(keys.EVENTS_CHANNEL, orjson.dumps({"deleted": instance_id}))
 
     # -- presence ----------------------------------------------------------
 
     async def add_agent(self, instance_id: str, entry: AgentEntry) -> AgentEntry | None:
         """Record a connected agent; return the entry it replaced (same agent id), if any."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hget(keys.agents(instance_id), entry.agent_id)
-            pipe.hset(keys.agents(instance_id), entry.agent_id, entry.encode())
-            pipe.hset(
-                keys.instance(instance_id),
-                mapping={"models": orjson.dumps(list(entry.models)), "last_seen": repr(time.time())},
-            )
-            previous, *_ = await pipe.execute()
+        # Listed under its node first, so that whatever happens next a sweep finds it.
+        await self.redis.sadd(keys.node_instances(entry.node), instance_id)
+        previous = await self._add_agent(
+            keys=[keys.agents(instance_id), keys.instance(instance_id)],
+            args=[entry.agent_id, entry.encode(), orjson.dumps(list(entry.models)), repr(time.time())])
         if previous is None:
             return None
         old = AgentEntry.decode(entry.agent_id, previous)
@@ -427,7 +588,7 @@ class InstanceRegistry:
 
     async def live_agents(self, instance_id: str) -> list[AgentEntry]:
         flat = await self._live_agents(
-            keys=[keys.agents(instance_id), keys.load(instance_id)], args=[keys.NODE_PREFIX]
+            keys=[keys.agents(instance_id), keys.load(instance_id)], args=list(self.liveness.dead)
         )
         return [AgentEntry.decode(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
 
@@ -440,12 +601,14 @@ class InstanceRegistry:
         Every "ok" must be paired with :meth:`release_agent` when the request ends.
         """
         pick_keys, pick_args = self.pick_request(instance_id, op, here=here, model=model)
-        return self.picked(await self._pick_agent(keys=pick_keys, args=[*pick_args, *exclude_nodes]))
+        dead = self.liveness.dead
+        return self.picked(await self._pick_agent(keys=pick_keys,
+                                                  args=[*pick_args, len(dead), *dead, *exclude_nodes]))
 
     def pick_request(self, instance_id: str, op: str, *, here: str, model: str) -> tuple[list[str], list[Any]]:
-        """The keys and arguments of ``pick_agent`` (the Lua function), nodes to exclude aside."""
+        """The keys and first arguments of ``pick_agent`` (the Lua function): tie, op, here, model."""
         return ([keys.agents(instance_id), keys.load(instance_id), keys.instance(instance_id)],
-                [keys.NODE_PREFIX, next(self._tie_break), op, here, model])
+                [next(self._tie_break), op, here, model])
 
     @staticmethod
     def picked(result: list[Any]) -> tuple[str, AgentEntry | None]:
@@ -461,17 +624,18 @@ class InstanceRegistry:
     async def refresh_node(self, node_id: str, entries: Sequence[tuple[str, AgentEntry]] = ()) -> bool:
         """Mark this node alive for one more heartbeat timeout.
 
-        Returns False when the liveness key was missing: Redis restarted or lost
-        data, or this node stalled past its TTL.  ``entries`` (instance id,
-        agent) are re-asserted in the same pipeline.
+        Returns False when its liveness had ended or was missing: Redis
+        restarted or lost data, or this node stalled past its TTL.  ``entries``
+        (instance id, agent) are re-asserted after it, in one pipeline.
         """
-        async with self.redis.pipeline(transaction=False) as pipe:
-            # SET ... GET (Redis >= 6.2) tells in the same command whether the key was there.
-            pipe.set(keys.node(node_id), repr(time.time()), px=keys.node_ttl_ms(self.heartbeat_timeout), get=True)
-            for instance_id, entry in entries:
-                pipe.hset(keys.agents(instance_id), entry.agent_id, entry.encode())
-            results = await pipe.execute()
-        return results[0] is not None
+        alive = await self._beat(keys=[keys.NODES], args=[node_id, keys.node_ttl_ms(self.heartbeat_timeout)])
+        if entries:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for instance_id, entry in entries:
+                    pipe.sadd(keys.node_instances(node_id), instance_id)
+                    pipe.hset(keys.agents(instance_id), entry.agent_id, entry.encode())
+                await pipe.execute()
+        return bool(alive)
 
     async def reset_load(self, sessions: list[tuple[str, str]]) -> None:
         """Zero the load counters of idle agents ``(instance id, session)``.
@@ -486,10 +650,11 @@ class InstanceRegistry:
             await pipe.execute()
 
     async def node_alive(self, node_id: str) -> bool:
-        return bool(await self.redis.exists(keys.node(node_id)))
+        return bool(await self._node_alive(keys=[keys.NODES], args=[node_id]))
 
     async def drop_node(self, node_id: str) -> None:
-        await self.redis.delete(keys.node(node_id))
+        """This node leaves: its liveness ends now (it stays listed as dead until swept)."""
+        await self.redis.zadd(keys.NODES, {node_id: 0})
 
     # -- views -------------------------------------------------------------
 
@@ -532,20 +697,18 @@ class InstanceRegistry:
                 pipe.hgetall(keys.agents(iid))
             results = await pipe.execute()
         agent_maps = [[AgentEntry.decode(text(k), v) for k, v in raw.items()] for raw in results[1::2]]
-        # One liveness read per distinct node in the batch, not per agent.
-        nodes = sorted({e.node for entries in agent_maps for e in entries})
-        alive = dict(zip(nodes, await self.redis.mget([keys.node(n) for n in nodes]), strict=True)) if nodes else {}
+        dead = set(self.liveness.dead)
         out: list[dict[str, Any] | None] = []
         for iid, record, entries in zip(ids, results[0::2], agent_maps, strict=True):
             if not record:
                 out.append(None)  # never registered, or deleted between the two reads
                 continue
-            live = [e for e in entries if alive.get(e.node) is not None]
+            live = [e for e in entries if e.node not in dead]
             out.append(self._view(iid, {text(k): text(v) for k, v in record.items()}, live))
         return out
 
     async def views(self, ids: list[str]) -> dict[str, dict[str, Any] | None]:
-        """Current views of ``ids`` (private ones too: the id is what shows them), two round trips."""
+        """Current views of ``ids`` (private ones too: the id is what shows them), one round trip."""
         return dict(zip(ids, await self._read_views(ids), strict=True)) if ids else {}
 
     async def list(

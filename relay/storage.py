@@ -1,8 +1,14 @@
 """How the relay connects to Redis: one pool, its timeouts, its connection class.
 
-Two kinds of URL:
+Three kinds of URL:
 
 * ``redis://`` / ``rediss://`` / ``unix://`` — one server, as redis-py reads them;
+* ``redis+cluster://[user:password@]host:port[,host:port...]`` (or
+  ``rediss+cluster://`` for TLS) — a Redis Cluster (7.0 or newer), found from
+  any of the nodes named; redis-py's cluster client follows slots as they
+  move and masters as they fail over.  Every key of an instance shares one
+  hash tag (``keys.py``), so every script runs on one shard; node-to-node
+  traffic uses shard channels (``publisher``, ``subscriber.py``);
 * ``redis+sentinel://[user:password@]host:port[,host:port...]/service[/db]`` (or
   ``rediss+sentinel://`` for TLS to the master) — the master Redis Sentinel
   names ``service``.  Every connection asks the sentinels where the master is
@@ -27,11 +33,13 @@ from __future__ import annotations
 import asyncio
 import re
 import urllib.parse
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection
 from redis.asyncio.sentinel import (
     Sentinel,
     SentinelConnectionPool,
@@ -74,6 +82,7 @@ def timed(connection_class: type[AbstractConnection]) -> type[AbstractConnection
 
 
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
 
 class BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
@@ -101,14 +110,7 @@ class SentinelURL:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in SENTINEL_SCHEMES:
             raise BadRedisURL(f"not a Sentinel URL (scheme {parts.scheme!r}, expected redis+sentinel://)")
-        where = parts.netloc.rpartition("@")[2]
-        sentinels = []
-        for item in where.split(","):
-            host, _, port = item.strip().rpartition(":")
-            if not host or not port.isdigit():
-                raise BadRedisURL(f"Sentinel URL: {item!r} is not host:port (e.g. redis+sentinel://s1:26379,"
-                                 "s2:26379/mymaster)")
-            sentinels.append((host.strip("[]"), int(port)))
+        sentinels = _host_ports(parts.netloc.rpartition("@")[2], "redis+sentinel://s1:26379,s2:26379/mymaster")
         path = [p for p in parts.path.split("/") if p]
         if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
             raise BadRedisURL("Sentinel URL: the path must name the master, e.g. redis+sentinel://s1:26379/mymaster "
@@ -121,12 +123,107 @@ class SentinelURL:
                    query.get("sentinel_password", [None])[0], parts.scheme == "rediss+sentinel")
 
 
+def _host_ports(where: str, example: str) -> list[tuple[str, int]]:
+    out = []
+    for item in where.split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise BadRedisURL(f"{item!r} is not host:port (e.g. {example})")
+        out.append((host.strip("[]"), int(port)))
+    return out
+
+
+@dataclass(frozen=True)
+class ClusterURL:
+    """A parsed ``redis+cluster://`` URL."""
+
+    nodes: list[tuple[str, int]]
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ssl: bool = False
+
+    @classmethod
+    def parse(cls, url: str) -> ClusterURL:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in CLUSTER_SCHEMES:
+            raise BadRedisURL(f"not a cluster URL (scheme {parts.scheme!r}, expected redis+cluster://)")
+        nodes = _host_ports(parts.netloc.rpartition("@")[2], "redis+cluster://r1:6379,r2:6379")
+        if parts.path.strip("/"):
+            raise BadRedisURL("cluster URL: a Redis Cluster has one database, so no /DB path "
+                              "(e.g. redis+cluster://r1:6379,r2:6379)")
+        unquote = urllib.parse.unquote
+        return cls(nodes, unquote(parts.username) if parts.username else None,
+                   unquote(parts.password) if parts.password is not None else None,
+                   parts.scheme == "rediss+cluster")
+
+
+def is_cluster(client: Redis | RedisCluster) -> bool:
+    return isinstance(client, RedisCluster)
+
+
+def publisher(client: Redis) -> Callable[[str, bytes], Any]:
+    """How to publish on ``client``: shard channels (SPUBLISH) on a cluster, where a plain
+    PUBLISH would be copied to every node of it; PUBLISH on one server (the embedded
+    Redis is 6.2, older than shard channels)."""
+    return client.spublish if is_cluster(client) else client.publish
+
+
+def hash_tag(key: str) -> str:
+    """What decides ``key``'s cluster slot: the text between its first ``{`` and the next ``}``
+    when not empty (Redis Cluster's hash tag), else the whole key."""
+    start = key.find("{")
+    if start >= 0:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            return key[start + 1:end]
+    return key
+
+
+async def run_scripts(client: Redis, script: Any, calls: Sequence[tuple[list[str], list[Any]]]) -> None:
+    """Run ``script`` once per ``(keys, args)`` in ``calls``, in one go: one pipeline on one
+    server; on a cluster (whose pipelines take no scripts) concurrent calls, each on
+    its keys' shard."""
+    if not calls:
+        return
+    if is_cluster(client):
+        await asyncio.gather(*(script(keys=k, args=a) for k, a in calls))
+        return
+    async with client.pipeline(transaction=False) as pipe:
+        for k, a in calls:
+            await script(keys=k, args=a, client=pipe)
+        await pipe.execute()
+
+
+def wrap_connections(client: Redis | RedisCluster, wrap: Callable[[type[AbstractConnection]], type[AbstractConnection]]) -> None:
+    """Make ``client``'s connections of class ``wrap(its class)`` (before any is open: they are lazy)."""
+    if isinstance(client, RedisCluster):
+        manager = client.nodes_manager
+        manager.connection_kwargs["connection_class"] = wrap(
+            manager.connection_kwargs.get("connection_class", Connection))
+        for node in (*manager.startup_nodes.values(), *manager.nodes_cache.values()):
+            node.connection_class = wrap(node.connection_class)  # type: ignore[assignment]
+        return
+    pool = client.connection_pool
+    pool.connection_class = wrap(pool.connection_class)
+
+
 def connect(url: str, settings: RelaySettings) -> Redis:
     """The relay's client for ``url``: a pool of timed connections, opened lazily (so the
     composition root can still wrap their class: ``RelayMetrics.count_round_trips``)."""
     timeouts = {"socket_timeout": settings.redis_timeout,
                 "socket_connect_timeout": min(2.0, settings.redis_timeout)}
-    if url.split("://", 1)[0] in SENTINEL_SCHEMES:
+    scheme = url.split("://", 1)[0]
+    if scheme in CLUSTER_SCHEMES:
+        found = ClusterURL.parse(url)
+        cluster = RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in found.nodes], username=found.username,
+            password=found.password, ssl=found.ssl, max_connections=settings.redis_max_connections,
+            health_check_interval=10, socket_timeout=settings.redis_timeout,
+            socket_connect_timeout=timeouts["socket_connect_timeout"])
+        cluster.nodes_manager.connection_kwargs["connection_class"] = SSLConnection if found.ssl else Connection
+        wrap_connections(cluster, timed)
+        return cluster  # type: ignore[return-value]  # the same commands, as the relay uses them
+    if scheme in SENTINEL_SCHEMES:
         target = SentinelURL.parse(url)
         sentinel = Sentinel(target.sentinels, sentinel_kwargs={**timeouts, "password": target.sentinel_password},
                             **timeouts)
@@ -141,21 +238,27 @@ def connect(url: str, settings: RelaySettings) -> Redis:
             health_check_interval=10, **timeouts,
         )
     except ValueError as exc:  # redis-py's word for a URL it cannot read
-        raise BadRedisURL(f"{exc} (or redis+sentinel:// for Sentinel)") from None
-    pool.connection_class = timed(pool.connection_class)
-    return Redis(connection_pool=pool)
+        raise BadRedisURL(f"{exc} (or redis+sentinel:// for Sentinel, redis+cluster:// for a cluster)") from None
+    client = Redis(connection_pool=pool)
+    wrap_connections(client, timed)
+    return client
 
 
 async def close(client: Redis) -> None:
     """Close ``client``'s pool, and its sentinels' connections when it has sentinels."""
+    if isinstance(client, RedisCluster):
+        await client.aclose()
+        return
     await client.aclose(close_connection_pool=True)
     manager = getattr(client.connection_pool, "sentinel_manager", None)
     for sentinel in getattr(manager, "sentinels", ()):
         await sentinel.aclose()
 
 
-#: The oldest Redis the relay runs on: presence uses ``SET ... GET`` (6.2).
+#: The oldest Redis the relay runs on: ``ZADD ... GT`` and ``SET ... GET`` (6.2).
 MINIMUM_VERSION = (6, 2)
+#: ... and as a cluster: shard channels (SPUBLISH, SSUBSCRIBE) are new in 7.0.
+MINIMUM_CLUSTER_VERSION = (7, 0)
 
 
 class RedisTooOld(RuntimeError):
@@ -176,12 +279,20 @@ def parse_version(text: str) -> tuple[int, ...]:
 
 
 async def check_version(client: Redis, minimum: tuple[int, ...] | None = None) -> str:
-    """The server's version; :class:`RedisTooOld` when it is older than ``minimum`` (MINIMUM_VERSION)."""
-    minimum = minimum or MINIMUM_VERSION
-    version = str((await client.info("server")).get("redis_version", ""))
+    """The server's version (a cluster's oldest master's); :class:`RedisTooOld` when it is older
+    than ``minimum`` (MINIMUM_VERSION, or MINIMUM_CLUSTER_VERSION on a cluster)."""
+    cluster = isinstance(client, RedisCluster)
+    minimum = minimum or (MINIMUM_CLUSTER_VERSION if cluster else MINIMUM_VERSION)
+    if cluster:
+        replies = await client.info("server", target_nodes=RedisCluster.PRIMARIES)
+        versions = [str(reply.get("redis_version", "")) for reply in replies.values()]
+    else:
+        versions = [str((await client.info("server")).get("redis_version", ""))]
+    version = min(versions, key=parse_version)
     if parse_version(version) < minimum:
+        mode = " as a cluster" if cluster else ""
         raise RedisTooOld(f"Redis {version or '(unknown version)'} is too old: the relay needs "
-                          f"{'.'.join(map(str, minimum))} or newer")
+                          f"{'.'.join(map(str, minimum))} or newer{mode}")
     return version
 
 

@@ -7,17 +7,28 @@ channel; a handler that fails is logged, and the message dropped, so one
 bad message can never end the subscription (or the tasks that run beside
 it).  When Redis goes away the subscription is rebuilt, forever, and the
 parts that depend on it are told (``on_lost``, ``on_subscribed``).
+
+On a Redis Cluster each channel is a shard channel, followed on a connection
+of its own to the master owning its slot (SSUBSCRIBE must be sent there), so
+a node's traffic loads one shard, not the whole cluster.  That connection
+breaks when the master dies, and Redis unsubscribes it when the slot moves
+to another shard: either way the subscription is rebuilt on the slot map as
+it is now.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.client import PubSub
+from redis.asyncio.connection import Connection, SSLConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeout
 
@@ -61,22 +72,54 @@ class Subscriber:
         again = False
         while True:
             try:
-                async with self.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(*self.handlers)
+                async with contextlib.AsyncExitStack() as stack:
+                    pubsubs = await self._subscribe(stack, again)
                     self.listening.set()
                     await self.on_subscribed(again)
-                    while True:
-                        message = await pubsub.get_message(timeout=self.probe_after)
-                        if message is None:
-                            await self._probe(pubsub)
-                        elif message["type"] != "pong":
-                            await self.dispatch(message["channel"], message["data"])
-            except (RedisError, OSError) as exc:
+                    async with anyio.create_task_group() as tg:
+                        for pubsub in pubsubs:
+                            tg.start_soon(self._follow, pubsub)
+            except* (RedisError, OSError) as group:
                 self.listening.clear()
                 self.on_lost()
                 again = True
-                log.debug("pub/sub connection lost (%s); resubscribing", exc)
+                log.debug("pub/sub connection lost (%s); resubscribing", group.exceptions[0])
                 await anyio.sleep(RESUBSCRIBE_DELAY)
+
+    async def _subscribe(self, stack: contextlib.AsyncExitStack, again: bool) -> list[PubSub]:
+        """The subscribed connections: one on one server; one per shard channel on a cluster."""
+        if not isinstance(self.redis, RedisCluster):
+            pubsub = await stack.enter_async_context(self.redis.pubsub())
+            await pubsub.subscribe(*self.handlers)
+            return [pubsub]
+        cluster = self.redis
+        if again or not cluster.nodes_manager.slots_cache:
+            await cluster.nodes_manager.initialize()  # the slot map as it is now (a failover, a migration)
+        pubsubs = []
+        for channel in self.handlers:
+            node = cluster.get_node_from_key(channel)
+            shard = await stack.enter_async_context(_node_client(cluster, node.host, node.port))
+            pubsub = await stack.enter_async_context(shard.pubsub())
+            await pubsub.ssubscribe(channel)
+            pubsubs.append(pubsub)
+        return pubsubs
+
+    async def _follow(self, pubsub: PubSub) -> None:
+        """Dispatch one connection's messages, probing it when silent, until it breaks."""
+        while True:
+            message = await pubsub.get_message(timeout=self.probe_after)
+            if message is None:
+                await self._probe(pubsub)
+            else:
+                await self._take(message)
+
+    async def _take(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind in ("message", "smessage"):
+            await self.dispatch(message["channel"], message["data"])
+        elif kind in ("unsubscribe", "sunsubscribe"):
+            # Never asked for: Redis dropped the subscription (its slot moved to another shard).
+            raise RedisConnectionError(f"Redis ended the subscription to {message['channel']!r}")
 
     async def _probe(self, pubsub: PubSub) -> None:
         """PING the subscription; messages that arrive meanwhile are handled; RedisTimeout if no answer."""
@@ -91,7 +134,7 @@ class Subscriber:
                 if message["data"] == PROBE:
                     return
             else:
-                await self.dispatch(message["channel"], message["data"])
+                await self._take(message)
         raise RedisTimeout(f"the subscription did not answer a PING within {self.probe_timeout:g} s")
 
     async def dispatch(self, channel: bytes, data: bytes) -> None:
@@ -104,3 +147,14 @@ class Subscriber:
                 await result
         except Exception:
             log.exception("dropping a message on %s that its handler could not take", channel.decode(errors="replace"))
+
+
+def _node_client(cluster: RedisCluster, host: str, port: int) -> Redis:
+    """A plain client for one node of ``cluster``, with the cluster's credentials, TLS and timeouts."""
+    given = cluster.nodes_manager.connection_kwargs
+    wanted = {name: value for name, value in given.items()
+              if name in ("username", "password", "socket_timeout", "socket_connect_timeout", "socket_keepalive",
+                          "credential_provider", "client_name") or name.startswith("ssl_")}
+    if issubclass(given.get("connection_class", Connection), SSLConnection):
+        wanted["ssl"] = True
+    return Redis(host=host, port=port, **wanted)

@@ -7,6 +7,13 @@ sentinels declare the master down after ``down_after_ms`` of silence, so a
 failover takes about that plus an election.  Where the binaries are missing
 the tests skip, unless ``RELAY_TEST_SENTINEL=required`` (set by ``.ci/run``)
 says they must run.
+
+``ClusterSet`` starts a Redis Cluster of three masters and three replicas
+(``redis-server`` with ``cluster-enabled``, joined by ``redis-cli --cluster
+create``), and can kill a master and wait for its replica to take over, or
+move a slot to another master live, key batch by key batch, the way
+``redis-cli --cluster reshard`` does, so a test can send traffic meanwhile.
+It skips likewise, unless ``RELAY_TEST_CLUSTER=required``.
 """
 
 from __future__ import annotations
@@ -17,24 +24,40 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import redis
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from tests.helpers import free_port
 
 MASTER_NAME = "relaymaster"
 
 
-def require_binaries(*names: str) -> None:
+# Debian's package for each binary: redis-cli is not in redis-server's own.
+PACKAGES = {"redis-server": "redis-server", "redis-sentinel": "redis-sentinel", "redis-cli": "redis-tools"}
+
+
+def require_binaries(*names: str, env: str = "RELAY_TEST_SENTINEL") -> None:
+    """Skip without the binaries, or fail where ``env=required`` says the tests must run."""
     missing = [name for name in names if shutil.which(name) is None]
     if not missing:
         return
-    reason = f"{', '.join(missing)} not installed (apt-get install redis-server redis-sentinel)"
-    if os.environ.get("RELAY_TEST_SENTINEL") == "required":
+    packages = " ".join(dict.fromkeys(PACKAGES.get(name, name) for name in names))
+    reason = f"{', '.join(missing)} not installed (apt-get install {packages})"
+    if os.environ.get(env) == "required":
         pytest.fail(reason)
     pytest.skip(reason)
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up waiting for {what}")
+        time.sleep(0.05)
 
 
 class Server:
@@ -148,16 +171,231 @@ class SentinelSet:
         port = self.master_port()
         return self.master if port == self.master.port else self.replica
 
-    def wait_for(self, predicate, what: str, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"gave up waiting for {what}")
-            time.sleep(0.05)
+    def wait_for(self, predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+        wait_for(predicate, what, timeout)
 
     def stop(self) -> None:
         for server in (*self.sentinels, self.replica, self.master):
             server.kill()
+
+
+class ClusterSet:
+    """Three masters with a replica each, all 16384 slots covered: a real Redis Cluster.
+
+    A silent master is failing once most masters have not heard from it for
+    ``node_timeout_ms``; its replica then waits half a second to a second
+    before it asks to be elected, so a failover takes about twice the timeout
+    (2.1 to 2.8 s at 1000 ms).  Replicas may take over however long they have
+    been cut off from their master (``cluster-replica-validity-factor 0``): a
+    test kills masters on purpose.  ``start()`` takes about 2 s, as a master
+    does not report ``cluster_state:ok`` in its first 2 s after boot.
+    """
+
+    def __init__(self, directory: Path, *, node_timeout_ms: int = 1000):
+        require_binaries("redis-server", "redis-cli", env="RELAY_TEST_CLUSTER")
+        self.directory = directory
+        self.node_timeout_ms = node_timeout_ms
+        ports: list[int] = []
+        while len(ports) < 12:
+            if (port := free_port()) not in ports:
+                ports.append(port)
+        self.nodes: list[Server] = []
+        for i in range(6):
+            home = directory / f"node{i}"
+            self.nodes.append(Server("redis-server", home, ports[2 * i], [
+                "cluster-enabled yes",
+                f"cluster-config-file {home / 'nodes.conf'}",
+                f"cluster-node-timeout {node_timeout_ms}",
+                # The bus is at port + 10000 unless told, past 65535 for a high free port.
+                f"cluster-port {ports[2 * i + 1]}",
+                "cluster-replica-validity-factor 0",
+                "repl-diskless-sync-delay 0",
+            ]))
+        self.seeds: list[Server] = []  # the masters as created, named by ``url``
+        self._by_port = {node.port: node for node in self.nodes}
+        self._ids: dict[int, bytes] = {}
+        self._replica_at_kill: dict[int, Server] = {}
+        self._clients: dict[int, redis.Redis] = {}
+
+    def start(self) -> ClusterSet:
+        for node in self.nodes:
+            node.wait_ready()
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        try:
+            subprocess.run(["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "1",
+                            "--cluster-yes"], check=True, capture_output=True, text=True, timeout=60)
+        except subprocess.CalledProcessError as error:
+            raise RuntimeError(f"redis-cli --cluster create failed:\n{error.stdout}{error.stderr}") from None
+        for node in self.nodes:
+            self._ids[node.port] = self.client(node).execute_command("CLUSTER", "MYID")
+        # redis-cli returns once the nodes have met, not once each has heard of
+        # all the others, nor before any replica has its master's data: a
+        # master killed before its replica's first sync takes its keys with it.
+        self._wait(lambda: all(self._formed(node) for node in self.nodes), "the cluster to form")
+        self.seeds = self.masters()
+        if len(self.seeds) != 3:
+            raise RuntimeError(f"expected 3 masters, got {len(self.seeds)}\n{self.describe()}")
+        return self
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.seeds)
+
+    def client(self, server: Server) -> redis.Redis:
+        """An admin connection to one node (no cluster redirections), kept for the set's life."""
+        if server.port not in self._clients:
+            self._clients[server.port] = redis.Redis(host="127.0.0.1", port=server.port, socket_timeout=2,
+                                                     socket_connect_timeout=1)
+        return self._clients[server.port]
+
+    def node_id(self, server: Server) -> bytes:
+        return self._ids[server.port]
+
+    def live(self) -> list[Server]:
+        return [node for node in self.nodes if node.alive()]
+
+    def _role(self, server: Server) -> list | None:
+        try:
+            return self.client(server).execute_command("ROLE")
+        except redis.RedisError:
+            return None
+
+    def is_master(self, server: Server) -> bool:
+        role = self._role(server) if server.alive() else None
+        return role is not None and role[0] == b"master"
+
+    def masters(self) -> list[Server]:
+        return [node for node in self.live() if self.is_master(node)]
+
+    def replica_of(self, master: Server) -> Server:
+        for node in self.live():
+            role = self._role(node)
+            if role is not None and role[0] == b"slave" and int(role[2]) == master.port:
+                return node
+        raise LookupError(f"no replica of the node on port {master.port}")
+
+    def cluster_info(self, server: Server) -> dict[str, str]:
+        """CLUSTER INFO as a dict; empty when the node does not answer."""
+        try:
+            text = self.client(server).execute_command("CLUSTER", "INFO").decode()
+        except redis.RedisError:
+            return {}
+        return dict(line.split(":", 1) for line in text.split() if ":" in line)
+
+    def slot_ranges(self, server: Server) -> list[tuple[int, int, int]] | None:
+        """(first slot, last slot, master's port) as one node sees them, or None if it does not answer."""
+        try:
+            reply = self.client(server).execute_command("CLUSTER", "SLOTS")
+        except redis.RedisError:
+            return None
+        return sorted((int(first), int(last), int(master[1])) for first, last, master, *_ in reply)
+
+    def master_for_slot(self, slot: int, *, seen_by: Server | None = None) -> Server:
+        """The slot's master as ``seen_by`` (or the first live node) sees it; after ``wait_converged`` all agree."""
+        for node in [seen_by] if seen_by is not None else self.live():
+            for first, last, port in self.slot_ranges(node) or []:
+                if first <= slot <= last:
+                    return self._by_port[port]
+        raise LookupError(f"no master known for slot {slot}")
+
+    def master_for_key(self, key: str | bytes) -> Server:
+        return self.master_for_slot(key_slot(key.encode() if isinstance(key, str) else key))
+
+    def _formed(self, node: Server) -> bool:
+        info = self.cluster_info(node)
+        if (info.get("cluster_state") != "ok" or info.get("cluster_known_nodes") != "6"
+                or info.get("cluster_slots_ok") != str(REDIS_CLUSTER_HASH_SLOTS)):
+            return False
+        role = self._role(node)
+        if role is None:
+            return False
+        if role[0] == b"master":
+            return True
+        try:
+            return self.client(node).info("replication").get("master_link_status") == "up"
+        except redis.RedisError:
+            return False
+
+    def kill(self, server: Server) -> None:
+        if self.is_master(server):
+            # Remembered now: once the master is gone, nothing names its replica.
+            try:
+                self._replica_at_kill[server.port] = self.replica_of(server)
+            except LookupError:
+                pass
+        server.kill()
+
+    def wait_failover(self, dead_master: Server, timeout: float = 30.0) -> Server:
+        """Wait for the dead master's replica to take over and every live node to be ok; return it."""
+        replica = self._replica_at_kill.get(dead_master.port) or self.replica_of(dead_master)
+        self._wait(lambda: self.is_master(replica)
+                   and all(self.cluster_info(node).get("cluster_state") == "ok" for node in self.live()),
+                   f"the replica on port {replica.port} to replace the master on port {dead_master.port}", timeout)
+        return replica
+
+    def migrate_slot(self, slot: int, target: Server, *, batch: int = 10, pause: float = 0.0) -> int:
+        """Move one slot's keys to ``target`` while the cluster serves it; return how many were moved.
+
+        Meanwhile the source answers ASK for keys it no longer has, so new
+        keys land on the target and existing ones move with the batches.
+        """
+        source = self.master_for_slot(slot)
+        if source is target:
+            raise ValueError(f"slot {slot} is already on the node on port {target.port}")
+        source_client, target_client = self.client(source), self.client(target)
+        target_client.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", self.node_id(source))
+        source_client.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", self.node_id(target))
+        moved = 0
+        while keys := source_client.execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch):
+            # No REPLACE: a key already on the target would mean a client wrote it
+            # there while the source still had it, which ASK should prevent.
+            reply = source_client.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 1000, "KEYS", *keys)
+            if reply != b"NOKEY":  # NOKEY: all of them deleted since GETKEYSINSLOT
+                moved += len(keys)
+            if pause:
+                time.sleep(pause)
+        # The target first: it takes the slot with a new epoch, which then wins
+        # over any older claim the others gossip about.
+        for node in [target, source, *(m for m in self.masters() if m is not target and m is not source)]:
+            self.client(node).execute_command("CLUSTER", "SETSLOT", slot, "NODE", self.node_id(target))
+        return moved
+
+    def converged(self) -> bool:
+        views = []
+        for node in self.live():
+            if self.cluster_info(node).get("cluster_state") != "ok":
+                return False
+            views.append(self.slot_ranges(node))
+        return all(view is not None and view == views[0] for view in views)
+
+    def wait_converged(self, timeout: float = 30.0) -> None:
+        """Wait until every live node is ok and all name the same master for every slot."""
+        self._wait(self.converged, "every node to agree on the slots", timeout)
+
+    def describe(self) -> str:
+        """CLUSTER NODES from the first node that answers, for error messages."""
+        for node in self.live():
+            try:
+                return self.client(node).execute_command("CLUSTER", "NODES").decode()
+            except redis.RedisError:
+                continue
+        return "(no node answers)"
+
+    def _wait(self, predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+        try:
+            wait_for(predicate, what, timeout)
+        except TimeoutError as error:
+            raise TimeoutError(f"{error}\n{self.describe()}") from None
+
+    def flushall(self) -> None:
+        for master in self.masters():
+            self.client(master).flushall()
+
+    def stop(self) -> None:
+        for client in self._clients.values():
+            client.close()
+        for node in self.nodes:
+            node.kill()
 
 
 class PartitionableLink:

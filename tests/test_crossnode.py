@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import asyncio
 
+import anyio
 import orjson
 import pytest
 from redis.asyncio import Redis
 
 import wire
-from relay import keys
+from relay import keys, storage
 from relay.crossnode import CrossNode, RemoteLink
 from relay.registry import InstanceRegistry
 from relay.sessions import SessionManager
 from relay.streams import Stream
+from relay.subscriber import Subscriber
 from tests.helpers import (
     FakeUpstream,
     openai_backend,
@@ -76,18 +78,18 @@ async def test_malformed_cross_node_messages_are_dropped_and_the_node_keeps_work
                     assert response.status_code == 200
                     assert (await sse_lines(response))[-1] == "[DONE]"
                 assert node_a.app.state.bus.forwarded_out >= 3
-                # Both nodes' housekeeping still runs: their liveness keys get refreshed.
+                # Both nodes' housekeeping still runs: their liveness gets refreshed.
                 for node in (node_a, node_b):
-                    key = keys.node(node.app.state.node.node_id)
-                    before = await redis.get(key)
-                    await wait_until(lambda: _changed(redis, key, before), timeout=10, what="node key refreshed")
+                    node_id = node.app.state.node.node_id
+                    before = await redis.zscore(keys.NODES, node_id)
+                    await wait_until(lambda: _changed(redis, node_id, before), timeout=10, what="liveness refreshed")
             finally:
                 await redis.aclose()
     assert any("dropping malformed cross-node message" in r.getMessage() for r in caplog.records)
 
 
-async def _changed(redis: Redis, key: str, before: bytes | None) -> bool:
-    return (await redis.get(key)) not in (None, before)
+async def _changed(redis: Redis, node_id: str, before: float | None) -> bool:
+    return (await redis.zscore(keys.NODES, node_id)) not in (None, before)
 
 
 async def test_a_credit_that_cannot_be_published_fails_the_stream(redis):
@@ -110,25 +112,29 @@ async def test_the_frames_on_the_bus_are_the_agent_frames(redis_url):
     async with running_relay(redis_url) as node_a, running_relay(redis_url) as node_b:
         instance_id, token = await node_a.register()
         a_id, b_id = node_a.app.state.node.node_id, node_b.app.state.node.node_id
+        seen: list[tuple[str, wire.Envelope]] = []
+
+        def watcher(channel: str):
+            return lambda data: seen.append((channel, wire.decode_envelope(data)))
+
+        # A third subscriber on both inboxes (the relay's own Subscriber: shard channels on a cluster).
         redis = redis_client(redis_url)
-        pubsub = redis.pubsub()
-        await pubsub.subscribe(keys.inbox(a_id), keys.inbox(b_id))
+        watch = Subscriber(redis, {keys.inbox(a_id): watcher(keys.inbox(a_id)),
+                                   keys.inbox(b_id): watcher(keys.inbox(b_id))},
+                           on_subscribed=_nothing, on_lost=lambda: None)
         try:
-            async with running_agent(node_b.url, token), node_a.client() as client:
-                response = await client.post(f"/api/chat/{instance_id}", json={
-                    "stream": False, "messages": [{"role": "user", "content": "x"}]})
-                assert response.status_code == 200
-            seen: list[tuple[str, wire.Envelope]] = []
-
-            async def collect() -> bool:
-                while (message := await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)):
-                    seen.append((message["channel"].decode(), wire.decode_envelope(message["data"])))
-                return any(type(e.event) is wire.End for _, e in seen)
-
-            await wait_until(collect, timeout=5, what="the end frame on the bus")
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(watch.run)
+                await watch.listening.wait()
+                async with running_agent(node_b.url, token), node_a.client() as client:
+                    response = await client.post(f"/api/chat/{instance_id}", json={
+                        "stream": False, "messages": [{"role": "user", "content": "x"}]})
+                    assert response.status_code == 200
+                await wait_until(lambda: any(type(e.event) is wire.End for _, e in seen), timeout=5,
+                                 what="the end frame on the bus")
+                tg.cancel_scope.cancel()
         finally:
-            await pubsub.aclose()
-            await redis.aclose()
+            await storage.close(redis)
     to_b = [e for channel, e in seen if channel == keys.inbox(b_id)]
     to_a = [e for channel, e in seen if channel == keys.inbox(a_id)]
     request = next(e for e in to_b if type(e.event) is wire.Request)
@@ -139,9 +145,11 @@ async def test_the_frames_on_the_bus_are_the_agent_frames(redis_url):
     assert b'"chat.completion"' in b"".join(e.event.payload for e in to_a if type(e.event) is wire.Data)
 
 
-async def test_a_handler_that_fails_does_not_end_the_subscription(redis_url):
-    from relay.subscriber import Subscriber
+async def _nothing(again: bool) -> None:
+    pass
 
+
+async def test_a_handler_that_fails_does_not_end_the_subscription(redis_url):
     redis = redis_client(redis_url)
     got: list[bytes] = []
 

@@ -541,16 +541,16 @@ async def test_relay_node_restarted_agent_comes_back_to_the_same_url(redis_url, 
         agent = cluster.agent(node.url, token, "--backend", "demo", "--demo-rate", "0")
         await agent.wait_for_line("connected to")
         await wait_until(lambda: online(node, instance_id), 15, what="online")
-        [node_key] = [key async for key in redis.scan_iter(match=keys.node("*"))]
+        [node_id] = await redis.zrange(keys.NODES, 0, -1)
 
         node.kill()
         clock = Stopwatch("only relay node killed (SIGKILL) and restarted")
         port = int(node.url.rsplit(":", 1)[1])
-        # Down for longer than its liveness key lives: seen in Redis, not guessed.
-        await wait_until(lambda: _gone(redis, node_key), 30, what="the dead node's liveness key to expire")
-        clock.lap("dead node's liveness key expired")
-        # Its agent's entry went with it: offline until the agent is back.
+        # Down for longer than its liveness lasts: seen in Redis, not guessed.
         registry = InstanceRegistry(redis, heartbeat_timeout=HEARTBEAT_TIMEOUT, base_url="http://unused")
+        await wait_until(lambda: _dead(registry, node_id.decode()), 30, what="the dead node's liveness to end")
+        clock.lap("dead node's liveness ended")
+        # Its agent's entry went with it: offline until the agent is back.
         assert (await registry.view(instance_id))["status"] == "offline"
         restarted = cluster.relay("node-restarted", port=port)
         await wait_ready(restarted)
@@ -565,5 +565,6 @@ async def test_relay_node_restarted_agent_comes_back_to_the_same_url(redis_url, 
             assert (await instance_view(restarted, instance_id))["agents"] == 1
 
 
-async def _gone(redis, key: bytes) -> bool:
-    return not await redis.exists(key)
+async def _dead(registry: InstanceRegistry, node_id: str) -> bool:
+    await registry.liveness.refresh()
+    return node_id in registry.liveness.dead

@@ -223,15 +223,21 @@ async def test_list_with_status_filter(registry):
 # -- presence --------------------------------------------------------------------
 
 
-async def test_online_needs_a_live_node(registry):
+async def test_online_needs_a_node_that_is_not_dead(registry):
     before = time.time()
     iid, _ = await registry.register("a")
+    await registry.refresh_node("node-a")
+    await registry.drop_node("node-a")
     await registry.add_agent(iid, entry(node="node-a"))
-    # Recorded, but its node never said it is alive: not online, and the
+    # Recorded, but its node's liveness has ended: not online, and the
     # entry is swept as one of a dead node.
+    await registry.liveness.refresh()
+    assert registry.liveness.dead == ("node-a",)
     assert (await registry.view(iid))["status"] == "offline"
     assert await registry.live_agents(iid) == []
+    assert not await registry.redis.hexists(keys.agents(iid), "agent-1")
     await registry.refresh_node("node-a")
+    await registry.liveness.refresh()
     await registry.add_agent(iid, entry(node="node-a"))
     view = await registry.view(iid)
     assert view["status"] == "online"
@@ -240,10 +246,14 @@ async def test_online_needs_a_live_node(registry):
     assert before <= view["last_seen"] <= time.time()
 
 
-async def test_node_key_lives_one_heartbeat_timeout(registry, redis):
-    await registry.refresh_node("node-a")
-    ttl = await redis.pttl(keys.node("node-a"))
-    assert 0 < ttl <= keys.node_ttl_ms(HEARTBEAT_TIMEOUT) == HEARTBEAT_TIMEOUT * 1000
+async def test_a_nodes_liveness_lasts_one_heartbeat_timeout(registry, redis):
+    assert await registry.refresh_node("node-a") is False  # not alive until now: never seen
+    assert await registry.refresh_node("node-a") is True
+    seconds, micros = await redis.time()
+    ends = await redis.zscore(keys.NODES, "node-a")
+    left = ends - (seconds * 1000 + micros // 1000)
+    assert 0 < left <= keys.node_ttl_ms(HEARTBEAT_TIMEOUT) == HEARTBEAT_TIMEOUT * 1000
+    assert await registry.node_alive("node-a") and not await registry.node_alive("node-never-seen")
 
 
 async def test_presence_expires_when_heartbeats_stop(registry, redis):
@@ -256,15 +266,16 @@ async def test_presence_expires_when_heartbeats_stop(registry, redis):
     assert (await registry.view(iid))["status"] == "online"
 
     # node-a's last heartbeat (from a node whose heartbeat timeout is short);
-    # node-b stays alive.  Redis expires node-a's key on its own: wait for
+    # node-b stays alive.  node-a's liveness ends on the Redis clock: wait for
     # that, seen in Redis, rather than for a guessed time.
     short_lived = InstanceRegistry(redis, heartbeat_timeout=0.3, base_url=BASE)
     await short_lived.refresh_node("node-a")
 
-    async def node_a_key_gone() -> bool:
-        return not await redis.exists(keys.node("node-a"))
+    async def node_a_dead() -> bool:
+        await registry.liveness.refresh()
+        return registry.liveness.dead == ("node-a",)
 
-    await wait_until(node_a_key_gone, timeout=30, what="node-a's liveness key to expire")
+    await wait_until(node_a_dead, timeout=30, what="node-a's liveness to end")
     view = await registry.view(iid)
     assert view["status"] == "offline"
     assert view["agents"] == 0
@@ -285,9 +296,11 @@ async def test_replicas_on_two_nodes(registry):
     view = await registry.view(iid)
     assert view["agents"] == 2 and sorted(view["models"]) == ["m1", "m2"]
     await registry.drop_node("node-a")
+    await registry.liveness.refresh()
     view = await registry.view(iid)
     assert (view["status"], view["agents"], view["models"]) == ("online", 1, ["m2"])
     await registry.drop_node("node-b")
+    await registry.liveness.refresh()
     assert (await registry.view(iid))["status"] == "offline"
 
 

@@ -34,13 +34,14 @@ async def add(redis, agent_id: str, node: str = "n1", *, concurrency: int = 2, i
     await redis.hset(keys.agents(INSTANCE), agent_id, entry.encode())
     if inflight:
         await redis.hset(keys.load(INSTANCE), entry.session, inflight)
-    if alive:
-        await redis.set(keys.node(node), "1")
+    # A node's liveness ends at its score (ms, Redis clock): far ahead, or long past.
+    await redis.zadd(keys.NODES, {node: 2**50 if alive else 0})
     return entry
 
 
 async def picks(registry, n: int, op: str = "chat", exclude: tuple[str, ...] = (),
                 here: str = "n1", model: str = "") -> list[str | None]:
+    await registry.liveness.refresh()  # as every node does once a second
     out = []
     for _ in range(n):
         verdict, entry = await registry.pick_agent(INSTANCE, op, exclude, here=here, model=model)
@@ -84,7 +85,7 @@ OLD_ENTRY = b'{"node":"n-old","session":"s-old","max_concurrency":1,"models":["m
 async def test_an_entry_without_capabilities_is_a_chat_only_agent(registry, redis):
     # Entries written by 0.1 relays carry no capabilities (nor a bus version).
     await redis.hset(keys.agents(INSTANCE), "old", OLD_ENTRY)
-    await redis.set(keys.node("n-old"), "1")
+    await redis.zadd(keys.NODES, {"n-old": 2**50})
     assert await picks(registry, 1, "chat", here="n-old") == ["old"]
     assert await picks(registry, 1, "images", here="n-old") == ["incapable"]
     (entry,) = await registry.live_agents(INSTANCE)
@@ -94,7 +95,7 @@ async def test_an_entry_without_capabilities_is_a_chat_only_agent(registry, redi
 async def test_agents_of_a_node_that_cannot_read_our_bus_are_out_of_reach(registry, redis):
     # During a rolling upgrade a 0.2 node must not send a stream to a 0.1 node's agent.
     await redis.hset(keys.agents(INSTANCE), "old", OLD_ENTRY)
-    await redis.set(keys.node("n-old"), "1")
+    await redis.zadd(keys.NODES, {"n-old": 2**50})
     assert await picks(registry, 1, "chat", here="n-new") == ["offline"]
     await add(redis, "new", node="n-new2")
     assert await picks(registry, 2, "chat", here="n-new") == ["new", "new"]
@@ -103,7 +104,7 @@ async def test_agents_of_a_node_that_cannot_read_our_bus_are_out_of_reach(regist
 async def test_null_capabilities_mean_chat(registry, redis):
     await redis.hset(keys.agents(INSTANCE), "odd", OLD_ENTRY.replace(b'"connected_at":0', b'"connected_at":0,'
                                                                       b'"capabilities":null,"bus":1'))
-    await redis.set(keys.node("n-old"), "1")
+    await redis.zadd(keys.NODES, {"n-old": 2**50})
     assert await picks(registry, 1, "chat") == ["odd"]
 
 
@@ -170,7 +171,7 @@ async def test_an_entry_without_image_models_serves_none(registry, redis):
     # What a version-1 agent's entry (or a 0.1 node's) looks like: no image_models key at all.
     await redis.hset(keys.agents(INSTANCE), "old", orjson.dumps(
         {"node": "n1", "session": "s-old", "max_concurrency": 2, "models": ["m"], "connected_at": 0}))
-    await redis.set(keys.node("n1"), "1")
+    await redis.zadd(keys.NODES, {"n1": 2**50})
     assert await picks(registry, 1, "chat", model="m") == ["old"]
     assert await picks(registry, 1, "images", model="x") == ["incapable"]
 
