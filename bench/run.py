@@ -37,8 +37,8 @@ from typing import Any
 
 import orjson
 
+from . import clusterphase, realmodel
 from . import loadgen as lg
-from . import realmodel
 from .procs import (
     CpuWindow,
     Proc,
@@ -61,7 +61,8 @@ PATH_ORDER = ["direct", "nginx", "relay", "relay-2node"]
 LIMITS = ["MAX_STREAMS_PER_INSTANCE", "MAX_STREAMS_PER_CALLER", "RATE_PER_CALLER", "RATE_PER_INSTANCE",
           "RATE_REGISTER_PER_IP", "AGENT_FRAMES_PER_SECOND", "AGENT_BYTES_PER_SECOND"]
 PHASES = ["ttfc", "one_stream", "concurrent", "cpu", "idle"]  # plus "profile" with --profile
-OPTIONAL_PHASES = ["profile", "real_model"]  # real_model: bench/realmodel.py, only when asked
+# Only when asked: real_model (bench/realmodel.py), cluster (bench/clusterphase.py).
+OPTIONAL_PHASES = ["profile", "real_model", "cluster"]
 LABELS = {
     "direct": "direct",
     "nginx": "nginx",
@@ -99,6 +100,7 @@ class Options:
     phases: list[str] = field(default_factory=lambda: list(PHASES))
     native: bool = False  # py-spy --native: see into C (uvloop, httptools) too
     real_model: dict[str, Any] = field(default_factory=dict)  # bench/realmodel.py settings
+    cluster: dict[str, Any] = field(default_factory=dict)  # bench/clusterphase.py settings
 
 
 QUICK = dict(
@@ -160,8 +162,12 @@ class Bench:
         self.results["meta"] = self.meta(fds)
         self.results["options"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.o).items()}
         try:
-            self.redis = EmbeddedRedis(self.work / "redis", persist=False).start()
             phases = self.o.phases
+            if "cluster" in phases:  # first, with its own Redis Cluster and processes, alone on the machine
+                await clusterphase.run_phase(self)
+            if not set(phases) - {"cluster"}:
+                return self.finish(t0)
+            self.redis = EmbeddedRedis(self.work / "redis", persist=False).start()
             await self.start_streaming_stack()
             if "ttfc" in phases:
                 await self.phase_ttfc()
@@ -188,6 +194,9 @@ class Bench:
             if self.redis is not None:
                 self.redis.stop()
             shutil.rmtree(self.work, ignore_errors=True)
+        return self.finish(t0)
+
+    def finish(self, t0: float) -> dict[str, Any]:
         self.results["targets"] = evaluate_targets(self.results)
         self.results["meta"]["duration_s"] = round(time.perf_counter() - t0, 1)
         return self.results
@@ -244,15 +253,16 @@ class Bench:
             **{f"RELAY_{name}": str(10**9) for name in LIMITS},
         }
 
-    def start_relay(self, name: str) -> Proc:
+    def start_relay(self, name: str, redis_url: str | None = None) -> Proc:
+        """``relay serve`` on a free port, on the run's Redis or on ``redis_url``."""
         port = free_port()
         self.ports[name] = port
-        self.restart[name] = lambda: self.start_relay(name)
+        self.restart[name] = lambda: self.start_relay(name, redis_url)
         proc = self.group.start(
             name,
             [
                 *console_script("relay", "relay.cli"),
-                "serve", "--host", HOST, "--port", str(port), "--redis-url", self.redis.url,
+                "serve", "--host", HOST, "--port", str(port), "--redis-url", redis_url or self.redis.url,
                 "--data-dir", str(self.work / name), "--log-level", "warning",
             ],
             env=self.relay_env(),
@@ -316,18 +326,18 @@ class Bench:
             raise RuntimeError(f"registration failed: {status} {body}")
         return body["instance_id"], body["agent_token"]
 
+    def start_upstream(self) -> Proc:
+        """The fake upstream (``bench/upstream.py``) on a free port, as ``upstream``."""
+        self.restart["upstream"] = self.start_upstream
+        self.ports["upstream"] = free_port()
+        self.procs["upstream"] = self.group.start(
+            "upstream", [sys.executable, "-m", "bench.upstream", "--port", str(self.ports["upstream"])]
+        )
+        return self.procs["upstream"]
+
     async def start_streaming_stack(self) -> None:
         self.say(f"work dir {self.work}")
-
-        def start_upstream() -> Proc:
-            self.ports["upstream"] = free_port()
-            self.procs["upstream"] = self.group.start(
-                "upstream", [sys.executable, "-m", "bench.upstream", "--port", str(self.ports["upstream"])]
-            )
-            return self.procs["upstream"]
-
-        self.restart["upstream"] = start_upstream
-        start_upstream()
+        self.start_upstream()
         want = set(self.o.paths)
         need_b = "relay-2node" in want
         self.start_relay("relay_a")
@@ -998,6 +1008,10 @@ def table(r: dict) -> str:
         ),
         "",
     ]
+    if not paths:  # nothing but optional phases of their own (cluster)
+        lines.extend(realmodel.table_lines(r))
+        lines.extend(clusterphase.table_lines(r))
+        return "\n".join(lines)
     w0, w = 38, 16
     head = "".ljust(w0) + "".join(LABELS[p].rjust(w) for p in paths)
     lines.append(head)
@@ -1073,6 +1087,7 @@ def table(r: dict) -> str:
     if "direct-httpx" in t:
         lines.append(f"  TTFC p50 direct: loadgen {t['direct'].get('p50')} ms, httpx {t['direct-httpx'].get('p50')} ms")
     lines.extend(realmodel.table_lines(r))
+    lines.extend(clusterphase.table_lines(r))
     lines.append("")
     lines.append("targets (met / MISSED / not measured):")
     for tg in r.get("targets", []):
@@ -1195,6 +1210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, help="results directory (default bench/results)")
     p.add_argument("--no-plot", action="store_true")
     realmodel.add_arguments(p)
+    clusterphase.add_arguments(p)
     return p
 
 
@@ -1233,6 +1249,7 @@ def options_from(argv: list[str] | None) -> Options:
     o.real_model, asked = realmodel.options(args, o.quick)
     if asked and "real_model" not in o.phases:
         o.phases.append("real_model")
+    o.cluster = clusterphase.options(args, o.quick)
     o.plot = not args.no_plot
     return o
 

@@ -25,6 +25,7 @@ through it.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import orjson
@@ -33,6 +34,8 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
 from wire import SSE_DONE, error_body, sse_event
+
+log = logging.getLogger("relay.errors")
 
 
 class RelayError(Exception):
@@ -153,6 +156,7 @@ def as_relay_error(exc: BaseException) -> RelayError:
     if isinstance(exc, (RedisError, OSError, TimeoutError)):
         # Redis down is an outage of this node, not a bug: say so and let the
         # caller (or the load balancer, via /readyz) try another node.
+        log.warning("storage error, answered 503: %s: %s", type(exc).__name__, exc)
         return ServiceNotReady("relay storage unavailable, retry shortly", headers={"Retry-After": "1"})
     if isinstance(exc, HTTPException):  # Starlette's routing: no such path, wrong method
         cls = NoSuchRoute if exc.status_code == 404 else InvalidRequest

@@ -86,9 +86,9 @@ async def _move(redis: Redis) -> int:
             continue
         # Layout 2 finds a key id by its hash inside the instance's own hash.
         records = await redis.hgetall(new)
-        index = {keys.caller_key_field(_key_hash(raw)): key_id for key_id, raw in records.items()}
+        index = [part for key_id, raw in records.items() for part in (keys.caller_key_field(_key_hash(raw)), key_id)]
         if index:
-            await redis.hset(new, mapping=index)
+            await redis.hset(new, items=index)
     for prefix in OLD_DISPOSABLE:
         async for key in redis.scan_iter(match=prefix + "*", count=1000):
             if _old_id(key, prefix) is not None:
@@ -96,5 +96,5 @@ async def _move(redis: Redis) -> int:
     return moved
 
 
-def _key_hash(raw: bytes) -> str:
+def _key_hash(raw: bytes | str) -> str:
     return str(orjson.loads(raw)["key_hash"])

@@ -121,9 +121,11 @@ class AgentEntry:
 
 # The agents of one instance whose node is alive, as {field, raw, decoded}.
 # Entries of dead nodes (``dead``, a set the caller passes: node liveness is
-# in another slot) are removed on the way, with their load counters: a dead
-# node cannot clean up after itself.  ``node_set`` makes a set of ARGV[from..to].
-# Shared by the scripts below.
+# in another slot) are skipped, not deleted: the caller's list may be up to a
+# second old, and a node that was dead for a moment (Redis unreachable longer
+# than its heartbeat timeout) has re-asserted its entries by then.  A node
+# dead for good has them swept (``NodeLiveness.sweep``).  ``node_set`` makes
+# a set of ARGV[from..to].  Shared by the scripts below.
 _LIVE_ENTRIES = """
 local function node_set(from, to)
   local set = {}
@@ -135,12 +137,7 @@ local function live_entries(agents_key, load_key, dead)
   local live = {}
   for i = 1, #entries, 2 do
     local entry = cjson.decode(entries[i + 1])
-    if dead[entry['node']] then
-      redis.call('HDEL', agents_key, entries[i])
-      redis.call('HDEL', load_key, entry['session'])
-    else
-      table.insert(live, {entries[i], entries[i + 1], entry})
-    end
+    if not dead[entry['node']] then table.insert(live, {entries[i], entries[i + 1], entry}) end
   end
   return live
 end

@@ -46,7 +46,7 @@ from redis.asyncio.sentinel import (
     SentinelManagedConnection,
     SentinelManagedSSLConnection,
 )
-from redis.exceptions import RedisError
+from redis.exceptions import ClusterError, RedisError, TryAgainError
 from redis.exceptions import TimeoutError as RedisTimeout
 
 from .settings import RelaySettings
@@ -157,6 +157,33 @@ class ClusterURL:
                    parts.scheme == "rediss+cluster")
 
 
+class RelayCluster(RedisCluster):
+    """redis-py's cluster client, waiting out a slot migration's split keys.
+
+    While a slot moves key by key, a script whose keys are on both shards for
+    a moment is refused (TRYAGAIN, or redirects back and forth until redis-py
+    gives up: "TTL exhausted"); neither ran it.  It is sent again, 20 ms
+    apart, for up to ``split_keys_wait`` seconds (the Redis timeout), as a
+    slow answer would be waited for.
+    """
+
+    split_keys_wait = 5.0
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        deadline: float | None = None
+        while True:
+            try:
+                return await super().execute_command(*args, **kwargs)
+            except (TryAgainError, ClusterError) as exc:
+                if not isinstance(exc, TryAgainError) and "TTL exhausted" not in str(exc):
+                    raise
+                now = asyncio.get_running_loop().time()
+                deadline = deadline or now + self.split_keys_wait
+                if now >= deadline:
+                    raise
+                await asyncio.sleep(0.02)
+
+
 def is_cluster(client: Redis | RedisCluster) -> bool:
     return isinstance(client, RedisCluster)
 
@@ -194,7 +221,10 @@ async def run_scripts(client: Redis, script: Any, calls: Sequence[tuple[list[str
         await pipe.execute()
 
 
-def wrap_connections(client: Redis | RedisCluster, wrap: Callable[[type[AbstractConnection]], type[AbstractConnection]]) -> None:
+Wrapper = Callable[[type[AbstractConnection]], type[AbstractConnection]]
+
+
+def wrap_connections(client: Redis | RedisCluster, wrap: Wrapper) -> None:
     """Make ``client``'s connections of class ``wrap(its class)`` (before any is open: they are lazy)."""
     if isinstance(client, RedisCluster):
         manager = client.nodes_manager
@@ -215,11 +245,12 @@ def connect(url: str, settings: RelaySettings) -> Redis:
     scheme = url.split("://", 1)[0]
     if scheme in CLUSTER_SCHEMES:
         found = ClusterURL.parse(url)
-        cluster = RedisCluster(
+        cluster = RelayCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in found.nodes], username=found.username,
             password=found.password, ssl=found.ssl, max_connections=settings.redis_max_connections,
             health_check_interval=10, socket_timeout=settings.redis_timeout,
             socket_connect_timeout=timeouts["socket_connect_timeout"])
+        cluster.split_keys_wait = settings.redis_timeout
         cluster.nodes_manager.connection_kwargs["connection_class"] = SSLConnection if found.ssl else Connection
         wrap_connections(cluster, timed)
         return cluster  # type: ignore[return-value]  # the same commands, as the relay uses them

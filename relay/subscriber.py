@@ -42,6 +42,10 @@ RESUBSCRIBE_DELAY = 0.5
 PROBE = b"relay-subscription-probe"
 
 
+class ChannelMoved(RedisConnectionError):
+    """Redis ended a shard channel's subscription: its slot moved to another master."""
+
+
 class Subscriber:
     def __init__(
         self,
@@ -84,7 +88,8 @@ class Subscriber:
                 self.on_lost()
                 again = True
                 log.debug("pub/sub connection lost (%s); resubscribing", group.exceptions[0])
-                await anyio.sleep(RESUBSCRIBE_DELAY)
+                if not all(isinstance(exc, ChannelMoved) for exc in group.exceptions):
+                    await anyio.sleep(RESUBSCRIBE_DELAY)  # a moved channel's new owner is up: no pause
 
     async def _subscribe(self, stack: contextlib.AsyncExitStack, again: bool) -> list[PubSub]:
         """The subscribed connections: one on one server; one per shard channel on a cluster."""
@@ -119,7 +124,7 @@ class Subscriber:
             await self.dispatch(message["channel"], message["data"])
         elif kind in ("unsubscribe", "sunsubscribe"):
             # Never asked for: Redis dropped the subscription (its slot moved to another shard).
-            raise RedisConnectionError(f"Redis ended the subscription to {message['channel']!r}")
+            raise ChannelMoved(f"Redis ended the subscription to {message['channel']!r}")
 
     async def _probe(self, pubsub: PubSub) -> None:
         """PING the subscription; messages that arrive meanwhile are handled; RedisTimeout if no answer."""

@@ -54,6 +54,14 @@ def redis_client(url: str):
     return storage.connect(url, RelaySettings())
 
 
+async def kill_subscriptions(redis) -> int:
+    """Close every pub/sub connection Redis has (on every node of a cluster); how many were closed."""
+    if storage.is_cluster(redis):
+        killed = await redis.client_kill_filter(_type="pubsub", target_nodes=redis.ALL_NODES)
+        return sum(killed.values())
+    return await redis.client_kill_filter(_type="pubsub")
+
+
 def fast_settings(**overrides: Any) -> RelaySettings:
     """Relay settings with short timeouts so fault tests finish quickly."""
     base = dict(

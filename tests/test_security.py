@@ -19,7 +19,7 @@ from agent.backoff import FatalAgentError
 from agent.cli import registration_headers
 from agent.registration import RelayHTTPError, register
 from agent.settings import AgentSettings
-from tests.helpers import running_agent, running_relay, sse_lines, wait_until
+from tests.helpers import kill_subscriptions, running_agent, running_relay, sse_lines, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -362,7 +362,7 @@ async def test_rotation_missed_while_unsubscribed_is_caught_on_resubscribe(redis
         async with running_agent(relay.url, token) as rotated, running_agent(relay.url, other_token):
             await wait_until(lambda: bus.subscribed, what="the relay subscribed")
             resubscribe = hold_resubscription(relay, monkeypatch)
-            assert await redis.client_kill_filter(_type="pubsub") >= 1
+            assert await kill_subscriptions(redis) >= 1
             await wait_until(lambda: not bus.subscribed, what="the relay to notice its subscription is gone")
             assert await redis.pubsub_numsub(keys.EVENTS_CHANNEL) == [(keys.EVENTS_CHANNEL.encode(), 0)]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 
 import httpx
@@ -139,10 +140,13 @@ def test_relay_serve_refuses_a_bad_redis_url_clearly(url, capsys, tmp_path):
     from relay.cli import main
 
     handler = signal.getsignal(signal.SIGTERM)  # main() installs its own
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level  # ... and its log handler, on this test's captured stderr
     try:
         assert main(["serve", "--redis-url", url, "--data-dir", str(tmp_path)]) == 2
     finally:
         signal.signal(signal.SIGTERM, handler)
+        root.handlers[:], root.level = handlers, level
     error = capsys.readouterr().err
     assert error.startswith("relay: bad Redis URL:") and "Traceback" not in error
 

@@ -43,7 +43,8 @@ async def test_a_version_1_agent_keeps_serving_chat(redis_url):
             await ws.send(v1_hello())
             welcome = wire.decode(await ws.recv())
             assert type(welcome) is wire.Welcome and welcome.protocol == 1
-            (entry,) = await relay.registry.live_agents(instance_id)
+            # Welcome first, then the agent is recorded (gateway.py): wait for the record.
+            (entry,) = await wait_until(lambda: relay.registry.live_agents(instance_id), what="the agent recorded")
             assert entry.capabilities == ("chat",)
 
             async def serve_one() -> wire.Request:
@@ -74,7 +75,8 @@ async def test_a_version_1_agent_cannot_claim_capabilities(redis_url):
         async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {token}"}) as ws:
             await ws.send(orjson.dumps(hello).decode())
             assert wire.decode(await ws.recv()).protocol == 1
-            (entry,) = await relay.registry.live_agents(instance_id)
+            # Welcome first, then the agent is recorded (gateway.py): wait for the record.
+            (entry,) = await wait_until(lambda: relay.registry.live_agents(instance_id), what="the agent recorded")
             assert entry.capabilities == ("chat",)
 
 
