@@ -21,7 +21,7 @@ to the one node waiting for it.  Pub/sub delivers in one hop and stores
 nothing; a stream would need XADD + XREAD + trimming per chunk and would keep
 bytes nobody reads after a node dies.  What pub/sub does not give, we get
 cheaply: PUBLISH returns the number of receivers, so a publisher learns at
-once that the other node is gone, and each node's liveness key covers the
+once that the other node is gone, and each node's liveness covers the
 rest.  Order holds because each stream has one publishing task per side,
 which awaits every PUBLISH before the next.
 

@@ -6,8 +6,8 @@ so that a Redis Cluster keeps every key of an instance in one slot.  What
 lasts is moved: instance records and caller keys (which also gain their
 in-slot index by hash).  What a running relay rebuilds is deleted: agent
 entries and load counters (agents reconnect, and their nodes record them
-again); rate buckets, stream leases and node liveness keys expire by
-themselves.  Directory, token and caller-key indexes keep their names.
+again); rate buckets, stream leases and node liveness keys (``ir:node:<id>``)
+expire by themselves.  Directory, token and caller-key indexes keep their names.
 
 The first node to start on old data moves it, holding a lock; the others
 wait for the layout key.  A relay of layout 1 must not run beside one of

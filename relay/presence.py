@@ -107,7 +107,7 @@ class Presence:
             self.redis_ok = True
 
     async def leave(self) -> None:
-        """Drop this node's liveness key: its remaining entries go offline at once."""
+        """End this node's liveness: its remaining entries go offline within a second, everywhere."""
         try:
             await self.registry.drop_node(self.node.node_id)
         except (RedisError, OSError):

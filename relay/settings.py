@@ -35,7 +35,7 @@ class RelaySettings(BaseSettings):
     #: Seconds between agent heartbeats (told to agents in the handshake).
     heartbeat_interval: float = 5.0
     #: An agent silent this long is dropped and its instance may turn offline;
-    #: a node whose liveness key is this old is considered dead.
+    #: a node whose liveness was not refreshed for this long is considered dead.
     heartbeat_timeout: float = 15.0
 
     #: Seconds a request waits for the model's first chunk before 504.

@@ -28,6 +28,8 @@ import anyio
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.client import PubSub
 from redis.asyncio.connection import Connection, SSLConnection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeout
@@ -162,4 +164,6 @@ def _node_client(cluster: RedisCluster, host: str, port: int) -> Redis:
                           "credential_provider", "client_name") or name.startswith("ssl_")}
     if issubclass(given.get("connection_class", Connection), SSLConnection):
         wanted["ssl"] = True
-    return Redis(host=host, port=port, **wanted)
+    # No retries: redis-py would reconnect a broken subscription and subscribe again
+    # by itself, and the messages lost meanwhile would go unnoticed (``on_lost``).
+    return Redis(host=host, port=port, retry=Retry(NoBackoff(), 0), **wanted)

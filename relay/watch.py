@@ -1,8 +1,8 @@
 """Live instance status for browsers: ``GET /api/instances/events?ids=…``.
 
-Presence is derived (an agent entry counts only while its node's liveness key
-lives), so there is no single moment at which "instance X went offline" could
-be published: a node that dies just stops renewing its key.  The truth is a
+Presence is derived (an agent entry counts only while its node's liveness
+lasts), so there is no single moment at which "instance X went offline" could
+be published: a node that dies just stops renewing its liveness.  The truth is a
 read.  So each node runs one poller for every browser connected to it: once
 per ``interval`` it reads the views of the union of the ids its watchers
 follow (one pipeline, whatever the number of watchers), and tells each

@@ -27,6 +27,7 @@ from relay.sessions import AgentSession
 from tests.helpers import (
     FakeUpstream,
     keep_alive,
+    online,
     openai_backend,
     running_agent,
     running_relay,
@@ -82,6 +83,8 @@ async def raw_agent(relay_url: str, token: str, *, hello: bool = True, agent_id:
         welcome = wire.decode(await ws.recv())
         assert type(welcome) is wire.Welcome
         agent.welcome = welcome
+        # The relay sends the welcome, then records the agent (gateway.py): wait for the record.
+        await wait_until(lambda: online(relay_url, welcome.instance_id), what="the raw agent recorded")
         heartbeat = asyncio.create_task(keep_alive(ws))
         try:
             yield agent

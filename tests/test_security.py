@@ -329,22 +329,17 @@ def hold_resubscription(relay, monkeypatch) -> asyncio.Event:
     of a race against that delay.  Nothing else changes: once released, the
     relay's own subscriber subscribes and runs its own after-resubscribe steps.
     """
-    redis = relay.app.state.redis  # the client the relay's subscriber uses
-    real_pubsub = redis.pubsub
+    from relay.subscriber import Subscriber
+
+    real_subscribe = Subscriber._subscribe
     released = asyncio.Event()
 
-    def pubsub(**kwargs):
-        ps = real_pubsub(**kwargs)
-        real_subscribe = ps.subscribe
+    async def subscribe(self, *args, **kwargs):
+        await released.wait()
+        return await real_subscribe(self, *args, **kwargs)
 
-        async def subscribe(*args, **kw):
-            await released.wait()
-            return await real_subscribe(*args, **kw)
-
-        ps.subscribe = subscribe
-        return ps
-
-    monkeypatch.setattr(redis, "pubsub", pubsub)
+    # On the class: the relay's subscriber is built inside create_app (one relay in these tests).
+    monkeypatch.setattr(Subscriber, "_subscribe", subscribe)
     return released
 
 

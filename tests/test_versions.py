@@ -85,6 +85,7 @@ async def test_requests_go_only_to_agents_that_declared_the_operation(redis_url)
         instance_id, token = await relay.register()
         cannot_chat = wire.Hello(2, "raw", "imager", ("img-model",), 4, capabilities=("images",))
         async with raw_agent(relay.url, token, hello_event=cannot_chat), relay.client() as client:
+            await wait_until(lambda: relay.registry.live_agents(instance_id), what="the agent recorded")
             response = await client.post(f"/api/chat/{instance_id}", json=HELLO)
             assert response.status_code == 501
             assert response.json()["error"]["code"] == "capability_not_supported"
