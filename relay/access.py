@@ -240,6 +240,8 @@ class AccessControl:
         return sorted(out, key=lambda k: (k["created_at"], k["key_id"]))
 
     async def revoke_key(self, instance_id: str, key_id: str) -> None:
+        if key_id.startswith("h:"):  # a field of the keys hash, but not a key id
+            raise NotFound(f"no caller key {key_id!r} on this instance", param="key_id", code="key_not_found")
         key_hash = await self._revoke_key(keys=[keys.caller_keys(instance_id)], args=[key_id])
         if key_hash is None:
             raise NotFound(f"no caller key {key_id!r} on this instance", param="key_id", code="key_not_found")

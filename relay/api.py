@@ -107,9 +107,11 @@ async def delete_instance(request: Request) -> Response:
     state = request.app.state
     instance_id = request.path_params["instance_id"]
     await state.registry.check_owner(instance_id, bearer_token(request))
-    await state.registry.delete(instance_id)
+    # What hangs off the instance first, its record last (in registry.delete):
+    # a deletion cut short by Redis can be asked again by the same owner.
     await state.access.purge(instance_id)
     await state.conversations.purge_instance(instance_id)
+    await state.registry.delete(instance_id)
     await state.gateway.close_instance(instance_id, "instance deleted")
     return Response(status_code=204)
 

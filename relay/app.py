@@ -112,7 +112,7 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
     redis = storage.connect(url, settings)
     node = NodeState()
     sessions = SessionManager()
-    liveness = NodeLiveness(redis, heartbeat_timeout=settings.heartbeat_timeout)
+    liveness = NodeLiveness(redis, heartbeat_timeout=settings.heartbeat_timeout, node_id=node.node_id)
     registry = InstanceRegistry(redis, heartbeat_timeout=settings.heartbeat_timeout, base_url=settings.base_url(),
                                 liveness=liveness)
     presence = Presence(node, registry, sessions, heartbeat_interval=settings.heartbeat_interval,
@@ -121,15 +121,21 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
                     window=settings.stream_window, idle_timeout=settings.idle_timeout)
     gateway = AgentGateway(settings, node, registry, sessions, presence, bus)
 
-    async def subscribed(again: bool) -> None:
-        bus.subscribed = True
-        await gateway.on_subscribed(again)
+    async def subscribed(channels: frozenset[str], again: bool) -> None:
+        if bus.channel in channels:
+            bus.subscribed = True
+        if keys.EVENTS_CHANNEL in channels:
+            await gateway.on_subscribed(again)
+
+    def lost(channels: frozenset[str]) -> None:
+        if bus.channel in channels:  # the streams crossing nodes may have lost frames
+            bus.inbox_lost()
 
     subscriber = Subscriber(
         redis,
         {keys.EVENTS_CHANNEL: gateway.on_registry_event, bus.channel: bus.handle},
         on_subscribed=subscribed,
-        on_lost=bus.inbox_lost,
+        on_lost=lost,
         probe_after=settings.heartbeat_interval,
         probe_timeout=settings.redis_timeout,
     )

@@ -219,7 +219,7 @@ return full
 # only when an agent was picked, so a request that finds no agent holds none.
 # KEYS: agents, load, instance (the pick's), then the lease's sets.  ARGV:
 # tie break, op, here, model (the pick's), lease id, TTL ms, one limit per
-# set, then the dead nodes.  Returns the pick's answer, or {'full', index}.
+# set, then the live nodes.  Returns the pick's answer, or {'full', index}.
 _LEASE_AND_PICK = PICK_AGENT_FUNCTION + LEASE_FUNCTIONS + """
 local sets = {unpack(KEYS, 4)}
 local limits_to = 6 + #sets
@@ -350,12 +350,16 @@ class StreamLeases:
             return await registry.pick_agent(instance_id, op, here=here, model=model)
         lease = pending.lease
         pick_keys, pick_args = registry.pick_request(instance_id, op, here=here, model=model)
-        result = await self._lease_and_pick(keys=[*pick_keys, *lease.keys],
-                                            args=[*pick_args, lease.id, self.ttl_ms,
-                                                  *(s.limit for s in pending.slots), *registry.liveness.dead])
-        if result[0] == b"full":
-            self._taken(pending, int(result[1]))
-        verdict, entry = registry.picked(result)
+        while True:
+            result = await self._lease_and_pick(keys=[*pick_keys, *lease.keys],
+                                                args=[*pick_args, lease.id, self.ttl_ms,
+                                                      *(s.limit for s in pending.slots), *registry.liveness.alive])
+            if result[0] == b"full":
+                self._taken(pending, int(result[1]))
+            verdict, entry = registry.picked(result)
+            # Offline: nothing taken; the agent may be on a node too new for the set of live ones.
+            if verdict != "offline" or not await registry.liveness.reread():
+                break
         if entry is not None:
             self.held[lease.id] = lease
         return verdict, entry

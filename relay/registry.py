@@ -2,7 +2,7 @@
 
 ``InstanceRegistry`` owns registration (ids, hashed agent tokens, paging) and
 presence (which agents of an instance are connected, on which node);
-``NodeLiveness`` which relay nodes are dead.  All key names come from
+``NodeLiveness`` which relay nodes are alive.  All key names come from
 :mod:`relay.keys`.  A change to one instance's keys is a Lua script (one
 slot, atomic on one server and on a cluster alike); a change that also
 touches a key of its own (an index by hash, the directory) is made in the
@@ -120,30 +120,31 @@ class AgentEntry:
 
 
 # The agents of one instance whose node is alive, as {field, raw, decoded}.
-# Entries of dead nodes (``dead``, a set the caller passes: node liveness is
-# in another slot) are skipped, not deleted: the caller's list may be up to a
-# second old, and a node that was dead for a moment (Redis unreachable longer
-# than its heartbeat timeout) has re-asserted its entries by then.  A node
-# dead for good has them swept (``NodeLiveness.sweep``).  ``node_set`` makes
-# a set of ARGV[from..to].  Shared by the scripts below.
+# ``alive`` is the set of live nodes, as the caller last read it (node
+# liveness is in another slot); an entry of any other node, dead or never
+# heard of, is skipped.  Skipped, not deleted: the caller's list may be up to
+# a second old, and a node that was dead for a moment (Redis unreachable
+# longer than its heartbeat timeout) has re-asserted its entries by then.  A
+# node dead for good has them swept (``NodeLiveness.sweep``).  ``node_set``
+# makes a set of ARGV[from..to].  Shared by the scripts below.
 _LIVE_ENTRIES = """
 local function node_set(from, to)
   local set = {}
   for i = from, to do set[ARGV[i]] = true end
   return set
 end
-local function live_entries(agents_key, load_key, dead)
+local function live_entries(agents_key, load_key, alive)
   local entries = redis.call('HGETALL', agents_key)
   local live = {}
   for i = 1, #entries, 2 do
     local entry = cjson.decode(entries[i + 1])
-    if not dead[entry['node']] then table.insert(live, {entries[i], entries[i + 1], entry}) end
+    if alive[entry['node']] then table.insert(live, {entries[i], entries[i + 1], entry}) end
   end
   return live
 end
 """
 
-# KEYS: agents, load.  ARGV: the dead nodes.  Flat {agent id, entry, ...}.
+# KEYS: agents, load.  ARGV: the live nodes.  Flat {agent id, entry, ...}.
 _LIVE_AGENTS = _LIVE_ENTRIES + """
 local out = {}
 for _, e in ipairs(live_entries(KEYS[1], KEYS[2], node_set(1, #ARGV))) do
@@ -174,8 +175,8 @@ return out
 # A Lua function, so that ``limits`` can take the stream lease in
 # the same script (``StreamLeases.pick``); ``excluded`` is a set of nodes.
 PICK_AGENT_FUNCTION = _LIVE_ENTRIES + """
-local function pick_agent(agents_key, load_key, instance_key, dead, tie, op, here, model, excluded)
-  local live = live_entries(agents_key, load_key, dead)
+local function pick_agent(agents_key, load_key, instance_key, alive, tie, op, here, model, excluded)
+  local live = live_entries(agents_key, load_key, alive)
   if #live == 0 then
     if redis.call('EXISTS', instance_key) == 0 then return {'missing'} end
     return {'offline'}
@@ -237,12 +238,12 @@ local function pick_agent(agents_key, load_key, instance_key, dead, tie, op, her
 end
 """
 
-# KEYS: agents, load, instance.  ARGV: tie, op, here, model, number of dead
-# nodes, the dead nodes, then the nodes to exclude.
+# KEYS: agents, load, instance.  ARGV: tie, op, here, model, number of live
+# nodes, the live nodes, then the nodes to exclude.
 _PICK_AGENT = PICK_AGENT_FUNCTION + """
-local dead_to = 5 + tonumber(ARGV[5])
-return pick_agent(KEYS[1], KEYS[2], KEYS[3], node_set(6, dead_to), ARGV[1], ARGV[2], ARGV[3], ARGV[4],
-                  node_set(dead_to + 1, #ARGV))
+local alive_to = 5 + tonumber(ARGV[5])
+return pick_agent(KEYS[1], KEYS[2], KEYS[3], node_set(6, alive_to), ARGV[1], ARGV[2], ARGV[3], ARGV[4],
+                  node_set(alive_to + 1, #ARGV))
 """
 
 # Remove an agent only if the entry still belongs to the session that is
@@ -294,16 +295,12 @@ redis.call('HSET', KEYS[2], 'models', ARGV[3], 'last_seen', ARGV[4])
 return previous
 """
 
-# Delete an instance's own keys; returns {its agent-token hash, the nodes its
-# agents were on...}, or {} when there was no such instance.
+# Delete an instance's own keys; 0 when there was no such instance.
 # KEYS: instance, agents, load.
 _DELETE = """
-local token_hash = redis.call('HGET', KEYS[1], 'token_hash')
-if not token_hash then return {} end
-local out = {token_hash}
-for _, raw in ipairs(redis.call('HVALS', KEYS[2])) do table.insert(out, cjson.decode(raw)['node']) end
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
-return out
+return 1
 """
 
 # Drop an instance's entries of one dead node.  KEYS: agents, load.  ARGV: node.
@@ -330,12 +327,12 @@ if until_ms > now then return 1 end
 return 0
 """
 
-# The dead nodes and since when: flat {now, node, ended at, ...}.
-_DEAD_NODES = """
+# Every node and when its liveness ends: flat {now, node, ends at, ...}.
+_NODES = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {tostring(now)}
-for _, v in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES')) do table.insert(out, v) end
+for _, v in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')) do table.insert(out, v) end
 return out
 """
 
@@ -347,72 +344,136 @@ if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '0') > now then return 1 e
 return 0
 """
 
-# Forget a node dead for longer than ARGV[2] ms (not if it came back).  ARGV: node, ms.
+# After a sweep: forget a node dead for longer than ARGV[2] ms (1).  If it came
+# back meanwhile (2), end its liveness now: its next heartbeat then finds it
+# ended and re-asserts all its agents, some of which the sweep may have deleted.
+# ARGV: node, ms.
 _FORGET_NODE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local until_ms = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if until_ms and tonumber(until_ms) < now - tonumber(ARGV[2]) then return redis.call('ZREM', KEYS[1], ARGV[1]) end
+if not until_ms then return 0 end
+if tonumber(until_ms) < now - tonumber(ARGV[2]) then return redis.call('ZREM', KEYS[1], ARGV[1]) end
+if tonumber(until_ms) > now then
+  redis.call('ZADD', KEYS[1], now, ARGV[1])
+  return 2
+end
 return 0
 """
 
+#: Instances swept per round trip.
+SWEEP_BATCH = 200
+
 
 class NodeLiveness:
-    """Which relay nodes are dead, read once a second, for the scripts that read agents.
+    """Which relay nodes are alive, read once a second, for the scripts that read agents.
 
     Those scripts run in an instance's slot and cannot read ``ir:nodes`` (on a
-    cluster it is in another), so each node keeps the list and passes it in.
-    A node never seen is alive: one that just started is never taken for dead.
-    A node dead for ``keys.dead_node_memory_ms`` is swept (its entries deleted
-    from every instance it recorded agents of) and forgotten, so the list
-    stays as short as the number of nodes that died recently.
+    cluster it is in another), so each node keeps the set and passes it in.
+    Only a node listed with a liveness still running counts: one dead, or
+    never heard of, does not (a node that just started counts within a
+    second).  This node always counts for itself, and a node's own liveness
+    writes update its set at once.  A node dead for
+    ``keys.dead_node_memory_ms`` is swept (its entries deleted from every
+    instance it recorded agents of) and forgotten.
     """
 
-    def __init__(self, redis: Redis, *, heartbeat_timeout: float, interval: float = 1.0):
+    def __init__(self, redis: Redis, *, heartbeat_timeout: float, node_id: str = "", interval: float = 1.0):
         self.redis = redis
+        self.node_id = node_id
         self.interval = interval
         self.memory_ms = keys.dead_node_memory_ms(heartbeat_timeout)
-        #: The dead nodes, as last read.
-        self.dead: tuple[str, ...] = ()
-        self._dead_nodes = redis.register_script(_DEAD_NODES)
+        self._alive: set[str] = {node_id} if node_id else set()
+        self._nodes = redis.register_script(_NODES)
         self._forget = redis.register_script(_FORGET_NODE)
         self._drop_entries = redis.register_script(_DROP_NODE_ENTRIES)
+        self._sweeping: set[str] = set()
+        self._read_at = -1.0
+
+    @property
+    def alive(self) -> tuple[str, ...]:
+        """The live nodes, as last read (sorted: the scripts' arguments stay the same between reads)."""
+        return tuple(sorted(self._alive))
+
+    def saw(self, node: str, alive: bool) -> None:
+        """This process just wrote ``node``'s liveness (its heartbeat, or its leaving)."""
+        if alive:
+            self._alive.add(node)
+        elif node != self.node_id:
+            self._alive.discard(node)
 
     async def refresh(self) -> list[str]:
-        """Read the dead nodes; returns those dead long enough to be swept."""
-        flat = await self._dead_nodes(keys=[keys.NODES])
+        """Read which nodes are alive; returns those dead long enough to be swept."""
+        self._read_at = time.monotonic()
+        flat = await self._nodes(keys=[keys.NODES])
         now = int(flat[0])
-        dead = [text(flat[i]) for i in range(1, len(flat), 2)]
-        self.dead = tuple(dead)
-        return [node for node, ended in zip(dead, flat[2::2], strict=True) if float(ended) < now - self.memory_ms]
+        nodes = [(text(flat[i]), float(flat[i + 1])) for i in range(1, len(flat), 2)]
+        self._alive = {node for node, ends in nodes if ends > now}
+        if self.node_id:
+            self._alive.add(self.node_id)
+        return [node for node, ends in nodes if ends < now - self.memory_ms and node != self.node_id]
+
+    async def reread(self, older_than: float = 0.05) -> bool:
+        """Read the set again now unless it was read in the last ``older_than`` seconds; True if read.
+
+        For a pick that found the instance offline: the agent may be on a node
+        that started within the last second, not in the set yet.
+        """
+        if time.monotonic() - self._read_at < older_than:
+            return False
+        await self.refresh()
+        return True
 
     async def sweep(self, node: str) -> int:
         """Delete a long-dead node's entries from every instance it recorded, then forget it.
 
         One relay node sweeps it (a lock key); if it stops halfway the node
-        stays listed, and the sweep is done again once the lock expires.
+        stays listed, and the sweep is done again once the lock expires.  A
+        node that came back meanwhile is made to re-assert its agents.
         """
-        if not await self.redis.set(keys.sweep_lock(node), "1", nx=True, px=60_000):
+        if node == self.node_id or not await self.redis.set(keys.sweep_lock(node), "1", nx=True, px=60_000):
             return 0
-        instances = 0
-        async for instance_id in self.redis.sscan_iter(keys.node_instances(node), count=500):
-            iid = text(instance_id)
-            await self._drop_entries(keys=[keys.agents(iid), keys.load(iid)], args=[node])
-            instances += 1
+        swept, batch = 0, []
+        async for instance_id in self.redis.sscan_iter(keys.node_instances(node), count=SWEEP_BATCH):
+            batch.append(text(instance_id))
+            if len(batch) == SWEEP_BATCH:
+                swept += await self._drop(node, batch)
+                batch = []
+        swept += await self._drop(node, batch)
         await self.redis.delete(keys.node_instances(node))
-        await self._forget(keys=[keys.NODES], args=[node, self.memory_ms])
-        return instances
+        if await self._forget(keys=[keys.NODES], args=[node, self.memory_ms]) == 2:
+            log.warning("relay node %s came back while it was swept; it re-asserts its agents", node)
+        return swept
+
+    async def _drop(self, node: str, instance_ids: list[str]) -> int:
+        await storage.run_scripts(self.redis, self._drop_entries,
+                                  [([keys.agents(iid), keys.load(iid)], [node]) for iid in instance_ids])
+        return len(instance_ids)
 
     async def run(self) -> None:
-        """Keep the list fresh and sweep the long dead, forever (started by the composition root)."""
-        while True:
-            try:
-                for node in await self.refresh():
-                    log.info("sweeping the entries of relay node %s, dead for good", node)
-                    await self.sweep(node)
-            except (RedisError, OSError) as exc:
-                log.debug("could not read node liveness (%s)", exc)
-            await anyio.sleep(self.interval)
+        """Keep the set fresh and sweep the long dead, forever (started by the composition root).
+
+        A sweep runs beside the reads, so a long one never leaves the set stale.
+        """
+        async with anyio.create_task_group() as tg:
+            while True:
+                try:
+                    for node in await self.refresh():
+                        if node not in self._sweeping:
+                            self._sweeping.add(node)
+                            tg.start_soon(self._sweep_quietly, node)
+                except (RedisError, OSError) as exc:
+                    log.debug("could not read node liveness (%s)", exc)
+                await anyio.sleep(self.interval)
+
+    async def _sweep_quietly(self, node: str) -> None:
+        try:
+            log.info("sweeping the entries of relay node %s, dead for good", node)
+            await self.sweep(node)
+        except (RedisError, OSError) as exc:
+            log.warning("could not sweep relay node %s (%s); trying again later", node, exc)
+        finally:
+            self._sweeping.discard(node)
 
 
 class InstanceRegistry:
@@ -547,19 +608,25 @@ class InstanceRegistry:
             raise Forbidden("this token does not own the instance")
 
     async def delete(self, instance_id: str) -> None:
-        """Delete an instance: its record first (from then on it is gone for every reader),
-        then the token index and the directory entry, then tell every node."""
-        found = await self._delete(keys=[keys.instance(instance_id), keys.agents(instance_id),
-                                         keys.load(instance_id)])
-        if not found:
+        """Delete an instance: the indexes that point at it, then its record, then tell every node.
+
+        The record goes last, so that a deletion that stops halfway (Redis
+        gone for a moment) can be asked again by its owner: the record still
+        says who owns it, and each step is done again harmlessly.
+        """
+        token_hash = await self.redis.hget(keys.instance(instance_id), "token_hash")
+        if token_hash is None:
             raise NotFound(f"instance {instance_id!r} not found", param="instance_id")
-        token_hash, *nodes = (text(v) for v in found)
+        entries = await self.redis.hvals(keys.agents(instance_id))
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.delete(keys.token(token_hash))
+            pipe.delete(keys.token(text(token_hash)))
             pipe.zrem(keys.INSTANCES, instance_id)
-            for node in set(nodes):
+            for node in {orjson.loads(raw)["node"] for raw in entries}:
                 pipe.srem(keys.node_instances(node), instance_id)
             await pipe.execute()
+        if not await self._delete(keys=[keys.instance(instance_id), keys.agents(instance_id),
+                                        keys.load(instance_id)]):
+            raise NotFound(f"instance {instance_id!r} not found", param="instance_id")  # deleted meanwhile
         await self._publish(keys.EVENTS_CHANNEL, orjson.dumps({"deleted": instance_id}))
 
     # -- presence ----------------------------------------------------------
@@ -585,7 +652,7 @@ class InstanceRegistry:
 
     async def live_agents(self, instance_id: str) -> list[AgentEntry]:
         flat = await self._live_agents(
-            keys=[keys.agents(instance_id), keys.load(instance_id)], args=list(self.liveness.dead)
+            keys=[keys.agents(instance_id), keys.load(instance_id)], args=list(self.liveness.alive)
         )
         return [AgentEntry.decode(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
 
@@ -598,9 +665,12 @@ class InstanceRegistry:
         Every "ok" must be paired with :meth:`release_agent` when the request ends.
         """
         pick_keys, pick_args = self.pick_request(instance_id, op, here=here, model=model)
-        dead = self.liveness.dead
-        return self.picked(await self._pick_agent(keys=pick_keys,
-                                                  args=[*pick_args, len(dead), *dead, *exclude_nodes]))
+        while True:
+            alive = self.liveness.alive
+            verdict, entry = self.picked(await self._pick_agent(keys=pick_keys,
+                                                                args=[*pick_args, len(alive), *alive, *exclude_nodes]))
+            if verdict != "offline" or not await self.liveness.reread():
+                return verdict, entry
 
     def pick_request(self, instance_id: str, op: str, *, here: str, model: str) -> tuple[list[str], list[Any]]:
         """The keys and first arguments of ``pick_agent`` (the Lua function): tie, op, here, model."""
@@ -626,6 +696,7 @@ class InstanceRegistry:
         (instance id, agent) are re-asserted after it, in one pipeline.
         """
         alive = await self._beat(keys=[keys.NODES], args=[node_id, keys.node_ttl_ms(self.heartbeat_timeout)])
+        self.liveness.saw(node_id, True)
         if entries:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for instance_id, entry in entries:
@@ -650,8 +721,9 @@ class InstanceRegistry:
         return bool(await self._node_alive(keys=[keys.NODES], args=[node_id]))
 
     async def drop_node(self, node_id: str) -> None:
-        """This node leaves: its liveness ends now (it stays listed as dead until swept)."""
+        """This node leaves: its liveness ends now (swept and forgotten within a second or two)."""
         await self.redis.zadd(keys.NODES, {node_id: 0})
+        self.liveness.saw(node_id, False)
 
     # -- views -------------------------------------------------------------
 
@@ -694,13 +766,13 @@ class InstanceRegistry:
                 pipe.hgetall(keys.agents(iid))
             results = await pipe.execute()
         agent_maps = [[AgentEntry.decode(text(k), v) for k, v in raw.items()] for raw in results[1::2]]
-        dead = set(self.liveness.dead)
+        alive = set(self.liveness.alive)
         out: list[dict[str, Any] | None] = []
         for iid, record, entries in zip(ids, results[0::2], agent_maps, strict=True):
             if not record:
                 out.append(None)  # never registered, or deleted between the two reads
                 continue
-            live = [e for e in entries if e.node not in dead]
+            live = [e for e in entries if e.node in alive]
             out.append(self._view(iid, {text(k): text(v) for k, v in record.items()}, live))
         return out
 

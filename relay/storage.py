@@ -31,22 +31,26 @@ the same bound with ``asyncio.timeout``, one timer and no task.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
-from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline
 from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import (
     Sentinel,
     SentinelConnectionPool,
     SentinelManagedConnection,
     SentinelManagedSSLConnection,
 )
-from redis.exceptions import ClusterError, RedisError, TryAgainError
+from redis.backoff import NoBackoff
+from redis.exceptions import ClusterError, RedisClusterException, RedisError, TryAgainError
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeout
 
 from .settings import RelaySettings
@@ -158,30 +162,74 @@ class ClusterURL:
 
 
 class RelayCluster(RedisCluster):
-    """redis-py's cluster client, waiting out a slot migration's split keys.
+    """redis-py's cluster client, made to behave as the relay's other clients do.
 
-    While a slot moves key by key, a script whose keys are on both shards for
-    a moment is refused (TRYAGAIN, or redirects back and forth until redis-py
-    gives up: "TTL exhausted"); neither ran it.  It is sent again, 20 ms
-    apart, for up to ``split_keys_wait`` seconds (the Redis timeout), as a
-    slow answer would be waited for.
+    * **No retries.**  redis-py sends a command again after a timeout or a
+      dropped connection, when it may already have run (a token rotation run
+      twice locks its owner out) and far past ``RELAY_REDIS_TIMEOUT``.  The
+      error goes to the caller instead (503), and the next command reads the
+      slot map again (redis-py marks it stale on any connection error).
+    * **Split keys waited out.**  While a slot moves key by key, a script whose
+      keys are on both shards for a moment is refused (TRYAGAIN, or redirects
+      back and forth until redis-py gives up: "TTL exhausted"); neither ran
+      it.  It is sent again, 20 ms apart, for up to ``split_keys_wait``
+      seconds (the Redis timeout), as a slow answer would be waited for.
+    * **A burst waits its turn.**  Past ``max_connections`` commands in flight,
+      redis-py fails at once (MaxConnectionsError); here they queue, as on the
+      blocking pool of one server.
+    * **One kind of error.**  A cluster nobody answers raises redis-py's
+      ``RedisClusterException``, which is not a ``RedisError``: it is raised as
+      a connection error, so every part of the relay that rides out a Redis
+      outage rides out this one.
     """
 
     split_keys_wait = 5.0
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.in_flight = asyncio.Semaphore(kwargs.get("max_connections", 100))
+
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         deadline: float | None = None
-        while True:
-            try:
-                return await super().execute_command(*args, **kwargs)
-            except (TryAgainError, ClusterError) as exc:
-                if not isinstance(exc, TryAgainError) and "TTL exhausted" not in str(exc):
-                    raise
-                now = asyncio.get_running_loop().time()
-                deadline = deadline or now + self.split_keys_wait
-                if now >= deadline:
-                    raise
-                await asyncio.sleep(0.02)
+        async with self.in_flight:
+            while True:
+                try:
+                    with as_redis_errors():
+                        return await super().execute_command(*args, **kwargs)
+                except (TryAgainError, ClusterError) as exc:
+                    if not isinstance(exc, TryAgainError) and "TTL exhausted" not in str(exc):
+                        raise
+                    now = asyncio.get_running_loop().time()
+                    deadline = deadline or now + self.split_keys_wait
+                    if now >= deadline:
+                        raise
+                    await asyncio.sleep(0.02)
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
+        if shard_hint:
+            raise RedisClusterException("shard_hint is deprecated in cluster mode")
+        return RelayClusterPipeline(self, transaction)  # type: ignore[abstract]  # as redis-py makes its own
+
+
+class RelayClusterPipeline(ClusterPipeline):
+    """A cluster pipeline under the same rules as :class:`RelayCluster`'s commands."""
+
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
+        client = self.cluster_client
+        assert isinstance(client, RelayCluster)
+        async with client.in_flight:
+            with as_redis_errors():
+                return await super().execute(raise_on_error, allow_redirections)
+
+
+@contextlib.contextmanager
+def as_redis_errors() -> Iterator[None]:
+    """redis-py's cluster errors that are not ``RedisError`` (no node answers, a slot not
+    covered), raised as a connection error."""
+    try:
+        yield
+    except RedisClusterException as exc:
+        raise RedisConnectionError(f"Redis Cluster unavailable: {exc}") from exc
 
 
 def is_cluster(client: Redis | RedisCluster) -> bool:
@@ -248,6 +296,7 @@ def connect(url: str, settings: RelaySettings) -> Redis:
         cluster = RelayCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in found.nodes], username=found.username,
             password=found.password, ssl=found.ssl, max_connections=settings.redis_max_connections,
+            retry=Retry(NoBackoff(), 0),
             health_check_interval=10, socket_timeout=settings.redis_timeout,
             socket_connect_timeout=timeouts["socket_connect_timeout"])
         cluster.split_keys_wait = settings.redis_timeout

@@ -34,6 +34,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeout
 
+from . import storage
+
 log = logging.getLogger("relay.subscriber")
 
 Handler = Callable[[bytes], Awaitable[None] | None]
@@ -48,23 +50,29 @@ class ChannelMoved(RedisConnectionError):
     """Redis ended a shard channel's subscription: its slot moved to another master."""
 
 
+#: Which channels a subscription event is about.
+Channels = frozenset[str]
+
+
 class Subscriber:
     def __init__(
         self,
         redis: Redis,
         handlers: dict[str, Handler],
         *,
-        on_subscribed: Callable[[bool], Awaitable[None]],
-        on_lost: Callable[[], None],
+        on_subscribed: Callable[[Channels, bool], Awaitable[None]],
+        on_lost: Callable[[Channels], None],
         probe_after: float = 5.0,
         probe_timeout: float = 5.0,
     ):
         self.redis = redis
         self.handlers = {name.encode(): handler for name, handler in handlers.items()}
-        self.on_subscribed = on_subscribed  # called with True when it is a resubscription
+        # Called with the channels concerned, and True when it is a resubscription.
+        self.on_subscribed = on_subscribed
         self.on_lost = on_lost
-        #: Set while subscribed: the composition root waits for it before serving.
+        #: Set while every channel is subscribed: the composition root waits for it before serving.
         self.listening = asyncio.Event()
+        self._down: set[Channels] = set()
         # A subscription only reads, so a connection that went silent (the
         # master's host gone without a reset, a frozen server after a Sentinel
         # failover) would never fail on its own: after ``probe_after`` seconds
@@ -74,42 +82,58 @@ class Subscriber:
         self.probe_timeout = probe_timeout
 
     async def run(self) -> None:
-        """Follow the channels forever, resubscribing after Redis comes back."""
+        """Follow the channels forever, resubscribing after Redis comes back.
+
+        One connection for all of them on one server.  On a cluster each
+        channel has its own, on its own shard, and is rebuilt on its own: a
+        failover of the shard carrying registry events does not touch this
+        node's inbox, nor the streams riding it.
+        """
+        names = [channel.decode() for channel in self.handlers]
+        groups = [frozenset(names)] if not isinstance(self.redis, RedisCluster) else [frozenset([n]) for n in names]
+        self._down = set(groups)
+        async with anyio.create_task_group() as tg:
+            for group in groups:
+                tg.start_soon(self._keep, group)
+
+    async def _keep(self, channels: Channels) -> None:
+        """Keep ``channels`` subscribed, forever."""
         again = False
         while True:
             try:
                 async with contextlib.AsyncExitStack() as stack:
-                    pubsubs = await self._subscribe(stack, again)
-                    self.listening.set()
-                    await self.on_subscribed(again)
-                    async with anyio.create_task_group() as tg:
-                        for pubsub in pubsubs:
-                            tg.start_soon(self._follow, pubsub)
-            except* (RedisError, OSError) as group:
+                    pubsub = await self._subscribe(stack, channels, again)
+                    self._down.discard(channels)
+                    if not self._down:
+                        self.listening.set()
+                    await self.on_subscribed(channels, again)
+                    await self._follow(pubsub)
+            except (RedisError, OSError) as exc:
+                self._down.add(channels)
                 self.listening.clear()
-                self.on_lost()
+                self.on_lost(channels)
                 again = True
-                log.debug("pub/sub connection lost (%s); resubscribing", group.exceptions[0])
-                if not all(isinstance(exc, ChannelMoved) for exc in group.exceptions):
+                log.debug("pub/sub connection for %s lost (%s); resubscribing", ", ".join(sorted(channels)), exc)
+                if not isinstance(exc, ChannelMoved):
                     await anyio.sleep(RESUBSCRIBE_DELAY)  # a moved channel's new owner is up: no pause
 
-    async def _subscribe(self, stack: contextlib.AsyncExitStack, again: bool) -> list[PubSub]:
-        """The subscribed connections: one on one server; one per shard channel on a cluster."""
+    async def _subscribe(self, stack: contextlib.AsyncExitStack, channels: Channels, again: bool) -> PubSub:
+        """A connection subscribed to ``channels``: to the server, or to the master owning the
+        one shard channel on a cluster."""
         if not isinstance(self.redis, RedisCluster):
             pubsub = await stack.enter_async_context(self.redis.pubsub())
-            await pubsub.subscribe(*self.handlers)
-            return [pubsub]
+            await pubsub.subscribe(*channels)
+            return pubsub
+        (channel,) = channels
         cluster = self.redis
-        if again or not cluster.nodes_manager.slots_cache:
-            await cluster.nodes_manager.initialize()  # the slot map as it is now (a failover, a migration)
-        pubsubs = []
-        for channel in self.handlers:
+        with storage.as_redis_errors():  # no node answering, a slot not covered: a connection error
+            if again or not cluster.nodes_manager.slots_cache:
+                await cluster.nodes_manager.initialize()  # the slot map as it is now (a failover, a migration)
             node = cluster.get_node_from_key(channel)
-            shard = await stack.enter_async_context(_node_client(cluster, node.host, node.port))
-            pubsub = await stack.enter_async_context(shard.pubsub())
-            await pubsub.ssubscribe(channel)
-            pubsubs.append(pubsub)
-        return pubsubs
+        shard = await stack.enter_async_context(_node_client(cluster, node.host, node.port))
+        pubsub = await stack.enter_async_context(shard.pubsub())
+        await pubsub.ssubscribe(channel)
+        return pubsub
 
     async def _follow(self, pubsub: PubSub) -> None:
         """Dispatch one connection's messages, probing it when silent, until it breaks."""

@@ -215,3 +215,35 @@ async def test_a_slot_migrated_while_chats_flow(cluster, target):
                 while shard.execute_command("PUBSUB", "SHARDNUMSUB", keys.inbox(node_b_id))[1] != 1:
                     assert time.monotonic() < deadline, "node B did not subscribe on the new owner"
                     await asyncio.sleep(0.05)
+
+
+async def test_each_shard_channel_is_followed_on_its_own(cluster):
+    # The registry-events channel's shard failing must not cost this node its inbox:
+    # on a cluster each channel has its own connection, lost and rebuilt on its own.
+    from relay.subscriber import Subscriber
+
+    events = keys.EVENTS_CHANNEL
+    shard_of_events = cluster.master_for_key(events)
+    inbox = next(keys.inbox(f"n{i}") for i in range(100)
+                 if cluster.master_for_key(keys.inbox(f"n{i}")) is not shard_of_events)
+    lost: list[frozenset[str]] = []
+    subscribed: list[tuple[frozenset[str], bool]] = []
+
+    async def on_subscribed(channels: frozenset[str], again: bool) -> None:
+        subscribed.append((channels, again))
+
+    client = storage.connect(cluster.url, RelaySettings())
+    watch = Subscriber(client, {events: lambda data: None, inbox: lambda data: None},
+                       on_subscribed=on_subscribed, on_lost=lost.append)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch.run)
+            await watch.listening.wait()
+            assert {c for c, _ in subscribed} == {frozenset([events]), frozenset([inbox])}
+            cluster.client(shard_of_events).client_kill_filter(_type="pubsub")
+            await wait_until(lambda: (frozenset([events]), True) in subscribed, 30, what="events resubscribed")
+            assert lost == [frozenset([events])]  # the inbox never noticed
+            await watch.listening.wait()
+            tg.cancel_scope.cancel()
+    finally:
+        await storage.close(client)

@@ -121,7 +121,7 @@ async def test_the_frames_on_the_bus_are_the_agent_frames(redis_url):
         redis = redis_client(redis_url)
         watch = Subscriber(redis, {keys.inbox(a_id): watcher(keys.inbox(a_id)),
                                    keys.inbox(b_id): watcher(keys.inbox(b_id))},
-                           on_subscribed=_nothing, on_lost=lambda: None)
+                           on_subscribed=_nothing, on_lost=lambda channels: None)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(watch.run)
@@ -145,7 +145,7 @@ async def test_the_frames_on_the_bus_are_the_agent_frames(redis_url):
     assert b'"chat.completion"' in b"".join(e.event.payload for e in to_a if type(e.event) is wire.Data)
 
 
-async def _nothing(again: bool) -> None:
+async def _nothing(channels: frozenset[str], again: bool) -> None:
     pass
 
 
@@ -158,10 +158,10 @@ async def test_a_handler_that_fails_does_not_end_the_subscription(redis_url):
             raise ValueError("a bug in a handler")
         got.append(data)
 
-    async def subscribed(again: bool) -> None:
+    async def subscribed(channels: frozenset[str], again: bool) -> None:
         pass
 
-    subscriber = Subscriber(redis, {"ch": handler}, on_subscribed=subscribed, on_lost=lambda: None)
+    subscriber = Subscriber(redis, {"ch": handler}, on_subscribed=subscribed, on_lost=lambda channels: None)
     task = asyncio.create_task(subscriber.run())
     try:
         await asyncio.wait_for(subscriber.listening.wait(), 5)

@@ -567,4 +567,4 @@ async def test_relay_node_restarted_agent_comes_back_to_the_same_url(redis_url, 
 
 async def _dead(registry: InstanceRegistry, node_id: str) -> bool:
     await registry.liveness.refresh()
-    return node_id in registry.liveness.dead
+    return node_id not in registry.liveness.alive

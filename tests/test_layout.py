@@ -97,7 +97,7 @@ async def test_a_long_dead_node_is_swept_from_every_instance_then_forgotten(redi
     await registry.refresh_node("node-live")
     liveness.memory_ms = 0  # forget as soon as dead, for the test
     due = await liveness.refresh()
-    assert liveness.dead == ("node-dead",) and due == ["node-dead"]
+    assert liveness.alive == ("node-live",) and due == ["node-dead"]
     assert await liveness.sweep("node-dead") == 3
     for iid in ids:
         assert [e.node for e in await registry.live_agents(iid)] == ["node-live"]
@@ -105,17 +105,33 @@ async def test_a_long_dead_node_is_swept_from_every_instance_then_forgotten(redi
     assert not await redis.hexists(keys.load(ids[0]), "s-a1-node-dead")
     assert not await redis.exists(keys.node_instances("node-dead"))
     assert await redis.zscore(keys.NODES, "node-dead") is None  # forgotten...
-    assert await liveness.refresh() == [] and liveness.dead == ()  # ... so no longer passed to every script
+    assert await liveness.refresh() == [] and liveness.alive == ("node-live",)
     assert await redis.zscore(keys.NODES, "node-live") is not None
 
 
-async def test_a_node_that_came_back_is_not_forgotten(redis):
+async def test_a_node_back_during_its_sweep_is_kept_and_made_to_re_assert(redis):
     registry = InstanceRegistry(redis, heartbeat_timeout=30, base_url="http://relay")
     await registry.drop_node("node-a")
     await registry.refresh_node("node-a")  # back (a long stall), before the sweep ran
     registry.liveness.memory_ms = 0
     await registry.liveness.sweep("node-a")
+    assert await redis.zscore(keys.NODES, "node-a") is not None  # not forgotten...
+    # ... and its liveness ended, so its next heartbeat re-asserts what the sweep deleted.
+    assert await registry.refresh_node("node-a") is False
     assert await registry.node_alive("node-a")
+
+
+async def test_a_node_never_heard_of_does_not_count_and_a_node_counts_itself(redis):
+    # Fail safe: an entry whose node is unknown (forgotten, or never listed) is not online.
+    registry = InstanceRegistry(redis, heartbeat_timeout=30, base_url="http://relay")
+    iid, _ = await registry.register("x")
+    await registry.add_agent(iid, entry("node-ghost"))
+    await registry.liveness.refresh()
+    assert (await registry.view(iid))["status"] == "offline"
+    mine = NodeLiveness(redis, heartbeat_timeout=30, node_id="node-ghost")
+    await mine.refresh()
+    assert mine.alive == ("node-ghost",)  # before its first heartbeat is read back
+    assert await mine.sweep("node-ghost") == 0  # never sweeps itself
 
 
 async def test_one_node_sweeps_at_a_time(redis):
@@ -134,3 +150,21 @@ async def test_deleting_an_instance_leaves_nothing_under_its_nodes(redis):
     assert await redis.smembers(keys.node_instances("node-a")) == {iid.encode()}
     await registry.delete(iid)
     assert not await redis.exists(keys.node_instances("node-a"))
+
+
+async def test_a_key_id_that_is_a_hash_field_is_no_key(redis):
+    from relay.access import AccessControl
+    from relay.errors import NotFound
+
+    registry = InstanceRegistry(redis, heartbeat_timeout=30, base_url="http://relay")
+    access = AccessControl(redis, registry, registration_key=None)
+    iid, _ = await registry.register("x")
+    created = await access.create_key(iid, "app")
+    field = keys.caller_key_field(hash_token(created["key"]))
+    assert await redis.hget(keys.caller_keys(iid), field) == created["key_id"].encode()
+    with pytest.raises(NotFound):
+        await access.revoke_key(iid, field)
+    assert [k["key_id"] for k in await access.list_keys(iid)] == [created["key_id"]]
+    await access.revoke_key(iid, created["key_id"])
+    assert await redis.hlen(keys.caller_keys(iid)) == 0
+    assert not await redis.exists(keys.caller_key(hash_token(created["key"])))

@@ -232,7 +232,7 @@ async def test_online_needs_a_node_that_is_not_dead(registry):
     # Recorded, but its node's liveness has ended: not online (the entry
     # stays until the node is swept, in case it comes back and re-asserts).
     await registry.liveness.refresh()
-    assert registry.liveness.dead == ("node-a",)
+    assert registry.liveness.alive == ()
     assert (await registry.view(iid))["status"] == "offline"
     assert await registry.live_agents(iid) == []
     await registry.refresh_node("node-a")
@@ -272,7 +272,7 @@ async def test_presence_expires_when_heartbeats_stop(registry, redis):
 
     async def node_a_dead() -> bool:
         await registry.liveness.refresh()
-        return registry.liveness.dead == ("node-a",)
+        return registry.liveness.alive == ("node-b",)
 
     await wait_until(node_a_dead, timeout=30, what="node-a's liveness to end")
     view = await registry.view(iid)
