@@ -185,6 +185,8 @@ async def readyz(request: Request) -> Response:
     state = request.app.state
     if state.node.draining:
         raise ServiceNotReady("relay node is draining")
+    if not state.node.layout_ready:
+        raise ServiceNotReady("relay node is checking the key layout in Redis (relay.migrate)")
     try:
         await state.redis.ping()
     except (RedisError, OSError, TimeoutError) as exc:

@@ -152,13 +152,17 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        node.layout_ready = False
         try:
             await migrate.ensure_layout(redis)
+            node.layout_ready = True
             await warn_if_not_persistent(redis)
         except (RedisError, OSError) as exc:
             log.error("redis at %s unreachable at startup (%s); will keep trying", safe_url(url), exc)
         log.info("relay node %s using redis %s; public URL %s", node.node_id, safe_url(url), settings.base_url())
         async with anyio.create_task_group() as tg:
+            if not node.layout_ready:  # no chat, no agent until the data is known to be readable
+                tg.start_soon(migrate.keep_trying, redis, lambda: setattr(node, "layout_ready", True))
             tg.start_soon(liveness.run)
             tg.start_soon(presence.run)
             tg.start_soon(subscriber.run)

@@ -24,7 +24,7 @@ from starlette.types import Receive, Scope, Send
 
 from . import keys, logs
 from .access import Caller
-from .errors import NotFound, RateLimited
+from .errors import NotFound, RateLimited, ServiceNotReady
 from .inputs import bearer_token, client_ip, read_json
 from .limits import PENDING_RELEASES, Releases, Slot
 from .streams import cleanup_scope
@@ -45,6 +45,8 @@ async def admit(request: Request, instance_id: str, *, named_by_model: str | Non
     """
     state = request.app.state
     settings = state.settings
+    if not state.node.layout_ready:  # the data may be in the previous key layout (relay.migrate)
+        raise ServiceNotReady("relay storage not ready, retry shortly", headers={"Retry-After": "1"})
     try:
         # Access and both rate buckets (this caller's, this instance's): one script, one round trip.
         caller = await state.access.authorize_caller(

@@ -129,7 +129,11 @@ class AgentGateway:
         scheme, _, token = websocket.headers.get("authorization", "").partition(" ")
         token = token.strip()
         refusal: Exception = Unauthorized("agent token required: Authorization: Bearer <agent_token>")
-        if scheme.lower() == "bearer" and token:
+        if not self.node.layout_ready:
+            # The data may still be in the previous layout: a token would look unknown (401), and
+            # the agent would give up.  503: it retries.
+            refusal = ServiceNotReady("relay storage not ready, retry shortly")
+        elif scheme.lower() == "bearer" and token:
             try:
                 instance_id = await self.registry.authenticate(token)
             except (RedisError, OSError):

@@ -12,6 +12,7 @@ import time
 import httpx
 import orjson
 import pytest
+import websockets
 
 from relay import keys, migrate
 from relay.registry import AgentEntry, InstanceRegistry, NodeLiveness, hash_token
@@ -168,3 +169,37 @@ async def test_a_key_id_that_is_a_hash_field_is_no_key(redis):
     await access.revoke_key(iid, created["key_id"])
     assert await redis.hlen(keys.caller_keys(iid)) == 0
     assert not await redis.exists(keys.caller_key(hash_token(created["key"])))
+
+
+async def test_a_node_started_without_redis_serves_nothing_until_the_layout_is_known(redis, redis_server):
+    # Redis out of reach at start: the layout cannot be checked, so the node must not
+    # serve agents (their tokens would look unknown in layout-1 data, a 401 they give
+    # up on) nor chats.  It says 503 (retry) until Redis answers and the data is moved.
+    from tests.helpers import wait_until
+    from tests.redis_servers import PartitionableLink
+
+    iid = await write_layout_1(redis)
+    link = await PartitionableLink(str(redis_server.socket_path)).start()
+    link.cut()
+    try:
+        async with running_relay(link.url, redis_timeout=0.5) as relay, relay.client() as http:
+            assert relay.app.state.node.layout_ready is False
+            assert (await http.get("/readyz")).status_code == 503
+            chat = await http.post(f"/api/chat/{iid}", json={"messages": [{"role": "user", "content": "x"}]})
+            assert chat.status_code == 503 and chat.headers["Retry-After"] == "1"
+            ws_url = relay.url.replace("http://", "ws://") + "/api/agent/connect"
+            with pytest.raises(websockets.InvalidStatus) as refused:
+                async with websockets.connect(ws_url, additional_headers={"Authorization": f"Bearer {TOKEN}"}):
+                    pass
+            assert refused.value.response.status_code == 503  # retry: not a 401 the agent gives up on
+            link.heal()
+            await wait_until(lambda: relay.app.state.node.layout_ready, 30, what="the layout checked")
+            assert await redis.exists(keys.instance(iid))
+            async with running_agent(relay.url, TOKEN):
+                await wait_until(lambda: _status(http, iid), 30, what="the moved instance online")
+    finally:
+        await link.stop()
+
+
+async def _status(http: httpx.AsyncClient, iid: str) -> bool:
+    return (await http.get(f"/api/instances/{iid}")).json()["status"] == "online"
