@@ -80,9 +80,9 @@ its agents is registered on a node whose liveness has not ended.  A node
 refreshes its one member of ``ir:nodes`` per heartbeat interval however many
 agents it holds, and it drops an agent itself the moment that agent's own
 heartbeats go stale.  A node that dies takes all its agents offline when its
-liveness ends: every node reads the list of dead nodes once a second
+liveness ends: every node reads the set of live nodes once a second
 (``registry.NodeLiveness``) and the scripts that read an instance's agents
-skip (and delete) the entries of those nodes.  Scripts cannot read the
+skip the entries of every other node (dead, or never heard of).  Scripts cannot read the
 liveness themselves: on a cluster it lives in another slot.
 """
 
@@ -143,8 +143,8 @@ def node_ttl_ms(heartbeat_timeout: float) -> int:
 def dead_node_memory_ms(heartbeat_timeout: float) -> int:
     """How long a dead node is listed before its leftovers are swept and it is forgotten.
 
-    Long enough that each node's one-second reading of the list sees it, and
-    that instances read meanwhile drop its entries by themselves.
+    Long enough that a node cut off for a while is still known when it comes
+    back; its entries are skipped meanwhile, and deleted by the sweep.
     """
     return max(60_000, int(10 * heartbeat_timeout * 1000))
 
