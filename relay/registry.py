@@ -767,6 +767,8 @@ class InstanceRegistry:
             results = await pipe.execute()
         agent_maps = [[AgentEntry.decode(text(k), v) for k, v in raw.items()] for raw in results[1::2]]
         alive = set(self.liveness.alive)
+        if any(e.node not in alive for entries in agent_maps for e in entries) and await self.liveness.reread():
+            alive = set(self.liveness.alive)  # a node younger than the last read, or a dead one
         out: list[dict[str, Any] | None] = []
         for iid, record, entries in zip(ids, results[0::2], agent_maps, strict=True):
             if not record:
