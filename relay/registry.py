@@ -383,24 +383,23 @@ class NodeLiveness:
         self.node_id = node_id
         self.interval = interval
         self.memory_ms = keys.dead_node_memory_ms(heartbeat_timeout)
-        self._alive: set[str] = {node_id} if node_id else set()
+        #: The live nodes, as last read (sorted: every request passes it to a script, unchanged between reads).
+        self.alive: tuple[str, ...] = (node_id,) if node_id else ()
         self._nodes = redis.register_script(_NODES)
         self._forget = redis.register_script(_FORGET_NODE)
         self._drop_entries = redis.register_script(_DROP_NODE_ENTRIES)
         self._sweeping: set[str] = set()
         self._read_at = -1.0
 
-    @property
-    def alive(self) -> tuple[str, ...]:
-        """The live nodes, as last read (sorted: the scripts' arguments stay the same between reads)."""
-        return tuple(sorted(self._alive))
+    def _set(self, nodes: set[str]) -> None:
+        if self.node_id:
+            nodes.add(self.node_id)
+        self.alive = tuple(sorted(nodes))
 
     def saw(self, node: str, alive: bool) -> None:
         """This process just wrote ``node``'s liveness (its heartbeat, or its leaving)."""
-        if alive:
-            self._alive.add(node)
-        elif node != self.node_id:
-            self._alive.discard(node)
+        if alive != (node in self.alive):
+            self._set({n for n in self.alive if n != node} | ({node} if alive else set()))
 
     async def refresh(self) -> list[str]:
         """Read which nodes are alive; returns those dead long enough to be swept."""
@@ -408,9 +407,7 @@ class NodeLiveness:
         flat = await self._nodes(keys=[keys.NODES])
         now = int(flat[0])
         nodes = [(text(flat[i]), float(flat[i + 1])) for i in range(1, len(flat), 2)]
-        self._alive = {node for node, ends in nodes if ends > now}
-        if self.node_id:
-            self._alive.add(self.node_id)
+        self._set({node for node, ends in nodes if ends > now})
         return [node for node, ends in nodes if ends < now - self.memory_ms and node != self.node_id]
 
     async def reread(self, older_than: float = 0.05) -> bool:

@@ -120,11 +120,15 @@ class SentinelURL:
             raise BadRedisURL("Sentinel URL: the path must name the master, e.g. redis+sentinel://s1:26379/mymaster "
                              "(optionally /mymaster/DB)")
         query = urllib.parse.parse_qs(parts.query)
-        unquote = urllib.parse.unquote
-        return cls(sentinels, unquote(path[0]), int(path[1]) if len(path) == 2 else 0,
-                   unquote(parts.username) if parts.username else None,
-                   unquote(parts.password) if parts.password is not None else None,
-                   query.get("sentinel_password", [None])[0], parts.scheme == "rediss+sentinel")
+        return cls(sentinels, urllib.parse.unquote(path[0]), int(path[1]) if len(path) == 2 else 0,
+                   *_credentials(parts), query.get("sentinel_password", [None])[0], parts.scheme == "rediss+sentinel")
+
+
+def _credentials(parts: urllib.parse.SplitResult) -> tuple[str | None, str | None]:
+    """A URL's user name and password, percent-decoded (None when absent)."""
+    unquote = urllib.parse.unquote
+    return (unquote(parts.username) if parts.username else None,
+            unquote(parts.password) if parts.password is not None else None)
 
 
 def _host_ports(where: str, example: str) -> list[tuple[str, int]]:
@@ -155,9 +159,7 @@ class ClusterURL:
         if parts.path.strip("/"):
             raise BadRedisURL("cluster URL: a Redis Cluster has one database, so no /DB path "
                               "(e.g. redis+cluster://r1:6379,r2:6379)")
-        unquote = urllib.parse.unquote
-        return cls(nodes, unquote(parts.username) if parts.username else None,
-                   unquote(parts.password) if parts.password is not None else None,
+        return cls(nodes, *_credentials(parts),
                    parts.scheme == "rediss+cluster")
 
 

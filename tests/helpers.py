@@ -676,3 +676,32 @@ async def keep_alive(ws: Any) -> None:
         while True:
             await asyncio.sleep(0.2)
             await ws.send(wire.encode(wire.Ping(0.0)))
+
+
+async def chat_ok(client: httpx.AsyncClient, url: str) -> bool:
+    """Whether one streamed chat at ``url`` answers 200 and ends with ``[DONE]`` (False on a transport error)."""
+    try:
+        async with client.stream("POST", url, json={"messages": [{"role": "user", "content": "hi"}],
+                                                    "stream": True}) as response:
+            return response.status_code == 200 and (await sse_lines(response))[-1] == "[DONE]"
+    except httpx.HTTPError:
+        return False
+
+
+def assert_serve_refuses_url(url: str, tmp_path: Any, capsys: Any) -> None:
+    """``relay serve --redis-url url`` stops at once with exit 2 and a one-line reason, no traceback."""
+    import logging
+    import signal as signals
+
+    from relay.cli import main
+
+    handler = signals.getsignal(signals.SIGTERM)  # main() installs its own
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level  # ... and its log handler, on this test's captured stderr
+    try:
+        assert main(["serve", "--redis-url", url, "--data-dir", str(tmp_path)]) == 2
+    finally:
+        signals.signal(signals.SIGTERM, handler)
+        root.handlers[:], root.level = handlers, level
+    error = capsys.readouterr().err
+    assert error.startswith("relay: bad Redis URL:") and "Traceback" not in error

@@ -13,8 +13,6 @@ chats flow.  Recovery times are printed with ``-s``, never asserted on.
 from __future__ import annotations
 
 import asyncio
-import logging
-import signal
 import time
 
 import anyio
@@ -30,6 +28,8 @@ from relay.storage import ClusterURL
 from tests.helpers import (
     FakeUpstream,
     Stopwatch,
+    assert_serve_refuses_url,
+    chat_ok,
     offline,
     online,
     openai_backend,
@@ -62,18 +62,7 @@ def test_cluster_urls_parse_and_refuse_clearly():
 
 @pytest.mark.parametrize("url", ["redis+cluster://r1", "redis+cluster://r1:7000/3"])
 def test_relay_serve_refuses_a_bad_cluster_url_clearly(url, capsys, tmp_path):
-    from relay.cli import main
-
-    handler = signal.getsignal(signal.SIGTERM)  # main() installs its own
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level  # ... and its log handler, on this test's captured stderr
-    try:
-        assert main(["serve", "--redis-url", url, "--data-dir", str(tmp_path)]) == 2
-    finally:
-        signal.signal(signal.SIGTERM, handler)
-        root.handlers[:], root.level = handlers, level
-    error = capsys.readouterr().err
-    assert error.startswith("relay: bad Redis URL:") and "Traceback" not in error
+    assert_serve_refuses_url(url, tmp_path, capsys)
 
 
 @pytest.fixture
@@ -94,12 +83,6 @@ async def test_the_version_check_asks_every_master_and_wants_7_for_a_cluster(clu
         await storage.close(client)
 
 
-async def chat_ok(client: httpx.AsyncClient, url: str) -> bool:
-    try:
-        async with client.stream("POST", url, json={**CHAT, "stream": True}) as response:
-            return response.status_code == 200 and (await sse_lines(response))[-1] == "[DONE]"
-    except httpx.HTTPError:
-        return False
 
 
 def where(cluster: ClusterSet, target: str, instance_id: str, node_b_id: str):

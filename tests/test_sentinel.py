@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-import signal
 
-import httpx
 import orjson
 import pytest
 
@@ -24,6 +21,8 @@ from relay.storage import SentinelURL
 from tests.helpers import (
     FakeUpstream,
     Stopwatch,
+    assert_serve_refuses_url,
+    chat_ok,
     frozen,
     offline,
     online,
@@ -31,7 +30,6 @@ from tests.helpers import (
     running_agent,
     running_relay,
     running_upstream,
-    sse_lines,
     stream_in_flight,
     wait_until,
 )
@@ -77,12 +75,6 @@ def sentinels(tmp_path):
     servers.stop()
 
 
-async def chat_ok(client: httpx.AsyncClient, url: str) -> bool:
-    try:
-        async with client.stream("POST", url, json={**CHAT, "stream": True}) as response:
-            return response.status_code == 200 and (await sse_lines(response))[-1] == "[DONE]"
-    except httpx.HTTPError:
-        return False
 
 
 async def test_two_nodes_on_sentinel_serve_across_nodes_and_survive_a_failover(sentinels):
@@ -137,18 +129,7 @@ async def test_a_stream_in_flight_when_the_master_dies_ends_cleanly(sentinels):
 
 @pytest.mark.parametrize("url", ["redis+sentinel://s1/main", "redis+sentinel://s1:26379", "mongodb://x:1/0"])
 def test_relay_serve_refuses_a_bad_redis_url_clearly(url, capsys, tmp_path):
-    from relay.cli import main
-
-    handler = signal.getsignal(signal.SIGTERM)  # main() installs its own
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level  # ... and its log handler, on this test's captured stderr
-    try:
-        assert main(["serve", "--redis-url", url, "--data-dir", str(tmp_path)]) == 2
-    finally:
-        signal.signal(signal.SIGTERM, handler)
-        root.handlers[:], root.level = handlers, level
-    error = capsys.readouterr().err
-    assert error.startswith("relay: bad Redis URL:") and "Traceback" not in error
+    assert_serve_refuses_url(url, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("fault", ["killed", "frozen"])
