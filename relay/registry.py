@@ -144,10 +144,11 @@ local function live_entries(agents_key, load_key, alive)
 end
 """
 
-# KEYS: agents, load.  ARGV: the live nodes.  Flat {agent id, entry, ...}.
+# KEYS: agents, load.  ARGV: the live nodes.  Flat {entries skipped, agent id, entry, ...}.
 _LIVE_AGENTS = _LIVE_ENTRIES + """
-local out = {}
-for _, e in ipairs(live_entries(KEYS[1], KEYS[2], node_set(1, #ARGV))) do
+local live = live_entries(KEYS[1], KEYS[2], node_set(1, #ARGV))
+local out = {redis.call('HLEN', KEYS[1]) - #live}
+for _, e in ipairs(live) do
   table.insert(out, e[1])
   table.insert(out, e[2])
 end
@@ -648,10 +649,12 @@ class InstanceRegistry:
         return bool(removed)
 
     async def live_agents(self, instance_id: str) -> list[AgentEntry]:
-        flat = await self._live_agents(
-            keys=[keys.agents(instance_id), keys.load(instance_id)], args=list(self.liveness.alive)
-        )
-        return [AgentEntry.decode(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
+        while True:
+            skipped, *flat = await self._live_agents(
+                keys=[keys.agents(instance_id), keys.load(instance_id)], args=list(self.liveness.alive))
+            # An entry of a node not in the set: dead, or younger than the last read of it.
+            if not skipped or not await self.liveness.reread():
+                return [AgentEntry.decode(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
 
     async def pick_agent(self, instance_id: str, op: str = OP_CHAT, exclude_nodes: tuple[str, ...] = (),
                          *, here: str = "", model: str = "") -> tuple[str, AgentEntry | None]:
