@@ -31,15 +31,14 @@ the same bound with ``asyncio.timeout``, one timer and no task.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import urllib.parse
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
-from redis.asyncio.cluster import ClusterNode, ClusterPipeline
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import (
@@ -49,10 +48,10 @@ from redis.asyncio.sentinel import (
     SentinelManagedSSLConnection,
 )
 from redis.backoff import NoBackoff
-from redis.exceptions import ClusterError, RedisClusterException, RedisError, TryAgainError
-from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeout
 
+from .cluster_client import RelayCluster
 from .settings import RelaySettings
 
 
@@ -161,77 +160,6 @@ class ClusterURL:
                               "(e.g. redis+cluster://r1:6379,r2:6379)")
         return cls(nodes, *_credentials(parts),
                    parts.scheme == "rediss+cluster")
-
-
-class RelayCluster(RedisCluster):
-    """redis-py's cluster client, made to behave as the relay's other clients do.
-
-    * **No retries.**  redis-py sends a command again after a timeout or a
-      dropped connection, when it may already have run (a token rotation run
-      twice locks its owner out) and far past ``RELAY_REDIS_TIMEOUT``.  The
-      error goes to the caller instead (503), and the next command reads the
-      slot map again (redis-py marks it stale on any connection error).
-    * **Split keys waited out.**  While a slot moves key by key, a script whose
-      keys are on both shards for a moment is refused (TRYAGAIN, or redirects
-      back and forth until redis-py gives up: "TTL exhausted"); neither ran
-      it.  It is sent again, 20 ms apart, for up to ``split_keys_wait``
-      seconds (the Redis timeout), as a slow answer would be waited for.
-    * **A burst waits its turn.**  Past ``max_connections`` commands in flight,
-      redis-py fails at once (MaxConnectionsError); here they queue, as on the
-      blocking pool of one server.
-    * **One kind of error.**  A cluster nobody answers raises redis-py's
-      ``RedisClusterException``, which is not a ``RedisError``: it is raised as
-      a connection error, so every part of the relay that rides out a Redis
-      outage rides out this one.
-    """
-
-    split_keys_wait = 5.0
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.in_flight = asyncio.Semaphore(kwargs.get("max_connections", 100))
-
-    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        deadline: float | None = None
-        async with self.in_flight:
-            while True:
-                try:
-                    with as_redis_errors():
-                        return await super().execute_command(*args, **kwargs)
-                except (TryAgainError, ClusterError) as exc:
-                    if not isinstance(exc, TryAgainError) and "TTL exhausted" not in str(exc):
-                        raise
-                    now = asyncio.get_running_loop().time()
-                    deadline = deadline or now + self.split_keys_wait
-                    if now >= deadline:
-                        raise
-                    await asyncio.sleep(0.02)
-
-    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
-        if shard_hint:
-            raise RedisClusterException("shard_hint is deprecated in cluster mode")
-        return RelayClusterPipeline(self, transaction)  # type: ignore[abstract]  # as redis-py makes its own
-
-
-class RelayClusterPipeline(ClusterPipeline):
-    """A cluster pipeline under the same rules as :class:`RelayCluster`'s commands."""
-
-    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
-        client = self.cluster_client
-        assert isinstance(client, RelayCluster)
-        async with client.in_flight:
-            with as_redis_errors():
-                return await super().execute(raise_on_error, allow_redirections)
-
-
-@contextlib.contextmanager
-def as_redis_errors() -> Iterator[None]:
-    """redis-py's cluster errors that are not ``RedisError`` (no node answers, a slot not
-    covered), raised as a connection error."""
-    try:
-        yield
-    except RedisClusterException as exc:
-        raise RedisConnectionError(f"Redis Cluster unavailable: {exc}") from exc
 
 
 def is_cluster(client: Redis | RedisCluster) -> bool:

@@ -34,7 +34,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeout
 
-from . import storage
+from .cluster_client import as_redis_errors
 
 log = logging.getLogger("relay.subscriber")
 
@@ -126,7 +126,7 @@ class Subscriber:
             return pubsub
         (channel,) = channels
         cluster = self.redis
-        with storage.as_redis_errors():  # no node answering, a slot not covered: a connection error
+        with as_redis_errors():  # no node answering, a slot not covered: a connection error
             if again or not cluster.nodes_manager.slots_cache:
                 await cluster.nodes_manager.initialize()  # the slot map as it is now (a failover, a migration)
             node = cluster.get_node_from_key(channel)

@@ -339,26 +339,41 @@ class ClusterSet:
         Meanwhile the source answers ASK for keys it no longer has, so new
         keys land on the target and existing ones move with the batches.
         """
+        source = self.begin_migration(slot, target)
+        moved = 0
+        while batch_moved := self.move_keys(slot, source, target, batch):
+            moved += max(batch_moved, 0)
+            if pause:
+                time.sleep(pause)
+        self.finish_migration(slot, target)
+        return moved
+
+    def begin_migration(self, slot: int, target: Server) -> Server:
+        """Mark ``slot`` importing on ``target``, migrating on its master; return that master."""
         source = self.master_for_slot(slot)
         if source is target:
             raise ValueError(f"slot {slot} is already on the node on port {target.port}")
-        source_client, target_client = self.client(source), self.client(target)
-        target_client.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", self.node_id(source))
-        source_client.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", self.node_id(target))
-        moved = 0
-        while keys := source_client.execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch):
-            # No REPLACE: a key already on the target would mean a client wrote it
-            # there while the source still had it, which ASK should prevent.
-            reply = source_client.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 1000, "KEYS", *keys)
-            if reply != b"NOKEY":  # NOKEY: all of them deleted since GETKEYSINSLOT
-                moved += len(keys)
-            if pause:
-                time.sleep(pause)
+        self.client(target).execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", self.node_id(source))
+        self.client(source).execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", self.node_id(target))
+        return source
+
+    def move_keys(self, slot: int, source: Server, target: Server, batch: int = 10) -> int:
+        """MIGRATE up to ``batch`` of the slot's keys; 0 when none is left (-1: all gone meanwhile)."""
+        keys = self.client(source).execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch)
+        if not keys:
+            return 0
+        # No REPLACE: a key already on the target would mean a client wrote it
+        # there while the source still had it, which ASK should prevent.
+        reply = self.client(source).execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 1000, "KEYS", *keys)
+        return -1 if reply == b"NOKEY" else len(keys)  # NOKEY: all deleted since GETKEYSINSLOT
+
+    def finish_migration(self, slot: int, target: Server) -> None:
+        """Give ``slot`` to ``target`` on every master."""
+        source = self.master_for_slot(slot)
         # The target first: it takes the slot with a new epoch, which then wins
         # over any older claim the others gossip about.
         for node in [target, source, *(m for m in self.masters() if m is not target and m is not source)]:
             self.client(node).execute_command("CLUSTER", "SETSLOT", slot, "NODE", self.node_id(target))
-        return moved
 
     def converged(self) -> bool:
         views = []

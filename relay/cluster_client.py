@@ -1,0 +1,172 @@
+"""redis-py's Redis Cluster client, made to behave as the relay's other clients do.
+
+``storage.connect`` builds a :class:`RelayCluster` for a ``redis+cluster://``
+URL.  It is redis-py's asyncio ``RedisCluster`` with these differences, each
+found by a test on a real cluster (tests/test_cluster.py):
+
+* **No retries.**  redis-py sends a command again after a timeout or a
+  dropped connection, when it may already have run (a token rotation run
+  twice locks its owner out) and far past ``RELAY_REDIS_TIMEOUT``.  The error
+  goes to the caller instead (503), and the next command reads the slot map
+  again (redis-py marks it stale on any connection error).
+* **A topology change closes nothing in use.**  redis-py answers a CLUSTERDOWN,
+  an uncovered slot and every fifth MOVED by closing every connection to every
+  node, commands in flight included: during a slot migration a chat failed
+  with "Connection lost".  Here a MOVED patches the slot map
+  (``reinitialize_steps=0``), and the others only mark the map stale (an
+  ``aclose()`` during a command); the refresh that follows recycles each
+  connection once its command is done.
+* **ASKING on the same connection as its command.**  redis-py's asyncio client
+  sends ASKING and the redirected command as two commands from the node's pool,
+  usually on two connections: the importing node, never told, answers MOVED,
+  and the command bounces between the two nodes until "TTL exhausted" for as
+  long as the slot moves.  :class:`AskingNode` sends both in one write.
+* **Split keys waited out.**  While a slot moves key by key, a script whose
+  keys are on both shards for a moment is refused (TRYAGAIN); nothing ran.  It
+  is sent again, 20 ms apart, for up to ``split_keys_wait`` seconds (the Redis
+  timeout), as a slow answer would be waited for.
+* **A burst waits its turn.**  Past ``max_connections`` commands in flight,
+  redis-py fails at once (MaxConnectionsError); here they queue, as on the
+  blocking pool of one server.
+* **One kind of error.**  A cluster nobody answers raises redis-py's
+  ``RedisClusterException``, which is not a ``RedisError``: it is raised as a
+  connection error, so every part of the relay that rides out a Redis outage
+  rides out this one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from redis.asyncio import RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline
+from redis.exceptions import ClusterError, RedisClusterException, ResponseError, TryAgainError
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+#: Set while a command runs: an ``aclose()`` then comes from redis-py's error handling.
+_in_command: contextvars.ContextVar[bool] = contextvars.ContextVar("in_cluster_command", default=False)
+
+
+class RelayCluster(RedisCluster):
+    """redis-py's cluster client under the rules in this module's docstring."""
+
+    split_keys_wait = 5.0
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **{**kwargs, "reinitialize_steps": 0})
+        self.in_flight = asyncio.Semaphore(kwargs.get("max_connections", 100))
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        deadline: float | None = None
+        async with self.in_flight, _running_command():
+            while True:
+                try:
+                    with as_redis_errors():
+                        return await super().execute_command(*args, **kwargs)
+                except (TryAgainError, ClusterError) as exc:
+                    # "TTL exhausted": redirected back and forth, which a slot
+                    # moving between the two can still cause (an ASK, then the
+                    # migration ends before the redirected command arrives).
+                    if not isinstance(exc, TryAgainError) and "TTL exhausted" not in str(exc):
+                        raise
+                    now = asyncio.get_running_loop().time()
+                    deadline = deadline or now + self.split_keys_wait
+                    if now >= deadline:
+                        raise
+                    await asyncio.sleep(0.02)
+
+    async def initialize(self, *args: Any, **kwargs: Any) -> RelayCluster:
+        await super().initialize(*args, **kwargs)
+        for node in self.nodes_manager.nodes_cache.values():
+            if type(node) is ClusterNode:
+                node.__class__ = AskingNode
+        return self
+
+    async def aclose(self) -> None:
+        """Close every connection to every node; called by redis-py during a command (to
+        forget the topology), only mark the slot map stale: see the module's docstring."""
+        if _in_command.get():
+            self._initialize = True
+            return
+        await super().aclose()
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
+        if shard_hint:
+            raise RedisClusterException("shard_hint is deprecated in cluster mode")
+        return RelayClusterPipeline(self, transaction)  # type: ignore[abstract]  # as redis-py makes its own
+
+
+class RelayClusterPipeline(ClusterPipeline):
+    """A cluster pipeline under the same rules as :class:`RelayCluster`'s commands."""
+
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
+        client = self.cluster_client
+        assert isinstance(client, RelayCluster)
+        async with client.in_flight, _running_command():
+            with as_redis_errors():
+                return await super().execute(raise_on_error, allow_redirections)
+
+
+@contextlib.asynccontextmanager
+async def _running_command() -> AsyncIterator[None]:
+    token = _in_command.set(True)
+    try:
+        yield
+    finally:
+        _in_command.reset(token)
+
+
+@contextlib.contextmanager
+def as_redis_errors() -> Iterator[None]:
+    """redis-py's cluster errors that are not ``RedisError`` (no node answers, a slot not
+    covered), raised as a connection error."""
+    try:
+        yield
+    except RedisClusterException as exc:
+        raise RedisConnectionError(f"Redis Cluster unavailable: {exc}") from exc
+
+
+#: The node a task has just sent ASKING to (see :class:`AskingNode`).
+_asked: contextvars.ContextVar[ClusterNode | None] = contextvars.ContextVar("asked_cluster_node", default=None)
+
+
+class AskingNode(ClusterNode):
+    """A cluster node that sends an ASKING together with the command that follows it.
+
+    redis-py's redirect loop awaits ``node.execute_command("ASKING")``, then
+    ``node.execute_command(*command)``, in the same task with nothing in
+    between.  Here the first only notes the node; the second sends ``ASKING``
+    and the command in one write on one connection, which is what the
+    importing node needs to serve it.  redis-py builds its nodes itself and
+    keeps each node's object across refreshes, so :meth:`RelayCluster.initialize`
+    gives them this class once (the same slots, one method more).
+    """
+
+    __slots__ = ()
+
+    async def execute_command(self, *args: Any, asking: bool = False, **kwargs: Any) -> Any:
+        if args == ("ASKING",):
+            _asked.set(self)
+            return b"OK"
+        if _asked.get() is not self:
+            return await super().execute_command(*args, asking=asking, **kwargs)
+        _asked.set(None)
+        connection = self.acquire_connection()
+        try:
+            await self.disconnect_if_needed(connection)
+            await connection.send_packed_command(connection.pack_commands([("ASKING",), args]))
+            with contextlib.suppress(ResponseError):  # the command's own answer says what went wrong
+                await connection.read_response()
+            return await self.parse_response(connection, args[0], **kwargs)
+        except ResponseError:
+            raise  # an answer like any other (MOVED, a script's error): read in full
+        except BaseException:
+            # Its answers may still be on the way: the connection starts afresh.
+            await connection.disconnect(nowait=True)
+            raise
+        finally:
+            self.release(connection)
