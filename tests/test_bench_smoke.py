@@ -13,6 +13,7 @@ import asyncio
 import orjson
 import pytest
 
+from bench import clusterphase
 from bench import loadgen as lg
 from bench.run import Options, evaluate_targets, run_bench, table, write_outputs
 from bench.upstream import UpstreamServer
@@ -88,3 +89,21 @@ def test_whole_bench_with_tiny_counts(tmp_path):
     assert {"relay_a", "agent_a", "redis"} <= cpu.keys() and min(cpu.values()) >= 0, cpu
     json_path, _png = write_outputs(results, raw, options)
     assert orjson.loads(json_path.read_bytes())["meta"]["cores"]
+
+
+def test_cluster_phase_with_tiny_counts(tmp_path):
+    # The optional phase on its own Redis Cluster (three masters, three replicas), two relay
+    # nodes and idle agents: it must go through and set a figure beside every prediction.
+    from tests.redis_servers import require_binaries
+
+    require_binaries("redis-server", "redis-cli", env="RELAY_TEST_CLUSTER")
+    options = Options(phases=["cluster"], cluster={**clusterphase.DEFAULTS, **clusterphase.QUICK},
+                      heartbeat_interval=0.2, idle_intervals=1, output=tmp_path, settle=0.05)
+    results, _raw = asyncio.run(run_bench(options))
+    cluster = results["cluster"]
+    assert cluster["status"] == "ok", cluster
+    for run in ("streams", "streams_fast"):
+        assert (cluster[run]["completed"], cluster[run]["errors"]) == (clusterphase.QUICK["streams"], 0)
+    assert cluster["idle_agents"]["agents"] == clusterphase.QUICK["agents"]
+    assert cluster["checks"] and all(check["measured"] is not None for check in cluster["checks"]), cluster["checks"]
+    assert "Redis Cluster, 3 masters + 3 replicas" in table(results)
