@@ -920,6 +920,10 @@ def test_relay_conforms_to_its_openapi_document(live_relay):
         else:
             continue
         for mode, count in examples.items():
+            if backend != BACKENDS[0]:
+                # Derandomized, so the same inputs as the first backend's run, against
+                # another agent backend: the first half of them is enough for that.
+                count = max(count // 2, 10)
             takes_input = {"parameters", "requestBody"} & operation.definition.raw.keys()
             if mode.is_positive or takes_input:  # nothing to get wrong in GET /healthz
                 _fuzz(operation, live_relay, mode, count)
