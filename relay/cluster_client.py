@@ -39,13 +39,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 from redis.asyncio import RedisCluster
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline
-from redis.exceptions import ClusterError, RedisClusterException, ResponseError, TryAgainError
+from redis.commands.core import AsyncScript
+from redis.exceptions import ClusterError, RedisClusterException, RedisError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
+
+T = TypeVar("T")
+
+
+def _split_keys(exc: RedisError) -> bool:
+    """A command refused, not run, because a slot migration had split its keys (TRYAGAIN), or
+    redirected back and forth ("TTL exhausted": an ASK, then the migration ended before the
+    redirected command arrived)."""
+    return isinstance(exc, TryAgainError) or (isinstance(exc, ClusterError) and "TTL exhausted" in str(exc))
+
 
 #: Set while a command runs: an ``aclose()`` then comes from redis-py's error handling.
 _in_command: contextvars.ContextVar[bool] = contextvars.ContextVar("in_cluster_command", default=False)
@@ -61,23 +72,29 @@ class RelayCluster(RedisCluster):
         self.in_flight = asyncio.Semaphore(kwargs.get("max_connections", 100))
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        deadline: float | None = None
+        return await self.while_slot_moves(lambda: self._execute_once(args, kwargs), _split_keys)
+
+    async def _execute_once(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         async with self.in_flight, _running_command():
-            while True:
-                try:
-                    with as_redis_errors():
-                        return await super().execute_command(*args, **kwargs)
-                except (TryAgainError, ClusterError) as exc:
-                    # "TTL exhausted": redirected back and forth, which a slot
-                    # moving between the two can still cause (an ASK, then the
-                    # migration ends before the redirected command arrives).
-                    if not isinstance(exc, TryAgainError) and "TTL exhausted" not in str(exc):
-                        raise
-                    now = asyncio.get_running_loop().time()
-                    deadline = deadline or now + self.split_keys_wait
-                    if now >= deadline:
-                        raise
-                    await asyncio.sleep(0.02)
+            with as_redis_errors():
+                return await super().execute_command(*args, **kwargs)
+
+    async def while_slot_moves(self, attempt: Callable[[], Awaitable[T]],
+                               refused: Callable[[RedisError], bool]) -> T:
+        """``attempt()``; again, 20 ms apart, while it fails with an error that says ``refused``
+        (nothing ran: a slot was on the move), for up to ``split_keys_wait`` seconds."""
+        deadline: float | None = None
+        while True:
+            try:
+                return await attempt()
+            except RedisError as exc:
+                if not refused(exc):
+                    raise
+                now = asyncio.get_running_loop().time()
+                deadline = deadline or now + self.split_keys_wait
+                if now >= deadline:
+                    raise
+                await asyncio.sleep(0.02)
 
     async def initialize(self, *args: Any, **kwargs: Any) -> RelayCluster:
         await super().initialize(*args, **kwargs)
@@ -170,3 +187,34 @@ class AskingNode(ClusterNode):
             raise
         finally:
             self.release(connection)
+
+
+#: Redis's answer to a script that reached a key it did not declare, of a slot migrating
+#: away, where that key is not (moved already, or never created).
+NON_LOCAL_KEY = "Script attempted to access a non local key"
+
+
+class ReachingScript:
+    """A Lua script that reaches keys it does not declare (found inside it, from an index).
+
+    Redis checks a script's declared keys before running it (a slot on the
+    move: ASK or TRYAGAIN, and nothing runs); an undeclared key is checked
+    when the script reaches it, and a script that fails there keeps what it
+    wrote before.  So such a script must touch every undeclared key it will
+    need before its first write (only writes that a rerun repeats harmlessly
+    may come earlier): then that failure means nothing changed, and it is sent
+    again like a TRYAGAIN until the slot has moved.
+    """
+
+    def __init__(self, redis: Any, text: str):
+        self._redis = redis
+        self._script: AsyncScript = redis.register_script(text)
+
+    async def __call__(self, *, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        if not isinstance(self._redis, RelayCluster):
+            return await self._script(keys=keys, args=args)
+        return await self._redis.while_slot_moves(lambda: self._script(keys=keys, args=args), _not_here)
+
+
+def _not_here(exc: RedisError) -> bool:
+    return isinstance(exc, ResponseError) and NON_LOCAL_KEY in str(exc)

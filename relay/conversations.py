@@ -60,6 +60,7 @@ import orjson
 from redis.asyncio import Redis
 
 from . import keys
+from .cluster_client import ReachingScript
 from .errors import NotFound, ValidationFailed
 
 ANSWERING = "answering"
@@ -82,9 +83,18 @@ _SWEEP = 10
 # Shared functions, prepended to the scripts that need them.  Keys of other
 # conversations (found through an index) are built from prefixes that keys.py
 # gives as ARGV: they carry the instance's hash tag, so they are in the slot of
-# the declared keys.
+# the declared keys.  But Redis Cluster checks such undeclared keys only when a
+# script reaches them: while the slot migrates away, one that is not on this
+# master (moved already, or still to be created) fails the script there, and
+# what it wrote before stays.  So every script reaches (`reach`) each
+# undeclared key it will touch before its first write, and is sent again
+# until the slot has moved (cluster_client.ReachingScript).  The sweeps of
+# stale index entries are the one exception: they only drop entries already
+# found stale, which a rerun would drop anyway.
 
 _LIB = """
+local function reach(key) redis.call('EXISTS', key) end
+
 local function owned(conv, caller, user)
   local who = redis.call('HMGET', conv, 'caller', 'user')
   return who[1] == caller and who[2] == user
@@ -144,14 +154,18 @@ if ARGV[13] == '1' then
     end
   end
   if redis.call('EXISTS', KEYS[1]) == 1 then return {'taken'} end
-  redis.call('HSET', KEYS[1], 'name', ARGV[14], 'inputs', ARGV[15], 'created_at', now, 'updated_at', now,
-             'caller', ARGV[3], 'user', ARGV[4], 'scope', ARGV[16], 'seq', 0)
 else
   if not owned(KEYS[1], ARGV[3], ARGV[4]) then return {'missing'} end
   local limit = tonumber(ARGV[9])
   if limit > 0 and redis.call('ZCARD', KEYS[3]) >= limit then return {'full'} end
 end
 local ids = redis.call('ZRANGE', KEYS[3], 0, -1)
+for _, id in ipairs(ids) do reach(ARGV[7] .. id) end
+reach(ARGV[7] .. mid)
+if ARGV[13] == '1' then
+  redis.call('HSET', KEYS[1], 'name', ARGV[14], 'inputs', ARGV[15], 'created_at', now, 'updated_at', now,
+             'caller', ARGV[3], 'user', ARGV[4], 'scope', ARGV[16], 'seq', 0)
+end
 local records = redis.call('HGETALL', KEYS[2])
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('ZADD', KEYS[3], seq, mid)
@@ -177,6 +191,7 @@ return 1
 _FINISH = _LIB + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if redis.call('HGET', KEYS[2], ARGV[2] .. ':s') ~= 'answering' then return 0 end
+for _, id in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do reach(ARGV[7] .. id) end
 redis.call('HSET', KEYS[2], ARGV[2] .. ':s', ARGV[3], ARGV[2] .. ':r', ARGV[4])
 touch(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1], ARGV[5], tonumber(ARGV[6]), ARGV[7])
 return 1
@@ -258,7 +273,9 @@ return {'ok', redis.call('HMGET', KEYS[1], 'name', 'inputs', 'created_at', 'upda
 # ARGV: caller, user, cid, index prefix.
 _DELETE = _LIB + """
 if not owned(KEYS[1], ARGV[1], ARGV[2]) then return 0 end
-for _, mid in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do redis.call('DEL', ARGV[4] .. mid) end
+local ids = redis.call('ZRANGE', KEYS[3], 0, -1)
+for _, mid in ipairs(ids) do reach(ARGV[4] .. mid) end
+for _, mid in ipairs(ids) do redis.call('DEL', ARGV[4] .. mid) end
 redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3])
 redis.call('ZREM', KEYS[4], ARGV[3])
 redis.call('ZREM', KEYS[5], ARGV[3])
@@ -273,6 +290,7 @@ _FEEDBACK = _LIB + """
 local cid = redis.call('GET', KEYS[1])
 if not cid then return 0 end
 local conv, msgs, order = ARGV[8] .. cid, ARGV[9] .. cid, ARGV[10] .. cid
+reach(conv) reach(msgs) reach(order)
 if not owned(conv, ARGV[1], ARGV[2]) or redis.call('HEXISTS', msgs, ARGV[3]) == 0 then return 0 end
 if ARGV[4] == '' then
   redis.call('HDEL', msgs, ARGV[3] .. ':f')
@@ -289,15 +307,24 @@ return 1
 # expire by themselves).  KEYS: instance index.
 # ARGV: batch, conversation, messages, order, index and scope prefixes.
 # Returns {conversations deleted, entries left}.
-_PURGE = """
-local deleted = 0
+_PURGE = _LIB + """
+local found = {}
 for _, cid in ipairs(redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)) do
-  local conv = ARGV[2] .. cid
-  local scope = redis.call('HGET', conv, 'scope')
+  local scope = redis.call('HGET', ARGV[2] .. cid, 'scope')
+  local ids = {}
   if scope then
-    local order = ARGV[4] .. cid
-    for _, mid in ipairs(redis.call('ZRANGE', order, 0, -1)) do redis.call('DEL', ARGV[5] .. mid) end
-    redis.call('UNLINK', conv, ARGV[3] .. cid, order)
+    ids = redis.call('ZRANGE', ARGV[4] .. cid, 0, -1)
+    for _, mid in ipairs(ids) do reach(ARGV[5] .. mid) end
+    reach(ARGV[3] .. cid) reach(ARGV[6] .. scope)
+  end
+  found[#found + 1] = {cid, scope, ids}
+end
+local deleted = 0
+for _, f in ipairs(found) do
+  local cid, scope, ids = f[1], f[2], f[3]
+  if scope then
+    for _, mid in ipairs(ids) do redis.call('DEL', ARGV[5] .. mid) end
+    redis.call('UNLINK', ARGV[2] .. cid, ARGV[3] .. cid, ARGV[4] .. cid)
     redis.call('ZREM', ARGV[6] .. scope, cid)
     deleted = deleted + 1
   end
@@ -424,15 +451,17 @@ class ConversationStore:
         #: Conversations one purge script deletes: it does at most
         #: purge_batch * (max_messages + 3) key deletions.
         self.purge_batch = max(1, purge_batch)
-        self._start = redis.register_script(_START)
-        self._checkpoint = redis.register_script(_CHECKPOINT)
-        self._finish = redis.register_script(_FINISH)
-        self._messages = redis.register_script(_MESSAGES)
-        self._conversations = redis.register_script(_CONVERSATIONS)
-        self._rename = redis.register_script(_RENAME)
-        self._delete = redis.register_script(_DELETE)
-        self._feedback = redis.register_script(_FEEDBACK)
-        self._purge = redis.register_script(_PURGE)
+        # Every script reaches its undeclared keys before it writes (see _LIB):
+        # on a cluster, sent again while their slot migrates.
+        self._start = ReachingScript(redis, _START)
+        self._checkpoint = ReachingScript(redis, _CHECKPOINT)
+        self._finish = ReachingScript(redis, _FINISH)
+        self._messages = ReachingScript(redis, _MESSAGES)
+        self._conversations = ReachingScript(redis, _CONVERSATIONS)
+        self._rename = ReachingScript(redis, _RENAME)
+        self._delete = ReachingScript(redis, _DELETE)
+        self._feedback = ReachingScript(redis, _FEEDBACK)
+        self._purge = ReachingScript(redis, _PURGE)
 
     # -- keys ------------------------------------------------------------------
 

@@ -339,7 +339,11 @@ class ClusterSet:
         Meanwhile the source answers ASK for keys it no longer has, so new
         keys land on the target and existing ones move with the batches.
         """
-        source = self.begin_migration(slot, target)
+        return self.migrate_slot_rest(slot, self.begin_migration(slot, target), target, batch=batch, pause=pause)
+
+    def migrate_slot_rest(self, slot: int, source: Server, target: Server, *, batch: int = 10,
+                          pause: float = 0.0) -> int:
+        """The rest of a migration ``begin_migration`` started: every key moved, then the slot given."""
         moved = 0
         while batch_moved := self.move_keys(slot, source, target, batch):
             moved += max(batch_moved, 0)

@@ -295,3 +295,48 @@ async def test_slots_moved_elsewhere_do_not_cut_commands_in_flight(cluster):
         assert tuple(await waiting) == (queue.encode(), b"done")
     finally:
         await storage.close(client)
+
+
+def script_errors(cluster: ClusterSet, master) -> int:
+    """Error replies starting "ERR" the master has sent (a script refused for a key not there is one)."""
+    stats = cluster.client(master).info("errorstats")
+    return int(stats.get("errorstat_ERR", {}).get("count", 0))
+
+
+async def test_conversation_scripts_wait_out_their_slot_migrating(cluster):
+    # A turn's script reaches keys it cannot declare (each message's index entry, found
+    # through the conversation, and the new message's).  While the slot migrates, Redis
+    # refuses a script at the first such key not on the master, keeping what it wrote
+    # before: each script reaches them all before it writes, so the refusal means
+    # nothing changed, and it is sent again until the slot has moved.  The turn then
+    # completes whole: its message finished, its index entry written (feedback finds it).
+    from relay.conversations import ConversationStore, Scope
+
+    client = storage.connect(cluster.url, RelaySettings(redis_timeout=30.0))
+    store = ConversationStore(client, retention_seconds=3600, max_messages=100, max_conversations=100,
+                              max_message_bytes=10_000, stale_after=60)
+    scope = Scope("3f9c0a7e5d1b2c48", "key:k1", "u1")
+    try:
+        first = await store.start_turn(scope, None, "my name is Ada", {}, now=1.0)
+        assert await store.finish(first, "hello Ada", "normal", now=2.0)
+        cid = first.conversation_id
+        slot = key_slot(keys.conversation(scope.instance_id, cid).encode())
+        source = cluster.master_for_slot(slot)
+        target = next(m for m in cluster.masters() if m is not source)
+        await asyncio.to_thread(cluster.begin_migration, slot, target)
+        refused_before = script_errors(cluster, source)
+        turn = asyncio.create_task(store.start_turn(scope, cid, "what is my name?", {}, now=3.0))
+        await wait_until(lambda: script_errors(cluster, source) > refused_before, 30,
+                         what="the turn's script refused while its slot migrates")
+        assert not turn.done()  # the new message's index entry cannot be written until the slot has moved
+        await asyncio.to_thread(cluster.migrate_slot_rest, slot, source, target)
+        second = await turn
+        assert [m["query"] for m in second.history] == ["my name is Ada"]
+        assert await store.finish(second, "you are Ada", "normal", now=4.0)
+        await store.feedback(scope, second.message_id, "like", now=5.0)
+        page, more = await store.messages(scope, cid, None, 10, now=6.0)
+        assert [(m["query"], m["status"], m["feedback"]) for m in page] == [
+            ("what is my name?", "normal", {"rating": "like"}), ("my name is Ada", "normal", None)]
+        assert not more
+    finally:
+        await storage.close(client)
