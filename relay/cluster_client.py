@@ -43,7 +43,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from typing import Any, TypeVar
 
 from redis.asyncio import RedisCluster
-from redis.asyncio.cluster import ClusterNode, ClusterPipeline
+from redis.asyncio.cluster import PRIMARY, ClusterNode, ClusterPipeline
 from redis.commands.core import AsyncScript
 from redis.exceptions import ClusterError, RedisClusterException, RedisError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -75,6 +75,11 @@ class RelayCluster(RedisCluster):
         return await self.while_slot_moves(lambda: self._execute_once(args, kwargs), _split_keys)
 
     async def _execute_once(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if _in_command.get():
+            # A pipeline re-sending a command redirected (MOVED, ASK) holds a
+            # permit already: taking a second could wait forever on a full set.
+            with as_redis_errors():
+                return await super().execute_command(*args, **kwargs)
         async with self.in_flight, _running_command():
             with as_redis_errors():
                 return await super().execute_command(*args, **kwargs)
@@ -97,11 +102,32 @@ class RelayCluster(RedisCluster):
                 await asyncio.sleep(0.02)
 
     async def initialize(self, *args: Any, **kwargs: Any) -> RelayCluster:
-        await super().initialize(*args, **kwargs)
-        for node in self.nodes_manager.nodes_cache.values():
-            if type(node) is ClusterNode:
-                node.__class__ = AskingNode
+        """Read the slot map when it is stale, as redis-py does, except on failure: redis-py
+        then closes every connection, commands in flight included (a refresh that fails, or
+        whose caller gave up, is no reason to cut them); here the map just stays stale."""
+        if self._initialize:
+            self._lock = self._lock or asyncio.Lock()
+            async with self._lock:
+                if self._initialize:
+                    await self.nodes_manager.initialize(*args, **kwargs)
+                    await self.commands_parser.initialize(self.nodes_manager.default_node)
+                    self._initialize = False
         return self
+
+    def get_node(self, host: str | None = None, port: int | None = None,
+                 node_name: str | None = None) -> ClusterNode | None:
+        node = self.nodes_manager.get_node(host, port, node_name)
+        if node is None and node_name is not None and _in_command.get():
+            # An ASK to a master the map does not list yet (a new one, filled with its
+            # first slot): reached all the same, and kept until a refresh finds it gone.
+            where, _, number = node_name.rpartition(":")
+            node = AskingNode(where, int(number), PRIMARY, **self.nodes_manager.connection_kwargs)
+            self.nodes_manager.nodes_cache[node.name] = node
+        elif type(node) is ClusterNode:
+            # redis-py makes its nodes itself (at a refresh, on a MOVED to a new master)
+            # and keeps each object across refreshes: each gets the class when first asked for.
+            node.__class__ = AskingNode
+        return node
 
     async def aclose(self) -> None:
         """Close every connection to every node; called by redis-py during a command (to
@@ -110,6 +136,10 @@ class RelayCluster(RedisCluster):
             self._initialize = True
             return
         await super().aclose()
+        # redis-py closes nothing when the map is already stale (marked by an error):
+        # a stopping relay closes it all the same.
+        await self.nodes_manager.aclose()
+        await self.nodes_manager.aclose("startup_nodes")
 
     def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
         if shard_hint:
@@ -158,9 +188,9 @@ class AskingNode(ClusterNode):
     ``node.execute_command(*command)``, in the same task with nothing in
     between.  Here the first only notes the node; the second sends ``ASKING``
     and the command in one write on one connection, which is what the
-    importing node needs to serve it.  redis-py builds its nodes itself and
-    keeps each node's object across refreshes, so :meth:`RelayCluster.initialize`
-    gives them this class once (the same slots, one method more).
+    importing node needs to serve it.  redis-py builds its nodes itself, so
+    :meth:`RelayCluster.get_node`, where its redirect loop finds the ASK's
+    target, gives them this class (the same slots, one method more).
     """
 
     __slots__ = ()

@@ -20,6 +20,7 @@ import httpx
 import orjson
 import pytest
 from redis.cluster import key_slot
+from redis.exceptions import RedisError
 
 from relay import keys, storage
 from relay.embedded_redis import safe_url
@@ -338,5 +339,56 @@ async def test_conversation_scripts_wait_out_their_slot_migrating(cluster):
         assert [(m["query"], m["status"], m["feedback"]) for m in page] == [
             ("what is my name?", "normal", {"rating": "like"}), ("my name is Ada", "normal", None)]
         assert not more
+    finally:
+        await storage.close(client)
+
+
+def open_connections(client) -> int:
+    return sum(c.is_connected for node in client.nodes_manager.nodes_cache.values() for c in node._connections)
+
+
+async def test_a_slot_left_uncovered_cuts_nothing_in_flight_and_close_still_closes_all(cluster):
+    # redis-py answered CLUSTERDOWN (a slot no master serves) by closing every connection
+    # to every node, and a refresh that then failed ("All slots are not covered") the
+    # same way: a command waiting on another master died.  And once the map was marked
+    # stale, closing the client closed nothing.
+    source, _, bystander = cluster.masters()
+    key = keys_on(cluster, source, 1)[0]
+    queue = keys_on(cluster, bystander, 1, prefix="queue")[0]
+    client = storage.connect(cluster.url, RelaySettings(redis_timeout=10))
+    try:
+        await asyncio.gather(*(client.get(k) for m in cluster.masters() for k in keys_on(cluster, m, 3)))
+        waiting = asyncio.create_task(client.blpop([queue], timeout=0))
+        await wait_until(lambda: int(cluster.client(bystander).info("clients")["blocked_clients"]) == 1,
+                         30, what="the BLPOP waiting on the third master")
+        for node in cluster.live():
+            cluster.client(node).config_set("cluster-require-full-coverage", "no")
+        for master in cluster.masters():
+            cluster.client(master).execute_command("CLUSTER", "DELSLOTS", key_slot(key.encode()))
+        for _ in range(2):  # CLUSTERDOWN, then a refresh that fails
+            with pytest.raises(RedisError):
+                await client.get(key)
+        cluster.client(bystander).lpush(queue, "done")
+        assert tuple(await waiting) == (queue.encode(), b"done")
+        assert open_connections(client) > 0
+    finally:
+        await storage.close(client)
+    assert open_connections(client) == 0
+
+
+async def test_a_redirected_pipeline_does_not_wait_for_a_second_connection(cluster):
+    # A pipeline holds one of the client's permits (redis_max_connections) and re-sends
+    # its redirected commands one by one: each wanted a permit of its own, and with
+    # every permit held by such a pipeline, all waited forever.
+    source, target, _ = cluster.masters()
+    key = keys_on(cluster, source, 1)[0]
+    client = storage.connect(cluster.url, RelaySettings(redis_max_connections=1))
+    try:
+        await client.set(key, "moved")
+        await asyncio.to_thread(cluster.migrate_slot, key_slot(key.encode()), target)
+        await asyncio.to_thread(cluster.wait_converged)
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.get(key)
+            assert await asyncio.wait_for(pipe.execute(), 30) == [b"moved"]
     finally:
         await storage.close(client)
