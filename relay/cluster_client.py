@@ -10,24 +10,30 @@ found by a test on a real cluster (tests/test_cluster.py):
   goes to the caller instead (503), and the next command reads the slot map
   again (redis-py marks it stale on any connection error).
 * **A topology change closes nothing in use.**  redis-py answers a CLUSTERDOWN,
-  an uncovered slot and every fifth MOVED by closing every connection to every
-  node, commands in flight included: during a slot migration a chat failed
-  with "Connection lost".  Here a MOVED patches the slot map
-  (``reinitialize_steps=0``), and the others only mark the map stale (an
-  ``aclose()`` during a command); the refresh that follows recycles each
-  connection once its command is done.
+  an uncovered slot, every fifth MOVED and a failed refresh of the slot map
+  by closing every connection to every node, commands in flight included:
+  during a slot migration a chat failed with "Connection lost".  Here a MOVED
+  patches the slot map (``reinitialize_steps=0``), the others only mark the
+  map stale (an ``aclose()`` during a command), and a refresh that fails
+  leaves it stale; the refresh that succeeds recycles each connection once
+  its command is done.  A close outside a command still closes them all.
 * **ASKING on the same connection as its command.**  redis-py's asyncio client
   sends ASKING and the redirected command as two commands from the node's pool,
   usually on two connections: the importing node, never told, answers MOVED,
   and the command bounces between the two nodes until "TTL exhausted" for as
-  long as the slot moves.  :class:`AskingNode` sends both in one write.
+  long as the slot moves.  :class:`AskingNode` sends both in one write, also
+  to a master the slot map does not list yet (a new one, given its first slot).
 * **Split keys waited out.**  While a slot moves key by key, a script whose
   keys are on both shards for a moment is refused (TRYAGAIN); nothing ran.  It
   is sent again, 20 ms apart, for up to ``split_keys_wait`` seconds (the Redis
   timeout), as a slow answer would be waited for.
 * **A burst waits its turn.**  Past ``max_connections`` commands in flight,
   redis-py fails at once (MaxConnectionsError); here they queue, as on the
-  blocking pool of one server.
+  blocking pool of one server (a pipeline re-sending its redirected commands
+  keeps its one place in that queue).
+* **Scripts with keys they cannot declare** (:class:`ReachingScript`): sent
+  again, like a TRYAGAIN, when Redis refuses them at such a key of a
+  migrating slot, which they reach before their first write.
 * **One kind of error.**  A cluster nobody answers raises redis-py's
   ``RedisClusterException``, which is not a ``RedisError``: it is raised as a
   connection error, so every part of the relay that rides out a Redis outage
