@@ -745,8 +745,8 @@ def _checks(cfg: dict[str, Any], m: dict[str, Any], heartbeat: float) -> list[di
             _check(f"relay cores for the plan, chunk cost {at}", round(h["model"]["relay_cores"], 1),
                    round(h["measured"]["relay_cores"], 1), "", "cpu",
                    f"{PLAN_STREAMS:,} streams at {PLAN_RATE:g}/s, nodes {PLAN_RELAY_BUSY:.0%} busy"),
-            _check(f"streams one shard carries at 100 %, cost {at}", round(h["model"]["streams_per_shard_100"]),
-                   round(h["measured"]["streams_per_shard_100"]), "", "cpu", f"{PLAN_RATE:g} tokens/s each"),
+            _check(f"streams one shard carries at 100 %, cost {at}", _whole(h["model"]["streams_per_shard_100"]),
+                   _whole(h["measured"]["streams_per_shard_100"]), "", "cpu", f"{PLAN_RATE:g} tokens/s each"),
             _check(f"shards for {PLAN_STREAMS:,} streams at {PLAN_SHARD_BUSY:.0%}, cost {at}",
                    float(h["model"]["shards"]), float(h["measured"]["shards"]), "", "cpu"),
         ]
@@ -754,6 +754,11 @@ def _checks(cfg: dict[str, Any], m: dict[str, Any], heartbeat: float) -> list[di
     rows.append(_check(f"Redis memory, {PLAN_REGISTERED:,} registered + {PLAN_ONLINE:,} online",
                        round(h["model"]["redis_gb"], 3), round(h["measured"]["redis_gb"], 3), "GB", "bytes"))
     return rows
+
+
+def _whole(v: float) -> int | None:
+    """``v`` rounded, None when infinite (no Redis CPU measured in the window: tiny counts)."""
+    return round(v) if math.isfinite(v) else None
 
 
 def _headroom(m: dict[str, Any], run: str) -> dict[str, Any]:
