@@ -350,7 +350,8 @@ class StreamLeases:
             return await registry.pick_agent(instance_id, op, here=here, model=model)
         lease = pending.lease
         pick_keys, pick_args = registry.pick_request(instance_id, op, here=here, model=model)
-        while True:
+        for again in (False, True):
+            since = time.monotonic()
             result = await self._lease_and_pick(keys=[*pick_keys, *lease.keys],
                                                 args=[*pick_args, lease.id, self.ttl_ms,
                                                       *(s.limit for s in pending.slots), *registry.liveness.alive])
@@ -358,7 +359,7 @@ class StreamLeases:
                 self._taken(pending, int(result[1]))
             verdict, entry = registry.picked(result)
             # Offline: nothing taken; the agent may be on a node too new for the set of live ones.
-            if verdict != "offline" or not await registry.liveness.reread():
+            if again or verdict != "offline" or not await registry.liveness.reread(since):
                 break
         if entry is not None:
             self.held[lease.id] = lease

@@ -404,20 +404,25 @@ class NodeLiveness:
 
     async def refresh(self) -> list[str]:
         """Read which nodes are alive; returns those dead long enough to be swept."""
-        self._read_at = time.monotonic()
+        started = time.monotonic()
         flat = await self._nodes(keys=[keys.NODES])
         now = int(flat[0])
         nodes = [(text(flat[i]), float(flat[i + 1])) for i in range(1, len(flat), 2)]
         self._set({node for node, ends in nodes if ends > now})
+        self._read_at = max(self._read_at, started)
         return [node for node, ends in nodes if ends < now - self.memory_ms and node != self.node_id]
 
-    async def reread(self, older_than: float = 0.05) -> bool:
-        """Read the set again now unless it was read in the last ``older_than`` seconds; True if read.
+    async def reread(self, since: float) -> bool:
+        """Read the set again unless a read that started after ``since`` is done; True if read.
 
-        For a pick that found the instance offline: the agent may be on a node
-        that started within the last second, not in the set yet.
+        For a read of agents (a pick that found the instance offline, a view
+        that skipped an entry) begun at ``since`` (``time.monotonic()``): the
+        agent may be on a node that started within the last second.  Its node
+        was listed before its agent was, so a read begun after ``since`` lists
+        it; one begun earlier, however recent, may not.  The caller reads its
+        agents again once at most, so a dead node's entry costs one read more.
         """
-        if time.monotonic() - self._read_at < older_than:
+        if self._read_at >= since:
             return False
         await self.refresh()
         return True
@@ -649,12 +654,14 @@ class InstanceRegistry:
         return bool(removed)
 
     async def live_agents(self, instance_id: str) -> list[AgentEntry]:
-        while True:
+        for again in (False, True):
+            since = time.monotonic()
             skipped, *flat = await self._live_agents(
                 keys=[keys.agents(instance_id), keys.load(instance_id)], args=list(self.liveness.alive))
             # An entry of a node not in the set: dead, or younger than the last read of it.
-            if not skipped or not await self.liveness.reread():
-                return [AgentEntry.decode(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
+            if again or not skipped or not await self.liveness.reread(since):
+                break
+        return [AgentEntry.decode(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
 
     async def pick_agent(self, instance_id: str, op: str = OP_CHAT, exclude_nodes: tuple[str, ...] = (),
                          *, here: str = "", model: str = "") -> tuple[str, AgentEntry | None]:
@@ -665,12 +672,13 @@ class InstanceRegistry:
         Every "ok" must be paired with :meth:`release_agent` when the request ends.
         """
         pick_keys, pick_args = self.pick_request(instance_id, op, here=here, model=model)
-        while True:
-            alive = self.liveness.alive
+        for again in (False, True):
+            since, alive = time.monotonic(), self.liveness.alive
             verdict, entry = self.picked(await self._pick_agent(keys=pick_keys,
                                                                 args=[*pick_args, len(alive), *alive, *exclude_nodes]))
-            if verdict != "offline" or not await self.liveness.reread():
-                return verdict, entry
+            if again or verdict != "offline" or not await self.liveness.reread(since):
+                break
+        return verdict, entry
 
     def pick_request(self, instance_id: str, op: str, *, here: str, model: str) -> tuple[list[str], list[Any]]:
         """The keys and first arguments of ``pick_agent`` (the Lua function): tie, op, here, model."""
@@ -760,6 +768,7 @@ class InstanceRegistry:
 
     async def _read_views(self, ids: list[str]) -> list[dict[str, Any] | None]:
         """The views of ``ids`` in one pipeline (None for an id not registered)."""
+        since = time.monotonic()
         async with self.redis.pipeline(transaction=False) as pipe:
             for iid in ids:
                 pipe.hgetall(keys.instance(iid))
@@ -767,7 +776,7 @@ class InstanceRegistry:
             results = await pipe.execute()
         agent_maps = [[AgentEntry.decode(text(k), v) for k, v in raw.items()] for raw in results[1::2]]
         alive = set(self.liveness.alive)
-        if any(e.node not in alive for entries in agent_maps for e in entries) and await self.liveness.reread():
+        if any(e.node not in alive for entries in agent_maps for e in entries) and await self.liveness.reread(since):
             alive = set(self.liveness.alive)  # a node younger than the last read, or a dead one
         out: list[dict[str, Any] | None] = []
         for iid, record, entries in zip(ids, results[0::2], agent_maps, strict=True):

@@ -326,3 +326,29 @@ async def test_remove_agent_only_removes_the_matching_session(registry):
 async def test_agent_entry_round_trip():
     e = entry()
     assert AgentEntry.decode(e.agent_id, e.encode()) == e
+
+
+async def test_an_agent_on_a_node_younger_than_the_last_read_is_seen_at_once(registry, redis):
+    # Each node reads the live nodes once a second; an agent on a node that started since
+    # (listed before its agent was) is not skipped: a read of agents that met an unknown
+    # node reads the set again, unless one begun after it already did, however recent
+    # the last one (a read 10 ms before the new node was listed does not count).
+    async def view(observer, iid):
+        return (await observer.view(iid))["status"] == "online"
+
+    async def views(observer, iid):
+        return (await observer.views([iid]))[iid]["status"] == "online"
+
+    async def live_agents(observer, iid):
+        return len(await observer.live_agents(iid)) == 1
+
+    async def pick(observer, iid):
+        return (await observer.pick_agent(iid))[0] == "ok"
+
+    for n, look in enumerate((view, views, live_agents, pick)):
+        iid, _ = await registry.register(f"young-{n}")
+        observer = InstanceRegistry(redis, heartbeat_timeout=HEARTBEAT_TIMEOUT, base_url=BASE + "/")
+        await observer.liveness.refresh()  # just now, before the node below was listed
+        await registry.refresh_node(f"node-new-{n}")
+        await registry.add_agent(iid, entry(node=f"node-new-{n}"))
+        assert await look(observer, iid), look.__name__
