@@ -418,7 +418,7 @@ class ClusterSet:
 
 
 class PartitionableLink:
-    """A TCP front for a Redis on a unix socket, that a test can cut like a network.
+    """A TCP front for a Redis (on a unix socket, or at a TCP address), that a test can cut like a network.
 
     One relay node reaches Redis through it (``url``), the others directly, so
     cutting it isolates that node alone.  ``cut()`` drops every connection and
@@ -428,8 +428,8 @@ class PartitionableLink:
     without a reset, a frozen server), while new ones work.
     """
 
-    def __init__(self, socket_path: str):
-        self.socket_path = socket_path
+    def __init__(self, target: str | tuple[str, int]):
+        self.target = target
         self.port = 0
         self.severed = False
         self._generation = 0  # connections accepted before generation ``_silent_below`` carry nothing
@@ -452,18 +452,22 @@ class PartitionableLink:
             if self.severed:
                 await reader.read()  # hold it open, answer nothing, until the client gives up
                 return
-            up_reader, up_writer = await asyncio.open_unix_connection(self.socket_path)
+            up_reader, up_writer = await (asyncio.open_unix_connection(self.target) if isinstance(self.target, str)
+                                          else asyncio.open_connection(*self.target))
             self._open.add(up_writer)
             generation = self._generation
 
             async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-                while data := await source.read(65536):
-                    if self.severed:
-                        return
-                    if generation < self._silent_below:
-                        continue  # swallowed: the connection looks alive and says nothing
-                    sink.write(data)
-                    await sink.drain()
+                try:
+                    while data := await source.read(65536):
+                        if self.severed:
+                            return
+                        if generation < self._silent_below:
+                            continue  # swallowed: the connection looks alive and says nothing
+                        sink.write(data)
+                        await sink.drain()
+                except OSError:
+                    pass  # an end reset (a cut aborts both): this direction is over
 
             await asyncio.wait([asyncio.ensure_future(pump(reader, up_writer)),
                                 asyncio.ensure_future(pump(up_reader, writer))],

@@ -13,6 +13,7 @@ chats flow.  Recovery times are printed with ``-s``, never asserted on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import anyio
@@ -41,7 +42,7 @@ from tests.helpers import (
     stream_in_flight,
     wait_until,
 )
-from tests.redis_servers import ClusterSet
+from tests.redis_servers import ClusterSet, PartitionableLink
 
 pytestmark = pytest.mark.anyio
 
@@ -392,3 +393,100 @@ async def test_a_redirected_pipeline_does_not_wait_for_a_second_connection(clust
             assert await asyncio.wait_for(pipe.execute(), 30) == [b"moved"]
     finally:
         await storage.close(client)
+
+
+async def answered(client: httpx.AsyncClient, url: str) -> int | str:
+    """A streamed chat's status (200 only when it ended with [DONE]), or "no answer"."""
+    try:
+        async with client.stream("POST", url, json={**CHAT, "stream": True}, timeout=30) as response:
+            if response.status_code != 200:
+                await response.aread()
+                return response.status_code
+            return 200 if (await sse_lines(response))[-1] == "[DONE]" else "cut"
+    except httpx.HTTPError as exc:
+        return f"no answer ({exc!r})"
+
+
+@contextlib.asynccontextmanager
+async def two_nodes_one_behind_links(cluster: ClusterSet):
+    """Node B on the cluster directly; node A through a link per master (its URL names the
+    links, its slot map too): yields (node A, node B, {master port: its link})."""
+    links = {m.port: await PartitionableLink(("127.0.0.1", m.port)).start() for m in cluster.masters()}
+    by_link = {("127.0.0.1", port): ("127.0.0.1", link.port) for port, link in links.items()}
+    real_connect = storage.connect
+
+    def through_links(url, settings):
+        client = real_connect(url, settings)
+        client.nodes_manager.address_remap = lambda address: by_link.get(tuple(address), address)
+        return client
+
+    url_a = "redis+cluster://" + ",".join(f"127.0.0.1:{link.port}" for link in links.values())
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            node_b = await stack.enter_async_context(running_relay(cluster.url, redis_timeout=1.0))
+            storage.connect = through_links  # for node A's client only, made as it starts
+            try:
+                node_a = await stack.enter_async_context(running_relay(url_a, redis_timeout=1.0))
+            finally:
+                storage.connect = real_connect
+            yield node_a, node_b, links
+    finally:
+        for link in links.values():
+            await link.stop()
+
+
+async def test_a_node_cut_off_from_one_shard_then_back(cluster):
+    # Node A loses one master (its link cut: connections dropped, new ones never
+    # answered); node B and the other masters are fine; the agents are on B.  The
+    # master cut off holds one instance's keys and nothing else A needs for another
+    # instance's chats (the node list, the events channel, either node's inbox).
+    # While cut off: B serves both instances; at A the first instance gets a prompt
+    # 503, never a hang, and the other is served as before.  Once the link is back,
+    # A serves both again, and presence is right at both nodes.
+    upstream = FakeUpstream(chunks=3)
+    async with running_upstream(upstream):
+        for _ in range(30):  # node ids are random: until one master holds none of the shared keys
+            async with two_nodes_one_behind_links(cluster) as (node_a, node_b, links):
+                shared = {keys.NODES, keys.EVENTS_CHANNEL,
+                          *(keys.inbox(node.app.state.node.node_id) for node in (node_a, node_b))}
+                spare = [m for m in cluster.masters() if all(cluster.master_for_key(k) is not m for k in shared)]
+                if not spare:
+                    continue
+                await cut_off_from_one_shard(cluster, node_a, node_b, links[spare[0].port], spare[0], upstream)
+                return
+        raise AssertionError("no master was ever free of the shared keys")
+
+
+async def cut_off_from_one_shard(cluster, node_a, node_b, link, shard, upstream) -> None:
+    registered: dict[bool, tuple[str, str]] = {}
+    while len(registered) < 2:
+        instance_id, token = await node_b.register()
+        registered.setdefault(cluster.master_for_key(keys.instance(instance_id)) is shard, (instance_id, token))
+    async with contextlib.AsyncExitStack() as stack:
+        for _, token in registered.values():
+            await stack.enter_async_context(running_agent(node_b.url, token, openai_backend(upstream)))
+        at_a = await stack.enter_async_context(node_a.client())
+        at_b = await stack.enter_async_context(node_b.client())
+        cut_off, elsewhere = (f"/api/chat/{registered[side][0]}" for side in (True, False))
+        for instance_id, _ in registered.values():
+            await wait_until(lambda iid=instance_id: online(node_a, iid), 30, what="the agents online, seen from A")
+        assert [await answered(at_a, url) for url in (cut_off, elsewhere)] == [200, 200]
+
+        link.cut()
+        clock = Stopwatch("node A cut off from one shard")
+        assert await answered(at_a, cut_off) == 503
+        clock.lap("a chat at A with the instance on that shard: 503")
+        for _ in range(3):
+            assert await answered(at_a, elsewhere) == 200
+            assert await answered(at_a, cut_off) == 503
+        clock.lap("chats at A with the other instance served throughout")
+        for _ in range(3):
+            assert [await answered(at_b, url) for url in (cut_off, elsewhere)] == [200, 200]
+
+        link.heal()
+        clock = Stopwatch("link back")
+        await wait_until(lambda: chat_ok(at_a, cut_off), 30, what="chats at A with the first instance again")
+        clock.lap("chats at A again")
+        assert await answered(at_a, elsewhere) == 200
+        for instance_id, _ in registered.values():
+            assert await online(node_a, instance_id) and await online(node_b, instance_id)
