@@ -88,9 +88,10 @@ _SWEEP = 10
 # master (moved already, or still to be created) fails the script there, and
 # what it wrote before stays.  So every script reaches (`reach`) each
 # undeclared key it will touch before its first write, and is sent again
-# until the slot has moved (cluster_client.ReachingScript).  The sweeps of
-# stale index entries are the one exception: they only drop entries already
-# found stale, which a rerun would drop anyway.
+# until the slot has moved (cluster_client.ReachingScript).  A key a script
+# empties is not touched again by it (Redis checks that one the same way).
+# The sweeps of stale index entries are the one exception to both: they only
+# drop entries already found stale, which a rerun would drop anyway.
 
 _LIB = """
 local function reach(key) redis.call('EXISTS', key) end
@@ -308,6 +309,9 @@ return 1
 # ARGV: batch, conversation, messages, order, index and scope prefixes.
 # Returns {conversations deleted, entries left}.
 _PURGE = _LIB + """
+-- Counted first: the index may be empty at the end, and an emptied key is not
+-- touched again (on a migrating slot that too would refuse the script midway).
+local entries = redis.call('ZCARD', KEYS[1])
 local found = {}
 for _, cid in ipairs(redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)) do
   local scope = redis.call('HGET', ARGV[2] .. cid, 'scope')
@@ -330,7 +334,7 @@ for _, f in ipairs(found) do
   end
   redis.call('ZREM', KEYS[1], cid)
 end
-return {deleted, redis.call('ZCARD', KEYS[1])}
+return {deleted, entries - #found}
 """
 
 
