@@ -11,7 +11,10 @@ pytestmark = pytest.mark.anyio
 
 
 async def test_a_finished_stream_marks_its_agent_for_reconciliation(redis_url, redis):
-    async with running_relay(redis_url) as relay:
+    # The node's own ticks far apart: the tick below is the one that reconciles (one of
+    # its own, between the finished stream and the counter set by hand, cleared the mark
+    # first and left the counter: a flake).
+    async with running_relay(redis_url, heartbeat_interval=60.0, heartbeat_timeout=180.0) as relay:
         instance_id, token = await relay.register()
         async with running_agent(relay.url, token), relay.client() as client:
             async with client.stream("POST", f"/api/chat/{instance_id}",
