@@ -64,7 +64,9 @@ def _split_keys(exc: RedisError) -> bool:
     return isinstance(exc, TryAgainError) or (isinstance(exc, ClusterError) and "TTL exhausted" in str(exc))
 
 
-#: Set while a command runs: an ``aclose()`` then comes from redis-py's error handling.
+#: Set while a command (or a pipeline) runs: an ``aclose()`` then comes from redis-py's
+#: error handling, a ``get_node`` by name from its redirect loop, and a command sent
+#: meanwhile from a pipeline re-sending what was redirected (it holds a permit already).
 _in_command: contextvars.ContextVar[bool] = contextvars.ContextVar("in_cluster_command", default=False)
 
 
