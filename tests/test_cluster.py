@@ -67,8 +67,25 @@ def test_relay_serve_refuses_a_bad_cluster_url_clearly(url, capsys, tmp_path):
     assert_serve_refuses_url(url, tmp_path, capsys)
 
 
+@pytest.fixture(scope="module")
+def shared_cluster(tmp_path_factory):
+    servers = ClusterSet(tmp_path_factory.mktemp("cluster")).start()
+    yield servers
+    servers.stop()
+
+
 @pytest.fixture
-def cluster(tmp_path):
+def cluster(shared_cluster):
+    """The module's cluster, emptied, its nodes agreeing on the slots (a test that moves
+    slots leaves them moved: each test finds its keys' masters from the map)."""
+    shared_cluster.wait_converged()
+    shared_cluster.flushall()
+    return shared_cluster
+
+
+@pytest.fixture
+def fresh_cluster(tmp_path):
+    """A cluster of its own, for a test that kills a master or leaves a slot unserved."""
     servers = ClusterSet(tmp_path).start()
     yield servers
     servers.stop()
@@ -94,7 +111,8 @@ def where(cluster: ClusterSet, target: str, instance_id: str, node_b_id: str):
 
 
 @pytest.mark.parametrize("target", ["instance", "inbox"])
-async def test_a_master_killed_mid_stream_then_chats_across_nodes_work_again(cluster, target):
+async def test_a_master_killed_mid_stream_then_chats_across_nodes_work_again(fresh_cluster, target):
+    cluster = fresh_cluster
     upstream = FakeUpstream(chunks=20, hold_after=2)
     async with running_upstream(upstream), running_relay(cluster.url, redis_timeout=1.0) as node_a, \
             running_relay(cluster.url, redis_timeout=1.0) as node_b:
@@ -273,6 +291,7 @@ async def test_a_key_already_moved_is_served_by_the_importing_node_at_once(clust
         assert counts == [0, 2]
     finally:
         await storage.close(client)
+        await asyncio.to_thread(cluster.migrate_slot_rest, slot, source, target)  # the next test's cluster whole
 
 
 async def test_slots_moved_elsewhere_do_not_cut_commands_in_flight(cluster):
@@ -348,7 +367,8 @@ def open_connections(client) -> int:
     return sum(c.is_connected for node in client.nodes_manager.nodes_cache.values() for c in node._connections)
 
 
-async def test_a_slot_left_uncovered_cuts_nothing_in_flight_and_close_still_closes_all(cluster):
+async def test_a_slot_left_uncovered_cuts_nothing_in_flight_and_close_still_closes_all(fresh_cluster):
+    cluster = fresh_cluster
     # redis-py answered CLUSTERDOWN (a slot no master serves) by closing every connection
     # to every node, and a refresh that then failed ("All slots are not covered") the
     # same way: a command waiting on another master died.  And once the map was marked
