@@ -83,14 +83,27 @@ class RelayCluster(RedisCluster):
         return await self.while_slot_moves(lambda: self._execute_once(args, kwargs), _split_keys)
 
     async def _execute_once(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        async with self.permit():
+            with as_redis_errors():
+                return await super().execute_command(*args, **kwargs)
+
+    @contextlib.asynccontextmanager
+    async def permit(self) -> AsyncIterator[None]:
+        """One of ``in_flight``'s permits, with ``_in_command`` set, for a command or a pipeline.
+
+        Held already within one: a pipeline re-sending its redirected commands
+        (MOVED, ASK) one by one would wait forever for a second permit when
+        every permit is held by such a pipeline.
+        """
         if _in_command.get():
-            # A pipeline re-sending a command redirected (MOVED, ASK) holds a
-            # permit already: taking a second could wait forever on a full set.
-            with as_redis_errors():
-                return await super().execute_command(*args, **kwargs)
-        async with self.in_flight, _running_command():
-            with as_redis_errors():
-                return await super().execute_command(*args, **kwargs)
+            yield
+            return
+        async with self.in_flight:
+            token = _in_command.set(True)
+            try:
+                yield
+            finally:
+                _in_command.reset(token)
 
     async def while_slot_moves(self, attempt: Callable[[], Awaitable[T]],
                                refused: Callable[[RedisError], bool]) -> T:
@@ -161,18 +174,9 @@ class RelayClusterPipeline(ClusterPipeline):
     async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
         client = self.cluster_client
         assert isinstance(client, RelayCluster)
-        async with client.in_flight, _running_command():
+        async with client.permit():
             with as_redis_errors():
                 return await super().execute(raise_on_error, allow_redirections)
-
-
-@contextlib.asynccontextmanager
-async def _running_command() -> AsyncIterator[None]:
-    token = _in_command.set(True)
-    try:
-        yield
-    finally:
-        _in_command.reset(token)
 
 
 @contextlib.contextmanager

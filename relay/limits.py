@@ -350,17 +350,17 @@ class StreamLeases:
             return await registry.pick_agent(instance_id, op, here=here, model=model)
         lease = pending.lease
         pick_keys, pick_args = registry.pick_request(instance_id, op, here=here, model=model)
-        for again in (False, True):
-            since = time.monotonic()
+
+        async def lease_and_pick() -> tuple[str, AgentEntry | None]:
             result = await self._lease_and_pick(keys=[*pick_keys, *lease.keys],
                                                 args=[*pick_args, lease.id, self.ttl_ms,
                                                       *(s.limit for s in pending.slots), *registry.liveness.alive])
             if result[0] == b"full":
                 self._taken(pending, int(result[1]))
-            verdict, entry = registry.picked(result)
-            # Offline: nothing taken; the agent may be on a node too new for the set of live ones.
-            if again or verdict != "offline" or not await registry.liveness.reread(since):
-                break
+            return registry.picked(result)
+
+        # Offline: nothing taken; the agent may be on a node too new for the set of live ones.
+        verdict, entry = await registry.liveness.read_again_if(lease_and_pick, lambda picked: picked[0] == "offline")
         if entry is not None:
             self.held[lease.id] = lease
         return verdict, entry

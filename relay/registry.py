@@ -18,9 +18,9 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import anyio
 import orjson
@@ -366,6 +366,9 @@ return 0
 SWEEP_BATCH = 200
 
 
+T = TypeVar("T")
+
+
 class NodeLiveness:
     """Which relay nodes are alive, read once a second, for the scripts that read agents.
 
@@ -426,6 +429,15 @@ class NodeLiveness:
             return False
         await self.refresh()
         return True
+
+    async def read_again_if(self, read: Callable[[], Awaitable[T]], missed: Callable[[T], bool]) -> T:
+        """``read()`` (a read of agents passing ``alive``); once more after :meth:`reread` when
+        its result ``missed`` an entry for want of a node in the set."""
+        since = time.monotonic()
+        result = await read()
+        if missed(result) and await self.reread(since):
+            result = await read()
+        return result
 
     async def sweep(self, node: str) -> int:
         """Delete a long-dead node's entries from every instance it recorded, then forget it.
@@ -654,13 +666,11 @@ class InstanceRegistry:
         return bool(removed)
 
     async def live_agents(self, instance_id: str) -> list[AgentEntry]:
-        for again in (False, True):
-            since = time.monotonic()
-            skipped, *flat = await self._live_agents(
-                keys=[keys.agents(instance_id), keys.load(instance_id)], args=list(self.liveness.alive))
-            # An entry of a node not in the set: dead, or younger than the last read of it.
-            if again or not skipped or not await self.liveness.reread(since):
-                break
+        # Skipped: an entry of a node not in the set (dead, or younger than the last read of it).
+        _skipped, *flat = await self.liveness.read_again_if(
+            lambda: self._live_agents(keys=[keys.agents(instance_id), keys.load(instance_id)],
+                                      args=list(self.liveness.alive)),
+            lambda reply: bool(reply[0]))
         return [AgentEntry.decode(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
 
     async def pick_agent(self, instance_id: str, op: str = OP_CHAT, exclude_nodes: tuple[str, ...] = (),
@@ -672,13 +682,13 @@ class InstanceRegistry:
         Every "ok" must be paired with :meth:`release_agent` when the request ends.
         """
         pick_keys, pick_args = self.pick_request(instance_id, op, here=here, model=model)
-        for again in (False, True):
-            since, alive = time.monotonic(), self.liveness.alive
-            verdict, entry = self.picked(await self._pick_agent(keys=pick_keys,
-                                                                args=[*pick_args, len(alive), *alive, *exclude_nodes]))
-            if again or verdict != "offline" or not await self.liveness.reread(since):
-                break
-        return verdict, entry
+
+        async def pick() -> tuple[str, AgentEntry | None]:
+            alive = self.liveness.alive
+            return self.picked(await self._pick_agent(keys=pick_keys,
+                                                      args=[*pick_args, len(alive), *alive, *exclude_nodes]))
+
+        return await self.liveness.read_again_if(pick, lambda picked: picked[0] == "offline")
 
     def pick_request(self, instance_id: str, op: str, *, here: str, model: str) -> tuple[list[str], list[Any]]:
         """The keys and first arguments of ``pick_agent`` (the Lua function): tie, op, here, model."""
