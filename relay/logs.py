@@ -9,6 +9,8 @@ in context variables so that tasks a request starts inherit them:
 ``instance_id``  the instance the request is about, when there is one
 ``node_id``      the relay node writing the line
 
+A message is cut at ``MAX_MESSAGE_CHARS`` characters, whatever it quotes.
+
 ``RELAY_LOG_FORMAT=json`` gives ``{"ts", "level", "logger", "msg",
 "request_id", "instance_id", "node_id"}`` (+ ``"exc"``) per line, for log
 shippers; anything else gives the familiar plain format.
@@ -42,6 +44,13 @@ _VARS = {"request_id": request_id, "instance_id": instance_id, "node_id": node_i
 
 PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s%(ids)s: %(message)s"
 
+#: Characters of one log message kept; the rest is replaced by a count.  Messages
+#: quote what agents and callers declare (an agent id, a model name, an error an
+#: agent reported): each is bounded where it is accepted, and this bounds the
+#: line whatever a future message quotes, so no peer can make the node write
+#: megabytes per line.
+MAX_MESSAGE_CHARS = 4096
+
 
 def bind(**ids: str | None) -> None:
     """Set some of the ids for the rest of this task (and tasks it starts)."""
@@ -71,10 +80,12 @@ class ContextFilter(logging.Filter):
         parts = [f"node={nid}" if nid else "", f"req={rid}" if rid else "", f"inst={iid}" if iid else ""]
         joined = " ".join(p for p in parts if p)
         record.ids = f" [{joined}]" if joined else ""
-        if record.levelno > logging.DEBUG:
-            message = record.getMessage()
-            if contains_secret(message):
-                record.msg, record.args = redact(message), None
+        message = record.getMessage()
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = f"{message[:MAX_MESSAGE_CHARS]}... [{len(message) - MAX_MESSAGE_CHARS} more characters]"
+            record.msg, record.args = message, None
+        if record.levelno > logging.DEBUG and contains_secret(message):
+            record.msg, record.args = redact(message), None
         return True
 
 

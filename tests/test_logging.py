@@ -186,3 +186,20 @@ def test_uvicorn_incomplete_response_line_is_hidden_only_when_the_relay_ended_it
 
     # ... one the relay cut short itself (a client that stopped reading) does not.
     assert contextvars.copy_context().run(cut_short) is False
+
+
+@pytest.mark.parametrize("level", [logging.DEBUG, logging.WARNING])
+def test_a_message_is_cut_at_its_bound_whatever_it_quotes(level):
+    """A log line quoting something huge (a 4 MB model list, say) is cut, at every level."""
+    buffer = io.StringIO()
+    root = logging.getLogger()
+    saved_level = root.level
+    handler = logs.configure("debug", "plain", buffer)
+    try:
+        logging.getLogger("relay.test").log(level, "agent declared %s", "m" * 4_000_000)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(saved_level)
+    line = buffer.getvalue()
+    assert len(line) < logs.MAX_MESSAGE_CHARS + 200
+    assert f"[{4_000_000 + len('agent declared ') - logs.MAX_MESSAGE_CHARS} more characters]" in line
