@@ -97,6 +97,20 @@ class RelaySettings(BaseSettings):
     #: Bytes per second one agent may send, sustained (bursts of twice that); past it: close 1008.
     agent_bytes_per_second: int = Field(default=64 * 1024 * 1024, ge=0)
 
+    # -- the HTTP edge (issue 21) ---------------------------------------------------
+    #: Bytes of one request's header block: request line, names and values (431 ``headers_too_large``, closed).
+    max_header_bytes: int = Field(default=64 * 1024, ge=0)
+    #: Seconds a connection has to send a request's whole header block, from its
+    #: first byte (or from the connection's start): 408, closed.
+    header_timeout: float = Field(default=10.0, ge=0)
+    #: Seconds a request body may pause while it is incomplete (408 ``request_timeout``, closed).
+    body_timeout: float = Field(default=15.0, ge=0)
+    #: Bytes of uploads (audio files) this node holds in memory at once, all
+    #: callers together: past it 503 ``uploads_busy`` + Retry-After, before reading.
+    upload_memory_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    #: Nesting of arrays and objects in a request's JSON body (422 ``json_too_deep``).
+    max_json_depth: int = Field(default=64, ge=0)
+
     # -- conversations (the Dify API; see SECURITY.md) ---------------------------
     #: Seconds a conversation is kept after its last activity.
     conversation_retention: float = Field(default=30 * 24 * 3600, gt=0)
