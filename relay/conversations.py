@@ -77,6 +77,9 @@ MAX_PAGE = 100
 #: Stale index entries a creation drops from the head of an index, at most:
 #: more than the one entry it adds, so the index shrinks back to the live ones.
 _SWEEP = 10
+#: Stale entries a creation drops from the instance index when the instance
+#: looks full: the expired ones are at its least recently active end.
+_WIDE_SWEEP = 1000
 
 # -- Lua --------------------------------------------------------------------------------
 #
@@ -106,23 +109,44 @@ end
 -- differ a little.  The message index entries (one key per message) are
 -- refreshed only by turns (`xprefix` given), which read the whole history
 -- anyway: a rename or a feedback stays O(1) however long the conversation.
-local function touch(conv, msgs, order, scope, all, cid, now, ttl, xprefix)
+local function touch(conv, msgs, order, scope, all, sizes, cid, now, ttl, xprefix)
   local prev = tonumber(redis.call('HGET', conv, 'updated_at'))
   if not prev or tonumber(now) > prev then redis.call('HSET', conv, 'updated_at', now) end
   redis.call('ZADD', scope, 'GT', now, cid)
   redis.call('ZADD', all, 'GT', now, cid)
-  for _, key in ipairs({conv, msgs, order, scope, all}) do redis.call('PEXPIRE', key, ttl) end
+  for _, key in ipairs({conv, msgs, order, scope, all, sizes}) do redis.call('PEXPIRE', key, ttl) end
   if xprefix == '' then return end
   for _, mid in ipairs(redis.call('ZRANGE', order, 0, -1)) do redis.call('PEXPIRE', xprefix .. mid, ttl) end
 end
 
+-- The instance's stored bytes: `sizes` holds each conversation's bytes and
+-- their sum (field 'total').  A conversation leaves the instance index only
+-- through `forget`, which gives its bytes back: deleted, purged or expired.
+local function account(sizes, cid, delta)
+  if delta == 0 then return end
+  redis.call('HINCRBY', sizes, cid, delta)
+  redis.call('HINCRBY', sizes, 'total', delta)
+end
+
+local function forget(all, sizes, cid)
+  redis.call('ZREM', all, cid)
+  local n = tonumber(redis.call('HGET', sizes, cid))
+  if n then
+    redis.call('HDEL', sizes, cid)
+    redis.call('HINCRBY', sizes, 'total', -n)
+    -- none left: the key goes, as an emptied index does
+    if redis.call('HLEN', sizes) == 1 then redis.call('DEL', sizes) end
+  end
+end
+
 -- Drop index entries whose conversation expired, from the least recently
 -- active end, stopping at the first live one (the rest expire later).
-local function sweep_head(index, cprefix, budget)
+-- `sizes` given (the instance index): their bytes are given back too.
+local function sweep_head(index, cprefix, budget, sizes)
   for _ = 1, budget do
     local head = redis.call('ZRANGE', index, 0, 0)[1]
     if not head or redis.call('EXISTS', cprefix .. head) == 1 then return end
-    redis.call('ZREM', index, head)
+    if sizes then forget(index, sizes, head) else redis.call('ZREM', index, head) end
   end
 end
 
@@ -136,23 +160,37 @@ local function sweep_all(index, cprefix)
 end
 """
 
-# Reserve a new message, creating the conversation first when asked; return the
-# history as it is before this message.
-# KEYS: conversation, messages, order, scope index, instance index.
+# Check a new turn, and (unless only checking) reserve its message, creating
+# the conversation first when asked.  Mode "check": the checks and the history,
+# nothing written (sweeps of stale index entries aside); "reserve": the checks
+# again, then the writes; "both": all in one call.  The history is returned as
+# it was before this message (empty for "reserve", which does not need it).
+# KEYS: conversation, messages, order, scope index, instance index, instance
+#       sizes, address index (used only when ARGV[20] is "1").
 # ARGV: cid, mid, caller, user, now, ttl ms, index prefix, conversation prefix,
-#       max messages, max conversations, message head JSON, state JSON,
-#       create ("1"/"0"), name, inputs JSON, scope digest.
+#       max messages, max conversations (per scope, and per address),
+#       message head JSON, state JSON, create ("1"/"0"), name, inputs JSON,
+#       scope digest, mode, instance max conversations, instance max bytes,
+#       address ("1"/"0").
 _START = _LIB + """
-local cid, mid, now, ttl = ARGV[1], ARGV[2], ARGV[5], tonumber(ARGV[6])
-if ARGV[13] == '1' then
-  sweep_head(KEYS[5], ARGV[8], SWEEP)
+local cid, mid, now, ttl, mode = ARGV[1], ARGV[2], ARGV[5], tonumber(ARGV[6]), ARGV[17]
+local create = ARGV[13] == '1'
+local function at_limit(index, limit)
+  sweep_head(index, ARGV[8], SWEEP)
+  if redis.call('ZCARD', index) < limit then return false end
+  sweep_all(index, ARGV[8])
+  return redis.call('ZCARD', index) >= limit
+end
+local function stored() return tonumber(redis.call('HGET', KEYS[6], 'total')) or 0 end
+if create then
+  sweep_head(KEYS[5], ARGV[8], SWEEP, KEYS[6])
   local limit = tonumber(ARGV[10])
-  if limit > 0 then
-    sweep_head(KEYS[4], ARGV[8], SWEEP)
-    if redis.call('ZCARD', KEYS[4]) >= limit then
-      sweep_all(KEYS[4], ARGV[8])
-      if redis.call('ZCARD', KEYS[4]) >= limit then return {'too_many'} end
-    end
+  if limit > 0 and at_limit(KEYS[4], limit) then return {'too_many'} end
+  if limit > 0 and ARGV[20] == '1' and at_limit(KEYS[7], limit) then return {'too_many_here'} end
+  local most = tonumber(ARGV[18])
+  if most > 0 and redis.call('ZCARD', KEYS[5]) >= most then
+    sweep_head(KEYS[5], ARGV[8], WIDE, KEYS[6])
+    if redis.call('ZCARD', KEYS[5]) >= most then return {'instance_full'} end
   end
   if redis.call('EXISTS', KEYS[1]) == 1 then return {'taken'} end
 else
@@ -160,41 +198,63 @@ else
   local limit = tonumber(ARGV[9])
   if limit > 0 and redis.call('ZCARD', KEYS[3]) >= limit then return {'full'} end
 end
+local most_bytes = tonumber(ARGV[19])
+if most_bytes > 0 and stored() >= most_bytes then
+  sweep_head(KEYS[5], ARGV[8], WIDE, KEYS[6])
+  if stored() >= most_bytes then return {'instance_bytes_full'} end
+end
+if mode == 'check' then
+  if create then return {'ok', ARGV[15], {}, {}} end
+  return {'ok', redis.call('HGET', KEYS[1], 'inputs'), redis.call('ZRANGE', KEYS[3], 0, -1),
+          redis.call('HGETALL', KEYS[2])}
+end
 local ids = redis.call('ZRANGE', KEYS[3], 0, -1)
 for _, id in ipairs(ids) do reach(ARGV[7] .. id) end
 reach(ARGV[7] .. mid)
-if ARGV[13] == '1' then
+local size = #ARGV[11] + #ARGV[12]
+if create then
   redis.call('HSET', KEYS[1], 'name', ARGV[14], 'inputs', ARGV[15], 'created_at', now, 'updated_at', now,
              'caller', ARGV[3], 'user', ARGV[4], 'scope', ARGV[16], 'seq', 0)
+  size = size + #ARGV[14] + #ARGV[15]
+  if ARGV[20] == '1' then
+    redis.call('ZADD', KEYS[7], now, cid)
+    redis.call('PEXPIRE', KEYS[7], ttl)
+  end
 end
-local records = redis.call('HGETALL', KEYS[2])
+local records = {}
+if mode == 'both' then records = redis.call('HGETALL', KEYS[2]) else ids = {} end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('ZADD', KEYS[3], seq, mid)
 redis.call('HSET', KEYS[2], mid, ARGV[11], mid .. ':s', 'answering', mid .. ':r', ARGV[12])
 redis.call('SET', ARGV[7] .. mid, cid, 'PX', ttl)
-touch(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], cid, now, ttl, ARGV[7])
+account(KEYS[6], cid, size)
+touch(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], cid, now, ttl, ARGV[7])
 return {'ok', redis.call('HGET', KEYS[1], 'inputs'), ids, records}
-""".replace("SWEEP", str(_SWEEP))
+""".replace("SWEEP", str(_SWEEP)).replace("WIDE", str(_WIDE_SWEEP))
 
 # Replace the partial answer of a message still answering.  Not activity (see
-# the module docstring): no TTL or index changes.  KEYS: conversation, messages.
-# ARGV: mid, state JSON.
-_CHECKPOINT = """
+# the module docstring): no TTL or index changes; its bytes are counted.
+# KEYS: conversation, messages, instance sizes.  ARGV: mid, state JSON, cid.
+_CHECKPOINT = _LIB + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if redis.call('HGET', KEYS[2], ARGV[1] .. ':s') ~= 'answering' then return 0 end
+local delta = #ARGV[2] - redis.call('HSTRLEN', KEYS[2], ARGV[1] .. ':r')
 redis.call('HSET', KEYS[2], ARGV[1] .. ':r', ARGV[2])
+if redis.call('EXISTS', KEYS[3]) == 1 then account(KEYS[3], ARGV[3], delta) end
 return 1
 """
 
 # The final write of a message still answering (a second finish changes nothing).
-# KEYS: conversation, messages, order, scope index, instance index.
+# KEYS: conversation, messages, order, scope index, instance index, instance sizes.
 # ARGV: cid, mid, status, state JSON, now, ttl ms, index prefix.
 _FINISH = _LIB + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if redis.call('HGET', KEYS[2], ARGV[2] .. ':s') ~= 'answering' then return 0 end
 for _, id in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do reach(ARGV[7] .. id) end
+local delta = #ARGV[4] - redis.call('HSTRLEN', KEYS[2], ARGV[2] .. ':r')
 redis.call('HSET', KEYS[2], ARGV[2] .. ':s', ARGV[3], ARGV[2] .. ':r', ARGV[4])
-touch(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1], ARGV[5], tonumber(ARGV[6]), ARGV[7])
+account(KEYS[6], ARGV[1], delta)
+touch(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], ARGV[1], ARGV[5], tonumber(ARGV[6]), ARGV[7])
 return 1
 """
 
@@ -224,16 +284,16 @@ return {'ok', redis.call('HGET', KEYS[1], 'inputs'), ids, values}
 # last_id when given; drops the entries of expired conversations it meets.
 # Ranks rather than scores make the cursor: ties of activity time stay in one
 # order (Redis orders equal scores by member).
-# KEYS: scope index, instance index.  ARGV: caller, user, last_id or "", count,
-# conversation prefix.
-_CONVERSATIONS = """
+# KEYS: scope index, instance index, instance sizes.  ARGV: caller, user,
+# last_id or "", count, conversation prefix.
+_CONVERSATIONS = _LIB + """
 local pos = 0
 if ARGV[3] ~= '' then
   local rank = redis.call('ZREVRANK', KEYS[1], ARGV[3])
   if not rank then return {'no_last'} end
   if redis.call('EXISTS', ARGV[5] .. ARGV[3]) == 0 then
     redis.call('ZREM', KEYS[1], ARGV[3])
-    redis.call('ZREM', KEYS[2], ARGV[3])
+    forget(KEYS[2], KEYS[3], ARGV[3])
     return {'no_last'}
   end
   pos = rank + 1
@@ -248,7 +308,7 @@ while #out < count do
     if not f[1] then
       -- expired: the entries after it move up one rank, so pos stays
       redis.call('ZREM', KEYS[1], cid)
-      redis.call('ZREM', KEYS[2], cid)
+      forget(KEYS[2], KEYS[3], cid)
     else
       pos = pos + 1
       if f[1] == ARGV[1] and f[2] == ARGV[2] then
@@ -261,16 +321,18 @@ end
 return {'ok', out}
 """
 
-# KEYS: conversation, messages, order, scope index, instance index.
+# KEYS: conversation, messages, order, scope index, instance index, instance sizes.
 # ARGV: caller, user, cid, name, now, ttl ms, index prefix.
 _RENAME = _LIB + """
 if not owned(KEYS[1], ARGV[1], ARGV[2]) then return {'missing'} end
+local delta = #ARGV[4] - redis.call('HSTRLEN', KEYS[1], 'name')
 redis.call('HSET', KEYS[1], 'name', ARGV[4])
-touch(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[3], ARGV[5], tonumber(ARGV[6]), '')
+account(KEYS[6], ARGV[3], delta)
+touch(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], ARGV[3], ARGV[5], tonumber(ARGV[6]), '')
 return {'ok', redis.call('HMGET', KEYS[1], 'name', 'inputs', 'created_at', 'updated_at')}
 """
 
-# KEYS: conversation, messages, order, scope index, instance index.
+# KEYS: conversation, messages, order, scope index, instance index, instance sizes.
 # ARGV: caller, user, cid, index prefix.
 _DELETE = _LIB + """
 if not owned(KEYS[1], ARGV[1], ARGV[2]) then return 0 end
@@ -279,12 +341,12 @@ for _, mid in ipairs(ids) do reach(ARGV[4] .. mid) end
 for _, mid in ipairs(ids) do redis.call('DEL', ARGV[4] .. mid) end
 redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3])
 redis.call('ZREM', KEYS[4], ARGV[3])
-redis.call('ZREM', KEYS[5], ARGV[3])
+forget(KEYS[5], KEYS[6], ARGV[3])
 return 1
 """
 
 # Set (rating) or clear ("") a message's feedback, found by message id.
-# KEYS: message index entry, scope index, instance index.
+# KEYS: message index entry, scope index, instance index, instance sizes.
 # ARGV: caller, user, mid, rating or "", now, ttl ms, index prefix,
 #       conversation prefix, messages prefix, order prefix.
 _FEEDBACK = _LIB + """
@@ -298,14 +360,14 @@ if ARGV[4] == '' then
 else
   redis.call('HSET', msgs, ARGV[3] .. ':f', ARGV[4])
 end
-touch(conv, msgs, order, KEYS[2], KEYS[3], cid, ARGV[5], tonumber(ARGV[6]), '')
+touch(conv, msgs, order, KEYS[2], KEYS[3], KEYS[4], cid, ARGV[5], tonumber(ARGV[6]), '')
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[6]))  -- the rated message's own index entry: O(1)
 return 1
 """
 
 # Delete up to `batch` conversations of an instance, least recently active
 # first.  Entries of expired conversations just leave the index (their keys
-# expire by themselves).  KEYS: instance index.
+# expire by themselves).  KEYS: instance index, instance sizes.
 # ARGV: batch, conversation, messages, order, index and scope prefixes.
 # Returns {conversations deleted, entries left}.
 _PURGE = _LIB + """
@@ -332,7 +394,7 @@ for _, f in ipairs(found) do
     redis.call('ZREM', ARGV[6] .. scope, cid)
     deleted = deleted + 1
   end
-  redis.call('ZREM', KEYS[1], cid)
+  forget(KEYS[1], KEYS[2], cid)
 end
 return {deleted, entries - #found}
 """
@@ -375,6 +437,31 @@ class Turn:
     created: bool = False
     #: The conversation's name (a new one's default name).
     name: str = ""
+    #: The question (stored by :meth:`ConversationStore.reserve_turn`).
+    query: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """What a new turn is checked against besides the store's own bounds (0: none).
+
+    ``conversations`` and ``bytes``: what one instance may keep in all
+    (``instance_conversations_full``); ``address``: the client address of an
+    anonymous caller, whose conversations count per address as well as per
+    ``user`` (the per-scope limit applies to both), so that naming a new
+    ``user`` for each conversation does not sidestep it.
+    """
+
+    conversations: int = 0
+    bytes: int = 0
+    address: str | None = None
+
+    @property
+    def address_digest(self) -> str:
+        return hashlib.sha256((self.address or "").encode()).hexdigest()
+
+
+NO_BOUNDS = Bounds()
 
 
 def is_uuid(value: str) -> bool:
@@ -478,21 +565,49 @@ class ConversationStore:
             keys.conversation_order(iid, conversation_id),
             keys.scope_conversations(iid, scope.digest),
             keys.instance_conversations(iid),
+            keys.conversation_sizes(iid),
         ]
 
     # -- turns -----------------------------------------------------------------
 
     async def start_turn(
-        self, scope: Scope, conversation_id: str | None, query: str, inputs: dict[str, Any], now: float
+        self, scope: Scope, conversation_id: str | None, query: str, inputs: dict[str, Any], now: float,
+        bounds: Bounds = NO_BOUNDS,
     ) -> Turn:
-        """Reserve a new message (status ``answering``) in a new or an existing conversation.
+        """Check and reserve a new message (status ``answering``) at once: :meth:`prepare_turn`
+        and :meth:`reserve_turn` in one script call.  Raises as :meth:`prepare_turn`."""
+        return await self._start_script(self._prepared(scope, conversation_id, query, inputs, now), now, bounds,
+                                        "both")
 
-        ``conversation_id`` None creates a conversation named after the query,
+    async def prepare_turn(
+        self, scope: Scope, conversation_id: str | None, query: str, inputs: dict[str, Any], now: float,
+        bounds: Bounds = NO_BOUNDS,
+    ) -> Turn:
+        """Check a new turn and read the history it answers from, storing nothing.
+
+        ``conversation_id`` None is a new conversation named after the query,
         holding ``inputs``; otherwise the conversation's stored inputs are kept
-        and ``inputs`` is ignored.  Raises NotFound ``conversation_not_found``,
+        and ``inputs`` is ignored.  :meth:`reserve_turn` stores the turn (the
+        Dify door calls it once an agent took the request: a turn refused before
+        leaves no trace).  Raises NotFound ``conversation_not_found``,
         ValidationFailed ``message_too_large`` / ``inputs_too_large`` /
-        ``conversation_full`` / ``too_many_conversations``.
+        ``conversation_full`` / ``too_many_conversations`` /
+        ``instance_conversations_full``.
         """
+        return await self._start_script(self._prepared(scope, conversation_id, query, inputs, now), now, bounds,
+                                        "check")
+
+    async def reserve_turn(self, turn: Turn, now: float, bounds: Bounds = NO_BOUNDS) -> None:
+        """Store a prepared turn's message (status ``answering``), creating its conversation if new.
+
+        Checks again, atomically (what :meth:`prepare_turn` found may have
+        changed since); raises as it does.
+        """
+        await self._start_script(turn, now, bounds, "reserve")
+
+    def _prepared(self, scope: Scope, conversation_id: str | None, query: str, inputs: dict[str, Any],
+                  now: float) -> Turn:
+        """The turn's ids and what it will store, checked for size; nothing read yet."""
         query, _ = clip_utf8(query, 0)  # only made encodable; its size is checked below
         size = len(query.encode())
         if self.max_message_bytes and size > self.max_message_bytes:
@@ -505,24 +620,30 @@ class ConversationStore:
             conversation_id = str(uuid.uuid4())
         elif not is_uuid(conversation_id):
             raise _not_found()
-        inputs_json = orjson.dumps(inputs) if create else b"{}"
-        if create and self.max_message_bytes and len(inputs_json) > self.max_message_bytes:
-            raise ValidationFailed(
-                f"inputs are {len(inputs_json)} bytes of JSON; the limit is {self.max_message_bytes}",
-                param="inputs", code="inputs_too_large",
-            )
-        name = default_name(query) if create else ""
-        message_id = str(uuid.uuid4())
+        if create and self.max_message_bytes:
+            inputs_json = orjson.dumps(inputs)
+            if len(inputs_json) > self.max_message_bytes:
+                raise ValidationFailed(
+                    f"inputs are {len(inputs_json)} bytes of JSON; the limit is {self.max_message_bytes}",
+                    param="inputs", code="inputs_too_large",
+                )
+        return Turn(conversation_id, str(uuid.uuid4()), int(now), dict(inputs) if create else {}, [], scope,
+                    create, default_name(query) if create else "", query)
+
+    async def _start_script(self, turn: Turn, now: float, bounds: Bounds, mode: str) -> Turn:
+        scope, conversation_id, create = turn.scope, turn.conversation_id, turn.created
         iid = scope.instance_id
+        anonymous = bounds.address is not None
         reply = await self._start(
-            keys=self._keys(scope, conversation_id),
+            keys=[*self._keys(scope, conversation_id), keys.address_conversations(iid, bounds.address_digest)],
             args=[
-                conversation_id, message_id, scope.caller, scope.user, repr(float(now)), self.ttl_ms,
+                conversation_id, turn.message_id, scope.caller, scope.user, repr(float(now)), self.ttl_ms,
                 keys.message_conversation(iid, ""), keys.conversation(iid, ""),
                 self.max_messages, self.max_conversations,
-                orjson.dumps({"query": query, "created_at": now}),
+                orjson.dumps({"query": turn.query, "created_at": now}),
                 orjson.dumps({"answer": "", "updated_at": now}),
-                "1" if create else "0", name, inputs_json, scope.digest,
+                "1" if create else "0", turn.name, orjson.dumps(turn.inputs) if create else b"{}", scope.digest,
+                mode, bounds.conversations, bounds.bytes, "1" if anonymous else "0",
             ],
         )
         verdict = _text(reply[0])
@@ -538,8 +659,25 @@ class ConversationStore:
                 f"at most {self.max_conversations} conversations per user; delete one first",
                 code="too_many_conversations",
             )
+        if verdict == "too_many_here":
+            raise ValidationFailed(
+                f"at most {self.max_conversations} conversations per client address without a caller key; "
+                "delete one first", code="too_many_conversations",
+            )
+        if verdict == "instance_full":
+            raise ValidationFailed(
+                f"this instance keeps {bounds.conversations} conversations, its limit: continue one of yours, "
+                "or ask its owner to delete old ones", code="instance_conversations_full",
+            )
+        if verdict == "instance_bytes_full":
+            raise ValidationFailed(
+                f"this instance's conversations hold {bounds.bytes} bytes, its limit: "
+                "delete conversations, or ask its owner to", code="instance_conversations_full",
+            )
         if verdict != "ok":  # "taken": a uuid4 collision, never expected
             raise RuntimeError(f"could not reserve conversation {conversation_id}: {verdict}")
+        if mode == "reserve":
+            return turn
         stored_inputs = orjson.loads(reply[1])
         records = dict(zip(reply[3][::2], reply[3][1::2], strict=True))
         history = []
@@ -547,26 +685,31 @@ class ConversationStore:
             record = self._record(conversation_id, stored_inputs, raw_id, records, now)
             if record is not None and record["status"] != ANSWERING:
                 history.append(record)
-        return Turn(conversation_id, message_id, int(now), stored_inputs, history, scope, create, name)
+        return Turn(conversation_id, turn.message_id, turn.created_at, stored_inputs, history, scope, create,
+                    turn.name, turn.query)
 
-    def _final_state(self, answer: str, now: float, usage: dict[str, Any] | None = None) -> bytes:
-        answer, truncated = clip_utf8(answer, self.max_message_bytes)
+    def _final_state(self, answer: str, now: float, usage: dict[str, Any] | None = None,
+                     truncated: bool = False) -> bytes:
+        answer, clipped = clip_utf8(answer, self.max_message_bytes)
         state: dict[str, Any] = {"answer": answer, "updated_at": now}
-        if truncated:
+        if truncated or clipped:
             state["truncated"] = True
         if usage is not None:
             state["usage"] = usage
         return orjson.dumps(state)
 
-    async def checkpoint(self, turn: Turn, answer_so_far: str, now: float) -> bool:
+    async def checkpoint(self, turn: Turn, answer_so_far: str, now: float, *, truncated: bool = False) -> bool:
         """Save the partial answer of a turn still answering (cut like a final answer).
 
-        False, storing nothing, when the turn is finished or its conversation is
-        gone (deleted, purged, expired): the caller's stream need not care.
+        ``truncated``: the answer given was already cut (the door keeps at most
+        ``max_message_bytes`` of it), mark it so.  False, storing nothing, when
+        the turn is finished or its conversation is gone (deleted, purged,
+        expired): the caller's stream need not care.
         """
+        names = self._keys(turn.scope, turn.conversation_id)
         reply = await self._checkpoint(
-            keys=self._keys(turn.scope, turn.conversation_id)[:2],
-            args=[turn.message_id, self._final_state(answer_so_far, now)],
+            keys=[names[0], names[1], names[5]],
+            args=[turn.message_id, self._final_state(answer_so_far, now, truncated=truncated), turn.conversation_id],
         )
         return bool(reply)
 
@@ -577,17 +720,19 @@ class ConversationStore:
         status: Literal["normal", "stopped", "error"],
         now: float,
         usage: dict[str, Any] | None = None,
+        *,
+        truncated: bool = False,
     ) -> bool:
         """The final write of a turn: ``normal``, ``stopped`` (the caller left), ``error`` (the model failed).
 
-        False, storing nothing, when the turn was already finished or its
-        conversation is gone.
+        ``truncated`` as for :meth:`checkpoint`.  False, storing nothing, when
+        the turn was already finished or its conversation is gone.
         """
         if status not in FINAL_STATUSES:
             raise ValueError(f"a turn finishes as one of {sorted(FINAL_STATUSES)}, not {status!r}")
         reply = await self._finish(
             keys=self._keys(turn.scope, turn.conversation_id),
-            args=[turn.conversation_id, turn.message_id, status, self._final_state(answer, now, usage),
+            args=[turn.conversation_id, turn.message_id, status, self._final_state(answer, now, usage, truncated),
                   repr(float(now)), self.ttl_ms, keys.message_conversation(turn.scope.instance_id, "")],
         )
         return bool(reply)
@@ -689,7 +834,8 @@ class ConversationStore:
             raise NotFound("conversation not found", param="last_id", code="conversation_not_found")
         iid = scope.instance_id
         reply = await self._conversations(
-            keys=[keys.scope_conversations(iid, scope.digest), keys.instance_conversations(iid)],
+            keys=[keys.scope_conversations(iid, scope.digest), keys.instance_conversations(iid),
+                  keys.conversation_sizes(iid)],
             args=[scope.caller, scope.user, last_id or "", limit + 1, keys.conversation(iid, "")],
         )
         if _text(reply[0]) == "no_last":
@@ -753,7 +899,7 @@ class ConversationStore:
         now = time.time() if now is None else now
         done = await self._feedback(
             keys=[keys.message_conversation(iid, message_id), keys.scope_conversations(iid, scope.digest),
-                  keys.instance_conversations(iid)],
+                  keys.instance_conversations(iid), keys.conversation_sizes(iid)],
             args=[scope.caller, scope.user, message_id, rating or "", repr(float(now)), self.ttl_ms,
                   keys.message_conversation(iid, ""), keys.conversation(iid, ""),
                   keys.conversation_messages(iid, ""), keys.conversation_order(iid, "")],
@@ -766,7 +912,7 @@ class ConversationStore:
         total = 0
         while True:
             deleted, left = await self._purge(
-                keys=[keys.instance_conversations(instance_id)],
+                keys=[keys.instance_conversations(instance_id), keys.conversation_sizes(instance_id)],
                 args=[self.purge_batch, keys.conversation(instance_id, ""),
                       keys.conversation_messages(instance_id, ""), keys.conversation_order(instance_id, ""),
                       keys.message_conversation(instance_id, ""), keys.scope_conversations(instance_id, "")],

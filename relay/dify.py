@@ -16,12 +16,18 @@ it and the ``user`` may continue, read, rename or delete that conversation, but
 listing conversations needs a key.  Anything outside the caller's scope is the
 same 404 as an id that never existed.  SECURITY.md has the whole threat model.
 
-Turns.  The question is stored before the model is asked; while the answer
+Turns.  A turn is checked and its history read first (nothing stored); the
+question is stored once an agent has taken the request (the pick: a turn
+refused before it, offline, at capacity, ``429``, ``404``, ``501``, Redis
+trouble, leaves no trace), before the model's answer is read; while the answer
 streams it is saved every ``conversation_checkpoint_interval`` seconds; when
-the stream ends the full answer is stored (``normal``), or what the caller saw
+the stream ends the answer is stored (``normal``), or what the caller saw
 (``stopped`` when the caller left, ``error`` when the model failed).  Stopped
 and errored answers are kept in the history the model sees next (a partial
-answer is context the user saw); empty ones are not.
+answer is context the user saw); empty ones are not.  What is kept of an
+answer for storage is bounded as it streams (``conversation_message_bytes``,
+then marked ``truncated``): the caller still reads all of it, and the node
+holds at most that much of it whatever the model sends.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import orjson
 from starlette.requests import Request
@@ -42,7 +48,7 @@ import wire
 from .access import Caller
 from .audio import audio_file, read_audio, transcribe
 from .chat import answer_json, run_op
-from .conversations import ConversationStore, Turn
+from .conversations import Bounds, ConversationStore, Turn
 from .conversations import Scope as Owner
 from .errors import ORJSONResponse, RelayError, Unauthorized, UpstreamError, ValidationFailed
 from .gate import Admitted, ThenResponse, admit, leased
@@ -56,8 +62,9 @@ from .models import (
     DifyUser,
     DifyVariable,
 )
+from .router import StreamRouter
 from .sessions import resolve_model
-from .streams import cleanup_scope
+from .streams import Stream, cleanup_scope
 
 log = logging.getLogger("relay.dify")
 
@@ -65,6 +72,9 @@ log = logging.getLogger("relay.dify")
 PAGE_DEFAULT, PAGE_MAX = 20, 100
 ANONYMOUS = "anon"
 Ending = Literal["normal", "stopped", "error"]
+#: Largest unfinished event of the model's stream held while waiting for its end
+#: (one chunk's JSON: far larger than any real one); past it the stream fails.
+MAX_EVENT_BYTES = 4 * 1024 * 1024
 
 
 # -- who is asking --------------------------------------------------------------
@@ -172,24 +182,55 @@ def _event(payload: dict[str, Any]) -> bytes:
 
 
 class DifyEvents:
-    """The agent's OpenAI stream as Dify's events (a ``chat.BodyEncoder``), keeping the answer."""
+    """The agent's OpenAI stream as Dify's events (a ``chat.BodyEncoder``), keeping the answer to store.
 
-    def __init__(self, turn: Turn):
+    At most ``keep_bytes`` (UTF-8) of the answer are kept, cut on a character
+    boundary, and ``truncated`` says the rest was not (0: all of it): what
+    this holds, and what each checkpoint costs, does not grow with the answer.
+    """
+
+    def __init__(self, turn: Turn, keep_bytes: int = 0):
         self.turn = turn
         self.base = {"task_id": turn.message_id, "id": turn.message_id, "message_id": turn.message_id,
                      "conversation_id": turn.conversation_id, "created_at": turn.created_at}
         self._buffer = bytearray()
-        self.pieces: list[str] = []
+        self._kept: list[str] = []
+        self._limit = keep_bytes
+        self._room = keep_bytes
+        self.truncated = False
         self.usage: dict[str, Any] | None = None
         self.outcome: Ending | None = None  # "normal" | "error", once the stream ended; None: the caller left
 
     @property
     def answer(self) -> str:
-        return "".join(self.pieces)
+        """What is kept of the answer (all of it unless ``truncated``)."""
+        return "".join(self._kept)
+
+    def kept(self) -> tuple[str, bool]:
+        return self.answer, self.truncated
+
+    def _keep(self, piece: str) -> None:
+        if self.truncated:
+            return
+        if self._limit <= 0:
+            self._kept.append(piece)
+            return
+        data = piece.encode("utf-8", "replace")
+        if len(data) <= self._room:
+            self._kept.append(piece)
+            self._room -= len(data)
+            return
+        # Only the tail of the cut can be a partial sequence: "ignore" drops just that.
+        self._kept.append(data[:self._room].decode("utf-8", "ignore"))
+        self._room = 0
+        self.truncated = True
 
     def data(self, payload: bytes) -> bytes:
         text: list[str] = []
-        for data in wire.iter_sse_data(self._buffer, payload):
+        events = wire.iter_sse_data(self._buffer, payload)
+        if len(self._buffer) > MAX_EVENT_BYTES:  # an event that never ends would be held whole
+            raise UpstreamError(f"the model's stream carried an event over {MAX_EVENT_BYTES} bytes")
+        for data in events:
             if data == b"[DONE]":
                 continue
             try:
@@ -210,7 +251,7 @@ class DifyEvents:
         if not text:
             return b""
         piece = "".join(text)
-        self.pieces.append(piece)
+        self._keep(piece)
         return _event({"event": "message", **self.base, "answer": piece})
 
     def done(self) -> bytes:
@@ -227,13 +268,15 @@ class TurnSaver:
     """Keeps a turn alive in the store from the moment it is reserved: saves the answer so far
     every ``interval`` seconds (which also says its node is alive), and stores it once, at the end.
 
-    Started right after ``start_turn``, before the model's first token: a model
+    Started right after ``reserve_turn``, before the model's first token: a model
     that thinks for a while must not make a live turn read as interrupted.
+    ``answer()``: what is kept of the answer so far, and whether it was cut.
     """
 
-    def __init__(self, store: ConversationStore, turn: Turn, interval: float):
+    def __init__(self, store: ConversationStore, turn: Turn, interval: float,
+                 answer: Callable[[], tuple[str, bool]] = lambda: ("", False)):
         self.store, self.turn, self.interval = store, turn, interval
-        self.answer: Callable[[], str] = lambda: ""
+        self.answer = answer
         self._task = asyncio.create_task(self._save())
         self._finished = False
 
@@ -241,11 +284,12 @@ class TurnSaver:
         while True:
             await asyncio.sleep(self.interval)
             try:
-                await self.store.checkpoint(self.turn, self.answer(), time.time())
+                text, truncated = self.answer()
+                await self.store.checkpoint(self.turn, text, time.time(), truncated=truncated)
             except Exception as exc:  # Redis trouble: the final write will try again
                 log.warning("turn %s: checkpoint failed (%s)", self.turn.message_id, exc)
 
-    async def finish(self, answer: str, status: Ending, usage: Any = None) -> None:
+    async def finish(self, answer: str, status: Ending, usage: Any = None, *, truncated: bool = False) -> None:
         """Store the answer (once: later calls do nothing) and stop saving."""
         if self._finished:
             return
@@ -254,9 +298,41 @@ class TurnSaver:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         try:
-            await self.store.finish(self.turn, answer, status, time.time(), usage if isinstance(usage, dict) else None)
+            await self.store.finish(self.turn, answer, status, time.time(), usage if isinstance(usage, dict) else None,
+                                    truncated=truncated)
         except Exception as exc:  # the caller has its answer; the turn reads as interrupted later
             log.warning("turn %s: could not store the answer (%s)", self.turn.message_id, exc)
+
+
+class ReservingRouter:
+    """The router, storing the turn once an agent has taken the request.
+
+    ``StreamRouter.open`` picks the agent (and takes the stream lease) and
+    sends the request; only then is the prepared turn reserved and its saver
+    started.  Everything the pick refuses (offline, at capacity, ``429``,
+    ``404``, ``501``, Redis trouble) is refused before anything is stored.  A
+    reservation refused now (the conversation filled, was deleted, the
+    instance filled since the turn was prepared) closes the stream: the agent
+    is told to stop, nothing is stored.
+    """
+
+    def __init__(self, router: StreamRouter, store: ConversationStore, turn: Turn, bounds: Bounds,
+                 interval: float, answer: Callable[[], tuple[str, bool]] = lambda: ("", False)):
+        self.router, self.store, self.turn, self.bounds = router, store, turn, bounds
+        self.interval, self.answer = interval, answer
+        #: Set once the turn is stored: from then on it is finished, whatever happens.
+        self.saver: TurnSaver | None = None
+
+    async def open(self, *args: Any, **kwargs: Any) -> Stream:
+        stream = await self.router.open(*args, **kwargs)
+        try:
+            await self.store.reserve_turn(self.turn, time.time(), self.bounds)
+        except BaseException:
+            with cleanup_scope():
+                await stream.close("the turn could not be stored")
+            raise
+        self.saver = TurnSaver(self.store, self.turn, self.interval, self.answer)
+        return stream
 
 
 async def chat_messages(request: Request) -> Response:
@@ -265,7 +341,8 @@ async def chat_messages(request: Request) -> Response:
     Every refusal comes before the turn is stored (a ``429`` the caller is told
     to retry must not leave a failed turn behind): access, rates, the body,
     the instance's parameters, the query against the request limits, the
-    stream lease.  Only then is the question stored and the model asked.
+    conversation's and the instance's bounds, the pick of an agent with its
+    stream lease.  Only then is the question stored and the answer read.
     """
     state = request.app.state
     settings = state.settings
@@ -287,11 +364,13 @@ async def chat_messages(request: Request) -> Response:
 
     chat_for([{"role": "user", "content": body.query}])  # the query alone must fit the limits
     store: ConversationStore = state.conversations
+    bounds = Bounds(settings.conversations_per_instance, settings.conversation_bytes_per_instance,
+                    None if caller.key_id else client_ip(request))
 
     async def run() -> Response:
-        turn = await store.start_turn(_owner(instance_id, caller, body.user), body.conversation_id or None,
-                                      body.query, inputs, time.time())
-        saver = TurnSaver(store, turn, settings.conversation_checkpoint_interval)
+        turn = await store.prepare_turn(_owner(instance_id, caller, body.user), body.conversation_id or None,
+                                        body.query, inputs, time.time(), bounds)
+        reserving = ReservingRouter(state.router, store, turn, bounds, settings.conversation_checkpoint_interval)
         try:
             chat = chat_for(model_messages(turn, body.query, parameters["variables"],
                                            max_messages=settings.max_messages, max_chars=settings.max_content_chars))
@@ -300,26 +379,36 @@ async def chat_messages(request: Request) -> Response:
                 return chat.upstream_body(resolve_model(models, None))
 
             if not streaming:
-                return await _blocking(request, saver, body_for)
-            events = DifyEvents(turn)
-            saver.answer = lambda: events.answer
-            answer = await run_op(state.router, instance_id, wire.OP_CHAT, body_for, settings, request.receive,
-                                  stream=True, encoder=events)
+                return await _blocking(request, reserving, body_for)
+            events = DifyEvents(turn, store.max_message_bytes)
+            reserving.answer = events.kept
+            answer = await run_op(cast(StreamRouter, reserving), instance_id, wire.OP_CHAT, body_for, settings,
+                                  request.receive, stream=True, encoder=events)
+            saver = reserving.saver
+            assert saver is not None  # run_op returned: the stream was opened, the turn stored
             # Stored when the response ends, whatever ended it ("stopped": the caller left).
-            return ThenResponse(answer, lambda: saver.finish(events.answer, events.outcome or "stopped", events.usage))
+            return ThenResponse(answer, lambda: saver.finish(*_ending(events)))
         except BaseException as exc:
-            with cleanup_scope():  # the question stays, marked: the model never answered it
-                await saver.finish("", "stopped" if isinstance(exc, asyncio.CancelledError) else "error")
+            if reserving.saver is not None:  # stored: the question stays, marked (the model never answered it)
+                with cleanup_scope():
+                    await reserving.saver.finish("", "stopped" if isinstance(exc, asyncio.CancelledError) else "error")
             raise
 
-    return await leased(request, admitted, run, first=True)  # a refused turn leaves no trace
+    # The stream lease is taken by the pick, with the agent: a refusal stores nothing.
+    return await leased(request, admitted, run)
 
 
-async def _blocking(request: Request, saver: TurnSaver, body_for: Any) -> Response:
+def _ending(events: DifyEvents) -> tuple[str, Ending, Any]:
+    return events.answer, events.outcome or "stopped", events.usage
+
+
+async def _blocking(request: Request, reserving: ReservingRouter, body_for: Any) -> Response:
     state = request.app.state
-    turn = saver.turn
-    answer = await run_op(state.router, turn.scope.instance_id, wire.OP_CHAT, body_for, state.settings,
-                          request.receive, stream=False)
+    turn = reserving.turn
+    answer = await run_op(cast(StreamRouter, reserving), turn.scope.instance_id, wire.OP_CHAT, body_for,
+                          state.settings, request.receive, stream=False)
+    saver = reserving.saver
+    assert saver is not None  # run_op returned: the stream was opened, the turn stored
     if answer.status_code != 200:  # the caller left while the model worked
         await saver.finish("", "stopped")
         return answer
@@ -410,12 +499,12 @@ async def audio_to_text(request: Request) -> Response:
     """
     _, _, admitted = await _caller(request, limited=True)
     assert admitted is not None
-    form = await read_audio(request)
-    if form is None:
-        return Response(status_code=499)
-    audio_file(form.filename, form.content_type)  # refused before a lease is taken
-    return await leased(request, admitted, lambda: transcribe(request, admitted, form.file, form.filename,
-                                                              form.content_type, {}, ""))
+    async with read_audio(request) as form:
+        if form is None:
+            return Response(status_code=499)
+        audio_file(form.filename, form.content_type)  # refused before a lease is taken
+        return await leased(request, admitted, lambda: transcribe(request, admitted, form.file, form.filename,
+                                                                  form.content_type, {}, ""))
 
 
 async def purge(request: Request) -> Response:

@@ -62,7 +62,13 @@ conversation and message ids; ``<scope>`` is the hex SHA-256 of the JSON pair
 ``ir:conv:{<id>}:s:<scope>`` zset conversation id scored by last activity (seconds):
                                   one caller's and user's conversations
 ``ir:conv:{<id>}:all``      zset  conversation id scored by last activity: every
-                                  conversation of the instance (purge)
+                                  conversation of the instance (purge, its bound)
+``ir:conv:{<id>}:b``        hash  conversation id -> bytes it stores; ``total`` -> their
+                                  sum (the instance's bound); an entry leaves with the
+                                  conversation's ``all`` entry
+``ir:conv:{<id>}:a:<addr>`` zset  anonymous conversation id scored by creation: those
+                                  started from one client address (``<addr>``: its
+                                  hex SHA-256); TTL = retention after the last one
 
 All of them expire ``retention`` after the last activity they take part in
 (every write but a streaming checkpoint refreshes what it touches, message
@@ -235,3 +241,11 @@ def scope_conversations(instance_id: str, scope_digest: str) -> str:
 
 def instance_conversations(instance_id: str) -> str:
     return f"{conversations_prefix(instance_id)}all"
+
+
+def conversation_sizes(instance_id: str) -> str:
+    return f"{conversations_prefix(instance_id)}b"
+
+
+def address_conversations(instance_id: str, address_digest: str) -> str:
+    return f"{conversations_prefix(instance_id)}a:{address_digest}"

@@ -116,8 +116,15 @@ class RelaySettings(BaseSettings):
     conversation_retention: float = Field(default=30 * 24 * 3600, gt=0)
     #: Messages one conversation may hold (422 ``conversation_full``).
     conversation_max_messages: int = Field(default=500, ge=0)
-    #: Conversations one caller's user may keep at once (422 ``too_many_conversations``).
+    #: Conversations one caller's user may keep at once (422 ``too_many_conversations``);
+    #: without a caller key, also per client address (``user`` is the client's to choose).
     conversations_per_user: int = Field(default=1000, ge=0)
+    #: Conversations one instance may keep at once: past it new ones get 422
+    #: ``instance_conversations_full``; existing ones continue.
+    conversations_per_instance: int = Field(default=10_000, ge=0)
+    #: Bytes (queries, answers, names, inputs) one instance's conversations may hold:
+    #: past it every new turn gets 422 ``instance_conversations_full``.
+    conversation_bytes_per_instance: int = Field(default=64 * 1024 * 1024, ge=0)
     #: Bytes of one query (422 ``message_too_large``) or one stored answer (cut and marked).
     conversation_message_bytes: int = Field(default=256 * 1024, ge=0)
     #: Seconds between saves of an answer still streaming (what a node that dies loses at most).

@@ -404,7 +404,7 @@ async def test_every_key_of_an_instance_is_in_one_cluster_slot(store, redis):
     await turn(store, None, "q", "a", scope=STRANGERS["another user"])
     await store.feedback(ME, started.message_id, "like")
     names = await redis.keys("ir:conv:*")
-    assert len(names) == 12  # 2 conversations (3 keys each), 3 messages, 2 scopes, 1 instance
+    assert len(names) == 13  # 2 conversations (3 keys each), 3 messages, 2 scopes, the instance's index and sizes
     assert {key_slot(name) for name in names} == {key_slot(INSTANCE.encode())}
 
 
@@ -420,7 +420,7 @@ async def test_every_key_expires_and_activity_renews_it(redis):
     started = await turn(store, None, "q1", "a1")
     following = await store.start_turn(ME, started.conversation_id, "q2", {}, T0 + 1)
     before = await ttls(redis)
-    assert len(before) == 7  # conversation, messages, order, 2 message index entries, 2 indexes
+    assert len(before) == 8  # conversation, messages, order, 2 message index entries, 2 indexes, sizes
     assert all(0 < ttl <= 2000 for ttl in before.values())
 
     # Let every key run down to ~0.2 s, as if time had passed.
