@@ -225,6 +225,10 @@ class AgentClient:
             return f"relay refused protocol {self._offer + 1} ({reason}); offering protocol {self._offer}"
         if not is_retryable(close_code=code):
             raise FatalAgentError(f"relay closed the connection ({code}): {reason}") from None
+        if code == wire.CloseCode.POLICY_VIOLATION and not self.status.connected:
+            # Before the welcome, 1008 refuses the hello itself (too many models, too long a name):
+            # the same hello would be refused again.  Declare fewer models (--model) or ask the operator.
+            raise FatalAgentError(f"relay refused this agent's hello ({code}): {reason}") from None
         if code == wire.CloseCode.GOING_AWAY:
             return "relay going away"
         return f"connection closed ({code}{': ' + reason if reason else ''})"

@@ -5,8 +5,13 @@ instance to it as is), so the read loop takes the ASGI ``receive`` channel
 directly: one awaited dict per agent frame, nothing in between.  Per
 connection: authenticate the bearer token (a refusal is a real HTTP
 response, so the agent can tell "bad token: stop" from "relay in trouble:
-retry"), agree on a protocol version (``hello``/``welcome``), list the
-session here and in Redis, then read frames until the agent goes away.
+retry"), agree on a protocol version (``hello``/``welcome``) and hold the
+hello to this relay's caps (:class:`limits.HelloLimits`: refused with 1008
+naming the cap; an instance with all the agents this node takes: 1013), list
+the session here and in Redis, then read frames until the agent goes away.
+The read loop gives the event loop a turn every few frames: frames already
+buffered are read without waiting, so one agent's flood would otherwise run
+ahead of every other connection of the node.
 
 The gateway also closes agents whose credentials stop being valid: on the
 registry events every node hears (instance deleted, token rotated), after a
@@ -15,6 +20,7 @@ resubscription (events sent meanwhile are lost), and when the node drains.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 
@@ -29,17 +35,28 @@ import wire
 from . import logs
 from .crossnode import CrossNode
 from .errors import ServiceNotReady, Unauthorized, error_response
-from .limits import FrameBudget
+from .limits import FrameBudget, HelloLimits
 from .node import NodeState
 from .presence import Presence
 from .registry import InstanceRegistry, hash_token
-from .sessions import AgentSession, SessionManager
+from .sessions import KNOWN_OPS, AgentSession, SessionManager
 from .settings import RelaySettings
 from .streams import LinkLost
 
 log = logging.getLogger("relay.gateway")
 
 HANDSHAKE_TIMEOUT = 10.0
+#: Frames one agent's read loop handles before it lets the event loop run others.
+FRAMES_PER_TURN = 8
+#: Model names a log line shows of an agent's list (then how many more).
+NAMES_LOGGED = 3
+
+
+def describe_names(names: tuple[str, ...]) -> str:
+    """A bounded summary of a declared list for a log line: its count and its first few names."""
+    shown = ",".join(names[:NAMES_LOGGED])
+    more = f" (+{len(names) - NAMES_LOGGED} more)" if len(names) > NAMES_LOGGED else ""
+    return f"{len(names)} [{shown}{more}]"
 
 
 class AgentGateway:
@@ -51,6 +68,7 @@ class AgentGateway:
         self.sessions = sessions
         self.presence = presence
         self.bus = bus
+        self.hello_limits = HelloLimits.from_settings(settings)
 
     # -- one agent's connection --------------------------------------------------
 
@@ -69,6 +87,14 @@ class AgentGateway:
             await websocket.close(exc.close_code, str(exc)[:120])
             return
         except (TimeoutError, ConnectionError):
+            return
+        room = self.settings.agents_per_instance
+        if room and sum(s.agent_id != hello.agent_id for s in self.sessions.of(instance_id)) >= room:
+            # Per node (no Redis on the handshake): across nodes an instance has at most this many per node.
+            log.warning("refused agent %s of instance %s: it has %d agents on this node already",
+                        hello.agent_id, instance_id, room)
+            await websocket.close(wire.CloseCode.TRY_AGAIN_LATER,
+                                  f"instance has {room} agents on this relay node; it takes at most {room}")
             return
         session = AgentSession(
             instance_id=instance_id,
@@ -112,7 +138,7 @@ class AgentGateway:
             log.info(
                 "agent %s connected: instance %s, models %s, capabilities %s, concurrency %d, "
                 "agent version %s, protocol %d",
-                hello.agent_id, instance_id, ",".join(hello.models), ",".join(session.capabilities),
+                hello.agent_id, instance_id, describe_names(hello.models), ",".join(session.capabilities),
                 hello.max_concurrency, hello.agent_version, version,
             )
             await self._read(receive, session)
@@ -155,7 +181,12 @@ class AgentGateway:
         event = wire.decode(message["text"] if message.get("text") is not None else message.get("bytes") or b"")
         if type(event) is not wire.Hello:
             raise wire.ProtocolError(f"expected hello, got {type(event).__name__}")
-        return event, wire.negotiate(event)
+        version = wire.negotiate(event)
+        self.hello_limits.check(event)
+        if version >= 2 and not any(op in event.capabilities for op in KNOWN_OPS):
+            raise wire.ProtocolError(f"hello declares no operation this relay runs ({', '.join(KNOWN_OPS)})",
+                                     wire.CloseCode.POLICY_VIOLATION)
+        return event, version
 
     async def _credential_still_valid(self, session: AgentSession) -> bool:
         """Close a session whose token was rotated (or instance deleted) during its handshake.
@@ -172,10 +203,16 @@ class AgentGateway:
         return valid
 
     async def _read(self, receive: Receive, session: AgentSession) -> None:
+        handled = 0
         while True:
             message = await receive()
             if message["type"] == "websocket.disconnect":
                 return
+            handled += 1
+            if handled % FRAMES_PER_TURN == 0:
+                # receive() returns buffered frames without suspending, and handling one
+                # (a pong, a chunk queued) seldom waits either: yield, or a flood starves the node.
+                await asyncio.sleep(0)
             text = message.get("text")
             try:
                 await session.receive(text if text is not None else message["bytes"])

@@ -142,10 +142,10 @@ def image_type(b64: str) -> str:
 
 def served_models(view: dict[str, Any]) -> list[str]:
     """Every model an instance's agents serve, for a model list: chat, then image, then transcription models."""
-    names: list[str] = []
+    names: dict[str, None] = {}  # a dict, not list scans: a view may list hundreds of names per kind
     for field in ("models", "image_models", "transcribe_models"):
-        names.extend(m for m in view.get(field, ()) if m not in names)
-    return names
+        names.update(dict.fromkeys(view.get(field, ())))
+    return list(names)
 
 
 def model_card(name: str, created: Any, owner: str) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -38,6 +38,16 @@ from .models import AgentParameters
 log = logging.getLogger("relay.registry")
 
 TOKEN_PREFIX = "ira_"
+
+#: Instances read per round trip while filling a filtered page (status, search), and an unfiltered one.
+FILTERED_BATCH = 200
+LIST_BATCH = 100
+#: Model names one view lists per kind, unless the registry is given another cap (the agents'
+#: ``RELAY_AGENT_MAX_MODELS``).
+VIEW_MAX_MODELS = 256
+#: Model names one page of views may carry (``GET /api/instances``, ``/v1/models``, SwiftChat's
+#: ``/api/models``): 2048 names of at most 256 characters, well under a megabyte of names.
+PAGE_MAX_NAMES = 2048
 
 
 def new_token() -> str:
@@ -493,10 +503,13 @@ class NodeLiveness:
 
 class InstanceRegistry:
     def __init__(self, redis: Redis, *, heartbeat_timeout: float, base_url: str,
-                 liveness: NodeLiveness | None = None):
+                 liveness: NodeLiveness | None = None, max_models: int = VIEW_MAX_MODELS):
         self.redis = redis
         self.heartbeat_timeout = heartbeat_timeout
         self.base_url = base_url.rstrip("/")
+        #: Names a view lists per kind (the union of its agents' lists, first come): each agent is
+        #: held to ``RELAY_AGENT_MAX_MODELS``, but replicas may each declare different ones.
+        self.max_models = max_models or VIEW_MAX_MODELS
         self.liveness = liveness or NodeLiveness(redis, heartbeat_timeout=heartbeat_timeout)
         self._publish = storage.publisher(redis)
         self._live_agents = redis.register_script(_LIVE_AGENTS)
@@ -746,15 +759,12 @@ class InstanceRegistry:
     # -- views -------------------------------------------------------------
 
     def _view(self, instance_id: str, record: dict[str, str], live: list[AgentEntry]) -> dict[str, Any]:
-        models: list[str] = []
-        image_models: list[str] = []
-        transcribe_models: list[str] = []
-        for entry in live:
-            models.extend(m for m in entry.models if m not in models)
-            image_models.extend(m for m in entry.image_models if m not in image_models)
-            transcribe_models.extend(m for m in entry.transcribe_models if m not in transcribe_models)
+        cap = self.max_models
+        models = _union((e.models for e in live), cap)
+        image_models = _union((e.image_models for e in live), cap)
+        transcribe_models = _union((e.transcribe_models for e in live), cap)
         if not models:
-            models = orjson.loads(record.get("models") or "[]")
+            models = _union([orjson.loads(record.get("models") or "[]")], cap)
         online = bool(live)
         last_seen = time.time() if online else (float(record["last_seen"]) if "last_seen" in record else None)
         return {
@@ -803,7 +813,7 @@ class InstanceRegistry:
 
     async def list(
         self, *, status: str | None = None, limit: int = 50, cursor: int = 0, query: str = "",
-        scan_limit: int = 2000,
+        scan_limit: int = 2000, max_names: int = PAGE_MAX_NAMES,
     ) -> tuple[list[dict[str, Any]], str | None]:
         """One page of instances in registration order.
 
@@ -812,7 +822,11 @@ class InstanceRegistry:
         batches, so a page is short only at the end of the list, or when
         ``scan_limit`` instances were examined without filling it (a search
         that matches little must not read the whole registry in one request:
-        the caller follows ``next_cursor``).
+        the caller follows ``next_cursor``), or when the next instance would
+        take the page past ``max_names`` model names (a page of instances
+        that each declare hundreds of long names must not weigh megabytes;
+        a page always holds at least one instance, which a view's own cap
+        keeps far below it).
 
         ``query`` matches, ignoring case, a substring of the name, the
         description, the id or a model name.
@@ -822,8 +836,11 @@ class InstanceRegistry:
         position, examined = cursor, 0
         # A filtered page may need many instances read: in larger batches, fewer round trips
         # (what a batch reads past the page's last match is read again by the next page).
-        batch_size = limit if status is None and not needle else max(limit, FILTERED_BATCH)
-        while len(out) < limit and examined < scan_limit:
+        # Batches are bounded too: a batch reads every agent entry of its instances, and a page
+        # that fills its names at the first few instances must not have read hundreds.
+        batch_size = min(limit, LIST_BATCH) if status is None and not needle else FILTERED_BATCH
+        names, full = 0, False
+        while len(out) < limit and examined < scan_limit and not full:
             batch = cast("list[tuple[bytes, float]]", await self.redis.zrangebyscore(
                 keys.INSTANCES, f"({position}", "+inf", start=0, num=min(batch_size, scan_limit - examined),
                 withscores=True,
@@ -832,23 +849,34 @@ class InstanceRegistry:
                 return out, None
             found = await self._read_views([text(member) for member, _ in batch])
             for (_, score), view in zip(batch, found, strict=True):
+                # Private instances are not advertised (their owners know the id); then the filters.
+                if view is not None and view["visibility"] == "public" and \
+                        (status is None or view["status"] == status) and (not needle or _matches(view, needle)):
+                    weight = len(view["models"]) + len(view["image_models"]) + len(view["transcribe_models"])
+                    if out and names + weight > max_names:
+                        full = True  # the next page starts with this one
+                        break
+                    out.append(view)
+                    names += weight
                 position = int(score)
                 examined += 1
-                if view is None or view["visibility"] != "public":
-                    continue  # private instances are not advertised; their owners know the id
-                if status is not None and view["status"] != status:
-                    continue
-                if needle and not _matches(view, needle):
-                    continue
-                out.append(view)
                 if len(out) == limit:
                     break
         more = await self.redis.zcount(keys.INSTANCES, f"({position}", "+inf")
         return out, (str(position) if more else None)
 
 
-#: Instances read per round trip while filling a filtered page (status, search).
-FILTERED_BATCH = 200
+
+
+def _union(lists: Iterable[Sequence[str]], cap: int) -> list[str]:
+    """The names of ``lists`` in order, each once, at most ``cap`` of them (linear: a dict, not list scans)."""
+    seen: dict[str, None] = {}
+    for names in lists:
+        for name in names:
+            if len(seen) >= cap:
+                return list(seen)
+            seen[name] = None
+    return list(seen)
 
 
 def _matches(view: dict[str, Any], needle: str) -> bool:

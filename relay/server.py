@@ -26,7 +26,10 @@ def uvicorn_config(app: Any, settings: RelaySettings) -> uvicorn.Config:
         app,
         host=settings.host,
         port=settings.port,
-        log_level=settings.log_level.lower(),
+        # uvicorn's loggers never below INFO: at DEBUG, websockets logs every frame of every agent
+        # (two lines per ping and pong), a cost an agent's frame rate would set.  The relay's own
+        # DEBUG lines are unaffected.
+        log_level=max(logging.INFO, uvicorn.config.LOG_LEVELS.get(settings.log_level.lower(), logging.INFO)),
         access_log=False,  # one line per chunk-stream is noise; errors are logged by the app
         log_config=None,  # uvicorn's lines go through our root handler (relay.logs), same format
         ws_max_size=settings.max_frame_bytes,

@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("relay.sessions")
 
+#: The operations this relay can route: an agent's hello may declare others (a newer agent),
+#: which the session drops, so what it keeps (and records in Redis) is bounded by this set.
+KNOWN_OPS = (wire.OP_CHAT, wire.OP_IMAGES, wire.OP_TRANSCRIBE)
+
 #: Cancelled stream ids remembered per agent, so their late frames are ignored
 #: rather than treated as frames "after the stream ended".
 MAX_DROPPED_STREAMS = 4096
@@ -91,7 +95,8 @@ class AgentSession:
         self.session_id = uuid.uuid4().hex
         self.models = hello.models
         # A version-1 agent can chat and nothing else, whatever it claims.
-        self.capabilities = hello.capabilities if protocol >= 2 else (wire.OP_CHAT,)
+        self.capabilities = tuple(op for op in KNOWN_OPS if op in hello.capabilities) if protocol >= 2 \
+            else (wire.OP_CHAT,)
         self.image_models = hello.image_models if protocol >= 2 else ()
         self.transcribe_models = hello.transcribe_models if protocol >= 2 else ()
         self.max_concurrency = hello.max_concurrency
@@ -221,11 +226,19 @@ class AgentSession:
                     raise wire.ProtocolError(f"credit for stream {credit.id}, which has no upload in progress")
                 target.feed_credit(credit)
             case wire.Ping(ts=ts):
+                self._count_ping()
                 await self._send(wire.encode(wire.Pong(ts)))
             case wire.Pong():
-                pass
+                self._count_ping()  # never asked for: the relay does not ping
             case other:
                 raise wire.ProtocolError(f"agents may not send {type(other).__name__} frames")
+
+    def _count_ping(self) -> None:
+        # A heartbeat is one ping per interval; each costs the node a pong, so pings have their own
+        # budget, far below the frames' (which a stream's DATA frames need).
+        if self.budget is not None and not self.budget.allow_ping():
+            raise wire.ProtocolError(f"agent pings faster than {self.budget.pings_per_second:g} per second",
+                                     wire.CloseCode.POLICY_VIOLATION)
 
     async def close(self, code: int, reason: str) -> None:
         """Close the websocket and fail whatever was still running on it."""

@@ -96,6 +96,13 @@ class RelaySettings(BaseSettings):
     agent_frames_per_second: int = Field(default=10_000, ge=0)
     #: Bytes per second one agent may send, sustained (bursts of twice that); past it: close 1008.
     agent_bytes_per_second: int = Field(default=64 * 1024 * 1024, ge=0)
+    #: Model names one agent may declare (chat, image and transcription together); past it the
+    #: handshake is refused, close 1008.  Every view, model list and pick reads them.
+    agent_max_models: int = Field(default=256, ge=0)
+    #: Characters of one declared model name (hub ids and tags are far shorter); past it: close 1008.
+    agent_max_name_chars: int = Field(default=256, ge=0, le=1024)
+    #: Agents (replicas) of one instance connected to one node at once; past it: close 1013, the agent retries.
+    agents_per_instance: int = Field(default=16, ge=0)
 
     # -- the HTTP edge (issue 21) ---------------------------------------------------
     #: Bytes of one request's header block: request line, names and values (431 ``headers_too_large``, closed).

@@ -247,6 +247,7 @@ MALFORMED = [
     _hello(protocol=True), _hello(protocol="1"), _hello(max_concurrency=True), _hello(max_concurrency=0),
     _hello(max_concurrency=-1), _hello(models=[]), _hello(models="m"), _hello(models=[""]), _hello(models=[1]),
     _hello(models=None), _hello(agent_id=""), _hello(agent_id="x" * 129), _hello(agent_id=7),
+    _hello(agent_version="x" * 129), _hello(agent_version=None),
     _hello(image_models="img"), _hello(image_models=None), _hello(image_models=[""]), _hello(image_models=[1]),
     _hello(image_models=[None]), _hello(image_models={"img": 1}), _hello(image_models=["ok", 2]),
     _hello(image_models=["x" * 1025]), _hello(image_models=["i"] * 10_001),

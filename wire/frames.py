@@ -82,8 +82,12 @@ class CloseCode(enum.IntEnum):
     NORMAL = 1000
     GOING_AWAY = 1001  # relay shutting down: reconnect, maybe elsewhere
     PROTOCOL_ERROR = 1002
-    POLICY_VIOLATION = 1008  # e.g. the agent floods: more frames or bytes than allowed
+    #: The agent floods (more frames, bytes or pings than allowed), or its hello declares more
+    #: than this relay takes (too many models, too long a name): before the welcome, that hello
+    #: will be refused again, so the agent stops.
+    POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009
+    TRY_AGAIN_LATER = 1013  # RFC 6455 s7.4.2 (IANA): e.g. the instance has all the agents a node takes
     UNSUPPORTED_VERSION = 4001  # one side must be upgraded; retrying will not help
     UNAUTHORIZED = 4003  # token unknown, rotated or instance deleted
     HEARTBEAT_TIMEOUT = 4008
@@ -442,13 +446,16 @@ def _hello(obj: dict[str, Any]) -> Hello:
     agent_id: str = _field(obj, "agent_id", str)
     if not 0 < len(agent_id) <= MAX_NAME_LENGTH:
         raise ProtocolError(f"hello.agent_id must be 1-{MAX_NAME_LENGTH} characters")
+    agent_version: str = _field(obj, "agent_version", str)
+    if len(agent_version) > MAX_NAME_LENGTH:
+        raise ProtocolError(f"hello.agent_version must be at most {MAX_NAME_LENGTH} characters")
     protocol: int = _field(obj, "protocol", int)
     min_protocol: int = _field(obj, "min_protocol", int, protocol)
     if min_protocol > protocol:
         raise ProtocolError("hello.min_protocol is newer than hello.protocol")
     return Hello(
         protocol=protocol,
-        agent_version=_field(obj, "agent_version", str),
+        agent_version=agent_version,
         agent_id=agent_id,
         models=_names(obj, "models", length=MAX_MODEL_NAME_LENGTH),
         max_concurrency=max_concurrency,
