@@ -387,7 +387,8 @@ async def chat_messages(request: Request) -> Response:
             saver = reserving.saver
             assert saver is not None  # run_op returned: the stream was opened, the turn stored
             # Stored when the response ends, whatever ended it ("stopped": the caller left).
-            return ThenResponse(answer, lambda: saver.finish(*_ending(events)))
+            return ThenResponse(answer, lambda: saver.finish(events.answer, events.outcome or "stopped", events.usage,
+                                                             truncated=events.truncated))
         except BaseException as exc:
             if reserving.saver is not None:  # stored: the question stays, marked (the model never answered it)
                 with cleanup_scope():
@@ -396,10 +397,6 @@ async def chat_messages(request: Request) -> Response:
 
     # The stream lease is taken by the pick, with the agent: a refusal stores nothing.
     return await leased(request, admitted, run)
-
-
-def _ending(events: DifyEvents) -> tuple[str, Ending, Any]:
-    return events.answer, events.outcome or "stopped", events.usage
 
 
 async def _blocking(request: Request, reserving: ReservingRouter, body_for: Any) -> Response:
