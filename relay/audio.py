@@ -18,6 +18,13 @@ upload: frames of one window, each waiting for the agent's credit
 (``chat.run_op``), so a 15 MB file shares the agent's websocket with
 everything else frame by frame.
 
+The node holds at most ``RELAY_UPLOAD_MEMORY_BYTES`` of uploads at once, all
+callers together (``UploadBudget``): a form is reserved against it before
+its first byte is read (its declared length, or, sent chunked, as its bytes
+arrive) and given back when the request ends, however it ends; past it
+``503 uploads_busy`` with ``Retry-After``.  A form that pauses midway gets
+``408`` after ``RELAY_BODY_TIMEOUT`` (``observe.body_deadline``).
+
 Formats are OpenAI's: mp3, mp4, mpeg, mpga, m4a, wav, webm.  The name's
 extension decides, as it does at OpenAI; a name without one of those
 extensions is accepted when its content type names one of the formats, and
@@ -33,8 +40,11 @@ Answers: ``json`` and ``verbose_json`` are the agent's JSON; ``text``,
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,11 +60,13 @@ from wire.frames import MAX_MODEL_NAME_LENGTH
 
 from . import keys
 from .chat import run_op
-from .errors import InvalidRequest, PayloadTooLarge, RelayError, UpstreamError, ValidationFailed
+from .errors import InvalidRequest, PayloadTooLarge, RelayError, ServiceNotReady, UpstreamError, ValidationFailed
 from .gate import Admitted, admit, admit_model, leased
 from .inputs import client_ip
 from .limits import Slot
 from .streams import cleanup_scope
+
+log = logging.getLogger("relay.audio")
 
 #: Room next to the file for the multipart framing and the text fields.
 FORM_ROOM = 64 * 1024
@@ -97,28 +109,84 @@ _JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?
 # -- reading the form ----------------------------------------------------------------
 
 
-async def read_audio(request: Request) -> AudioForm | None:
-    """The form, read while holding one of the caller's address's upload slots; None if the caller left.
+class UploadBudget:
+    """The bytes of uploads this node holds in memory, against ``limit`` (0: no limit).
 
-    Up to 15 MiB per request sit in memory while a form is read, before any
-    stream lease (on ``/v1`` even before the instance is known): the slots
+    Reservations are plain counts on the event loop: taken and given back
+    without awaiting, so nothing can interleave.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.held = 0
+        self._warned = False
+
+    def take(self, size: int) -> None:
+        """Reserve ``size`` more bytes; 503 ``uploads_busy`` when they do not fit."""
+        if self.limit and self.held + size > self.limit:
+            if not self._warned:  # once per busy spell, not per refusal
+                self._warned = True
+                log.warning("upload memory budget full (%d of %d bytes held): uploads refused with 503",
+                            self.held, self.limit)
+            raise ServiceNotReady("this relay node holds as many uploads as it may at once; retry shortly",
+                                  code="uploads_busy", headers={"Retry-After": "2"})
+        self.held += size
+
+    def give_back(self, size: int) -> None:
+        self.held -= size
+        if self.held <= self.limit // 2:
+            self._warned = False
+
+
+class _Reservation:
+    """One request's share of the node's ``UploadBudget``, grown as a chunked body arrives."""
+
+    def __init__(self, budget: UploadBudget):
+        self.budget = budget
+        self.size = 0
+
+    def grow_to(self, size: int) -> None:
+        if size > self.size:
+            self.budget.take(size - self.size)
+            self.size = size
+
+    def release(self) -> None:
+        self.budget.give_back(self.size)
+        self.size = 0
+
+
+
+@contextlib.asynccontextmanager
+async def read_audio(request: Request) -> AsyncIterator[AudioForm | None]:
+    """The form (None if the caller left), held against the node's upload budget until the block ends.
+
+    Read while holding one of the caller's address's upload slots.  Up to 15
+    MiB per request sit in memory while a form is read, before any stream
+    lease (on ``/v1`` even before the instance is known): the slots
     (``RELAY_MAX_STREAMS_PER_CALLER`` per client address, across nodes) bound
-    how many one address can make the relay hold at once.
+    how many one address can make the relay hold at once, and the node's
+    ``UploadBudget`` (``RELAY_UPLOAD_MEMORY_BYTES``) how many all addresses
+    together can, from the form's first byte to the end of the request.
     """
     state = request.app.state
-    lease = await state.stream_leases.acquire(
-        [Slot(keys.streams("upload", f"ip:{client_ip(request)}"), state.settings.max_streams_per_caller,
-              "uploads from this address")])
+    reservation = _Reservation(state.upload_budget)
     try:
-        return await read_form(request, state.settings.max_upload_bytes)
-    except ClientDisconnect:
-        return None
+        lease = await state.stream_leases.acquire(
+            [Slot(keys.streams("upload", f"ip:{client_ip(request)}"), state.settings.max_streams_per_caller,
+                  "uploads from this address")])
+        try:
+            form: AudioForm | None = await read_form(request, state.settings.max_upload_bytes, reservation)
+        except ClientDisconnect:
+            form = None
+        finally:
+            with cleanup_scope():
+                await state.stream_leases.release(lease)
+        yield form
     finally:
-        with cleanup_scope():
-            await state.stream_leases.release(lease)
+        reservation.release()
 
 
-async def read_form(request: Request, limit: int) -> AudioForm:
+async def read_form(request: Request, limit: int, reservation: _Reservation | None = None) -> AudioForm:
     """The multipart body, bounded before parsing: 413 past ``limit`` bytes of file.
 
     415 when the body is not a form, 400 when it does not parse, 422 when
@@ -140,9 +208,11 @@ async def read_form(request: Request, limit: int) -> AudioForm:
         raise UnsupportedMediaType("send the audio as multipart/form-data, with the file in a part named 'file'",
                                    code="multipart_required")
     body_limit = limit + FORM_ROOM
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > body_limit:
+    declared = declared_length(request)
+    if declared is not None and declared > body_limit:
         raise PayloadTooLarge(f"the file exceeds {limit} bytes")
+    if reservation is not None and declared is not None:
+        reservation.grow_to(declared)  # before a byte is read
     counted = 0
 
     async def bounded() -> Message:
@@ -154,6 +224,8 @@ async def read_form(request: Request, limit: int) -> AudioForm:
             counted += len(message.get("body", b""))
             if counted > body_limit:
                 raise PayloadTooLarge(f"the file exceeds {limit} bytes")
+            if reservation is not None:
+                reservation.grow_to(counted)  # chunked, or more than declared: as it arrives
         return message
 
     parser = MultiPartParser(request.headers, Request(request.scope, bounded).stream(), max_files=1,
@@ -179,6 +251,14 @@ async def read_form(request: Request, limit: int) -> AudioForm:
         return AudioForm(data, upload.filename or "", upload.content_type or "", fields)
     finally:
         await form.close()
+
+
+def declared_length(request: Request) -> int | None:
+    """The request's ``Content-Length`` as a number, None when absent (httptools refuses malformed ones)."""
+    declared = request.headers.get("content-length")
+    if declared is None or not (declared.isascii() and declared.isdigit()) or len(declared) > 20:
+        return None
+    return int(declared)
 
 
 def audio_file(filename: str, content_type: str) -> tuple[str, str]:
@@ -287,23 +367,23 @@ async def transcribe(request: Request, admitted: Admitted, file: bytes, filename
 async def instance_transcriptions(request: Request) -> Response:
     """``POST /api/chat/{id}/audio/transcriptions``."""
     admitted = await admit(request, request.path_params["instance_id"])
-    form = await read_audio(request)
-    if form is None:
-        return Response(status_code=499)
-    audio_file(form.filename, form.content_type)  # refused before a lease is taken
-    transcription_fields(form.fields)
-    return await leased(request, admitted, lambda: transcribe(request, admitted, form.file, form.filename,
-                                                              form.content_type, form.fields, ""))
+    async with read_audio(request) as form:
+        if form is None:
+            return Response(status_code=499)
+        audio_file(form.filename, form.content_type)  # refused before a lease is taken
+        transcription_fields(form.fields)
+        return await leased(request, admitted, lambda: transcribe(request, admitted, form.file, form.filename,
+                                                                  form.content_type, form.fields, ""))
 
 
 async def global_transcriptions(request: Request) -> Response:
     """``POST /v1/audio/transcriptions``: the instance is named by ``model`` (or the caller key)."""
-    form = await read_audio(request)
-    if form is None:
-        return Response(status_code=499)
-    target, admitted = await admit_model(request, form.fields.get("model") or None)
-    audio_file(form.filename, form.content_type)
-    fields = {k: v for k, v in form.fields.items() if k != "model"}  # it named the instance
-    transcription_fields(fields)
-    return await leased(request, admitted, lambda: transcribe(request, admitted, form.file, form.filename,
-                                                              form.content_type, fields, target.model))
+    async with read_audio(request) as form:
+        if form is None:
+            return Response(status_code=499)
+        target, admitted = await admit_model(request, form.fields.get("model") or None)
+        audio_file(form.filename, form.content_type)
+        fields = {k: v for k, v in form.fields.items() if k != "model"}  # it named the instance
+        transcription_fields(fields)
+        return await leased(request, admitted, lambda: transcribe(request, admitted, form.file, form.filename,
+                                                                  form.content_type, fields, target.model))

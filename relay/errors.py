@@ -7,7 +7,9 @@
     ├── Forbidden              403 permission_error
     ├── NotFound               404 not_found_error        (the instance is unknown: nothing else)
     ├── ModelNotFound          404 invalid_request_error  (/v1: no such instance or model)
+    ├── RequestTimeout         408 invalid_request_error  (the body paused past RELAY_BODY_TIMEOUT; closes)
     ├── PayloadTooLarge        413 invalid_request_error
+    ├── HeadersTooLarge        431 invalid_request_error  (written by server.py's protocol; closes)
     ├── RateLimited            429 rate_limit_error        (carries Retry-After)
     ├── OperationUnsupported   501 not_implemented_error   (no agent can run the operation)
     ├── UpstreamError          502 upstream_error          (the agent or model failed)
@@ -95,8 +97,22 @@ class NoSuchRoute(RelayError):
     status, type, code = 404, "not_found_error", None
 
 
+class RequestTimeout(RelayError):
+    """The caller stopped sending its request midway: answered, then the connection is closed."""
+
+    status, type, code = 408, "invalid_request_error", "request_timeout"
+
+    def __init__(self, message: str, **kwargs: Any):
+        super().__init__(message, **kwargs)
+        self.headers.setdefault("Connection", "close")  # the rest of the body is never read
+
+
 class PayloadTooLarge(RelayError):
     status, type, code = 413, "invalid_request_error", "payload_too_large"
+
+
+class HeadersTooLarge(RelayError):
+    status, type, code = 431, "invalid_request_error", "headers_too_large"
 
 
 class RateLimited(RelayError):

@@ -18,6 +18,10 @@ from .errors import InvalidRequest, PayloadTooLarge, ValidationFailed
 
 #: Bodies of owner actions and small API calls: a name, a description, a user.
 SMALL_BODY_BYTES = 16 * 1024
+#: The digits an integer query parameter may have: more is out of any range
+#: the relay takes (2**63 has 19), and never reaches ``int()`` (past 4300
+#: digits it raises, and below that it costs time quadratic in the length).
+MAX_INT_DIGITS = 20
 
 
 def bearer_token(request: Request) -> str | None:
@@ -32,12 +36,14 @@ def client_ip(request: Request) -> str:
 
 
 async def read_json(request: Request, limit: int, *, empty: Any = None) -> Any:
-    """The body as JSON: 413 past ``limit`` bytes (declared or actual), 400 if it is not JSON.
+    """The body as JSON: 413 past ``limit`` bytes (declared or actual), 400 if it is not JSON,
+    422 ``json_too_deep`` past ``RELAY_MAX_JSON_DEPTH`` levels of arrays and objects.
 
     ``empty``, when not None, is what an empty body means (else it is not JSON).
     """
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and (
+            len(declared) > MAX_INT_DIGITS or int(declared) > limit):
         raise PayloadTooLarge(f"request body exceeds {limit} bytes")
     body = bytearray()
     async for part in request.stream():
@@ -47,9 +53,32 @@ async def read_json(request: Request, limit: int, *, empty: Any = None) -> Any:
     if not body and empty is not None:
         return empty
     try:
-        return orjson.loads(body)
+        data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    max_depth = request.app.state.settings.max_json_depth
+    # A body with fewer brackets than the limit cannot be nested deeper (two C-speed counts).
+    if max_depth and body.count(b"{") + body.count(b"[") > max_depth:
+        check_depth(data, max_depth)
+    return data
+
+
+def check_depth(data: Any, max_depth: int) -> None:
+    """422 ``json_too_deep`` if arrays and objects in ``data`` nest deeper than ``max_depth``.
+
+    What the relay forwards is encoded again (``orjson.dumps``, pydantic's
+    ``model_dump``), which fails past ~250 levels: a caller's ``metadata`` or
+    ``tools`` nested 300 deep was a 500 and a traceback per request.  An
+    iterative walk of the containers only (no recursion to exhaust).
+    """
+    stack: list[tuple[Any, int]] = [(data, 1)] if isinstance(data, (dict, list)) else []
+    while stack:
+        value, depth = stack.pop()
+        if depth > max_depth:
+            raise ValidationFailed(f"the JSON body nests arrays and objects deeper than {max_depth} levels",
+                                   code="json_too_deep")
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
 
 
 def validate(model: type[BaseModel], data: Any) -> Any:
@@ -70,6 +99,8 @@ def int_param(params: Any, name: str, default: int, low: int, high: int) -> int:
     # ASCII digits only: int() would also take "+5", " 5", "1_0" and other scripts' digits.
     if not (raw.isascii() and raw.removeprefix("-").isdigit()):
         raise ValidationFailed(f"{name} must be an integer", param=name)
+    if len(raw) > MAX_INT_DIGITS:
+        raise ValidationFailed(f"{name} must be between {low} and {high}", param=name)
     value = int(raw)
     if not low <= value <= high:
         raise ValidationFailed(f"{name} must be between {low} and {high}", param=name)

@@ -12,6 +12,12 @@ HTTP request it
   and for a streamed answer observes the time to its first bytes and the
   time to its end.
 
+While a request's body is incomplete, each read of it may wait at most
+``body_timeout`` seconds (``RELAY_BODY_TIMEOUT``): past it the read raises
+``RequestTimeout`` (408 in the door's dialect, and the connection closed).
+Only the body is timed: once its last part is in, ``receive`` waits for the
+caller's disconnect, which a streamed answer does for as long as it runs.
+
 Agent websockets get a connection id, and a refused handshake is counted as
 a rejection.  The lifespan gets the node id, which every background task of
 the node inherits.
@@ -19,6 +25,7 @@ the node inherits.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import secrets
@@ -27,6 +34,7 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import logs
+from .errors import RequestTimeout
 from .metrics import RelayMetrics
 
 #: The instance a request is about, for its log lines (``/api/instances/events`` follows many: none).
@@ -91,12 +99,35 @@ def request_id_from(scope: Scope) -> str:
     return secrets.token_hex(8)
 
 
+def body_deadline(receive: Receive, timeout: float) -> Receive:
+    """``receive``, each wait for more of the body bounded by ``timeout`` seconds (then ``RequestTimeout``)."""
+    done = False
+
+    async def timed() -> Message:
+        nonlocal done
+        if done:
+            return await receive()
+        try:
+            async with asyncio.timeout(timeout):
+                message = await receive()
+        except TimeoutError:
+            done = True
+            raise RequestTimeout(f"the request body paused for more than {timeout:g} s") from None
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            done = True  # the body is whole (or the caller left): what follows waits for the disconnect
+        return message
+
+    return timed
+
+
 class RequestObserver:
-    def __init__(self, app: ASGIApp, *, metrics: RelayMetrics, node_id: str, log_requests: bool = True) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: RelayMetrics, node_id: str, log_requests: bool = True,
+                 body_timeout: float = 0) -> None:
         self.app = app
         self.metrics = metrics
         self.node_id = node_id
         self.log_requests = log_requests
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         logs.node_id.set(self.node_id)
@@ -141,6 +172,8 @@ class RequestObserver:
         if chat:
             metrics.active_streams.inc()
             scope[BODY_SEND] = observed_send
+        if self.body_timeout:
+            receive = body_deadline(receive, self.body_timeout)
         try:
             await self.app(scope, receive, observed_send)
         finally:

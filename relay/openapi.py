@@ -182,6 +182,37 @@ def _errors(*statuses: int, dialect: str = "openai", meaning: dict[int, str] | N
     return out
 
 
+#: What the HTTP edge answers on every route (``server.EdgeProtocol``, ``observe.body_deadline``).
+EDGE_MEANING = {
+    408: "The request's header block took longer than RELAY_HEADER_TIMEOUT, or its body paused longer than "
+         "RELAY_BODY_TIMEOUT (request_timeout); the connection is closed",
+    431: "The request's header block (request line, names and values) is past RELAY_MAX_HEADER_BYTES "
+         "(headers_too_large); the connection is closed",
+}
+
+
+def _with_edge_errors(paths: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every operation, with the edge's 408 and 431 added to its responses.
+
+    A 431 and a header timeout's 408 are written before any route is known,
+    in OpenAI's shape; a body's 408 is the route's own error, in its dialect.
+    """
+    openai = ERROR_BODIES["openai"]["application/json"]
+    for item in paths.values():
+        for operation in item.values():
+            responses = operation["responses"]
+            errors = [r["content"] for status, r in responses.items() if status.startswith("4") and "content" in r]
+            content = dict(errors[0]) if errors else {}
+            json_body = content.get("application/json")
+            if json_body is None or json_body == openai:
+                content["application/json"] = openai
+            else:  # SwiftChat's JSON errors: its shape for a body's 408, OpenAI's for the header's
+                content["application/json"] = {"schema": {"oneOf": [openai["schema"], json_body["schema"]]}}
+            responses.setdefault("408", {"description": EDGE_MEANING[408], "content": content})
+            responses.setdefault("431", {"description": EDGE_MEANING[431], "content": ERROR_BODIES["openai"]})
+    return paths
+
+
 def _path_param(name: str, description: str) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "description": description,
             "schema": {"type": "string", "pattern": ID_PATTERN}}
@@ -342,6 +373,8 @@ TRANSCRIBE_MEANING = {
     422: "No `file` part (an application/x-www-form-urlencoded body has none), an empty file, or a field out of "
          "its range; or what the model server refused",
     501: "No connected agent of the instance can transcribe (capability_not_supported)",
+    503: "Instance offline or at capacity, relay storage unavailable, or this node already holds "
+         "RELAY_UPLOAD_MEMORY_BYTES of uploads (uploads_busy); see Retry-After",
 }
 TRANSCRIPTION_ANSWER: dict[str, Any] = {
     "200": {
@@ -854,7 +887,7 @@ def build_openapi(base_url: str) -> dict[str, Any]:
             ),
         },
         "servers": [{"url": base_url}],
-        "paths": operations(),
+        "paths": _with_edge_errors(operations()),
         "components": {
             "schemas": schemas(),
             "securitySchemes": {
