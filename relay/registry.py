@@ -46,8 +46,8 @@ LIST_BATCH = 100
 #: ``RELAY_AGENT_MAX_MODELS``).
 VIEW_MAX_MODELS = 256
 #: Model names one page of views may carry (``GET /api/instances``, ``/v1/models``, SwiftChat's
-#: ``/api/models``): 2048 names of at most 256 characters, well under a megabyte of names.
-PAGE_MAX_NAMES = 2048
+#: ``/api/models``): 1024 names of at most 256 characters, under a megabyte in any of them.
+PAGE_MAX_NAMES = 1024
 
 
 def new_token() -> str:
