@@ -7,12 +7,16 @@ A conversation belongs to one :class:`Scope` — instance, caller identity and D
 scope must look exactly like an id that never existed, because for anonymous
 callers a uuid4 id is the only credential.
 
-A turn is stored in three steps: :meth:`ConversationStore.start_turn` reserves
-the message (status ``answering``) before any model is asked, so a question is
-never lost; :meth:`~ConversationStore.checkpoint` saves the partial answer while
-it streams; :meth:`~ConversationStore.finish` writes the final answer.  A
-message still ``answering`` whose last write is older than ``stale_after``
-reads as ``interrupted``: the node answering it died.
+A turn is checked and stored in steps: :meth:`ConversationStore.prepare_turn`
+checks it against every bound and reads the history, storing nothing;
+:meth:`~ConversationStore.reserve_turn` checks again and stores the message
+(status ``answering``) — the Dify door calls it once an agent has taken the
+request and before the answer is read, so a refused turn leaves no trace and
+an accepted question is never lost (:meth:`~ConversationStore.start_turn` does
+both in one call); :meth:`~ConversationStore.checkpoint` saves the partial
+answer while it streams; :meth:`~ConversationStore.finish` writes the final
+answer.  A message still ``answering`` whose last write is older than
+``stale_after`` reads as ``interrupted``: the node answering it died.
 
 Every operation is one Lua script (one round trip, checks and writes atomic),
 and every key an instance's conversations use shares one Redis Cluster hash tag
@@ -45,7 +49,21 @@ Bounds (0 turns one off):
   ``too_many_conversations``.  422 (``ValidationFailed``) rather than 429:
   waiting never helps, deleting a conversation does, and clients retry a 429
   on their own.  It is also what the relay answers when an instance has too
-  many caller keys (``too_many_keys``).
+  many caller keys (``too_many_keys``).  For an anonymous caller the same
+  limit also holds per client address (``Bounds.address``, from the door):
+  ``user`` is whatever the client says, so a new one per conversation must
+  not sidestep it.
+* ``Bounds.conversations`` / ``Bounds.bytes`` (given per turn by the door) —
+  what one instance keeps in all: past the first, a new conversation is 422
+  ``instance_conversations_full`` (turns in existing ones go on); past the
+  second, every new turn is.  Bytes are those of the stored values (queries,
+  answers, names, inputs), counted by every script that writes or removes
+  them (checkpoints included) in the instance's sizes hash; a conversation
+  leaves the count when it leaves the instance index (deleted, purged, or
+  found expired: a creation drops expired entries from the index's least
+  recently active end, many when the instance looks full), so expiry gives
+  its place back.  A turn already accepted is finished whatever the bound:
+  the bytes may pass it by what the turns in flight store.
 """
 
 from __future__ import annotations
@@ -166,7 +184,7 @@ end
 # again, then the writes; "both": all in one call.  The history is returned as
 # it was before this message (empty for "reserve", which does not need it).
 # KEYS: conversation, messages, order, scope index, instance index, instance
-#       sizes, address index (used only when ARGV[20] is "1").
+#       sizes, address index (used only when ARGV[20] is "1", else the conversation again).
 # ARGV: cid, mid, caller, user, now, ttl ms, index prefix, conversation prefix,
 #       max messages, max conversations (per scope, and per address),
 #       message head JSON, state JSON, create ("1"/"0"), name, inputs JSON,
@@ -633,9 +651,13 @@ class ConversationStore:
     async def _start_script(self, turn: Turn, now: float, bounds: Bounds, mode: str) -> Turn:
         scope, conversation_id, create = turn.scope, turn.conversation_id, turn.created
         iid = scope.instance_id
-        anonymous = bounds.address is not None
+        by_address = create and bounds.address is not None
+        names = self._keys(scope, conversation_id)
+        # Declared only when used: on a migrating slot, a declared key not there
+        # (an address index never made) refuses the script up front (TRYAGAIN).
+        names.append(keys.address_conversations(iid, bounds.address_digest) if by_address else names[0])
         reply = await self._start(
-            keys=[*self._keys(scope, conversation_id), keys.address_conversations(iid, bounds.address_digest)],
+            keys=names,
             args=[
                 conversation_id, turn.message_id, scope.caller, scope.user, repr(float(now)), self.ttl_ms,
                 keys.message_conversation(iid, ""), keys.conversation(iid, ""),
@@ -643,7 +665,7 @@ class ConversationStore:
                 orjson.dumps({"query": turn.query, "created_at": now}),
                 orjson.dumps({"answer": "", "updated_at": now}),
                 "1" if create else "0", turn.name, orjson.dumps(turn.inputs) if create else b"{}", scope.digest,
-                mode, bounds.conversations, bounds.bytes, "1" if anonymous else "0",
+                mode, bounds.conversations, bounds.bytes, "1" if by_address else "0",
             ],
         )
         verdict = _text(reply[0])
