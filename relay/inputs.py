@@ -57,8 +57,7 @@ async def read_json(request: Request, limit: int, *, empty: Any = None) -> Any:
     except orjson.JSONDecodeError as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
     max_depth = request.app.state.settings.max_json_depth
-    # A body with fewer brackets than the limit cannot be nested deeper (two C-speed counts).
-    if max_depth and body.count(b"{") + body.count(b"[") > max_depth:
+    if max_depth:
         check_depth(data, max_depth)
     return data
 
@@ -69,16 +68,23 @@ def check_depth(data: Any, max_depth: int) -> None:
     What the relay forwards is encoded again (``orjson.dumps``, pydantic's
     ``model_dump``), which fails past ~250 levels: a caller's ``metadata`` or
     ``tools`` nested 300 deep was a 500 and a traceback per request.  An
-    iterative walk of the containers only (no recursion to exhaust).
+    iterative walk, one level at a time, of the containers only (no recursion
+    to exhaust; ~0.03 ms for a chat of 200 messages in 1 MiB, ~3-4 ms for a
+    MiB of 20,000 small objects, about what parsing them costs).
     """
-    stack: list[tuple[Any, int]] = [(data, 1)] if isinstance(data, (dict, list)) else []
-    while stack:
-        value, depth = stack.pop()
+    level = [data] if type(data) is dict or type(data) is list else []
+    depth = 0
+    while level:
+        depth += 1
         if depth > max_depth:
             raise ValidationFailed(f"the JSON body nests arrays and objects deeper than {max_depth} levels",
                                    code="json_too_deep")
-        children = value.values() if isinstance(value, dict) else value
-        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+        below = []
+        for value in level:  # orjson makes plain dicts and lists: exact type tests are enough
+            for child in value.values() if type(value) is dict else value:
+                if type(child) is dict or type(child) is list:
+                    below.append(child)
+        level = below
 
 
 def validate(model: type[BaseModel], data: Any) -> Any:
