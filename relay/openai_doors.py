@@ -165,7 +165,8 @@ async def instance_models(request: Request) -> Response:
 
 async def global_models(request: Request) -> Response:
     """``GET /v1/models``: with a caller key, its instance's models as plain names;
-    without, the online public instances' ``<id>/<model>`` names, a page of instances at a time."""
+    without, the online public instances' ``<id>/<model>`` names, a page of instances at a time (a page
+    ends early rather than carry more than ``registry.PAGE_MAX_NAMES`` names: follow ``next_cursor``)."""
     state = request.app.state
     presented = bearer_token(request)
     keyed = await state.access.key_instance(presented)
