@@ -102,7 +102,8 @@ async def models(request: Request) -> Response:
     """``POST /api/models``: ``{"textModel": [...], "imageModel": [...]}``, each ``{modelId, modelName}``.
 
     With a caller key, its instance's models by their plain names (the key
-    routes them); without, the online public instances', as ``<id>/<model>``.
+    routes them); without, the online public instances', as ``<id>/<model>``: the directory's first
+    page (SwiftChat does not page), so at most 100 instances and ``registry.PAGE_MAX_NAMES`` names.
     """
     state = request.app.state
     presented = bearer_token(request)
