@@ -90,6 +90,8 @@ RATINGS = frozenset({"like", "dislike"})
 MAX_NAME_CHARS = 256
 #: Characters of the first query that make a new conversation's default name.
 DEFAULT_NAME_CHARS = 40
+#: Largest token usage object stored with an answer, as JSON (a larger one is left out).
+MAX_USAGE_BYTES = 4096
 #: Largest page either list returns (Dify's own bound).
 MAX_PAGE = 100
 #: Stale index entries a creation drops from the head of an index, at most:
@@ -189,7 +191,7 @@ end
 #       max messages, max conversations (per scope, and per address),
 #       message head JSON, state JSON, create ("1"/"0"), name, inputs JSON,
 #       scope digest, mode, instance max conversations, instance max bytes,
-#       address ("1"/"0").
+#       address ("1"/"0"), history bytes, history answered messages.
 _START = _LIB + """
 local cid, mid, now, ttl, mode = ARGV[1], ARGV[2], ARGV[5], tonumber(ARGV[6]), ARGV[17]
 local create = ARGV[13] == '1'
@@ -221,11 +223,32 @@ if most_bytes > 0 and stored() >= most_bytes then
   sweep_head(KEYS[5], ARGV[8], WIDE, KEYS[6])
   if stored() >= most_bytes then return {'instance_bytes_full'} end
 end
+-- The history the model may see: the newest messages, until `most_bytes` of
+-- them are read or `most_answered` answered ones (0: no bound); oldest first.
+local function history()
+  local most_bytes, most_answered = tonumber(ARGV[21]), tonumber(ARGV[22])
+  local picked, fields, used, answered = {}, {}, 0, 0
+  for _, id in ipairs(redis.call('ZREVRANGE', KEYS[3], 0, -1)) do
+    if (most_bytes > 0 and used >= most_bytes) or (most_answered > 0 and answered >= most_answered) then break end
+    local v = redis.call('HMGET', KEYS[2], id, id .. ':s', id .. ':r', id .. ':f')
+    if v[1] then
+      table.insert(picked, 1, id)
+      for i, suffix in ipairs({'', ':s', ':r', ':f'}) do
+        if v[i] then fields[#fields + 1] = id .. suffix; fields[#fields + 1] = v[i] end
+      end
+      used = used + #v[1] + #(v[3] or '')
+      if v[3] and string.sub(v[3], 1, 13) ~= '{"answer":"",' then answered = answered + 1 end
+    end
+  end
+  return picked, fields
+end
 if mode == 'check' then
   if create then return {'ok', ARGV[15], {}, {}} end
-  return {'ok', redis.call('HGET', KEYS[1], 'inputs'), redis.call('ZRANGE', KEYS[3], 0, -1),
-          redis.call('HGETALL', KEYS[2])}
+  local picked, fields = history()
+  return {'ok', redis.call('HGET', KEYS[1], 'inputs'), picked, fields}
 end
+local picked, records = {}, {}
+if mode == 'both' and not create then picked, records = history() end
 local ids = redis.call('ZRANGE', KEYS[3], 0, -1)
 for _, id in ipairs(ids) do reach(ARGV[7] .. id) end
 reach(ARGV[7] .. mid)
@@ -239,15 +262,13 @@ if create then
     redis.call('PEXPIRE', KEYS[7], ttl)
   end
 end
-local records = {}
-if mode == 'both' then records = redis.call('HGETALL', KEYS[2]) else ids = {} end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('ZADD', KEYS[3], seq, mid)
 redis.call('HSET', KEYS[2], mid, ARGV[11], mid .. ':s', 'answering', mid .. ':r', ARGV[12])
 redis.call('SET', ARGV[7] .. mid, cid, 'PX', ttl)
 account(KEYS[6], cid, size)
 touch(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], cid, now, ttl, ARGV[7])
-return {'ok', redis.call('HGET', KEYS[1], 'inputs'), ids, records}
+return {'ok', redis.call('HGET', KEYS[1], 'inputs'), picked, records}
 """.replace("SWEEP", str(_SWEEP)).replace("WIDE", str(_WIDE_SWEEP))
 
 # Replace the partial answer of a message still answering.  Not activity (see
@@ -590,22 +611,26 @@ class ConversationStore:
 
     async def start_turn(
         self, scope: Scope, conversation_id: str | None, query: str, inputs: dict[str, Any], now: float,
-        bounds: Bounds = NO_BOUNDS,
+        bounds: Bounds = NO_BOUNDS, *, recent: tuple[int, int] = (0, 0),
     ) -> Turn:
         """Check and reserve a new message (status ``answering``) at once: :meth:`prepare_turn`
         and :meth:`reserve_turn` in one script call.  Raises as :meth:`prepare_turn`."""
         return await self._start_script(self._prepared(scope, conversation_id, query, inputs, now), now, bounds,
-                                        "both")
+                                        "both", recent)
 
     async def prepare_turn(
         self, scope: Scope, conversation_id: str | None, query: str, inputs: dict[str, Any], now: float,
-        bounds: Bounds = NO_BOUNDS,
+        bounds: Bounds = NO_BOUNDS, *, recent: tuple[int, int] = (0, 0),
     ) -> Turn:
         """Check a new turn and read the history it answers from, storing nothing.
 
         ``conversation_id`` None is a new conversation named after the query,
         holding ``inputs``; otherwise the conversation's stored inputs are kept
-        and ``inputs`` is ignored.  :meth:`reserve_turn` stores the turn (the
+        and ``inputs`` is ignored.  ``recent`` = (bytes, answered messages)
+        bounds the history read, newest first: reading stops once that many
+        bytes of stored JSON, or that many messages with an answer, are read
+        (0: no bound), so what a turn holds does not grow with its
+        conversation.  :meth:`reserve_turn` stores the turn (the
         Dify door calls it once an agent took the request: a turn refused before
         leaves no trace).  Raises NotFound ``conversation_not_found``,
         ValidationFailed ``message_too_large`` / ``inputs_too_large`` /
@@ -613,7 +638,7 @@ class ConversationStore:
         ``instance_conversations_full``.
         """
         return await self._start_script(self._prepared(scope, conversation_id, query, inputs, now), now, bounds,
-                                        "check")
+                                        "check", recent)
 
     async def reserve_turn(self, turn: Turn, now: float, bounds: Bounds = NO_BOUNDS) -> None:
         """Store a prepared turn's message (status ``answering``), creating its conversation if new.
@@ -648,7 +673,8 @@ class ConversationStore:
         return Turn(conversation_id, str(uuid.uuid4()), int(now), dict(inputs) if create else {}, [], scope,
                     create, default_name(query) if create else "", query)
 
-    async def _start_script(self, turn: Turn, now: float, bounds: Bounds, mode: str) -> Turn:
+    async def _start_script(self, turn: Turn, now: float, bounds: Bounds, mode: str,
+                            recent: tuple[int, int] = (0, 0)) -> Turn:
         scope, conversation_id, create = turn.scope, turn.conversation_id, turn.created
         iid = scope.instance_id
         by_address = create and bounds.address is not None
@@ -665,7 +691,7 @@ class ConversationStore:
                 orjson.dumps({"query": turn.query, "created_at": now}),
                 orjson.dumps({"answer": "", "updated_at": now}),
                 "1" if create else "0", turn.name, orjson.dumps(turn.inputs) if create else b"{}", scope.digest,
-                mode, bounds.conversations, bounds.bytes, "1" if by_address else "0",
+                mode, bounds.conversations, bounds.bytes, "1" if by_address else "0", *recent,
             ],
         )
         verdict = _text(reply[0])
@@ -716,7 +742,7 @@ class ConversationStore:
         state: dict[str, Any] = {"answer": answer, "updated_at": now}
         if truncated or clipped:
             state["truncated"] = True
-        if usage is not None:
+        if usage is not None and len(orjson.dumps(usage)) <= MAX_USAGE_BYTES:  # the agent's to fill: kept if small
             state["usage"] = usage
         return orjson.dumps(state)
 

@@ -174,6 +174,18 @@ def model_messages(turn: Turn, query: str, variables: list[dict[str, Any]], *, m
     return head + earlier + tail
 
 
+def recent_history(settings: Any) -> tuple[int, int]:
+    """How much history a turn reads, newest first: enough for :func:`model_messages`, no more.
+
+    (bytes, answered messages), 0 = no bound.  A stored character takes at most
+    6 bytes of JSON (``\\u0001``), and a record's fields around its text far less
+    than 1 KiB: past ``6 * max_content_chars`` plus that per message, the
+    turns read hold more characters than the model may be sent.
+    """
+    chars, count = settings.max_content_chars, settings.max_messages
+    return (6 * chars + 1024 * count if chars else 0), (count // 2 + 1 if count else 0)
+
+
 # -- chat-messages ------------------------------------------------------------------
 
 
@@ -369,7 +381,7 @@ async def chat_messages(request: Request) -> Response:
 
     async def run() -> Response:
         turn = await store.prepare_turn(_owner(instance_id, caller, body.user), body.conversation_id or None,
-                                        body.query, inputs, time.time(), bounds)
+                                        body.query, inputs, time.time(), bounds, recent=recent_history(settings))
         reserving = ReservingRouter(state.router, store, turn, bounds, settings.conversation_checkpoint_interval)
         try:
             chat = chat_for(model_messages(turn, body.query, parameters["variables"],

@@ -370,3 +370,24 @@ async def test_a_prepared_turn_stores_nothing_until_reserved(redis):
     page, _ = await store.messages(scope, first.conversation_id, None, 10, now=1003.0)
     assert [m["query"] for m in page] == ["again", "q"] and page[0]["status"] == "answering"
     assert (await store.messages(scope, fresh.conversation_id, None, 10, now=1003.0))[0][0]["query"] == "new"
+
+
+async def test_a_turn_reads_only_the_recent_history_it_may_send(redis):
+    """However long the conversation, a turn reads its newest messages up to a byte or message budget."""
+    store = store_for(redis, max_message_bytes=0)
+    scope = Scope(INSTANCE, "key:k", "u")
+    started = await store.start_turn(scope, None, "q0", {}, 1000.0)
+    await store.finish(started, "a" * 100, "normal", 1000.0)
+    cid = started.conversation_id
+    for n in range(1, 10):
+        following = await store.start_turn(scope, cid, f"q{n}", {}, 1000.0 + n)
+        await store.finish(following, "" if n == 8 else "a" * 100, "error" if n == 8 else "normal", 1000.0 + n,
+                           usage={"tokens": "x" * 5000})  # too large a usage object: left out
+    whole = await store.prepare_turn(scope, cid, "next", {}, 1100.0)
+    assert [m["query"] for m in whole.history] == [f"q{n}" for n in range(10)]
+    assert all("usage" not in m for m in whole.history)
+    by_answers = await store.prepare_turn(scope, cid, "next", {}, 1100.0, recent=(0, 3))
+    assert [m["query"] for m in by_answers.history] == ["q6", "q7", "q8", "q9"]  # q8 has no answer
+    by_bytes = await store.prepare_turn(scope, cid, "next", {}, 1100.0, recent=(300, 0))
+    # ~170 bytes a record with its answer: q9 and q8 leave it under 300, q7 passes it, then it stops.
+    assert [m["query"] for m in by_bytes.history] == ["q7", "q8", "q9"]
