@@ -191,7 +191,7 @@ end
 #       max messages, max conversations (per scope, and per address),
 #       message head JSON, state JSON, create ("1"/"0"), name, inputs JSON,
 #       scope digest, mode, instance max conversations, instance max bytes,
-#       address ("1"/"0"), history bytes, history answered messages.
+#       address ("1"/"0"), history bytes, history answered messages, address digest.
 _START = _LIB + """
 local cid, mid, now, ttl, mode = ARGV[1], ARGV[2], ARGV[5], tonumber(ARGV[6]), ARGV[17]
 local create = ARGV[13] == '1'
@@ -258,6 +258,7 @@ if create then
              'caller', ARGV[3], 'user', ARGV[4], 'scope', ARGV[16], 'seq', 0)
   size = size + #ARGV[14] + #ARGV[15]
   if ARGV[20] == '1' then
+    redis.call('HSET', KEYS[1], 'addr', ARGV[23])
     redis.call('ZADD', KEYS[7], now, cid)
     redis.call('PEXPIRE', KEYS[7], ttl)
   end
@@ -372,14 +373,17 @@ return {'ok', redis.call('HMGET', KEYS[1], 'name', 'inputs', 'created_at', 'upda
 """
 
 # KEYS: conversation, messages, order, scope index, instance index, instance sizes.
-# ARGV: caller, user, cid, index prefix.
+# ARGV: caller, user, cid, index prefix, address index prefix.
 _DELETE = _LIB + """
 if not owned(KEYS[1], ARGV[1], ARGV[2]) then return 0 end
 local ids = redis.call('ZRANGE', KEYS[3], 0, -1)
 for _, mid in ipairs(ids) do reach(ARGV[4] .. mid) end
+local addr = redis.call('HGET', KEYS[1], 'addr')
+if addr then reach(ARGV[5] .. addr) end
 for _, mid in ipairs(ids) do redis.call('DEL', ARGV[4] .. mid) end
 redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3])
 redis.call('ZREM', KEYS[4], ARGV[3])
+if addr then redis.call('ZREM', ARGV[5] .. addr, ARGV[3]) end
 forget(KEYS[5], KEYS[6], ARGV[3])
 return 1
 """
@@ -407,7 +411,7 @@ return 1
 # Delete up to `batch` conversations of an instance, least recently active
 # first.  Entries of expired conversations just leave the index (their keys
 # expire by themselves).  KEYS: instance index, instance sizes.
-# ARGV: batch, conversation, messages, order, index and scope prefixes.
+# ARGV: batch, conversation, messages, order, index, scope and address index prefixes.
 # Returns {conversations deleted, entries left}.
 _PURGE = _LIB + """
 -- Counted first: the index may be empty at the end, and an emptied key is not
@@ -415,22 +419,25 @@ _PURGE = _LIB + """
 local entries = redis.call('ZCARD', KEYS[1])
 local found = {}
 for _, cid in ipairs(redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)) do
-  local scope = redis.call('HGET', ARGV[2] .. cid, 'scope')
+  local who = redis.call('HMGET', ARGV[2] .. cid, 'scope', 'addr')
+  local scope, addr = who[1], who[2]
   local ids = {}
   if scope then
     ids = redis.call('ZRANGE', ARGV[4] .. cid, 0, -1)
     for _, mid in ipairs(ids) do reach(ARGV[5] .. mid) end
     reach(ARGV[3] .. cid) reach(ARGV[6] .. scope)
+    if addr then reach(ARGV[7] .. addr) end
   end
-  found[#found + 1] = {cid, scope, ids}
+  found[#found + 1] = {cid, scope, ids, addr}
 end
 local deleted = 0
 for _, f in ipairs(found) do
-  local cid, scope, ids = f[1], f[2], f[3]
+  local cid, scope, ids, addr = f[1], f[2], f[3], f[4]
   if scope then
     for _, mid in ipairs(ids) do redis.call('DEL', ARGV[5] .. mid) end
     redis.call('UNLINK', ARGV[2] .. cid, ARGV[3] .. cid, ARGV[4] .. cid)
     redis.call('ZREM', ARGV[6] .. scope, cid)
+    if addr then redis.call('ZREM', ARGV[7] .. addr, cid) end
     deleted = deleted + 1
   end
   forget(KEYS[1], KEYS[2], cid)
@@ -692,6 +699,7 @@ class ConversationStore:
                 orjson.dumps({"answer": "", "updated_at": now}),
                 "1" if create else "0", turn.name, orjson.dumps(turn.inputs) if create else b"{}", scope.digest,
                 mode, bounds.conversations, bounds.bytes, "1" if by_address else "0", *recent,
+                bounds.address_digest,
             ],
         )
         verdict = _text(reply[0])
@@ -927,7 +935,8 @@ class ConversationStore:
             raise _not_found()
         done = await self._delete(
             keys=self._keys(scope, conversation_id),
-            args=[scope.caller, scope.user, conversation_id, keys.message_conversation(scope.instance_id, "")],
+            args=[scope.caller, scope.user, conversation_id, keys.message_conversation(scope.instance_id, ""),
+                  keys.address_conversations(scope.instance_id, "")],
         )
         if not done:
             raise _not_found()
@@ -963,7 +972,8 @@ class ConversationStore:
                 keys=[keys.instance_conversations(instance_id), keys.conversation_sizes(instance_id)],
                 args=[self.purge_batch, keys.conversation(instance_id, ""),
                       keys.conversation_messages(instance_id, ""), keys.conversation_order(instance_id, ""),
-                      keys.message_conversation(instance_id, ""), keys.scope_conversations(instance_id, "")],
+                      keys.message_conversation(instance_id, ""), keys.scope_conversations(instance_id, ""),
+                      keys.address_conversations(instance_id, "")],
             )
             total += int(deleted)
             if not int(left):

@@ -53,7 +53,8 @@ conversation and message ids; ``<scope>`` is the hex SHA-256 of the JSON pair
 ``[caller, user]`` (the user is free text: hashed, it cannot shape key names).
 
 ``ir:conv:{<id>}:c:<cid>``  hash  name, inputs (JSON), created_at, updated_at,
-                                  caller, user, scope, seq (message counter)
+                                  caller, user, scope, seq (message counter), addr
+                                  (anonymous: the address index it is in)
 ``ir:conv:{<id>}:m:<cid>``  hash  per message ``<mid>`` -> JSON {query, created_at};
                                   ``<mid>:s`` -> status; ``<mid>:r`` -> JSON {answer,
                                   updated_at, truncated?, usage?}; ``<mid>:f`` -> rating
@@ -68,7 +69,8 @@ conversation and message ids; ``<scope>`` is the hex SHA-256 of the JSON pair
                                   conversation's ``all`` entry
 ``ir:conv:{<id>}:a:<addr>`` zset  anonymous conversation id scored by creation: those
                                   started from one client address (``<addr>``: its
-                                  hex SHA-256); TTL = retention after the last one
+                                  hex SHA-256; the conversation's ``addr``); TTL =
+                                  retention after the last one
 
 All of them expire ``retention`` after the last activity they take part in
 (every write but a streaming checkpoint refreshes what it touches, message

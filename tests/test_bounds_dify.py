@@ -391,3 +391,15 @@ async def test_a_turn_reads_only_the_recent_history_it_may_send(redis):
     by_bytes = await store.prepare_turn(scope, cid, "next", {}, 1100.0, recent=(300, 0))
     # ~170 bytes a record with its answer: q9 and q8 leave it under 300, q7 passes it, then it stops.
     assert [m["query"] for m in by_bytes.history] == ["q7", "q8", "q9"]
+
+
+async def test_deleting_and_purging_anonymous_conversations_leave_no_address_index(redis):
+    store = store_for(redis)
+    here = Bounds(address="198.51.100.7")
+    made = [await store.start_turn(Scope(INSTANCE, "anon", f"user{n}"), None, "q", {}, 1000.0 + n, here)
+            for n in range(3)]
+    index = keys.address_conversations(INSTANCE, here.address_digest)
+    await store.delete(made[0].scope, made[0].conversation_id)
+    assert await redis.zcard(index) == 2
+    assert await store.purge_instance(INSTANCE) == 2
+    assert await redis.keys(f"ir:conv:{{{INSTANCE}}}:*") == []  # the address index, the sizes too
