@@ -469,7 +469,7 @@ class AgentClient:
     async def _send_body(self, sid: int, window: wire.SendWindow, body: bytes, frame_size: int) -> None:
         """A whole JSON body, in frames of at most one window each, each waiting for credit.
 
-        Never as one frame: a frame past the relay's limit (4 MiB by default;
+        Never as one frame: a frame past the relay's limit (1 MiB by default;
         generated images reach it easily) makes the relay close the whole
         connection, this agent's other streams with it.  The window (256 KiB
         by default) is what the relay holds for a stream at once anyway.

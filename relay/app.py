@@ -114,7 +114,7 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
     sessions = SessionManager()
     liveness = NodeLiveness(redis, heartbeat_timeout=settings.heartbeat_timeout, node_id=node.node_id)
     registry = InstanceRegistry(redis, heartbeat_timeout=settings.heartbeat_timeout, base_url=settings.base_url(),
-                                liveness=liveness)
+                                liveness=liveness, max_models=settings.agent_max_models)
     presence = Presence(node, registry, sessions, heartbeat_interval=settings.heartbeat_interval,
                         heartbeat_timeout=settings.heartbeat_timeout)
     bus = CrossNode(redis, node.node_id, sessions, registry, heartbeat_timeout=settings.heartbeat_timeout,

@@ -182,6 +182,10 @@ class EdgeProtocol(HttpToolsProtocol):
         self._head_timer = self.loop.call_later(self.LINGER, self.transport.close)
 
 
+#: Agent messages a connection may have waiting to be handled (see ``uvicorn_config``).
+WS_MAX_QUEUE = 4
+
+
 def edge_protocol(settings: RelaySettings) -> type[EdgeProtocol]:
     """``EdgeProtocol`` with this node's limits (uvicorn builds one per connection from the class)."""
     return type("EdgeProtocol", (EdgeProtocol,), {"max_header_bytes": settings.max_header_bytes,
@@ -201,6 +205,10 @@ def uvicorn_config(app: Any, settings: RelaySettings) -> uvicorn.Config:
         access_log=False,  # one line per chunk-stream is noise; errors are logged by the app
         log_config=None,  # uvicorn's lines go through our root handler (relay.logs), same format
         ws_max_size=settings.max_frame_bytes,
+        # Messages read off an agent's socket but not yet handled (uvicorn's default is 32): what
+        # one agent can make the node hold before its first frame is even judged is this many
+        # frames of max_frame_bytes; past it the socket is simply not read (TCP pushes back).
+        ws_max_queue=WS_MAX_QUEUE,
         ws_ping_interval=None,  # agents heartbeat inside the protocol
         timeout_graceful_shutdown=5,
         lifespan="on",

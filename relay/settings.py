@@ -54,8 +54,11 @@ class RelaySettings(BaseSettings):
     redis_timeout: float = 5.0
     #: Per-stream flow-control window in bytes (relay memory per slow reader).
     stream_window: int = 256 * 1024
-    #: Largest websocket message accepted from an agent.
-    max_frame_bytes: int = 4 * 1024 * 1024
+    #: Largest websocket message accepted from an agent.  An agent's largest
+    #: legitimate frame is one window of data (``stream_window``) or a hello at
+    #: the declaration caps (~200 KB); each of the ``WS_MAX_QUEUE`` messages a
+    #: connection may have waiting can be this large.
+    max_frame_bytes: int = 1024 * 1024
     #: Largest HTTP request body accepted.  Images sent inline (data URIs,
     #: SwiftChat's image blocks) count: raise it for callers that send photos.
     max_body_bytes: int = 1024 * 1024

@@ -57,24 +57,29 @@ async def refused(url: str, token: str, event: wire.Hello) -> tuple[int | None, 
 
 
 async def test_a_hello_past_the_caps_is_refused_naming_the_cap(redis_url):
-    """The issue's hello (10,000 names of ~400 characters, 4 MB, five instances): 1008 naming the cap,
-    one WARNING line each with no name in it, nothing recorded; the real agent stops for good."""
+    """The issue's hello (10,000 names of ~400 characters, 4 MB, five instances) is past the frame limit
+    (1 MiB: close 1009 before it is even decoded); one of 2,000 names (800 KB) is under it: 1008 naming
+    the cap, one WARNING line each with no name in it, nothing recorded; the real agent stops for good."""
     async with relay_process(redis_url, RELAY_LOG_LEVEL="debug") as node:
         tokens = [await node.register(f"big{i}") for i in range(5)]
-        big = hello(names("m", 10_000, 400))
-        assert len(wire.encode(big)) > 4_000_000
+        huge = hello(names("m", 10_000, 400))
+        assert len(wire.encode(huge)) > 4_000_000
+        big = hello(names("m", 2_000, 400))
+        assert 700_000 < len(wire.encode(big)) < 1024 * 1024
         async with node.watch() as watch:
+            too_large = [await refused(node.url, token, huge) for _, token in tokens]
             outcomes = [await refused(node.url, token, big) for _, token in tokens]
             long_name = await refused(node.url, tokens[0][1], hello(("m" * (MAX_NAME + 1),)))
             split = await refused(node.url, tokens[0][1], hello(names("c", 200, 8), image_models=names("i", 57, 8)))
             unknown_ops = await refused(node.url, tokens[0][1], hello(("m",), capabilities=("embeddings",)))
-        watch.assert_within(96 * MiB, "five 4 MB hellos of 10,000 models")
+        watch.assert_within(96 * MiB, "five 4 MB hellos and five of 800 KB")
 
-        assert outcomes == [(1008, "hello declares 10000 models; this relay takes at most 256")] * 5
+        assert [code for code, _ in too_large] == [1009] * 5
+        assert outcomes == [(1008, "hello declares 2000 models; this relay takes at most 256")] * 5
         assert long_name == (1008, "hello declares a model name of 257 characters; this relay takes at most 256")
         assert split == (1008, "hello declares 257 models; this relay takes at most 256")  # all kinds together
         assert unknown_ops[0] == 1008 and "no operation this relay runs" in unknown_ops[1]
-        await node.proc.wait_for_count(r"WARNING relay.gateway .*refused agent", 8)
+        await node.proc.wait_for_count(r"WARNING relay.gateway .*refused agent", 8)  # (1009 is uvicorn's)
         assert max(len(line) for line in node.proc.lines) < 4096 + 200
         assert not any("m-00000-" in line for line in node.proc.lines)  # no declared name is ever logged in full
         async with node.client() as client:
@@ -205,3 +210,30 @@ async def test_a_ping_flood_is_closed_and_a_data_flood_within_budget_starves_nob
         flood_lines = node.proc.lines[lines_before:]
         assert not [line for line in flood_lines if "< TEXT" in line or "BINARY" in line or "> TEXT" in line]
         assert node.proc.count(r"agent pings faster than 10 per second") == 1
+
+
+async def test_agents_blasting_frames_at_the_size_limit_hold_a_few_frames_each(redis_url):
+    """20 agents each push 16 frames of just under 1 MiB without waiting for anything (data for a stream
+    never opened: the first one handled closes them with 1002).  What waits to be handled is at most
+    ``WS_MAX_QUEUE`` frames a connection (TCP holds the rest back), so the node holds a few MiB each,
+    not the 16 MiB each one sent."""
+    from relay.server import WS_MAX_QUEUE
+
+    frame = wire.encode_data(1, b"x" * (1024 * 1024 - 64))
+    async with relay_process(redis_url, RELAY_RATE_REGISTER_PER_IP="0") as node:
+        tokens = [await node.register(f"blast{i}") for i in range(20)]
+
+        async def blast(token: str) -> int | None:
+            async with raw_agent(node.url, token) as agent:
+                with contextlib.suppress(ConnectionClosed):
+                    for _ in range(16):
+                        await agent.send(frame)
+                return await agent.close_code(timeout=DEADLINE)
+
+        async with node.watch() as watch:
+            codes = await asyncio.gather(*(blast(token) for _, token in tokens))
+        assert codes == [1002] * 20
+        # Each connection: the frame being read plus WS_MAX_QUEUE waiting, of 1 MiB each.
+        watch.assert_within(20 * (WS_MAX_QUEUE + 2) * MiB, "20 agents each sending 16 frames of 1 MiB")
+        async with node.client() as client:
+            assert (await client.get("/readyz")).status_code == 200
