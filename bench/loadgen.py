@@ -339,6 +339,42 @@ class ConcurrentResult:
     ttfc: list[float] = field(default_factory=list)
     wall: float = 0.0
     unfinished: int = 0  # streams still running at the timeout (counted in errors too)
+    # How the errors split (issue 21): refused up front (503, nothing streamed), cut mid-way
+    # (200 and then an error event or an early end), anything else; each counted by its error.
+    refused: int = 0
+    cut: int = 0
+    cut_reasons: dict[str, int] = field(default_factory=dict)
+    cut_after_events: list[int] = field(default_factory=list)
+    other_statuses: dict[str, int] = field(default_factory=dict)
+    refused_ttfb: list[float] = field(default_factory=list)  # seconds to a 503's end
+
+
+def _error_code(error: str | None) -> str:
+    """The ``code`` of an OpenAI error body or SSE error event, else the text's start."""
+    if not error:
+        return "(ended without an error)"
+    try:
+        body = orjson.loads(error)
+        inner = body.get("error", body) if isinstance(body, dict) else {}
+        if isinstance(inner, dict) and inner.get("code"):
+            return str(inner["code"])
+    except orjson.JSONDecodeError:
+        pass
+    return error[:60]
+
+
+def _classify(out: ConcurrentResult, result: StreamResult) -> None:
+    if result.status == 503 and not result.events:
+        out.refused += 1
+        out.refused_ttfb.append(result.total)
+    elif result.status == 200:
+        out.cut += 1
+        code = _error_code(result.error)
+        out.cut_reasons[code] = out.cut_reasons.get(code, 0) + 1
+        out.cut_after_events.append(result.events)
+    else:
+        status = str(result.status)
+        out.other_statuses[status] = out.other_statuses.get(status, 0) + 1
 
 
 async def run_concurrent(host: str, port: int, path: str, streams: int, chunks: int, rate: float, *,
@@ -375,6 +411,7 @@ async def run_concurrent(host: str, port: int, path: str, streams: int, chunks: 
                 out.ttfc.append(result.ttfc)
         else:
             out.errors += 1
+            _classify(out, result)
             if len(out.error_samples) < 5:
                 out.error_samples.append(
                     f"status {result.status}, {result.events}/{expected} events, done={result.done}: {result.error}"

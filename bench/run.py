@@ -83,6 +83,8 @@ class Options:
     chunks_per_stream: int = 100
     rate: float = 20.0
     ramp: float = 1.0
+    relay_env: dict[str, str] = field(default_factory=dict)  # extra RELAY_* settings for every relay node
+    hog: int = 0  # busy-looping processes beside the concurrent phase (a heavier load generator's share)
     cpu_streams: int = 50
     cpu_chunks: int = 400
     cpu_rate: float = 100.0
@@ -241,6 +243,42 @@ class Bench:
             "nginx": nginx_binary() if self.o.nginx else None,
         }
 
+    async def sample_lag(self, out: list[float], every: float = 0.25) -> None:
+        """Relay A's event-loop lag (``relay_event_loop_lag_seconds``, what RELAY_SHED_LAG is compared
+        with), read from its /metrics every ``every`` seconds until cancelled."""
+        while True:
+            with contextlib.suppress(OSError, lg.LoadgenError, ValueError):
+                async with lg.HTTPConnection(HOST, self.ports["relay_a"]) as conn:
+                    result = await conn.request("GET", "/metrics")
+                for line in result.body.decode(errors="replace").splitlines():
+                    if line.startswith("relay_event_loop_lag_seconds "):
+                        out.append(float(line.split()[1]))
+            await asyncio.sleep(every)
+
+    def log_sizes(self) -> dict[str, int]:
+        """Where each relay's log ends now (``warnings_since`` reads what comes after)."""
+        out = {}
+        for name in ("relay_a", "relay_b"):
+            proc = self.procs.get(name)
+            if proc is not None:
+                with contextlib.suppress(OSError):
+                    out[name] = proc.log.stat().st_size
+        return out
+
+    def warnings_since(self, sizes: dict[str, int]) -> dict[str, Any]:
+        """The WARNING (and worse) lines each relay logged since ``sizes``: count and a few samples."""
+        out: dict[str, Any] = {}
+        for name, start in sizes.items():
+            try:
+                with open(self.procs[name].log, "rb") as f:
+                    f.seek(start)
+                    lines = f.read().decode(errors="replace").splitlines()
+            except (OSError, KeyError):
+                continue
+            bad = [line for line in lines if any(w in line for w in ("WARNING", "ERROR", "CRITICAL"))]
+            out[name] = {"count": len(bad), "samples": [line[:300] for line in bad[:5]]}
+        return out
+
     def relay_env(self) -> dict[str, str]:
         return {
             "RELAY_HEARTBEAT_INTERVAL": str(self.o.heartbeat_interval),
@@ -251,6 +289,7 @@ class Bench:
             # set them out of reach rather than to 0, so their per-request cost
             # (Redis counters) is still part of what is measured.
             **{f"RELAY_{name}": str(10**9) for name in LIMITS},
+            **self.o.relay_env,
         }
 
     def start_relay(self, name: str, redis_url: str | None = None) -> Proc:
@@ -540,13 +579,30 @@ class Bench:
             for name in self.paths:
                 self.say(f"concurrent: {key} via {name}")
                 port, path = self.paths[name]
-                window = self.cpu_window().start()
-                res = await lg.run_concurrent(HOST, port, path, c, o.chunks_per_stream, o.rate, ramp=o.ramp,
-                                              timeout=max(20.0, 3 * o.chunks_per_stream * interval + 15))
-                window.stop()
+                logged = self.log_sizes()
+                hogs = [self.group.start(f"hog{i}", [sys.executable, "-c", "while True: pass"]) for i in range(o.hog)]
+                lags: list[float] = []
+                sampler = asyncio.create_task(self.sample_lag(lags)) if name.startswith("relay") else None
+                try:
+                    window = self.cpu_window().start()
+                    res = await lg.run_concurrent(HOST, port, path, c, o.chunks_per_stream, o.rate, ramp=o.ramp,
+                                                  timeout=max(20.0, 3 * o.chunks_per_stream * interval + 15))
+                    window.stop()
+                finally:
+                    if sampler is not None:
+                        sampler.cancel()
+                        await asyncio.gather(sampler, return_exceptions=True)
+                    for hog in hogs:
+                        self.group.stop(hog)
                 d = {
                     "streams": c, "completed": res.completed, "errors": res.errors, "unfinished": res.unfinished,
                     "error_samples": res.error_samples,
+                    "refused_503": res.refused, "cut": res.cut, "cut_reasons": res.cut_reasons,
+                    "cut_after_events": sorted(res.cut_after_events), "other_statuses": res.other_statuses,
+                    "refused_ms": _dist(res.refused_ttfb), "hog_processes": o.hog,
+                    "relay_warnings": self.warnings_since(logged),
+                    "relay_a_loop_lag_ms": {"max": _ms(max(lags)) if lags else None, "samples": len(lags),
+                                            "p50": _ms(lg.percentile(lags, 50)) if lags else None},
                     "excess_ms": _dist(res.excess), "ttfc_ms": _dist(res.ttfc),
                     "chunks": res.completed * (o.chunks_per_stream + 1),
                     "cpu": window.as_dict(),
@@ -1042,6 +1098,19 @@ def table(r: dict) -> str:
     for key, res in r.get("concurrent", {}).items():
         row(f"{key}/s: completed/errors", [
             f"{res[p]['completed']}/{res[p]['errors']}" if p in res else "-" for p in paths])
+        row("  whole/cut/refused 503", [
+            f"{res[p]['completed']}/{res[p].get('cut', 0)}/{res[p].get('refused_503', 0)}" if p in res else "-"
+            for p in paths])
+        row("  cut by", [", ".join(f"{k} {v}" for k, v in res[p].get("cut_reasons", {}).items()) or "-"
+                         if p in res else "-" for p in paths])
+        row("  relay A loop lag max ms", [
+            _fmt(res.get(p, {}).get("relay_a_loop_lag_ms", {}).get("max")) for p in paths])
+        row("  relay A/B WARNING lines", [
+            "/".join(str(res[p].get("relay_warnings", {}).get(n, {}).get("count", "-")) for n in ("relay_a", "relay_b"))
+            if p in res else "-" for p in paths])
+        row("  TTFC p50/p99 ms (whole)", [
+            f"{_fmt(res[p]['ttfc_ms'].get('p50'))}/{_fmt(res[p]['ttfc_ms'].get('p99'))}" if p in res else "-"
+            for p in paths])
         row("  p99 inter-chunk excess ms", [_fmt(res.get(p, {}).get("excess_ms", {}).get("p99"), nd=2) for p in paths])
         row("  p99 added vs direct ms", [_fmt(res.get(p, {}).get("added_p99_ms"), nd=2) for p in paths])
         row("  machine busy cores", [_fmt(res.get(p, {}).get("cpu", {}).get("machine_busy_cores")) for p in paths])
@@ -1178,6 +1247,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--rate", type=float, help=f"r chunks/s per concurrent stream (default {d.rate:g})")
     p.add_argument("--ramp", type=float, help=f"seconds over which concurrent streams start (default {d.ramp:g})")
+    p.add_argument("--relay-env", action="append", metavar="RELAY_X=V", default=[],
+                   help="a setting for every relay node (repeatable), e.g. RELAY_REDIS_TIMEOUT=0.5")
+    p.add_argument("--hog", type=int, help="busy-looping processes running beside the concurrent phase, taking "
+                   "their share of the cores as a heavier load generator would (default 0)")
     p.add_argument("--cpu-streams", type=int, help=f"streams in the CPU-per-chunk test (default {d.cpu_streams})")
     p.add_argument(
         "--cpu-chunks", type=int,
@@ -1221,7 +1294,7 @@ def options_from(argv: list[str] | None) -> Options:
         for k, v in QUICK.items():
             setattr(o, k, v)
         o.quick = True
-    for name in ("ttfc_requests", "one_stream_chunks", "concurrency", "chunks_per_stream", "rate", "ramp",
+    for name in ("ttfc_requests", "one_stream_chunks", "concurrency", "chunks_per_stream", "rate", "ramp", "hog",
                  "cpu_streams", "cpu_chunks", "cpu_rate", "sizes", "idle_agents", "heartbeat_interval",
                  "idle_intervals", "output"):
         value = getattr(args, name)
@@ -1235,6 +1308,11 @@ def options_from(argv: list[str] | None) -> Options:
         unknown = set(o.paths) - set(PATH_ORDER)
         if unknown:
             raise SystemExit(f"unknown paths: {', '.join(sorted(unknown))}")
+    for item in args.relay_env:
+        name, eq, value = item.partition("=")
+        if not eq or not name.startswith("RELAY_"):
+            raise SystemExit(f"--relay-env takes RELAY_NAME=VALUE, not {item!r}")
+        o.relay_env[name] = value
     o.nginx = not args.no_nginx
     o.httpx = not args.no_httpx
     o.profile = args.profile

@@ -37,6 +37,7 @@ from .metrics import RelayMetrics, metrics_endpoint
 from .node import NodeState
 from .observe import RequestObserver
 from .openapi import build_openapi
+from .overload import LoadMonitor
 from .presence import Presence
 from .registry import InstanceRegistry, NodeLiveness, text
 from .router import StreamRouter
@@ -110,6 +111,8 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
     if not url:
         raise ValueError("create_app needs a Redis URL (relay serve starts an embedded one)")
     redis = storage.connect(url, settings)
+    # The frames of streams in flight wait as long as a stream may be idle (crossnode.py).
+    in_flight = storage.connect(url, settings, patience=settings.idle_timeout)
     node = NodeState()
     sessions = SessionManager()
     liveness = NodeLiveness(redis, heartbeat_timeout=settings.heartbeat_timeout, node_id=node.node_id)
@@ -118,7 +121,7 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
     presence = Presence(node, registry, sessions, heartbeat_interval=settings.heartbeat_interval,
                         heartbeat_timeout=settings.heartbeat_timeout)
     bus = CrossNode(redis, node.node_id, sessions, registry, heartbeat_timeout=settings.heartbeat_timeout,
-                    window=settings.stream_window, idle_timeout=settings.idle_timeout)
+                    window=settings.stream_window, idle_timeout=settings.idle_timeout, in_flight=in_flight)
     gateway = AgentGateway(settings, node, registry, sessions, presence, bus)
 
     async def subscribed(channels: frozenset[str], again: bool) -> None:
@@ -147,6 +150,10 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
     metrics = RelayMetrics(node.node_id, sessions, bus)  # a registry per app: no globals
     # Connections are made lazily, so the pool can still be told which class to make.
     storage.wrap_connections(redis, metrics.count_round_trips)
+    storage.wrap_connections(in_flight, metrics.count_round_trips)
+    overload = LoadMonitor(shed_lag=settings.shed_lag, max_inflight=settings.max_inflight,
+                           inflight=lambda: sessions.inflight() + len(bus.ingress), on_shed=metrics.count_shed)
+    metrics.watch_load(overload.current_lag)
     watch = StatusWatch(registry, interval=settings.watch_interval, max_watchers=settings.max_watchers,
                         per_address=settings.watchers_per_address)
 
@@ -168,6 +175,7 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
             tg.start_soon(subscriber.run)
             tg.start_soon(stream_leases.run, settings.heartbeat_interval)
             tg.start_soon(watch.run)
+            tg.start_soon(overload.run)
             # Serve only once this node can receive cross-node traffic (bounded:
             # with Redis down we still start, and /readyz says not ready).
             with anyio.move_on_after(5):
@@ -182,6 +190,7 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
                     await presence.leave()
                 tg.cancel_scope.cancel()
         await storage.close(redis)
+        await storage.close(in_flight)
 
     app = Starlette(
         routes=routes(gateway, with_dashboard=settings.dashboard),
@@ -202,7 +211,7 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
     state.settings, state.redis, state.node, state.sessions = settings, redis, node, sessions
     state.registry, state.presence, state.bus, state.gateway = registry, presence, bus, gateway
     state.router, state.access, state.stream_leases, state.metrics = router, access, stream_leases, metrics
-    state.rate_limiter, state.watch = RateLimiter(redis), watch
+    state.rate_limiter, state.watch, state.overload = RateLimiter(redis), watch, overload
     state.conversations = ConversationStore(
         redis, retention_seconds=settings.conversation_retention, max_messages=settings.conversation_max_messages,
         max_conversations=settings.conversations_per_user, max_message_bytes=settings.conversation_message_bytes,

@@ -90,19 +90,29 @@ class BodyEncoder(Protocol):
         """The bytes that end an answer cut short by ``error``."""
 
 
+def ended_by_relay(stream: Stream, code: str | None, reason: str) -> None:
+    """The one WARNING line of a stream the relay ended (idle or stall limit, agent or node gone,
+    message bus lost, answer too large, drain ...): request and instance ids come from the context."""
+    log.warning("stream %s ended by the relay: %s [%s]", stream.id, reason, code or "error")
+
+
 async def first_items(stream: Stream, timeout: float) -> list[Item]:
     """Wait for the model's first frame; 504 if nothing comes in time."""
     try:
         return await stream.next(timeout)
     except TimeoutError:
         await stream.close("no first chunk in time")
-        raise ModelTimeout(f"the model sent nothing within {timeout:g} s") from None
+        error = ModelTimeout(f"the model sent nothing within {timeout:g} s")
+        ended_by_relay(stream, error.code, error.message)
+        raise error from None
 
 
-def raise_if_error(items: list[Item]) -> None:
-    """Turn an error the agent reported before any data into an HTTP error."""
+def raise_if_error(items: list[Item], stream: Stream | None = None) -> None:
+    """Turn an error the agent (or a relay, for it) reported before any data into an HTTP error."""
     head = items[0]
     if type(head) is wire.StreamError:
+        if stream is not None and stream.ended_by_relay(head):
+            ended_by_relay(stream, head.code, head.message)
         raise from_status(head.status, head.message, head.code)
 
 
@@ -117,17 +127,23 @@ async def collect(stream: Stream, items: list[Item], idle_timeout: float, limit:
                 size += len(item)
                 if size > limit:  # an agent is not trusted to bound what the relay holds
                     await stream.close("answer too large")
-                    raise UpstreamError(f"the model's answer exceeds {limit} bytes", code="answer_too_large")
+                    too_large = UpstreamError(f"the model's answer exceeds {limit} bytes", code="answer_too_large")
+                    ended_by_relay(stream, too_large.code, too_large.message)
+                    raise too_large
                 await stream.consumed(len(item))
             elif type(item) is wire.End:
                 return b"".join(parts)
             elif type(item) is wire.StreamError:  # after some data: still an error
+                if stream.ended_by_relay(item):
+                    ended_by_relay(stream, item.code, item.message)
                 raise from_status(item.status, item.message, item.code)
         try:
             items = await stream.next(idle_timeout)
         except TimeoutError:
             await stream.close("idle timeout")
-            raise ModelTimeout(f"the model went silent for {idle_timeout:g} s") from None
+            silent = ModelTimeout(f"the model went silent for {idle_timeout:g} s")
+            ended_by_relay(stream, silent.code, silent.message)
+            raise silent from None
 
 
 class ClientGone(Exception):
@@ -228,7 +244,7 @@ class EventStreamResponse(Response):
         except asyncio.CancelledError:
             if not guard.stalled():
                 raise
-            log.warning("stream %s: client read nothing for %gs; cutting it off", self.stream.id, self.stall_timeout)
+            ended_by_relay(self.stream, "client_stalled", f"the client read nothing for {self.stall_timeout:g} s")
             logs.ended_on_purpose()
             raise ClientGone() from None
         except OSError:
@@ -242,6 +258,7 @@ class EventStreamResponse(Response):
         except ClientGone:
             raise
         except RelayError as exc:  # the encoder found the answer broken
+            ended_by_relay(self.stream, exc.code, exc.message)
             await self._send(send, self._error(exc), False)
         except Exception as exc:  # a bug on our side: still end the caller's stream properly
             log.exception("stream %s failed in the relay", self.stream.id)
@@ -263,14 +280,16 @@ class EventStreamResponse(Response):
                 await self._send(send, wire.SSE_DONE if encoder is None else encoder.done(), False)
                 return
             if type(last) is wire.StreamError:
+                if stream.ended_by_relay(last):
+                    ended_by_relay(stream, last.code, last.message)
                 await self._send(send, self._error(from_status(last.status, last.message, last.code)), False)
                 return
             try:
                 items = await stream.next(self.idle_timeout)
             except TimeoutError:
-                log.warning("stream %s: model idle for %gs, ending it", stream.id, self.idle_timeout)
                 await stream.close("idle timeout")
                 error = ModelTimeout(f"the model went silent for {self.idle_timeout:g} s")
+                ended_by_relay(stream, error.code, error.message)
                 await self._send(send, self._error(error), False)
                 return
 
@@ -317,7 +336,7 @@ async def _answer(stream: Stream, settings: RelaySettings, receive: Receive | No
                     # is then the first item below.
                     await stream.send_upload(upload, stall_timeout=settings.idle_timeout)
                 items = await first_items(stream, settings.first_chunk_timeout)
-                raise_if_error(items)
+                raise_if_error(items, stream)
                 if not streaming:
                     body = await collect(stream, items, settings.idle_timeout, settings.max_answer_bytes)
             finally:

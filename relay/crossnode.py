@@ -25,6 +25,18 @@ once that the other node is gone, and each node's liveness covers the
 rest.  Order holds because each stream has one publishing task per side,
 which awaits every PUBLISH before the next.
 
+The frames of a stream in flight (the answer's data, its end, credit, upload)
+are published through a client of their own (``in_flight``, built with the
+stream's idle limit as its timeout, ``storage.connect(patience=...)``): a
+node whose event loop runs seconds behind under load waits for its turn on
+a connection and for Redis's reply, and the stream slows down rather than
+being cut because ``RELAY_REDIS_TIMEOUT`` passed (issue 21: 1,000 streams
+through a saturated pair of nodes lost 1-2 % this way).  Such a wait never
+ends in a silent gap: a frame that cannot be published (Redis refused or
+reset the connection, or no reply within the idle limit) fails the stream
+with an error, as before.  New work (the request frame) keeps the short
+timeout: it is refused quickly instead (and ``overload.py`` sheds it first).
+
 A message this node cannot decode, or that names a stream it does not know,
 is logged and dropped: another node's bug never takes this one down.
 """
@@ -74,13 +86,13 @@ class RemoteLink:
         self.session = session
 
     async def send_credit(self, stream_id: int, amount: int) -> None:
-        await self.bus.send(self.node, wire.Credit(stream_id, amount))
+        await self.bus.send(self.node, wire.Credit(stream_id, amount), in_flight=True)
 
     async def send_cancel(self, stream_id: int, reason: str) -> None:
         await self.bus.send(self.node, wire.Cancel(stream_id, reason))
 
     async def send_upload(self, stream_id: int, payload: bytes) -> None:
-        await self.bus.send(self.node, wire.Upload(stream_id, payload))
+        await self.bus.send(self.node, wire.Upload(stream_id, payload), in_flight=True)
 
     def forget(self, stream_id: int) -> None:
         self.bus.ingress.pop(stream_id, None)
@@ -116,9 +128,12 @@ class CrossNode:
     """This node's end of the bus: opens streams on other nodes' agents, serves theirs."""
 
     def __init__(self, redis: Redis, node_id: str, sessions: SessionManager, registry: InstanceRegistry,
-                 *, heartbeat_timeout: float, window: int, idle_timeout: float = 60.0):
+                 *, heartbeat_timeout: float, window: int, idle_timeout: float = 60.0,
+                 in_flight: Redis | None = None):
         self.redis = redis
         self._publish = storage.publisher(redis)
+        #: For the frames of streams in flight: a client as patient as a stream's idle limit.
+        self._publish_in_flight = storage.publisher(in_flight) if in_flight is not None else self._publish
         self.node_id = node_id
         self.sessions = sessions
         self.registry = registry
@@ -141,10 +156,15 @@ class CrossNode:
     def channel(self) -> str:
         return keys.inbox(self.node_id)
 
-    async def send(self, node: str, event: wire.Event, session: str = "") -> None:
-        """Publish one frame to another node; LinkLost (NodeGone) when it cannot arrive."""
+    async def send(self, node: str, event: wire.Event, session: str = "", *, in_flight: bool = False) -> None:
+        """Publish one frame to another node; LinkLost (NodeGone) when it cannot arrive.
+
+        ``in_flight``: a frame of a stream already running, published with the
+        stream's patience rather than Redis's short timeout (see the module's doc).
+        """
+        publish = self._publish_in_flight if in_flight else self._publish
         try:
-            receivers = await self._publish(keys.inbox(node), wire.encode_envelope(self.node_id, event, session))
+            receivers = await publish(keys.inbox(node), wire.encode_envelope(self.node_id, event, session))
         except (RedisError, OSError) as exc:
             raise LinkLost(f"message bus unavailable ({type(exc).__name__})") from None
         if not receivers:
@@ -231,9 +251,9 @@ class CrossNode:
                     return  # closed here already (late frames), or not that node's stream
                 try:
                     remote.feed(event)
-                except wire.ProtocolError as exc:
-                    log.warning("node %s broke stream %s: %s", sender, remote.id, exc)
-                    remote.fail(502, "the relay node holding the agent sent a bad frame", "relay_protocol_error")
+                except wire.ProtocolError as exc:  # logged once, with the stream's end (chat.py)
+                    remote.fail(502, f"the relay node holding the agent ({sender}) sent a bad frame: {exc}",
+                                "relay_protocol_error")
                 if remote.finished:
                     self.ingress.pop(remote.id, None)
             case wire.Credit() as credit if envelope.session:  # node B -> us (node A): the agent's upload credit
@@ -244,9 +264,9 @@ class CrossNode:
                     return  # closed here already, or not that node's stream
                 try:
                     remote.feed_credit(credit)
-                except wire.ProtocolError as exc:
-                    log.warning("node %s broke stream %s: %s", sender, remote.id, exc)
-                    remote.fail(502, "the relay node holding the agent sent a bad frame", "relay_protocol_error")
+                except wire.ProtocolError as exc:  # logged once, with the stream's end (chat.py)
+                    remote.fail(502, f"the relay node holding the agent ({sender}) sent a bad frame: {exc}",
+                                "relay_protocol_error")
             case wire.Credit(id=sid, amount=amount):  # node A -> us (node B)
                 served = self.egress.get((sender, sid))
                 if served is not None and served.stream is not None:
@@ -255,9 +275,8 @@ class CrossNode:
                 served = self.egress.get((sender, upload.id))
                 if served is None:
                     return  # refused or stopped here: node A has heard, or will, from the error we sent
-                if served.queued + len(upload.payload) > served.window:
-                    log.warning("node %s sent more of stream %s's upload than the agent granted", sender, upload.id)
-                    served.stop("the caller's relay node sent more upload than the agent granted")
+                if served.queued + len(upload.payload) > served.window:  # logged once, as the stream stops
+                    served.stop(f"the caller's relay node ({sender}) sent more upload than the agent granted")
                     return
                 served.uploads.append(upload.payload)
                 served.queued += len(upload.payload)
@@ -364,6 +383,9 @@ class CrossNode:
                 if local is not None:
                     await local.close("caller's relay node cancelled")
                 if served.stopped_because:
+                    # This node ended the stream: one line here (the caller's node logs its own).
+                    log.warning("stream %s served for node %s stopped by this node: %s", request.id, reply,
+                                served.stopped_because)
                     await self._reply_error(reply, request.id, served.stopped_because, 502, "relay_unavailable")
 
     async def _forward(self, reply: str, stream_id: int, local: Stream) -> None:
@@ -378,18 +400,20 @@ class CrossNode:
                 if not await self.node_alive(reply):
                     return
                 if silent >= self.idle_timeout:  # the caller's node gave up by now; so do we
-                    await self.send(reply, wire.StreamError(stream_id, 504, "the model went silent", "model_timeout"))
+                    await self.send(reply, wire.StreamError(stream_id, 504, "the model went silent", "model_timeout"),
+                                    in_flight=True)
                     return
                 continue
             silent = 0.0
             payload, last = split_items(items)
             if payload:
-                await self.send(reply, wire.Data(stream_id, payload))
+                await self.send(reply, wire.Data(stream_id, payload), in_flight=True)
             if type(last) is wire.End:
-                await self.send(reply, wire.End(stream_id))
+                await self.send(reply, wire.End(stream_id), in_flight=True)
                 return
             if type(last) is wire.StreamError:
-                await self.send(reply, wire.StreamError(stream_id, last.status, last.message, last.code))
+                await self.send(reply, wire.StreamError(stream_id, last.status, last.message, last.code),
+                                in_flight=True)
                 return
 
     async def _forward_upload(self, reply: str, session_id: str, stream_id: int, served: _Served,
@@ -416,14 +440,20 @@ class CrossNode:
                         break
                 granted = local.tracker.upload_granted
                 if granted > passed_on:
-                    await self.send_quietly(reply, wire.Credit(stream_id, granted - passed_on), session_id)
+                    # Never dropped silently: node A's upload would wait for it until its stall limit.
+                    try:
+                        await self.send(reply, wire.Credit(stream_id, granted - passed_on), session_id,
+                                        in_flight=True)
+                    except LinkLost as exc:
+                        local.fail(502, f"could not pass the agent's upload credit on: {exc}", "relay_unavailable")
+                        return
                     passed_on = granted
                 if not local.tracker.uploading:
                     return
                 await served.wake.wait()
-        except wire.ProtocolError as exc:  # more than the agent granted: node A's bug
-            log.warning("node %s broke the upload of stream %s: %s", reply, stream_id, exc)
-            local.fail(502, "the caller's relay node sent more upload than the agent granted", "relay_protocol_error")
+        except wire.ProtocolError as exc:  # more than the agent granted: node A's bug (node A logs the end)
+            local.fail(502, f"the caller's relay node ({reply}) sent more upload than the agent granted: {exc}",
+                       "relay_protocol_error")
 
     async def _reply_error(self, reply: str, stream_id: int, message: str, status: int = 503,
                            code: str = "instance_offline") -> None:

@@ -1,9 +1,10 @@
 """Admission: what every door checks before an operation reaches an agent.
 
-:func:`admit` checks who may call (404/401/403) and how often (429); the
-door then reads and validates its body (413/400/422); :func:`leased` takes
-a slot in the concurrent-stream limits (429) for as long as the answer is
-being sent.  Every operation on an agent (chat, images, transcription, a
+:func:`admit` refuses new work on an overloaded node (503, ``overload.py``),
+then checks who may call (404/401/403) and how often (429); the door then
+reads and validates its body (413/400/422); :func:`leased` takes a slot in
+the concurrent-stream limits (429) for as long as the answer is being sent.
+Every operation on an agent (chat, images, transcription, a
 Dify turn), whatever its door, passes both, so limits and access rules
 cannot differ between doors.  Where the instance is named in the body
 (``/v1``, SwiftChat: :func:`admit_named`) the body is read first, bounded
@@ -45,6 +46,9 @@ async def admit(request: Request, instance_id: str, *, named_by_model: str | Non
     """
     state = request.app.state
     settings = state.settings
+    # A node past what it can carry refuses new work first (503 node_overloaded), before
+    # any Redis round trip: the streams it holds slow down, and are not cut (overload.py).
+    state.overload.check()
     if not state.node.layout_ready:  # the data may be in the previous key layout (relay.migrate)
         raise ServiceNotReady("relay storage not ready, retry shortly", headers={"Retry-After": "1"})
     try:

@@ -27,6 +27,10 @@ Exposed (all per node; sum over nodes for the cluster):
 ``relay_crossnode_forwards_total{dir}``   counter    streams sent to (out) / served for (in)
                                                      another node
 ``relay_rejections_total{reason}``        counter    requests refused, by error code
+``relay_shed_requests_total{reason}``     counter    new requests refused because the node is
+                                                     overloaded (``lag``, ``inflight``)
+``relay_event_loop_lag_seconds``          gauge      how late the node's event loop runs
+                                                     (smoothed; ``overload.py``)
 ``relay_node_info{node_id,version}``      gauge      1, to join node ids to scrape targets
 ========================================  =========  ==================================
 
@@ -85,11 +89,23 @@ class RelayMetrics:
             "relay_stream_duration_seconds",
             "Seconds from a streaming chat request's arrival to the end of its answer",
             buckets=DURATION_BUCKETS, registry=r)
+        self.shed_requests = Counter(
+            "relay_shed_requests", "New requests refused with 503 node_overloaded, by the limit they hit "
+            "(lag: RELAY_SHED_LAG, inflight: RELAY_MAX_INFLIGHT)", ["reason"], registry=r)
+        self.event_loop_lag = Gauge("relay_event_loop_lag_seconds",
+                                    "How late this node's event loop runs its timers, smoothed", registry=r)
         self.redis_round_trips = Counter(
             "relay_redis_round_trips", "Requests this node sent to Redis and waited for: a command, a script, "
             "or a whole pipeline", registry=r)
         r.register(_NodeCollector(node_id, sessions, bus))
         ProcessCollector(registry=r)
+
+    def watch_load(self, lag: Callable[[], float]) -> None:
+        """Read the event loop's lag from ``lag()`` at scrape time."""
+        self.event_loop_lag.set_function(lag)
+
+    def count_shed(self, reason: str) -> None:
+        self.shed_requests.labels(reason).inc()
 
     def count_round_trips(self, connection_class: type) -> type:
         """``connection_class`` counting each send it makes (redis-py sends a pipeline in one)."""

@@ -149,6 +149,15 @@ class RelaySettings(BaseSettings):
     max_watchers: int = Field(default=2000, ge=1)
     watchers_per_address: int = Field(default=8, ge=1)
 
+    # -- overload (issue 21) -------------------------------------------------------
+    #: Seconds of event-loop lag (smoothed, see relay/overload.py) past which new requests
+    #: on an agent get 503 ``node_overloaded`` + Retry-After, before any Redis work; streams
+    #: in flight are not touched (they slow down).  0 = off.
+    shed_lag: float = Field(default=0.5, ge=0)
+    #: Streams this node answers or serves at once past which new requests get 503
+    #: ``node_overloaded``.  0 = off (the lag limit measures what this machine can carry).
+    max_inflight: int = Field(default=0, ge=0)
+
     log_level: str = "info"
     #: "json": one JSON object per line, for log shippers; "plain": human-readable.
     log_format: str = Field(default="plain", pattern="^(plain|json)$")

@@ -215,10 +215,18 @@ def wrap_connections(client: Redis | RedisCluster, wrap: Wrapper) -> None:
     pool.connection_class = wrap(pool.connection_class)
 
 
-def connect(url: str, settings: RelaySettings) -> Redis:
+def connect(url: str, settings: RelaySettings, *, patience: float | None = None) -> Redis:
     """The relay's client for ``url``: a pool of timed connections, opened lazily (so the
-    composition root can still wrap their class: ``RelayMetrics.count_round_trips``)."""
-    timeouts = {"socket_timeout": settings.redis_timeout,
+    composition root can still wrap their class: ``RelayMetrics.count_round_trips``).
+
+    ``patience``: how long a command (and the wait for a free connection) may take,
+    instead of ``RELAY_REDIS_TIMEOUT``.  The frames of streams in flight go through such
+    a client (``crossnode``): a node whose event loop runs seconds behind must slow
+    them down, not cut them.  Connecting stays bounded by the short timeout, so a Redis
+    that is really down (refused, reset) still fails them at once.
+    """
+    wait = patience or settings.redis_timeout
+    timeouts = {"socket_timeout": wait,
                 "socket_connect_timeout": min(2.0, settings.redis_timeout)}
     scheme = url.split("://", 1)[0]
     if scheme in CLUSTER_SCHEMES:
@@ -227,9 +235,9 @@ def connect(url: str, settings: RelaySettings) -> Redis:
             startup_nodes=[ClusterNode(host, port) for host, port in found.nodes], username=found.username,
             password=found.password, ssl=found.ssl, max_connections=settings.redis_max_connections,
             retry=Retry(NoBackoff(), 0),
-            health_check_interval=10, socket_timeout=settings.redis_timeout,
+            health_check_interval=10, socket_timeout=wait,
             socket_connect_timeout=timeouts["socket_connect_timeout"])
-        cluster.split_keys_wait = settings.redis_timeout
+        cluster.split_keys_wait = wait
         cluster.nodes_manager.connection_kwargs["connection_class"] = SSLConnection if found.ssl else Connection
         wrap_connections(cluster, timed)
         return cluster  # type: ignore[return-value]  # the same commands, as the relay uses them
@@ -241,10 +249,10 @@ def connect(url: str, settings: RelaySettings) -> Redis:
         return sentinel.master_for(target.service, connection_pool_class=BlockingSentinelPool,
                                    connection_class=timed(managed), db=target.db, username=target.username,
                                    password=target.password, max_connections=settings.redis_max_connections,
-                                   timeout=settings.redis_timeout, health_check_interval=10)
+                                   timeout=wait, health_check_interval=10)
     try:
         pool = BlockingConnectionPool.from_url(
-            url, max_connections=settings.redis_max_connections, timeout=settings.redis_timeout,
+            url, max_connections=settings.redis_max_connections, timeout=wait,
             health_check_interval=10, **timeouts,
         )
     except ValueError as exc:  # redis-py's word for a URL it cannot read

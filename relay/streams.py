@@ -39,6 +39,12 @@ log = logging.getLogger("relay.streams")
 #: What the queue holds: payload bytes, or the event that ended the stream.
 Item = bytes | wire.End | wire.StreamError
 
+#: Error codes a relay node decides (this one, or the node holding the agent), never
+#: an agent: a stream ended with one of them was ended by the relay, and the node
+#: answering the caller logs it at WARNING, once (``chat.py``).
+RELAY_CODES = frozenset({"relay_unavailable", "relay_protocol_error", "agent_disconnected", "model_timeout",
+                         "instance_offline"})
+
 #: Longest a shielded cleanup (cancel the agent's stream, give slots back) may
 #: take: cleanups must finish even when the caller is gone, but never hang.
 CLEANUP_TIMEOUT = 10.0
@@ -223,6 +229,10 @@ class Stream:
     def finished(self) -> bool:
         return self.tracker.finished
 
+    def ended_by_relay(self, error: wire.StreamError) -> bool:
+        """Whether ``error``, which ended this stream, was a relay's decision rather than the agent's report."""
+        return (self._ended_here and not self._sender_done) or error.code in RELAY_CODES
+
     # -- fed by the transport ----------------------------------------------------
 
     def feed(self, event: wire.Data | wire.End | wire.StreamError) -> None:
@@ -273,7 +283,7 @@ class Stream:
         try:
             await self.link.send_upload(self.id, payload)
         except LinkLost as exc:
-            log.warning("stream %s: upload frame not delivered (%s); failing it", self.id, exc)
+            log.debug("stream %s: upload frame not delivered (%s); failing it", self.id, exc)
             self.fail(502, f"lost the agent mid-upload: {exc}", "agent_disconnected")
             return False
         return True
@@ -358,7 +368,8 @@ class Stream:
         try:
             await self.link.send_credit(self.id, grant)
         except LinkLost as exc:
-            log.warning("stream %s: credit not delivered (%s); failing it", self.id, exc)
+            # Not logged here: the caller's response logs the stream's end, once (chat.py).
+            log.debug("stream %s: credit not delivered (%s); failing it", self.id, exc)
             self.fail(502, f"lost the agent mid-stream: {exc}", "agent_disconnected")
 
     async def close(self, reason: str = "client disconnected") -> None:
