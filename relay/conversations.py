@@ -64,6 +64,14 @@ Bounds (0 turns one off):
   recently active end, many when the instance looks full), so expiry gives
   its place back.  A turn already accepted is finished whatever the bound:
   the bytes may pass it by what the turns in flight store.
+* ``Bounds.caller_bytes`` — one caller's share of those bytes, so that one
+  caller cannot fill the instance for everyone: a conversation counts against
+  the share of the caller that made it (its key, or without one its client
+  address: :meth:`Bounds.identity`), accounted in the same hash by the same
+  scripts and given back the same way; past the share, that caller's new
+  turns are 422 ``caller_conversations_full`` (others' go on).  A
+  conversation stored before the shares existed joins its caller's share at
+  its next turn, with all its bytes.
 """
 
 from __future__ import annotations
@@ -139,24 +147,43 @@ local function touch(conv, msgs, order, scope, all, sizes, cid, now, ttl, xprefi
   for _, mid in ipairs(redis.call('ZRANGE', order, 0, -1)) do redis.call('PEXPIRE', xprefix .. mid, ttl) end
 end
 
--- The instance's stored bytes: `sizes` holds each conversation's bytes and
--- their sum (field 'total').  A conversation leaves the instance index only
--- through `forget`, which gives its bytes back: deleted, purged or expired.
+-- The instance's stored bytes: `sizes` holds each conversation's bytes
+-- (field <cid>) and their sum (field 'total'); and per caller: whose share a
+-- conversation counts against (field 'w:<cid>', the caller's identity: its
+-- key, or an address) and that caller's sum (field 'o:<identity>').  Every
+-- change of a conversation's bytes changes the sums with it.  A conversation
+-- leaves the instance index only through `forget`, which gives its bytes back
+-- to both: deleted, purged or expired.
 local function account(sizes, cid, delta)
   if delta == 0 then return end
   redis.call('HINCRBY', sizes, cid, delta)
   redis.call('HINCRBY', sizes, 'total', delta)
+  local who = redis.call('HGET', sizes, 'w:' .. cid)
+  if who then redis.call('HINCRBY', sizes, 'o:' .. who, delta) end
+end
+
+-- A conversation counts against `who`'s share from now on, with the bytes it
+-- holds already (one stored before the shares existed has some).
+local function adopt(sizes, cid, who)
+  if redis.call('HSETNX', sizes, 'w:' .. cid, who) == 0 then return end
+  local n = tonumber(redis.call('HGET', sizes, cid)) or 0
+  if n ~= 0 then redis.call('HINCRBY', sizes, 'o:' .. who, n) end
 end
 
 local function forget(all, sizes, cid)
   redis.call('ZREM', all, cid)
   local n = tonumber(redis.call('HGET', sizes, cid))
+  local who = redis.call('HGET', sizes, 'w:' .. cid)
+  if who then
+    redis.call('HDEL', sizes, 'w:' .. cid)
+    if redis.call('HINCRBY', sizes, 'o:' .. who, -(n or 0)) <= 0 then redis.call('HDEL', sizes, 'o:' .. who) end
+  end
   if n then
     redis.call('HDEL', sizes, cid)
     redis.call('HINCRBY', sizes, 'total', -n)
-    -- none left: the key goes, as an emptied index does
-    if redis.call('HLEN', sizes) == 1 then redis.call('DEL', sizes) end
   end
+  -- none left: the key goes, as an emptied index does
+  if (n or who) and redis.call('HLEN', sizes) == 1 then redis.call('DEL', sizes) end
 end
 
 -- Drop index entries whose conversation expired, from the least recently
@@ -191,7 +218,8 @@ end
 #       max messages, max conversations (per scope, and per address),
 #       message head JSON, state JSON, create ("1"/"0"), name, inputs JSON,
 #       scope digest, mode, instance max conversations, instance max bytes,
-#       address ("1"/"0"), history bytes, history answered messages, address digest.
+#       address ("1"/"0"), history bytes, history answered messages, address digest,
+#       the caller's identity for its share of the bytes ("" none), the share.
 _START = _LIB + """
 local cid, mid, now, ttl, mode = ARGV[1], ARGV[2], ARGV[5], tonumber(ARGV[6]), ARGV[17]
 local create = ARGV[13] == '1'
@@ -217,6 +245,19 @@ else
   if not owned(KEYS[1], ARGV[3], ARGV[4]) then return {'missing'} end
   local limit = tonumber(ARGV[9])
   if limit > 0 and redis.call('ZCARD', KEYS[3]) >= limit then return {'full'} end
+end
+-- Whose share the turn counts against: the conversation's (recorded when it
+-- was made, or an older anonymous one's address), else this caller's.
+local who = ARGV[24]
+if not create then
+  local addr = redis.call('HGET', KEYS[1], 'addr')
+  who = redis.call('HGET', KEYS[6], 'w:' .. cid) or (addr and ('addr:' .. addr)) or who
+end
+local share = tonumber(ARGV[25])
+local function held() return tonumber(redis.call('HGET', KEYS[6], 'o:' .. who)) or 0 end
+if share > 0 and who ~= '' and held() >= share then
+  sweep_head(KEYS[5], ARGV[8], WIDE, KEYS[6])
+  if held() >= share then return {'caller_bytes_full'} end
 end
 local most_bytes = tonumber(ARGV[19])
 if most_bytes > 0 and stored() >= most_bytes then
@@ -267,6 +308,7 @@ local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('ZADD', KEYS[3], seq, mid)
 redis.call('HSET', KEYS[2], mid, ARGV[11], mid .. ':s', 'answering', mid .. ':r', ARGV[12])
 redis.call('SET', ARGV[7] .. mid, cid, 'PX', ttl)
+if who ~= '' then adopt(KEYS[6], cid, who) end
 account(KEYS[6], cid, size)
 touch(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], cid, now, ttl, ARGV[7])
 return {'ok', redis.call('HGET', KEYS[1], 'inputs'), picked, records}
@@ -495,16 +537,27 @@ class Bounds:
     (``instance_conversations_full``); ``address``: the client address of an
     anonymous caller, whose conversations count per address as well as per
     ``user`` (the per-scope limit applies to both), so that naming a new
-    ``user`` for each conversation does not sidestep it.
+    ``user`` for each conversation does not sidestep it; ``caller_bytes``:
+    the bytes of one caller's conversations (its :meth:`identity`), past
+    which its turns are ``caller_conversations_full``.
     """
 
     conversations: int = 0
     bytes: int = 0
     address: str | None = None
+    caller_bytes: int = 0
 
     @property
     def address_digest(self) -> str:
         return hashlib.sha256((self.address or "").encode()).hexdigest()
+
+    def identity(self, scope: Scope) -> str:
+        """Whose share of the instance's bytes a new conversation counts against: the caller
+        key (``key:<id>``), else the client address (``addr:<hex SHA-256>``, the
+        conversation's ``addr``); "" (none) for an anonymous caller without one."""
+        if scope.caller.startswith("key:"):
+            return scope.caller
+        return f"addr:{self.address_digest}" if self.address is not None else ""
 
 
 NO_BOUNDS = Bounds()
@@ -642,7 +695,7 @@ class ConversationStore:
         leaves no trace).  Raises NotFound ``conversation_not_found``,
         ValidationFailed ``message_too_large`` / ``inputs_too_large`` /
         ``conversation_full`` / ``too_many_conversations`` /
-        ``instance_conversations_full``.
+        ``caller_conversations_full`` / ``instance_conversations_full``.
         """
         return await self._start_script(self._prepared(scope, conversation_id, query, inputs, now), now, bounds,
                                         "check", recent)
@@ -699,7 +752,7 @@ class ConversationStore:
                 orjson.dumps({"answer": "", "updated_at": now}),
                 "1" if create else "0", turn.name, orjson.dumps(turn.inputs) if create else b"{}", scope.digest,
                 mode, bounds.conversations, bounds.bytes, "1" if by_address else "0", *recent,
-                bounds.address_digest,
+                bounds.address_digest, bounds.identity(scope), bounds.caller_bytes,
             ],
         )
         verdict = _text(reply[0])
@@ -724,6 +777,13 @@ class ConversationStore:
             raise ValidationFailed(
                 f"this instance keeps {bounds.conversations} conversations, its limit: continue one of yours, "
                 "or ask its owner to delete old ones", code="instance_conversations_full",
+            )
+        if verdict == "caller_bytes_full":
+            raise ValidationFailed(
+                f"your conversations on this instance hold {bounds.caller_bytes} bytes, the most one caller "
+                "(a caller key, or without one a client address) may keep: delete some of them "
+                "(DELETE /conversations/{conversation_id}) to store new turns",
+                code="caller_conversations_full",
             )
         if verdict == "instance_bytes_full":
             raise ValidationFailed(

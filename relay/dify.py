@@ -377,7 +377,7 @@ async def chat_messages(request: Request) -> Response:
     chat_for([{"role": "user", "content": body.query}])  # the query alone must fit the limits
     store: ConversationStore = state.conversations
     bounds = Bounds(settings.conversations_per_instance, settings.conversation_bytes_per_instance,
-                    None if caller.key_id else client_ip(request))
+                    None if caller.key_id else client_ip(request), settings.conversation_bytes_per_caller)
 
     async def run() -> Response:
         turn = await store.prepare_turn(_owner(instance_id, caller, body.user), body.conversation_id or None,

@@ -65,8 +65,10 @@ conversation and message ids; ``<scope>`` is the hex SHA-256 of the JSON pair
 ``ir:conv:{<id>}:all``      zset  conversation id scored by last activity: every
                                   conversation of the instance (purge, its bound)
 ``ir:conv:{<id>}:b``        hash  conversation id -> bytes it stores; ``total`` -> their
-                                  sum (the instance's bound); an entry leaves with the
-                                  conversation's ``all`` entry
+                                  sum (the instance's bound); ``w:<cid>`` -> the caller
+                                  whose share it counts against (``key:<key id>`` or
+                                  ``addr:<addr>``), ``o:<caller>`` -> that caller's sum;
+                                  a conversation's entries leave with its ``all`` entry
 ``ir:conv:{<id>}:a:<addr>`` zset  anonymous conversation id scored by creation: those
                                   started from one client address (``<addr>``: its
                                   hex SHA-256; the conversation's ``addr``); TTL =

@@ -135,6 +135,9 @@ class RelaySettings(BaseSettings):
     #: Bytes (queries, answers, names, inputs) one instance's conversations may hold:
     #: past it every new turn gets 422 ``instance_conversations_full``.
     conversation_bytes_per_instance: int = Field(default=64 * 1024 * 1024, ge=0)
+    #: Of those, bytes the conversations of one caller (its key, or without one its client
+    #: address) may hold: past it its new turns get 422 ``caller_conversations_full``.
+    conversation_bytes_per_caller: int = Field(default=8 * 1024 * 1024, ge=0)
     #: Bytes of one query (422 ``message_too_large``) or one stored answer (cut and marked).
     conversation_message_bytes: int = Field(default=256 * 1024, ge=0)
     #: Seconds between saves of an answer still streaming (what a node that dies loses at most).

@@ -5,7 +5,8 @@ most the storage clip of it (the caller still reads all of it), so its memory
 stays flat.  F: turns refused before an agent took them (offline, at capacity)
 store nothing.  H: an instance's stored conversations are bounded in number and
 bytes, across nodes, and an anonymous caller's per-user bound holds per client
-address too.  Each runs a real ``relay serve`` process and watches its RSS.
+address too; one caller (key, or address) holds at most its share of the bytes.
+Each runs a real ``relay serve`` process and watches its RSS.
 """
 
 from __future__ import annotations
@@ -292,6 +293,49 @@ async def test_an_instance_keeps_a_bounded_number_of_bytes(redis_url, redis):
         watch.assert_within(20 * MiB, "Dify turns past the instance's byte bound")
 
 
+async def test_one_caller_holds_a_bounded_share_of_the_instance_bytes(redis_url, redis):
+    """Anonymous queries of 4 KiB past a caller's share of 16 KiB: that caller's turns are 422
+    ``caller_conversations_full``, two keyed callers go on storing; deleting gives the share back."""
+    env = {**NO_RATES, "RELAY_CONVERSATION_BYTES_PER_CALLER": str(16 * 1024)}
+    async with relay_process(redis_url, **env) as node, node.client() as client:
+        iid, token = await node.register("shared")
+        members = [(await client.post(f"/api/instances/{iid}/keys", headers=bearer(token),
+                                      json={"name": f"app{n}"})).json()["key"] for n in range(2)]
+        async with answering_agent(node, token), node.watch() as watch:
+            made = [await turn(client, iid, "q" * 4096, user=f"u{n}") for n in range(6)]
+            assert [r.status_code for r in made] == [200] * 4 + [422] * 2
+            assert_openai_error(made[-1], 422, code="caller_conversations_full")
+            assert "delete" in made[-1].json()["error"]["message"]
+            cid = made[0].json()["conversation_id"]
+            assert_openai_error(await turn(client, iid, "and?", cid, user="u0"), 422,
+                                code="caller_conversations_full")
+            shares = await assert_accounted(redis, iid)
+            (anonymous,) = shares.values()
+            assert 16 * 1024 <= anonymous < 16 * 1024 + 4 * 1024  # one turn may pass it, no more
+
+            for key in members:  # other callers are untouched, past the anonymous caller's share
+                mine = [await turn(client, iid, "k" * 4096, user=f"m{n}", headers=bearer(key)) for n in range(3)]
+                assert [r.status_code for r in mine] == [200] * 3, mine[-1].text
+                more = await turn(client, iid, "and?", mine[0].json()["conversation_id"], user="m0",
+                                  headers=bearer(key))
+                assert more.status_code == 200, more.text
+            shares = await assert_accounted(redis, iid)
+            assert len(shares) == 3 and sorted(shares.values())[:2] > [12 * 1024] * 2
+
+            stored = await conversation_keys(redis, iid)
+            for n in range(50):  # the anonymous caller keeps trying: refused, nothing more stored
+                assert (await turn(client, iid, "q" * 4096, user=f"flood{n}")).status_code == 422
+            assert await conversation_keys(redis, iid) == stored
+
+            gone = await client.request("DELETE", f"/api/chat/{iid}/conversations/{cid}", json={"user": "u0"})
+            assert gone.status_code == 200
+            after = await assert_accounted(redis, iid)
+            assert min(after.values()) < anonymous - 4096  # its share given back
+            again = await turn(client, iid, "room again", made[1].json()["conversation_id"], user="u1")
+            assert again.status_code == 200, again.text
+        watch.assert_within(20 * MiB, "Dify turns past one caller's share of the instance's bytes")
+
+
 # -- H, in the store: the accounting comes back --------------------------------------------------------------
 
 
@@ -303,6 +347,23 @@ def store_for(redis: Redis, **overrides: Any) -> ConversationStore:
                                     max_message_bytes=1000, stale_after=30.0)
     settings.update(overrides)
     return ConversationStore(redis, **settings)
+
+
+async def assert_accounted(redis: Redis, iid: str) -> dict[bytes, int]:
+    """The sizes hash adds up: ``total`` is the sum of the conversations' bytes, and each
+    caller's ``o:`` sum that of the conversations whose ``w:`` names it (no other left).
+    Returns the callers' sums."""
+    fields = await redis.hgetall(keys.conversation_sizes(iid))
+    if not fields:
+        return {}
+    sizes = {k: int(v) for k, v in fields.items() if k != b"total" and b":" not in k}
+    owners = {k[2:]: v for k, v in fields.items() if k.startswith(b"w:")}
+    shares: dict[bytes, int] = {}
+    for cid, who in owners.items():
+        shares[who] = shares.get(who, 0) + sizes[cid]
+    assert int(fields[b"total"]) == sum(sizes.values())
+    assert {k[2:]: int(v) for k, v in fields.items() if k.startswith(b"o:")} == shares
+    return shares
 
 
 async def test_the_instance_accounting_comes_back_from_expiry_deletion_and_purge(redis):
@@ -317,8 +378,7 @@ async def test_the_instance_accounting_comes_back_from_expiry_deletion_and_purge
         await store.checkpoint(started, "partial " * 10, 1000.5 + n)
         await store.finish(started, "answer " * 20, "normal", 1001.0 + n)
         made.append(started)
-    fields = {k: int(v) for k, v in (await redis.hgetall(sizes)).items()}
-    assert fields[b"total"] == sum(v for k, v in fields.items() if k != b"total")
+    await assert_accounted(redis, INSTANCE)
     with pytest.raises(ValidationFailed) as exc:
         await store.start_turn(Scope(INSTANCE, "anon", "late"), None, "q", {}, 1010.0, bounds)
     assert exc.value.code == "instance_conversations_full"
@@ -331,9 +391,8 @@ async def test_the_instance_accounting_comes_back_from_expiry_deletion_and_purge
                        keys.conversation_order(INSTANCE, first.conversation_id),
                        *(keys.message_conversation(INSTANCE, m.decode()) for m in mids))
     late = await store.start_turn(Scope(INSTANCE, "anon", "late"), None, "q", {}, 1011.0, bounds)
-    after = {k: int(v) for k, v in (await redis.hgetall(sizes)).items()}
-    assert first.conversation_id.encode() not in after
-    assert after[b"total"] == sum(v for k, v in after.items() if k != b"total")
+    assert first.conversation_id.encode() not in await redis.hgetall(sizes)
+    await assert_accounted(redis, INSTANCE)
 
     await store.delete(made[1].scope, made[1].conversation_id)
     assert made[1].conversation_id.encode() not in await redis.hgetall(sizes)
@@ -403,3 +462,64 @@ async def test_deleting_and_purging_anonymous_conversations_leave_no_address_ind
     assert await redis.zcard(index) == 2
     assert await store.purge_instance(INSTANCE) == 2
     assert await redis.keys(f"ir:conv:{{{INSTANCE}}}:*") == []  # the address index, the sizes too
+
+
+async def test_the_caller_shares_are_exact_through_every_write_and_given_back(redis):
+    """Turns, checkpoints, finishes, renames, expiry, deletion, purge: each caller's sum stays
+    that of its conversations; past its share only that caller is refused; a conversation
+    stored before the shares joins one, whole, at its next turn."""
+    store = store_for(redis, max_conversations=20)
+    here, there = Bounds(address="198.51.100.7", caller_bytes=2000), Bounds(address="203.0.113.9", caller_bytes=2000)
+    keyed = Bounds(caller_bytes=2000)
+    sizes = keys.conversation_sizes(INSTANCE)
+    made = []
+    for n in range(4):
+        scope = Scope(INSTANCE, "anon", f"u{n}")
+        started = await store.start_turn(scope, None, "q" * 300, {}, 1000.0 + n, here)
+        await store.checkpoint(started, "partial " * 10, 1000.5 + n)
+        await store.finish(started, "answer " * 20, "normal", 1000.7 + n)
+        await store.rename(scope, started.conversation_id, f"talk {n}", now=1000.8 + n)
+        made.append(started)
+        await assert_accounted(redis, INSTANCE)
+    with pytest.raises(ValidationFailed) as exc:  # ~2,100 bytes held from this address
+        await store.start_turn(Scope(INSTANCE, "anon", "late"), None, "q", {}, 1010.0, here)
+    assert exc.value.code == "caller_conversations_full"
+    with pytest.raises(ValidationFailed) as exc:  # its existing conversations too
+        await store.start_turn(made[3].scope, made[3].conversation_id, "q", {}, 1010.0, here)
+    assert exc.value.code == "caller_conversations_full"
+    keyed_turn = await store.start_turn(Scope(INSTANCE, "key:k1", "u"), None, "q" * 300, {}, 1011.0, keyed)
+    await store.start_turn(Scope(INSTANCE, "anon", "elsewhere"), None, "q" * 300, {}, 1011.0, there)
+    await assert_accounted(redis, INSTANCE)
+
+    # Expired (keys gone as Redis would drop them): the next turn from the address finds room.
+    first = made[0]
+    mids = await redis.zrange(keys.conversation_order(INSTANCE, first.conversation_id), 0, -1)
+    await redis.delete(keys.conversation(INSTANCE, first.conversation_id),
+                       keys.conversation_messages(INSTANCE, first.conversation_id),
+                       keys.conversation_order(INSTANCE, first.conversation_id),
+                       *(keys.message_conversation(INSTANCE, m.decode()) for m in mids))
+    await store.start_turn(made[1].scope, made[1].conversation_id, "again", {}, 1012.0, here)
+    assert first.conversation_id.encode() not in await redis.hgetall(sizes)
+    await assert_accounted(redis, INSTANCE)
+
+    # Stored before the shares: one with no owner joins its address's share, whole, at its next turn
+    # (the address it was started from when it names one, else the caller's now).
+    old = await store.start_turn(Scope(INSTANCE, "anon", "old"), None, "q" * 200, {}, 1013.0)
+    assert await redis.hget(sizes, f"w:{old.conversation_id}") is None
+    before = await assert_accounted(redis, INSTANCE)
+    await store.start_turn(old.scope, old.conversation_id, "q", {}, 1014.0, there)
+    after = await assert_accounted(redis, INSTANCE)
+    who = f"addr:{there.address_digest}".encode()
+    assert after[who] - before[who] > 200
+    cid = made[2].conversation_id
+    held = int(await redis.hget(sizes, cid) or 0)
+    await redis.hdel(sizes, f"w:{cid}")
+    await redis.hincrby(sizes, f"o:addr:{here.address_digest}", -held)
+    await store.start_turn(made[2].scope, cid, "q", {}, 1015.0, there)  # from another address now
+    assert (await redis.hget(sizes, f"w:{cid}")) == f"addr:{here.address_digest}".encode()
+    await assert_accounted(redis, INSTANCE)
+
+    await store.delete(keyed_turn.scope, keyed_turn.conversation_id)
+    assert b"key:k1" not in await assert_accounted(redis, INSTANCE)
+    assert await store.purge_instance(INSTANCE) == 5
+    assert await redis.exists(sizes) == 0
