@@ -243,12 +243,12 @@ class Bench:
             "nginx": nginx_binary() if self.o.nginx else None,
         }
 
-    async def sample_lag(self, out: list[float], every: float = 0.25) -> None:
-        """Relay A's event-loop lag (``relay_event_loop_lag_seconds``, what RELAY_SHED_LAG is compared
+    async def sample_lag(self, out: list[float], relay: str = "relay_a", every: float = 0.25) -> None:
+        """A relay's event-loop lag (``relay_event_loop_lag_seconds``, what RELAY_SHED_LAG is compared
         with), read from its /metrics every ``every`` seconds until cancelled."""
         while True:
             with contextlib.suppress(OSError, lg.LoadgenError, ValueError):
-                async with lg.HTTPConnection(HOST, self.ports["relay_a"]) as conn:
+                async with lg.HTTPConnection(HOST, self.ports[relay]) as conn:
                     result = await conn.request("GET", "/metrics")
                 for line in result.body.decode(errors="replace").splitlines():
                     if line.startswith("relay_event_loop_lag_seconds "):
@@ -582,16 +582,18 @@ class Bench:
                 logged = self.log_sizes()
                 hogs = [self.group.start(f"hog{i}", [sys.executable, "-c", "while True: pass"]) for i in range(o.hog)]
                 lags: list[float] = []
-                sampler = asyncio.create_task(self.sample_lag(lags)) if name.startswith("relay") else None
+                lags_b: list[float] = []
+                samplers = [asyncio.create_task(self.sample_lag(lags)),
+                            asyncio.create_task(self.sample_lag(lags_b, "relay_b"))] if name.startswith("relay") else []
                 try:
                     window = self.cpu_window().start()
                     res = await lg.run_concurrent(HOST, port, path, c, o.chunks_per_stream, o.rate, ramp=o.ramp,
                                                   timeout=max(20.0, 3 * o.chunks_per_stream * interval + 15))
                     window.stop()
                 finally:
-                    if sampler is not None:
+                    for sampler in samplers:
                         sampler.cancel()
-                        await asyncio.gather(sampler, return_exceptions=True)
+                    await asyncio.gather(*samplers, return_exceptions=True)
                     for hog in hogs:
                         self.group.stop(hog)
                 d = {
@@ -603,6 +605,7 @@ class Bench:
                     "relay_warnings": self.warnings_since(logged),
                     "relay_a_loop_lag_ms": {"max": _ms(max(lags)) if lags else None, "samples": len(lags),
                                             "p50": _ms(lg.percentile(lags, 50)) if lags else None},
+                    "relay_b_loop_lag_ms": {"max": _ms(max(lags_b)) if lags_b else None, "samples": len(lags_b)},
                     "excess_ms": _dist(res.excess), "ttfc_ms": _dist(res.ttfc),
                     "chunks": res.completed * (o.chunks_per_stream + 1),
                     "cpu": window.as_dict(),
@@ -1103,8 +1106,9 @@ def table(r: dict) -> str:
             for p in paths])
         row("  cut by", [", ".join(f"{k} {v}" for k, v in res[p].get("cut_reasons", {}).items()) or "-"
                          if p in res else "-" for p in paths])
-        row("  relay A loop lag max ms", [
-            _fmt(res.get(p, {}).get("relay_a_loop_lag_ms", {}).get("max")) for p in paths])
+        row("  relay A/B loop lag max ms", [
+            "/".join(_fmt(res.get(p, {}).get(f"relay_{n}_loop_lag_ms", {}).get("max")) for n in "ab")
+            if p in res else "-" for p in paths])
         row("  relay A/B WARNING lines", [
             "/".join(str(res[p].get("relay_warnings", {}).get(n, {}).get("count", "-")) for n in ("relay_a", "relay_b"))
             if p in res else "-" for p in paths])
