@@ -16,7 +16,8 @@ While a request's body is incomplete, each read of it may wait at most
 ``body_timeout`` seconds (``RELAY_BODY_TIMEOUT``): past it the read raises
 ``RequestTimeout`` (408 in the door's dialect, and the connection closed).
 Only the body is timed: once its last part is in, ``receive`` waits for the
-caller's disconnect, which a streamed answer does for as long as it runs.
+caller's disconnect, which a streamed answer does for as long as it runs
+(and a ``GET``'s is not timed at all: no route reads one).
 
 Agent websockets get a connection id, and a refused handshake is counted as
 a rejection.  The lifespan gets the node id, which every background task of
@@ -47,6 +48,8 @@ _EVENT_STREAM = b"text/event-stream"
 #: which only act on ``http.response.start``, still sent through all of them.
 #: So a chunk costs two calls on its way to the socket, not five.
 BODY_SEND = "relay.body_send"
+#: Methods whose body no route reads: no deadline to keep (a body sent anyway is uvicorn's to drop).
+_BODILESS = frozenset({"GET", "HEAD", "OPTIONS"})
 #: Endpoints polled by load balancers and Prometheus: logged only when they fail.
 _QUIET = frozenset({"health", "metrics"})
 
@@ -100,16 +103,26 @@ def request_id_from(scope: Scope) -> str:
 
 
 def body_deadline(receive: Receive, timeout: float) -> Receive:
-    """``receive``, each wait for more of the body bounded by ``timeout`` seconds (then ``RequestTimeout``)."""
+    """``receive``, each wait for more of the body bounded by ``timeout`` seconds (then ``RequestTimeout``).
+
+    A timer costs ~8 us; most bodies are already read when the app asks for
+    them (a chat's arrives with its headers).  uvicorn's ``receive`` is its
+    request cycle's method, whose ``message_event`` is set when it has the
+    next part: then ``receive`` cannot wait, and no timer is started.
+    """
     done = False
+    ready: asyncio.Event | None = getattr(getattr(receive, "__self__", None), "message_event", None)
 
     async def timed() -> Message:
         nonlocal done
         if done:
             return await receive()
         try:
-            async with asyncio.timeout(timeout):
+            if ready is not None and ready.is_set():
                 message = await receive()
+            else:
+                async with asyncio.timeout(timeout):
+                    message = await receive()
         except TimeoutError:
             done = True
             raise RequestTimeout(f"the request body paused for more than {timeout:g} s") from None
@@ -172,7 +185,7 @@ class RequestObserver:
         if chat:
             metrics.active_streams.inc()
             scope[BODY_SEND] = observed_send
-        if self.body_timeout:
+        if self.body_timeout and scope["method"] not in _BODILESS:
             receive = body_deadline(receive, self.body_timeout)
         try:
             await self.app(scope, receive, observed_send)

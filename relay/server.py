@@ -40,20 +40,22 @@ class EdgeProtocol(HttpToolsProtocol):
 
     Bytes: what is fed to the parser while a header block is open (from the
     end of the previous request, or the connection's start, to the end of
-    the headers) is counted before parsing, so an unfinished block is cut off
-    within one read (asyncio reads at most 256 KiB) of ``max_header_bytes``;
-    a block that completes within one read is measured exactly when it ends
-    (URL, names, values).  Past it: 431 and the connection closed, before any
-    request reaches the app (httptools itself keeps a header's pieces until it
-    ends, which was 128 MiB for one 128 MiB header).
+    the headers) is counted, so an unfinished block is cut off within one
+    read (asyncio reads at most 256 KiB) of ``max_header_bytes``; a block
+    that completes is measured exactly (URL, names, values) whenever the
+    count cannot rule it out.  Past it: 431 and the connection closed, before
+    any request reaches the app (httptools itself keeps a header's pieces
+    until it ends, which was 128 MiB for one 128 MiB header).
 
     Time: a connection gets ``header_timeout`` seconds for its first request's
     header block, and a later request as many from its first byte (uvicorn's
     keep-alive timer is cancelled by any byte, so a request begun and never
     finished held its connection for ever).  Past it: 408 and closed; a new
-    connection that sent nothing is closed without a word.  A body nobody
-    reads (the app answered without it) keeps uvicorn's keep-alive timer:
-    another byte of it no longer cancels it for good.
+    connection that sent nothing is closed without a word.  The timer is only
+    started for a block still unfinished when a read has been parsed: a
+    request that arrives whole costs none.  A body nobody reads (the app
+    answered without it) keeps uvicorn's keep-alive timer: another byte of it
+    no longer cancels it for good.
 
     The websocket upgrade (agents) and pipelining work as in uvicorn: both
     limits end with the header block, before the upgrade or the queue.
@@ -73,7 +75,9 @@ class EdgeProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._head_open = True  # no request begun, or the previous one complete: a header block may come
-        self._head_bytes = 0
+        self._head_bytes = 0  # bytes read since the block opened (from the start of the read it opened in)
+        self._head_slack = 0  # the read the previous request ended in: its rest may be this block's start
+        self._read = 0
         self._head_begun = False
         self._head_timer: asyncio.TimerHandle | None = None
         self._lingering = False
@@ -87,11 +91,10 @@ class EdgeProtocol(HttpToolsProtocol):
         if self._lingering:
             return  # refused: dropped unread until the close
         self._unset_keepalive_if_required()
+        self._read = len(data)
         if self._head_open:
-            self._head_bytes += len(data)
+            self._head_bytes += self._read
             self._head_begun = True
-            if self._head_timer is None:
-                self._arm_head_timer()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -110,8 +113,12 @@ class EdgeProtocol(HttpToolsProtocol):
                 self._unsupported_upgrade_warning()
             return
         if self._head_open:
+            if not self._head_begun:
+                return  # the read ended with a request: nothing pending
             if self.max_header_bytes and self._head_bytes > self.max_header_bytes:
                 self._refuse(HeadersTooLarge(f"the request's header block exceeds {self.max_header_bytes} bytes"))
+            elif self._head_timer is None:
+                self._arm_head_timer()  # a block begun and not finished: from now, header_timeout to end it
         elif self.cycle is not None and self.cycle.response_complete and self.timeout_keep_alive_task is None \
                 and not self.pipeline:
             # The rest of a body the app answered without: uvicorn drops it, and
@@ -126,9 +133,11 @@ class EdgeProtocol(HttpToolsProtocol):
         self.send_400_response(msg)
 
     def on_headers_complete(self) -> None:
-        self._cancel_head_timer()
+        if self._head_timer is not None:
+            self._cancel_head_timer()
         self._head_open = self._head_begun = False
-        if self.max_header_bytes:
+        if self.max_header_bytes and self._head_bytes + self._head_slack > self.max_header_bytes:
+            # The reads could hold more than the block: measure the block itself.
             size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
             if size > self.max_header_bytes:
                 raise _HeadTooLarge
@@ -139,7 +148,7 @@ class EdgeProtocol(HttpToolsProtocol):
         super().on_message_begin()
 
     def on_message_complete(self) -> None:
-        self._head_open, self._head_bytes = True, 0
+        self._head_open, self._head_bytes, self._head_slack = True, 0, self._read
         super().on_message_complete()
 
     def _arm_head_timer(self) -> None:
