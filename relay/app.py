@@ -202,7 +202,7 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
         },
         middleware=[
             Middleware(RequestObserver, metrics=metrics, node_id=node.node_id, log_requests=settings.access_log,
-                       body_timeout=settings.body_timeout),
+                       body_timeout=settings.body_timeout, body_min_rate=settings.body_min_rate),
             Middleware(ChatCORS, origins=settings.cors_origin_list()),
         ],
         lifespan=lifespan,
@@ -217,7 +217,8 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
         max_conversations=settings.conversations_per_user, max_message_bytes=settings.conversation_message_bytes,
         # Past three missed checkpoints, a turn still "answering" lost its node.
         stale_after=3 * settings.conversation_checkpoint_interval + settings.redis_timeout)
-    state.upload_budget = audio.UploadBudget(settings.upload_memory_bytes)
+    state.upload_budget = audio.UploadBudget(settings.upload_memory_bytes,
+                                             largest=settings.max_upload_bytes + audio.FORM_ROOM)
     state.openapi = build_openapi(settings.base_url())
     return app
 

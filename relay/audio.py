@@ -19,11 +19,14 @@ upload: frames of one window, each waiting for the agent's credit
 everything else frame by frame.
 
 The node holds at most ``RELAY_UPLOAD_MEMORY_BYTES`` of uploads at once, all
-callers together (``UploadBudget``): a form is reserved against it before
-its first byte is read (its declared length, or, sent chunked, as its bytes
-arrive) and given back when the request ends, however it ends; past it
-``503 uploads_busy`` with ``Retry-After``.  A form that pauses midway gets
-``408`` after ``RELAY_BODY_TIMEOUT`` (``observe.body_deadline``).
+callers together (``UploadBudget``), and one client address a quarter of
+that (at least one upload of the largest size): a form is reserved against
+both before its first byte is read (its declared length, or, sent chunked,
+as its bytes arrive) and given back when the request ends, however it ends;
+past the address's share ``429 too_many_uploads``, past the node's ``503
+uploads_busy``, both with ``Retry-After``.  A form that pauses midway gets
+``408`` after ``RELAY_BODY_TIMEOUT``, and one that trickles slower than
+``RELAY_BODY_MIN_RATE`` too (``observe.body_deadline``).
 
 Formats are OpenAI's: mp3, mp4, mpeg, mpga, m4a, wav, webm.  The name's
 extension decides, as it does at OpenAI; a name without one of those
@@ -60,7 +63,15 @@ from wire.frames import MAX_MODEL_NAME_LENGTH
 
 from . import keys
 from .chat import run_op
-from .errors import InvalidRequest, PayloadTooLarge, RelayError, ServiceNotReady, UpstreamError, ValidationFailed
+from .errors import (
+    InvalidRequest,
+    PayloadTooLarge,
+    RateLimited,
+    RelayError,
+    ServiceNotReady,
+    UpstreamError,
+    ValidationFailed,
+)
 from .gate import Admitted, admit, admit_model, leased
 from .inputs import client_ip
 from .limits import Slot
@@ -112,17 +123,32 @@ _JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?
 class UploadBudget:
     """The bytes of uploads this node holds in memory, against ``limit`` (0: no limit).
 
+    One client address may hold at most ``share`` of them (a quarter of the
+    node's, but never less than one upload of the largest size): else a
+    single address could keep every other caller's uploads at 503 by
+    starting as many as its stream slots allow and sending them slowly.
+    Past its share an address gets ``429 too_many_uploads``; past the
+    node's budget anyone gets ``503 uploads_busy``.
+
     Reservations are plain counts on the event loop: taken and given back
     without awaiting, so nothing can interleave.
     """
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, largest: int = 0):
         self.limit = limit
+        self.share = max(limit // 4, largest) if limit else 0
         self.held = 0
+        #: Bytes held per client address (an address holding none is not kept).
+        self.by_address: dict[str, int] = {}
         self._warned = False
 
-    def take(self, size: int) -> None:
-        """Reserve ``size`` more bytes; 503 ``uploads_busy`` when they do not fit."""
+    def take(self, size: int, address: str = "") -> None:
+        """Reserve ``size`` more bytes for ``address``; 429 past its share, 503 past the node's budget."""
+        mine = self.by_address.get(address, 0)
+        if self.share and mine + size > self.share:
+            raise RateLimited(f"uploads from this address already hold {mine} bytes of this relay node's memory, "
+                              f"the most one address may ({self.share}); retry when one has finished",
+                              code="too_many_uploads", headers={"Retry-After": "2"})
         if self.limit and self.held + size > self.limit:
             if not self._warned:  # once per busy spell, not per refusal
                 self._warned = True
@@ -131,27 +157,34 @@ class UploadBudget:
             raise ServiceNotReady("this relay node holds as many uploads as it may at once; retry shortly",
                                   code="uploads_busy", headers={"Retry-After": "2"})
         self.held += size
+        self.by_address[address] = mine + size
 
-    def give_back(self, size: int) -> None:
+    def give_back(self, size: int, address: str = "") -> None:
         self.held -= size
+        left = self.by_address.get(address, 0) - size
+        if left > 0:
+            self.by_address[address] = left
+        else:
+            self.by_address.pop(address, None)
         if self.held <= self.limit // 2:
             self._warned = False
 
 
 class _Reservation:
-    """One request's share of the node's ``UploadBudget``, grown as a chunked body arrives."""
+    """One request's part of the node's ``UploadBudget``, grown as a chunked body arrives."""
 
-    def __init__(self, budget: UploadBudget):
+    def __init__(self, budget: UploadBudget, address: str):
         self.budget = budget
+        self.address = address
         self.size = 0
 
     def grow_to(self, size: int) -> None:
         if size > self.size:
-            self.budget.take(size - self.size)
+            self.budget.take(size - self.size, self.address)
             self.size = size
 
     def release(self) -> None:
-        self.budget.give_back(self.size)
+        self.budget.give_back(self.size, self.address)
         self.size = 0
 
 
@@ -169,7 +202,7 @@ async def read_audio(request: Request) -> AsyncIterator[AudioForm | None]:
     together can, from the form's first byte to the end of the request.
     """
     state = request.app.state
-    reservation = _Reservation(state.upload_budget)
+    reservation = _Reservation(state.upload_budget, client_ip(request))
     try:
         lease = await state.stream_leases.acquire(
             [Slot(keys.streams("upload", f"ip:{client_ip(request)}"), state.settings.max_streams_per_caller,

@@ -13,8 +13,12 @@ HTTP request it
   time to its end.
 
 While a request's body is incomplete, each read of it may wait at most
-``body_timeout`` seconds (``RELAY_BODY_TIMEOUT``): past it the read raises
-``RequestTimeout`` (408 in the door's dialect, and the connection closed).
+``body_timeout`` seconds (``RELAY_BODY_TIMEOUT``), and the whole body must
+keep up an average of ``min_rate`` bytes a second after that grace
+(``RELAY_BODY_MIN_RATE``: a body that trickles a byte just inside every pause
+would otherwise hold its connection, and an upload its memory, for ever):
+past either the read raises ``RequestTimeout`` (408 in the door's dialect,
+and the connection closed).
 Only the body is timed: once its last part is in, ``receive`` waits for the
 caller's disconnect, which a streamed answer does for as long as it runs
 (and a ``GET``'s is not timed at all: no route reads one).
@@ -102,8 +106,9 @@ def request_id_from(scope: Scope) -> str:
     return secrets.token_hex(8)
 
 
-def body_deadline(receive: Receive, timeout: float) -> Receive:
-    """``receive``, each wait for more of the body bounded by ``timeout`` seconds (then ``RequestTimeout``).
+def body_deadline(receive: Receive, timeout: float, min_rate: int = 0) -> Receive:
+    """``receive``, each wait for more of the body bounded by ``timeout`` seconds, and the body as a
+    whole by ``timeout`` plus one second per ``min_rate`` bytes received (then ``RequestTimeout``).
 
     A timer costs ~8 us; most bodies are already read when the app asks for
     them (a chat's arrives with its headers).  uvicorn's ``receive`` is its
@@ -112,20 +117,31 @@ def body_deadline(receive: Receive, timeout: float) -> Receive:
     """
     done = False
     ready: asyncio.Event | None = getattr(getattr(receive, "__self__", None), "message_event", None)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    received = 0
 
     async def timed() -> Message:
-        nonlocal done
+        nonlocal done, received
         if done:
             return await receive()
-        try:
-            if ready is not None and ready.is_set():
-                message = await receive()
-            else:
-                async with asyncio.timeout(timeout):
+        if ready is not None and ready.is_set():
+            message = await receive()
+        else:
+            wait = timeout
+            if min_rate:  # what the body's average rate leaves: its grace plus what it earned
+                wait = min(wait, started + timeout + received / min_rate - loop.time())
+            try:
+                if wait <= 0:
+                    raise TimeoutError
+                async with asyncio.timeout(wait):
                     message = await receive()
-        except TimeoutError:
-            done = True
-            raise RequestTimeout(f"the request body paused for more than {timeout:g} s") from None
+            except TimeoutError:
+                done = True
+                if wait < timeout:
+                    raise RequestTimeout(f"the request body arrived slower than {min_rate} bytes a second") from None
+                raise RequestTimeout(f"the request body paused for more than {timeout:g} s") from None
+        received += len(message.get("body", b""))
         if message["type"] != "http.request" or not message.get("more_body", False):
             done = True  # the body is whole (or the caller left): what follows waits for the disconnect
         return message
@@ -135,12 +151,13 @@ def body_deadline(receive: Receive, timeout: float) -> Receive:
 
 class RequestObserver:
     def __init__(self, app: ASGIApp, *, metrics: RelayMetrics, node_id: str, log_requests: bool = True,
-                 body_timeout: float = 0) -> None:
+                 body_timeout: float = 0, body_min_rate: int = 0) -> None:
         self.app = app
         self.metrics = metrics
         self.node_id = node_id
         self.log_requests = log_requests
         self.body_timeout = body_timeout
+        self.body_min_rate = body_min_rate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         logs.node_id.set(self.node_id)
@@ -186,7 +203,7 @@ class RequestObserver:
             metrics.active_streams.inc()
             scope[BODY_SEND] = observed_send
         if self.body_timeout and scope["method"] not in _BODILESS:
-            receive = body_deadline(receive, self.body_timeout)
+            receive = body_deadline(receive, self.body_timeout, self.body_min_rate)
         try:
             await self.app(scope, receive, observed_send)
         finally:

@@ -115,6 +115,10 @@ class RelaySettings(BaseSettings):
     header_timeout: float = Field(default=10.0, ge=0)
     #: Seconds a request body may pause while it is incomplete (408 ``request_timeout``, closed).
     body_timeout: float = Field(default=15.0, ge=0)
+    #: Bytes a second a request body must average once its first ``body_timeout``
+    #: seconds are spent (408 ``request_timeout``, closed): a 15 MB upload may take
+    #: up to ~8 minutes at the default, a trickle cannot hold its connection for ever.
+    body_min_rate: int = Field(default=32 * 1024, ge=0)
     #: Bytes of uploads (audio files) this node holds in memory at once, all
     #: callers together: past it 503 ``uploads_busy`` + Retry-After, before reading.
     upload_memory_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
