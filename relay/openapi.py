@@ -373,9 +373,12 @@ TRANSCRIBE_MEANING = {
     422: "No `file` part (an application/x-www-form-urlencoded body has none), an empty file, or a field out of "
          "its range; or what the model server refused",
     501: "No connected agent of the instance can transcribe (capability_not_supported)",
+    429: "Rate or concurrency limit reached, or too_many_uploads: uploads from this client address already hold "
+         "a quarter of the node's RELAY_UPLOAD_MEMORY_BYTES; see Retry-After",
     503: "Instance offline or at capacity, relay storage unavailable, or this node already holds "
          "RELAY_UPLOAD_MEMORY_BYTES of uploads (uploads_busy); see Retry-After",
 }
+
 TRANSCRIPTION_ANSWER: dict[str, Any] = {
     "200": {
         "description": "json, verbose_json: the model's JSON (``text``, and for verbose_json the model's "
@@ -450,8 +453,11 @@ DIFY_CHAT_422 = (
     "Invalid parameters (the error names the field), or: conversations_disabled (the owner turned conversations "
     "off), input_required (a variable the instance declares is missing from `inputs`), message_too_large (the "
     "query past RELAY_CONVERSATION_MESSAGE_BYTES), inputs_too_large, conversation_full (the conversation holds "
-    "RELAY_CONVERSATION_MAX_MESSAGES messages), too_many_conversations (this user already keeps "
-    "RELAY_CONVERSATIONS_PER_USER), too_many_messages / content_too_large (the relay's request limits), or what "
+    "RELAY_CONVERSATION_MAX_MESSAGES messages), too_many_conversations (this user, or without a caller key this "
+    "client address, already keeps RELAY_CONVERSATIONS_PER_USER), caller_conversations_full (this caller's "
+    "conversations hold RELAY_CONVERSATION_BYTES_PER_CALLER), instance_conversations_full (the instance keeps "
+    "RELAY_CONVERSATIONS_PER_INSTANCE conversations or RELAY_CONVERSATION_BYTES_PER_INSTANCE bytes), "
+    "json_too_deep, too_many_messages / content_too_large (the relay's request limits), or what "
     "the model server refused"
 )
 V1_401 = ("No caller key, or not a known one (api_key_required): on /v1 the caller key says which instance")
