@@ -84,15 +84,13 @@ async def admit_model(request: Request, named: Any, field: str = "model") -> tup
     return target, await admit(request, target.instance_id, named_by_model=named or target.instance_id)
 
 
-async def leased(request: Request, admitted: Admitted, run: Callable[[], Awaitable[Response]], *,
-                 first: bool = False) -> Response:
+async def leased(request: Request, admitted: Admitted, run: Callable[[], Awaitable[Response]]) -> Response:
     """Run ``run()`` holding a concurrent-stream lease until its response is sent.
 
     The lease is taken by the router's first pick, in the same script (so a
-    request costs one round trip less), and given back with the agent slot
-    that pick took, in one script too.  ``first=True`` takes it before
-    ``run()`` starts instead, for a ``run()`` that writes something before
-    it routes (a Dify turn) and must not when the limit refuses (429).
+    request costs one round trip less, and a refusal, 429, comes before
+    anything the request would store: a Dify turn is stored only after the
+    pick), and given back with the agent slot that pick took, in one script too.
     """
     state = request.app.state
     settings = state.settings
@@ -102,9 +100,7 @@ async def leased(request: Request, admitted: Admitted, run: Callable[[], Awaitab
              "this caller"),
     ])
     lease = pending.lease
-    if first:
-        await state.stream_leases.take(pending)
-    releases = Releases(pending=None if first else pending)
+    releases = Releases(pending=pending)
     PENDING_RELEASES.set(releases)
 
     async def release() -> None:
