@@ -435,8 +435,8 @@ async def two_nodes_one_behind_links(cluster: ClusterSet):
     by_link = {("127.0.0.1", port): ("127.0.0.1", link.port) for port, link in links.items()}
     real_connect = storage.connect
 
-    def through_links(url, settings):
-        client = real_connect(url, settings)
+    def through_links(url, settings, **options):
+        client = real_connect(url, settings, **options)  # both of node A's clients, the patient one too
         client.nodes_manager.address_remap = lambda address: by_link.get(tuple(address), address)
         return client
 
