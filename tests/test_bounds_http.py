@@ -164,6 +164,24 @@ async def test_a_partial_header_then_silence_gets_408_and_the_close(redis_url):
         watch.assert_within(16 * MiB, "50 connections with partial headers, then silent")
 
 
+async def test_connections_kept_alive_after_a_request_and_left_idle_are_closed(redis_url):
+    """200 connections each make one request, then say nothing: the node closes every one (uvicorn's
+    keep-alive limit, 5 s) and holds little for them meanwhile."""
+    async with relay_process(redis_url) as node:
+        async with node.watch() as watch:
+            connections = [await connect(node) for _ in range(200)]
+            for reader, writer in connections:
+                writer.write(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
+                await writer.drain()
+                async with asyncio.timeout(DEADLINE):
+                    status, headers, _ = await read_answer(reader)
+                assert status == 200 and headers.get("connection") != "close"
+            for reader, writer in connections:
+                assert await closed(reader)
+                close(writer)
+        watch.assert_within(16 * MiB, "200 idle kept-alive connections")
+
+
 async def test_keep_alive_pipelining_and_the_agent_websocket_still_work_at_the_edge(redis_url):
     async with relay_process(redis_url, RELAY_HEADER_TIMEOUT="1") as node:
         reader, writer = await connect(node)
