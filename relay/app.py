@@ -154,6 +154,7 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
     overload = LoadMonitor(shed_lag=settings.shed_lag, max_inflight=settings.max_inflight,
                            inflight=lambda: sessions.inflight() + len(bus.ingress), on_shed=metrics.count_shed)
     metrics.watch_load(overload.current_lag)
+    bus.admit_new = overload.check  # requests routed here from other nodes are shed as our own are
     watch = StatusWatch(registry, interval=settings.watch_interval, max_watchers=settings.max_watchers,
                         per_address=settings.watchers_per_address)
 

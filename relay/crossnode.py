@@ -46,7 +46,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import anyio
@@ -57,7 +57,7 @@ from redis.exceptions import RedisError
 import wire
 
 from . import keys, logs, storage
-from .errors import ServiceNotReady
+from .errors import RelayError, ServiceNotReady
 from .registry import AgentEntry, InstanceRegistry
 from .sessions import SessionManager
 from .streams import LinkLost, Stream, cleanup_scope, split_items
@@ -151,6 +151,10 @@ class CrossNode:
         self.subscribed = False
         self.forwarded_out = 0  # streams opened on another node's agent (for /metrics)
         self.forwarded_in = 0  # streams our agents served for another node
+        #: Raises when this node takes no new work (``overload.LoadMonitor.check``, set by the
+        #: composition root): a request another node routed to one of our agents is new work
+        #: here too, and is refused as our own callers' requests are (503 node_overloaded).
+        self.admit_new: Callable[[], None] = lambda: None
 
     @property
     def channel(self) -> str:
@@ -289,6 +293,12 @@ class CrossNode:
                 key = (sender, request.id)
                 if key in self.egress:
                     self._spawn(self._reply_error(sender, request.id, "agent no longer available on its relay node"))
+                    return
+                try:
+                    self.admit_new()
+                except RelayError as refused:  # before the agent hears of it: the caller gets the 503
+                    self._spawn(self._reply_error(sender, request.id, "the agent's relay node is overloaded; "
+                                                  "retry shortly", refused.status, refused.code or "node_overloaded"))
                     return
                 # Listed before anything is awaited, so neither a cancel nor the
                 # upload frames that follow the request at once are lost.

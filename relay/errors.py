@@ -162,7 +162,8 @@ def from_status(status: int, message: str, code: str | None = None) -> RelayErro
     if not 400 <= status <= 599:
         return UpstreamError(message, code=code)
     cls = _BY_STATUS.get(status, UpstreamError)
-    return cls(message, code=code, status=status)
+    # A 503 (an agent at capacity, an overloaded node) is worth retrying shortly: say when.
+    return cls(message, code=code, status=status, headers={"Retry-After": "1"} if status == 503 else None)
 
 
 def as_relay_error(exc: BaseException) -> RelayError:

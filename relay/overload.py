@@ -16,6 +16,10 @@ work is done for it, when
 * the streams this node already answers or serves are ``RELAY_MAX_INFLIGHT``
   or more.
 
+The node an agent is connected to applies the same check to requests other
+nodes route to it (``crossnode``): they are new work there too, and its
+refusal reaches the caller as the 503 of the caller's node.
+
 A refusal costs a few microseconds and no Redis round trip, so a flood of new
 requests cannot itself push the loop further behind.  Either limit at 0 is
 off.  ``relay_shed_requests_total{reason}`` counts refusals,

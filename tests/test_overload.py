@@ -21,6 +21,7 @@ import pytest
 from relay import logs
 from tests.helpers import (
     FakeUpstream,
+    online,
     openai_backend,
     running_agent,
     running_relay,
@@ -170,3 +171,25 @@ async def test_a_cross_node_stream_outlives_redis_holding_its_publishes_past_the
     assert not any("error" in orjson.loads(e) for e in events[:-1]), events[-3:]
     assert len(events) == upstream.chunks + 2
     assert not warnings_about(out, request_id)
+
+
+async def test_the_agents_node_sheds_requests_routed_to_it_from_another_node(redis_url):
+    """Node A takes any load (no limits), node B — the agent's — holds one stream at most: a second
+    request through A is refused by B before its agent hears of it, and the caller gets A's 503."""
+    upstream = FakeUpstream(chunks=5, hold_after=1)
+    async with running_upstream(upstream), running_relay(redis_url, shed_lag=0) as node_a, \
+            running_relay(redis_url, shed_lag=0, max_inflight=1) as node_b:
+        instance_id, token = await node_a.register()
+        url = f"/api/chat/{instance_id}"
+        async with running_agent(node_b.url, token, openai_backend(upstream)), node_a.client() as client:
+            await wait_until(lambda: online(node_a.url, instance_id), what="the agent seen from node A")
+            async with stream_in_flight(client, url, CHAT, after=1) as running:
+                refused = await client.post(url, json=CHAT)
+                assert refused.status_code == 503, refused.text
+                assert refused.json()["error"]["code"] == "node_overloaded"
+                assert refused.headers["retry-after"] == "1"
+                assert len(upstream.requests) == 1  # the refused one never reached the model
+                upstream.release()
+                assert (await running.rest())[-1] == "[DONE]"
+            # The refusal gave the agent's slot back: the next request goes through B's agent.
+            assert (await client.post(url, json=CHAT)).status_code == 200
