@@ -81,6 +81,9 @@ class EdgeProtocol(HttpToolsProtocol):
         self._head_begun = False
         self._head_timer: asyncio.TimerHandle | None = None
         self._lingering = False
+        #: When an idle connection closes if it stays idle: fixed once for a body the app answered
+        #: without reading, so that trickling the rest of it cannot keep re-arming uvicorn's timer.
+        self._idle_deadline: float | None = None
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -92,7 +95,8 @@ class EdgeProtocol(HttpToolsProtocol):
             return  # refused: dropped unread until the close
         self._unset_keepalive_if_required()
         self._read = len(data)
-        if self._head_open:
+        if self._head_open and (self._head_begun or data.strip(b"\r\n")):
+            # (Empty lines before a request are ignored, RFC 9112 2.2: they begin no block.)
             self._head_bytes += self._read
             self._head_begun = True
         try:
@@ -112,18 +116,21 @@ class EdgeProtocol(HttpToolsProtocol):
             else:
                 self._unsupported_upgrade_warning()
             return
-        if self._head_open:
-            if not self._head_begun:
-                return  # the read ended with a request: nothing pending
+        if self._head_open and self._head_begun:
             if self.max_header_bytes and self._head_bytes > self.max_header_bytes:
                 self._refuse(HeadersTooLarge(f"the request's header block exceeds {self.max_header_bytes} bytes"))
             elif self._head_timer is None:
                 self._arm_head_timer()  # a block begun and not finished: from now, header_timeout to end it
-        elif self.cycle is not None and self.cycle.response_complete and self.timeout_keep_alive_task is None \
+        elif (self.cycle is None or self.cycle.response_complete) and self.timeout_keep_alive_task is None \
                 and not self.pipeline:
-            # The rest of a body the app answered without: uvicorn drops it, and
-            # its keep-alive timer (cancelled by this byte) runs again.
-            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+            # Nothing being answered and no request begun (the rest of a body the app
+            # answered without, or empty lines): the connection is idle, and this byte
+            # cancelled uvicorn's keep-alive timer.  It runs again, to a deadline fixed
+            # by the first such byte.
+            now = self.loop.time()
+            if self._idle_deadline is None:
+                self._idle_deadline = now + self.timeout_keep_alive
+            self.timeout_keep_alive_task = self.loop.call_later(max(0.0, self._idle_deadline - now),
                                                                 self.timeout_keep_alive_handler)
 
     def _bad_request(self) -> None:
@@ -145,6 +152,7 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         self._head_begun = True
+        self._idle_deadline = None  # a request: the connection is no longer idle
         super().on_message_begin()
 
     def on_message_complete(self) -> None:
@@ -175,7 +183,11 @@ class EdgeProtocol(HttpToolsProtocol):
         self._head_open = False  # nothing more is counted or timed on this connection
         log.info("%s %s: %s", error.status, error.code, error.message)
         if self.cycle is not None and not self.cycle.response_complete:
-            self.cycle.keep_alive = False  # pipelined behind a response in progress: that one ends, then the close
+            # Pipelined behind a response in progress: that one ends, then the close.  What the
+            # client sends meanwhile is dropped unread (uvicorn resumes reading whenever the app
+            # waits for its disconnect, so pausing alone would let the refused block grow).
+            self.cycle.keep_alive = False
+            self._lingering = True
             self.flow.pause_reading()
             return
         body = orjson.dumps(error.body())

@@ -26,7 +26,7 @@ import orjson
 import pytest
 
 from tests.bounds import DEADLINE, MiB, Node, relay_process
-from tests.helpers import running_agent, wait_until
+from tests.helpers import FakeUpstream, openai_backend, running_agent, running_upstream, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -61,12 +61,14 @@ async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]
 
 
 async def closed(reader: asyncio.StreamReader) -> bool:
-    """Whether the node closes the connection (within the test's deadline): EOF or a reset."""
+    """Whether the node closes the connection within the test's deadline: EOF or a reset."""
     try:
         async with asyncio.timeout(DEADLINE):
             while await reader.read(65536):
                 pass
-    except (ConnectionError, OSError):
+    except TimeoutError:  # (an OSError too, since Python 3.10: it must be told apart from a reset)
+        return False
+    except OSError:  # reset by the node
         pass
     return True
 
@@ -209,6 +211,96 @@ async def test_keep_alive_pipelining_and_the_agent_websocket_still_work_at_the_e
                 answer = await client.post(f"/api/chat/{instance_id}/chat/completions",
                                            json={"messages": [{"role": "user", "content": "hi"}], "stream": False})
             assert answer.status_code == 200, answer.text
+
+
+async def test_a_header_block_refused_behind_a_running_stream_is_dropped_unread(redis_url):
+    """A chat stream runs on a kept-alive connection; a request pipelined behind it sends an endless
+    header.  The block is refused where it passes the limit: the rest is left unread, or dropped
+    unread whenever uvicorn resumes reading for the running stream (never fed to the parser), the
+    stream ends whole, then the connection closes."""
+    upstream = FakeUpstream(chunks=5, hold_after=1)
+    async with running_upstream(upstream), relay_process(redis_url) as node:
+        instance_id, token = await node.register()
+        async with running_agent(node.url, token, openai_backend(upstream)):
+            await wait_until(lambda: node_online(node, instance_id), DEADLINE, what="the agent online")
+            reader, writer = await connect(node)
+            try:
+                body = orjson.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": True})
+                writer.write(f"POST /api/chat/{instance_id} HTTP/1.1\r\nHost: relay\r\n"
+                             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                             + body + b"GET /healthz HTTP/1.1\r\nHost: relay\r\nX-Big: ")
+                await writer.drain()
+                piece = b"a" * MiB
+
+                async def endless_header() -> None:  # blocks whenever the node stops reading: TCP pushes back
+                    with contextlib.suppress(ConnectionError, OSError):
+                        for _ in range(96):
+                            writer.write(piece)
+                            await writer.drain()
+
+                async with node.watch() as watch:
+                    sender = asyncio.create_task(endless_header())
+                    await node.proc.wait_for_line(r"431 headers_too_large", DEADLINE)
+                    await wait_until(lambda: upstream.inflight == 1, DEADLINE, what="the stream running")
+                    # uvicorn resumes reading while the stream runs: all 96 MiB go in, to be dropped unread.
+                    await asyncio.wait({sender}, timeout=DEADLINE)
+                    upstream.release()
+                    async with asyncio.timeout(DEADLINE):
+                        status, _, answer = await read_answer(reader)
+                    assert await closed(reader)
+                    sender.cancel()
+                watch.assert_within(24 * MiB, "an endless header pipelined behind a running stream")
+                assert status == 200
+                assert answer.rstrip().endswith(b"data: [DONE]"), answer[-200:]
+            finally:
+                close(writer)
+
+
+async def test_a_connection_is_not_held_by_the_rest_of_a_body_the_node_answered_without(redis_url):
+    """The node answers 404 before reading the body; the client sends the rest (all at once, or a
+    byte at a time for ever): either way the connection is closed once idle for uvicorn's
+    keep-alive time, counted from the first byte after the answer."""
+    async with relay_process(redis_url) as node:
+        for trickle in (False, True):
+            reader, writer = await connect(node)
+            try:
+                writer.write(b"POST /api/chat/0123456789abcdef/chat/completions HTTP/1.1\r\nHost: relay\r\n"
+                             b"Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n{\"messages\"")
+                await writer.drain()
+                async with asyncio.timeout(DEADLINE):
+                    status, _, _ = await read_answer(reader)
+                assert status == 404
+                eof = asyncio.create_task(closed(reader))
+                with contextlib.suppress(ConnectionError, OSError):
+                    if trickle:
+                        while not eof.done():
+                            writer.write(b" ")
+                            await writer.drain()
+                            await asyncio.wait({eof}, timeout=0.5)  # the trickle's pace, not a race
+                    else:
+                        writer.write(b" " * (1_000_000 - 11))
+                        await writer.drain()
+                assert await eof
+            finally:
+                close(writer)
+
+
+async def test_empty_lines_between_requests_begin_no_header_block(redis_url):
+    """A client that sends an empty line after its request (RFC 9112 says to ignore them) gets no
+    unsolicited 408: its idle connection is simply closed at the keep-alive time."""
+    async with relay_process(redis_url, RELAY_HEADER_TIMEOUT="1") as node:
+        reader, writer = await connect(node)
+        try:
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
+            await writer.drain()
+            assert (await read_answer(reader))[0] == 200
+            writer.write(b"\r\n")
+            await writer.drain()
+            async with asyncio.timeout(DEADLINE):
+                rest = await reader.read()
+            assert rest == b""  # closed without a word, not a 408
+        finally:
+            close(writer)
 
 
 # -- E: a body that stops ---------------------------------------------------------------------
