@@ -7,6 +7,7 @@ everywhere.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 import orjson
@@ -30,9 +31,27 @@ def bearer_token(request: Request) -> str | None:
 
 
 def client_ip(request: Request) -> str:
+    """The client's address as every per-address limit counts it (rates, streams, uploads,
+    anonymous conversations): an IPv4 address, or an IPv6 /64 (``address_group``)."""
     # uvicorn sets this from X-Forwarded-For only for trusted proxies
     # (--forwarded-allow-ips / FORWARDED_ALLOW_IPS), so callers cannot spoof it.
-    return request.client.host if request.client else "unknown"
+    return address_group(request.client.host) if request.client else "unknown"
+
+
+def address_group(address: str) -> str:
+    """Whom a per-address limit counts: one IPv4 address, or one IPv6 /64 (what one host is
+    handed: counting its addresses one by one would give it 2**64 budgets)."""
+    if ":" not in address:
+        return address  # IPv4 (or a name): as it is
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 async def read_json(request: Request, limit: int, *, empty: Any = None) -> Any:

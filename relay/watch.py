@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import random
 from collections import Counter
@@ -32,6 +31,7 @@ from starlette.types import Receive, Scope, Send
 
 from .chat import cancel_on_disconnect
 from .errors import RateLimited, ServiceNotReady
+from .inputs import address_group
 from .registry import InstanceRegistry
 
 log = logging.getLogger("relay.watch")
@@ -88,19 +88,6 @@ class Watcher:
         out, self.pending = self.pending, {}
         self.changed.clear()
         return out
-
-
-def address_group(address: str) -> str:
-    """Whom a per-address cap counts: one IPv4 address, or one IPv6 /64 (what one host is handed)."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
-    return str(ip)
 
 
 class StatusWatch:

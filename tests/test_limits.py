@@ -364,3 +364,20 @@ async def test_refused_callers_spend_no_rate_and_a_key_keeps_its_bucket_across_a
             # The key's own bucket (2 a minute) is spent, whatever address it comes from.
             limited = await client.post(url, json=CHAT, headers=keyed[2])
             assert limited.status_code == 429 and "this caller" in limited.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(("address", "counted_as"), [
+    ("203.0.113.7", "203.0.113.7"),
+    ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+    ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),  # the same host's /64: one budget
+    ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+    ("::ffff:203.0.113.7", "203.0.113.7"),  # IPv4 seen through a dual-stack socket
+])
+def test_per_address_limits_count_an_ipv6_host_by_its_64(address, counted_as):
+    """Rates, streams, uploads and anonymous conversations are per client address: an IPv6 host,
+    handed a /64, would otherwise have 2**64 budgets."""
+    from starlette.requests import Request
+
+    from relay.inputs import client_ip
+
+    assert client_ip(Request({"type": "http", "client": (address, 1234), "headers": []})) == counted_as
