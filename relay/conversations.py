@@ -174,6 +174,10 @@ local function forget(all, sizes, cid)
   redis.call('ZREM', all, cid)
   local n = tonumber(redis.call('HGET', sizes, cid))
   local who = redis.call('HGET', sizes, 'w:' .. cid)
+  -- The hash is never emptied here (its 'total' stays, at 0 at least, until its TTL): on a
+  -- cluster, a key a script deletes and then touches again is refused mid-script while its
+  -- slot migrates, after the writes before it.
+  if who and not n then redis.call('HINCRBY', sizes, 'total', 0) end
   if who then
     redis.call('HDEL', sizes, 'w:' .. cid)
     if redis.call('HINCRBY', sizes, 'o:' .. who, -(n or 0)) <= 0 then redis.call('HDEL', sizes, 'o:' .. who) end
@@ -182,8 +186,14 @@ local function forget(all, sizes, cid)
     redis.call('HDEL', sizes, cid)
     redis.call('HINCRBY', sizes, 'total', -n)
   end
-  -- none left: the key goes, as an emptied index does
-  if (n or who) and redis.call('HLEN', sizes) == 1 then redis.call('DEL', sizes) end
+end
+
+-- A sizes hash that counts nothing any more goes, as an emptied index does.  Only as a
+-- script's last access to it: see forget.
+local function settle(sizes)
+  if redis.call('HLEN', sizes) == 1 and redis.call('HGET', sizes, 'total') == '0' then
+    redis.call('DEL', sizes)
+  end
 end
 
 -- Drop index entries whose conversation expired, from the least recently
@@ -376,6 +386,7 @@ if ARGV[3] ~= '' then
   if redis.call('EXISTS', ARGV[5] .. ARGV[3]) == 0 then
     redis.call('ZREM', KEYS[1], ARGV[3])
     forget(KEYS[2], KEYS[3], ARGV[3])
+    settle(KEYS[3])
     return {'no_last'}
   end
   pos = rank + 1
@@ -400,6 +411,7 @@ while #out < count do
     end
   end
 end
+settle(KEYS[3])
 return {'ok', out}
 """
 
@@ -427,6 +439,7 @@ redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3])
 redis.call('ZREM', KEYS[4], ARGV[3])
 if addr then redis.call('ZREM', ARGV[5] .. addr, ARGV[3]) end
 forget(KEYS[5], KEYS[6], ARGV[3])
+settle(KEYS[6])
 return 1
 """
 
@@ -484,6 +497,7 @@ for _, f in ipairs(found) do
   end
   forget(KEYS[1], KEYS[2], cid)
 end
+settle(KEYS[2])
 return {deleted, entries - #found}
 """
 
