@@ -175,6 +175,11 @@ class EdgeProtocol(HttpToolsProtocol):
         if not self._head_begun:
             self.transport.close()  # a connection that never said anything: nothing to answer
             return
+        if self.flow.read_paused and not self._lingering:
+            # uvicorn stopped reading (requests queued before this one are being answered): the
+            # client cannot finish the block meanwhile.  Its time starts again once it can.
+            self._arm_head_timer()
+            return
         self._refuse(RequestTimeout(f"the request's headers did not arrive within {self.header_timeout:g} s"))
 
     def _refuse(self, error: RelayError) -> None:
