@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.helpers import Spawned, free_port, spawn, wait_until
+from tests.helpers import Spawned, free_port, register_at, spawn, until_healthy
 
 #: A deadline for what must happen (never a bound on how fast): machines are shared.
 DEADLINE = 30.0
@@ -94,11 +94,7 @@ class Node:
         return RssWatch(self.pid)
 
     async def register(self, name: str = "bounds") -> tuple[str, str]:
-        async with self.client() as client:
-            response = await client.post("/api/instances", json={"name": name})
-            response.raise_for_status()
-            data = response.json()
-        return data["instance_id"], data["agent_token"]
+        return await register_at(self.url, name)
 
 
 @contextlib.asynccontextmanager
@@ -116,17 +112,8 @@ async def relay_process(redis_url: str, **env: str) -> AsyncIterator[Node]:
                                           env=full_env))
     node = Node(f"http://127.0.0.1:{port}", port, proc)
 
-    async def healthy() -> bool:
-        if proc.popen.poll() is not None:
-            raise AssertionError(f"relay exited ({proc.popen.returncode}):\n{proc.output}")
-        try:
-            async with httpx.AsyncClient() as client:
-                return (await client.get(f"{node.url}/readyz", timeout=2)).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        await wait_until(healthy, timeout=DEADLINE, what="relay /readyz")
+        await until_healthy(proc, node.url, "/readyz", DEADLINE)
         yield node
     finally:
         proc.stop(signal.SIGTERM, timeout=10)

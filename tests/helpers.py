@@ -110,11 +110,30 @@ class RunningRelay:
         return httpx.AsyncClient(base_url=self.url, timeout=30)
 
     async def register(self, name: str = "test") -> tuple[str, str]:
-        async with self.client() as client:
-            response = await client.post("/api/instances", json={"name": name})
-            response.raise_for_status()
-            data = response.json()
-        return data["instance_id"], data["agent_token"]
+        return await register_at(self.url, name)
+
+
+async def register_at(url: str, name: str) -> tuple[str, str]:
+    """Register an instance at the relay at ``url``: (instance id, agent token)."""
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        response = await client.post("/api/instances", json={"name": name})
+        response.raise_for_status()
+        data = response.json()
+    return data["instance_id"], data["agent_token"]
+
+
+async def until_healthy(proc: Spawned, url: str, path: str = "/healthz", timeout: float = 30.0) -> None:
+    """Wait until the relay process ``proc`` answers ``path`` with 200; fail at once if it exits."""
+    async def healthy() -> bool:
+        if proc.popen.poll() is not None:
+            raise AssertionError(f"relay exited ({proc.popen.returncode}):\n{proc.output}")
+        try:
+            async with httpx.AsyncClient() as client:
+                return (await client.get(f"{url}{path}", timeout=2)).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    await wait_until(healthy, timeout=timeout, what=f"relay {path}")
 
 
 #: The relays this process runs (``running_relay``), by URL.

@@ -19,7 +19,17 @@ import httpx
 import pytest
 
 from relay.embedded_redis import safe_url
-from tests.helpers import Spawned, free_port, frozen, instance_view, offline, online, spawn, wait_until
+from tests.helpers import (
+    Spawned,
+    free_port,
+    frozen,
+    instance_view,
+    offline,
+    online,
+    spawn,
+    until_healthy,
+    wait_until,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -54,18 +64,8 @@ def redis_servers_using(path: Path) -> list[int]:
 
 async def start_relay(port: int, env: dict[str, str], *extra: str) -> Proc:
     relay = Proc(["relay.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *extra], env)
-
-    async def healthy():
-        if relay.popen.poll() is not None:
-            raise AssertionError(f"relay exited ({relay.popen.returncode}):\n{relay.output}")
-        try:
-            async with httpx.AsyncClient() as client:
-                return (await client.get(f"http://127.0.0.1:{port}/healthz", timeout=2)).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        await wait_until(healthy, timeout=DEADLINE, what="relay /healthz")
+        await until_healthy(relay, f"http://127.0.0.1:{port}", timeout=DEADLINE)
     except BaseException:
         relay.stop(signal.SIGKILL)
         raise
