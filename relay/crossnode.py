@@ -209,6 +209,10 @@ class CrossNode:
     def inbox_lost(self) -> None:
         """Our inbox subscription broke: fail every stream that crosses nodes, now.
 
+        With ``503 relay_unavailable`` (here and wherever the bus fails a stream): a
+        moment's outage of the relay's own plumbing, worth retrying; before the
+        first byte the caller gets it as its status, with ``Retry-After``.
+
         Messages published to us meanwhile are gone (pub/sub stores nothing),
         so a stream we serve to a caller may miss chunks or its end: give its
         caller an error instead of an idle-timeout wait.  Streams our agents
@@ -220,7 +224,7 @@ class CrossNode:
             log.warning("message bus connection lost: failing %d cross-node streams",
                         len(self.ingress) + len(self.egress))
         for remote in list(self.ingress.values()):
-            remote.fail(502, "relay lost its message bus mid-stream; retry", "relay_unavailable")
+            remote.fail(503, "relay lost its message bus mid-stream; retry", "relay_unavailable")
         for served in list(self.egress.values()):
             served.stop("the relay node holding the agent lost its message bus mid-stream; retry")
 
@@ -396,7 +400,7 @@ class CrossNode:
                     # This node ended the stream: one line here (the caller's node logs its own).
                     log.warning("stream %s served for node %s stopped by this node: %s", request.id, reply,
                                 served.stopped_because)
-                    await self._reply_error(reply, request.id, served.stopped_because, 502, "relay_unavailable")
+                    await self._reply_error(reply, request.id, served.stopped_because, 503, "relay_unavailable")
 
     async def _forward(self, reply: str, stream_id: int, local: Stream) -> None:
         silent = 0.0
@@ -455,7 +459,7 @@ class CrossNode:
                         await self.send(reply, wire.Credit(stream_id, granted - passed_on), session_id,
                                         in_flight=True)
                     except LinkLost as exc:
-                        local.fail(502, f"could not pass the agent's upload credit on: {exc}", "relay_unavailable")
+                        local.fail(503, f"could not pass the agent's upload credit on: {exc}", "relay_unavailable")
                         return
                     passed_on = granted
                 if not local.tracker.uploading:
