@@ -90,10 +90,18 @@ class BodyEncoder(Protocol):
         """The bytes that end an answer cut short by ``error``."""
 
 
-def ended_by_relay(stream: Stream, code: str | None, reason: str) -> None:
+def ended_by_relay(stream: Stream, error: RelayError) -> RelayError:
     """The one WARNING line of a stream the relay ended (idle or stall limit, agent or node gone,
-    message bus lost, answer too large, drain ...): request and instance ids come from the context."""
-    log.warning("stream %s ended by the relay: %s [%s]", stream.id, reason, code or "error")
+    message bus lost, answer too large, drain ...), and ``error``, to raise or send: request and
+    instance ids come from the context."""
+    log.warning("stream %s ended by the relay: %s [%s]", stream.id, error.message, error.code or "error")
+    return error
+
+
+def stream_error(stream: Stream, item: wire.StreamError) -> RelayError:
+    """The error that ended ``stream``, as its caller gets it; logged once when a relay decided it."""
+    error = from_status(item.status, item.message, item.code)
+    return ended_by_relay(stream, error) if stream.ended_by_relay(item) else error
 
 
 async def first_items(stream: Stream, timeout: float) -> list[Item]:
@@ -102,18 +110,14 @@ async def first_items(stream: Stream, timeout: float) -> list[Item]:
         return await stream.next(timeout)
     except TimeoutError:
         await stream.close("no first chunk in time")
-        error = ModelTimeout(f"the model sent nothing within {timeout:g} s")
-        ended_by_relay(stream, error.code, error.message)
-        raise error from None
+        raise ended_by_relay(stream, ModelTimeout(f"the model sent nothing within {timeout:g} s")) from None
 
 
-def raise_if_error(items: list[Item], stream: Stream | None = None) -> None:
+def raise_if_error(stream: Stream, items: list[Item]) -> None:
     """Turn an error the agent (or a relay, for it) reported before any data into an HTTP error."""
     head = items[0]
     if type(head) is wire.StreamError:
-        if stream is not None and stream.ended_by_relay(head):
-            ended_by_relay(stream, head.code, head.message)
-        raise from_status(head.status, head.message, head.code)
+        raise stream_error(stream, head)
 
 
 async def collect(stream: Stream, items: list[Item], idle_timeout: float, limit: int) -> bytes:
@@ -127,23 +131,18 @@ async def collect(stream: Stream, items: list[Item], idle_timeout: float, limit:
                 size += len(item)
                 if size > limit:  # an agent is not trusted to bound what the relay holds
                     await stream.close("answer too large")
-                    too_large = UpstreamError(f"the model's answer exceeds {limit} bytes", code="answer_too_large")
-                    ended_by_relay(stream, too_large.code, too_large.message)
-                    raise too_large
+                    raise ended_by_relay(stream, UpstreamError(f"the model's answer exceeds {limit} bytes",
+                                                               code="answer_too_large"))
                 await stream.consumed(len(item))
             elif type(item) is wire.End:
                 return b"".join(parts)
             elif type(item) is wire.StreamError:  # after some data: still an error
-                if stream.ended_by_relay(item):
-                    ended_by_relay(stream, item.code, item.message)
-                raise from_status(item.status, item.message, item.code)
+                raise stream_error(stream, item)
         try:
             items = await stream.next(idle_timeout)
         except TimeoutError:
             await stream.close("idle timeout")
-            silent = ModelTimeout(f"the model went silent for {idle_timeout:g} s")
-            ended_by_relay(stream, silent.code, silent.message)
-            raise silent from None
+            raise ended_by_relay(stream, ModelTimeout(f"the model went silent for {idle_timeout:g} s")) from None
 
 
 class ClientGone(Exception):
@@ -244,7 +243,8 @@ class EventStreamResponse(Response):
         except asyncio.CancelledError:
             if not guard.stalled():
                 raise
-            ended_by_relay(self.stream, "client_stalled", f"the client read nothing for {self.stall_timeout:g} s")
+            ended_by_relay(self.stream, RelayError(f"the client read nothing for {self.stall_timeout:g} s",
+                                                   code="client_stalled"))
             logs.ended_on_purpose()
             raise ClientGone() from None
         except OSError:
@@ -258,7 +258,7 @@ class EventStreamResponse(Response):
         except ClientGone:
             raise
         except RelayError as exc:  # the encoder found the answer broken
-            ended_by_relay(self.stream, exc.code, exc.message)
+            ended_by_relay(self.stream, exc)
             await self._send(send, self._error(exc), False)
         except Exception as exc:  # a bug on our side: still end the caller's stream properly
             log.exception("stream %s failed in the relay", self.stream.id)
@@ -280,16 +280,13 @@ class EventStreamResponse(Response):
                 await self._send(send, wire.SSE_DONE if encoder is None else encoder.done(), False)
                 return
             if type(last) is wire.StreamError:
-                if stream.ended_by_relay(last):
-                    ended_by_relay(stream, last.code, last.message)
-                await self._send(send, self._error(from_status(last.status, last.message, last.code)), False)
+                await self._send(send, self._error(stream_error(stream, last)), False)
                 return
             try:
                 items = await stream.next(self.idle_timeout)
             except TimeoutError:
                 await stream.close("idle timeout")
-                error = ModelTimeout(f"the model went silent for {self.idle_timeout:g} s")
-                ended_by_relay(stream, error.code, error.message)
+                error = ended_by_relay(stream, ModelTimeout(f"the model went silent for {self.idle_timeout:g} s"))
                 await self._send(send, self._error(error), False)
                 return
 
@@ -336,7 +333,7 @@ async def _answer(stream: Stream, settings: RelaySettings, receive: Receive | No
                     # is then the first item below.
                     await stream.send_upload(upload, stall_timeout=settings.idle_timeout)
                 items = await first_items(stream, settings.first_chunk_timeout)
-                raise_if_error(items, stream)
+                raise_if_error(stream, items)
                 if not streaming:
                     body = await collect(stream, items, settings.idle_timeout, settings.max_answer_bytes)
             finally:
