@@ -32,6 +32,7 @@ from .gate import Admitted, admit, admit_named, leased
 from .inputs import bearer_token, client_ip, int_param, read_json, validate
 from .limits import check_chat_request
 from .models import ChatRequest, ImageRequest
+from .registry import union
 from .sessions import resolve_model
 from .targets import Target
 
@@ -142,10 +143,7 @@ def image_type(b64: str) -> str:
 
 def served_models(view: dict[str, Any]) -> list[str]:
     """Every model an instance's agents serve, for a model list: chat, then image, then transcription models."""
-    names: dict[str, None] = {}  # a dict, not list scans: a view may list hundreds of names per kind
-    for field in ("models", "image_models", "transcribe_models"):
-        names.update(dict.fromkeys(view.get(field, ())))
-    return list(names)
+    return union(view.get(field, ()) for field in ("models", "image_models", "transcribe_models"))
 
 
 def model_card(name: str, created: Any, owner: str) -> dict[str, Any]:

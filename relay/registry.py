@@ -760,11 +760,11 @@ class InstanceRegistry:
 
     def _view(self, instance_id: str, record: dict[str, str], live: list[AgentEntry]) -> dict[str, Any]:
         cap = self.max_models
-        models = _union((e.models for e in live), cap)
-        image_models = _union((e.image_models for e in live), cap)
-        transcribe_models = _union((e.transcribe_models for e in live), cap)
+        models = union((e.models for e in live), cap)
+        image_models = union((e.image_models for e in live), cap)
+        transcribe_models = union((e.transcribe_models for e in live), cap)
         if not models:
-            models = _union([orjson.loads(record.get("models") or "[]")], cap)
+            models = union([orjson.loads(record.get("models") or "[]")], cap)
         online = bool(live)
         last_seen = time.time() if online else (float(record["last_seen"]) if "last_seen" in record else None)
         return {
@@ -866,14 +866,13 @@ class InstanceRegistry:
         return out, (str(position) if more else None)
 
 
-
-
-def _union(lists: Iterable[Sequence[str]], cap: int) -> list[str]:
-    """The names of ``lists`` in order, each once, at most ``cap`` of them (linear: a dict, not list scans)."""
+def union(lists: Iterable[Sequence[str]], cap: int = 0) -> list[str]:
+    """The names of ``lists`` in order, each once, at most ``cap`` of them (0: all; linear: a dict,
+    not list scans, since a view may list hundreds of names per kind)."""
     seen: dict[str, None] = {}
     for names in lists:
         for name in names:
-            if len(seen) >= cap:
+            if cap and len(seen) >= cap:
                 return list(seen)
             seen[name] = None
     return list(seen)

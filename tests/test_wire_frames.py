@@ -412,3 +412,11 @@ def test_hello_parameters_are_an_optional_bounded_object():
     for bad in ([], "x", 1, {"introduction": "x" * wire.frames.MAX_PARAMETERS_BYTES}):
         with pytest.raises(wire.ProtocolError):
             wire.decode(orjson.dumps({**base, "parameters": bad}))
+
+
+def test_parse_version_reads_release_numbers_and_stops_at_a_part_no_release_has():
+    assert wire.parse_version("0.2.10") == (0, 2, 10)
+    assert wire.parse_version("1.2.3-beta") == (1, 2, 3)
+    assert wire.parse_version("1." + "9" * 4301) == (1,)  # a caller's thousands of digits never reach int()
+    assert wire.parse_version("9" * 10) == ()
+    assert wire.parse_version("9" * 9) == (999_999_999,)

@@ -583,16 +583,22 @@ def negotiate(hello: Hello, supported: frozenset[int] = SUPPORTED_VERSIONS) -> i
     )
 
 
+#: Digits of one part of a version: far more than any release number, and far below what
+#: ``int()`` refuses (4300 digits) or spends time on.
+MAX_VERSION_DIGITS = 9
+
+
 def parse_version(text: str) -> tuple[int, ...]:
-    """``"0.2.10"`` -> ``(0, 2, 10)``; stops at the first part that is not a number."""
+    """``"0.2.10"`` -> ``(0, 2, 10)``; stops at the first part that is not a number (nor a
+    number of at most ``MAX_VERSION_DIGITS`` digits: whoever sends the text chooses its length)."""
     parts: list[int] = []
     for piece in text.split("."):
         digits = ""
-        for ch in piece:
+        for ch in piece[:MAX_VERSION_DIGITS + 1]:
             if not "0" <= ch <= "9":  # str.isdigit() also takes "²" and "٣", which int() refuses or misreads
                 break
             digits += ch
-        if not digits:
+        if not digits or len(digits) > MAX_VERSION_DIGITS:
             break
         parts.append(int(digits))
         if len(digits) != len(piece):
