@@ -152,7 +152,7 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
     storage.wrap_connections(redis, metrics.count_round_trips)
     storage.wrap_connections(in_flight, metrics.count_round_trips)
     overload = LoadMonitor(shed_lag=settings.shed_lag, max_inflight=settings.max_inflight,
-                           inflight=lambda: sessions.inflight() + len(bus.ingress), on_shed=metrics.count_shed)
+                           inflight=bus.streams_held, on_shed=metrics.count_shed)
     metrics.watch_load(overload.current_lag)
     bus.admit_new = overload.check  # requests routed here from other nodes are shed as our own are
     watch = StatusWatch(registry, interval=settings.watch_interval, max_watchers=settings.max_watchers,

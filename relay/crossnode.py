@@ -160,6 +160,12 @@ class CrossNode:
     def channel(self) -> str:
         return keys.inbox(self.node_id)
 
+    def streams_held(self) -> int:
+        """Streams this node holds now: served by its agents (for its callers or another node's),
+        and answered to its callers by another node's agents.  What a drain waits for, and what
+        ``RELAY_MAX_INFLIGHT`` counts."""
+        return self.sessions.inflight() + len(self.ingress)
+
     async def send(self, node: str, event: wire.Event, session: str = "", *, in_flight: bool = False) -> None:
         """Publish one frame to another node; LinkLost (NodeGone) when it cannot arrive.
 

@@ -67,7 +67,6 @@ class LoadMonitor:
         #: Loop time the probe's next tick is due at (None while not running).
         self._due: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.shed = 0
         self._logged_at = -LOG_EVERY
         self._shed_since_log = 0
 
@@ -106,7 +105,6 @@ class LoadMonitor:
                 self._refuse("inflight", f"{held} streams in flight (limit {self.max_inflight})")
 
     def _refuse(self, reason: str, detail: str) -> None:
-        self.shed += 1
         self._shed_since_log += 1
         if self.on_shed is not None:
             self.on_shed(reason)

@@ -249,8 +249,7 @@ class RelayServer(uvicorn.Server):
         self.relay_app = app
 
     def active_streams(self) -> int:
-        state = self.relay_app.state
-        return int(state.sessions.inflight() + len(state.bus.ingress))
+        return int(self.relay_app.state.bus.streams_held())
 
     async def shutdown(self, sockets: Any = None) -> None:
         state = self.relay_app.state
