@@ -73,7 +73,7 @@ from .errors import (
     ValidationFailed,
 )
 from .gate import Admitted, admit, admit_model, leased
-from .inputs import client_ip
+from .inputs import client_ip, declared_length
 from .limits import Slot
 from .streams import cleanup_scope
 
@@ -284,14 +284,6 @@ async def read_form(request: Request, limit: int, reservation: _Reservation | No
         return AudioForm(data, upload.filename or "", upload.content_type or "", fields)
     finally:
         await form.close()
-
-
-def declared_length(request: Request) -> int | None:
-    """The request's ``Content-Length`` as a number, None when absent (httptools refuses malformed ones)."""
-    declared = request.headers.get("content-length")
-    if declared is None or not (declared.isascii() and declared.isdigit()) or len(declared) > 20:
-        return None
-    return int(declared)
 
 
 def audio_file(filename: str, content_type: str) -> tuple[str, str]:

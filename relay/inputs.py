@@ -54,15 +54,23 @@ def address_group(address: str) -> str:
     return str(ip)
 
 
+def declared_length(request: Request) -> int | None:
+    """The request's ``Content-Length`` as a number, None when absent (the HTTP parser refuses
+    malformed ones); one of more than ``MAX_INT_DIGITS`` digits is past every limit, and read as such."""
+    declared = request.headers.get("content-length")
+    if declared is None or not (declared.isascii() and declared.isdigit()):
+        return None
+    return int(declared) if len(declared) <= MAX_INT_DIGITS else 10**MAX_INT_DIGITS
+
+
 async def read_json(request: Request, limit: int, *, empty: Any = None) -> Any:
     """The body as JSON: 413 past ``limit`` bytes (declared or actual), 400 if it is not JSON,
     422 ``json_too_deep`` past ``RELAY_MAX_JSON_DEPTH`` levels of arrays and objects.
 
     ``empty``, when not None, is what an empty body means (else it is not JSON).
     """
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isascii() and declared.isdigit() and (
-            len(declared) > MAX_INT_DIGITS or int(declared) > limit):
+    declared = declared_length(request)
+    if declared is not None and declared > limit:
         raise PayloadTooLarge(f"request body exceeds {limit} bytes")
     body = bytearray()
     async for part in request.stream():
