@@ -219,9 +219,8 @@ end
 
 # Check a new turn, and (unless only checking) reserve its message, creating
 # the conversation first when asked.  Mode "check": the checks and the history,
-# nothing written (sweeps of stale index entries aside); "reserve": the checks
-# again, then the writes; "both": all in one call.  The history is returned as
-# it was before this message (empty for "reserve", which does not need it).
+# nothing written (sweeps of stale index entries aside), and the history as it is
+# before this message; "reserve": the checks again, then the writes.
 # KEYS: conversation, messages, order, scope index, instance index, instance
 #       sizes, address index (used only when ARGV[20] is "1", else the conversation again).
 # ARGV: cid, mid, caller, user, now, ttl ms, index prefix, conversation prefix,
@@ -298,8 +297,6 @@ if mode == 'check' then
   local picked, fields = history()
   return {'ok', redis.call('HGET', KEYS[1], 'inputs'), picked, fields}
 end
-local picked, records = {}, {}
-if mode == 'both' and not create then picked, records = history() end
 local ids = redis.call('ZRANGE', KEYS[3], 0, -1)
 for _, id in ipairs(ids) do reach(ARGV[7] .. id) end
 reach(ARGV[7] .. mid)
@@ -321,7 +318,7 @@ redis.call('SET', ARGV[7] .. mid, cid, 'PX', ttl)
 if who ~= '' then adopt(KEYS[6], cid, who) end
 account(KEYS[6], cid, size)
 touch(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], cid, now, ttl, ARGV[7])
-return {'ok', redis.call('HGET', KEYS[1], 'inputs'), picked, records}
+return {'ok', redis.call('HGET', KEYS[1], 'inputs'), {}, {}}
 """.replace("SWEEP", str(_SWEEP)).replace("WIDE", str(_WIDE_SWEEP))
 
 # Replace the partial answer of a message still answering.  Not activity (see
@@ -687,10 +684,11 @@ class ConversationStore:
         self, scope: Scope, conversation_id: str | None, query: str, inputs: dict[str, Any], now: float,
         bounds: Bounds = NO_BOUNDS, *, recent: tuple[int, int] = (0, 0),
     ) -> Turn:
-        """Check and reserve a new message (status ``answering``) at once: :meth:`prepare_turn`
-        and :meth:`reserve_turn` in one script call.  Raises as :meth:`prepare_turn`."""
-        return await self._start_script(self._prepared(scope, conversation_id, query, inputs, now), now, bounds,
-                                        "both", recent)
+        """Check and reserve a new message (status ``answering``): :meth:`prepare_turn`, then
+        :meth:`reserve_turn` (which checks again).  Raises as either."""
+        turn = await self.prepare_turn(scope, conversation_id, query, inputs, now, bounds, recent=recent)
+        await self.reserve_turn(turn, now, bounds)
+        return turn
 
     async def prepare_turn(
         self, scope: Scope, conversation_id: str | None, query: str, inputs: dict[str, Any], now: float,
