@@ -32,8 +32,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import wire
-
-from .loadgen import check_loopback
+from bench.loadgen import check_loopback
 
 
 class IdleAgents:
@@ -150,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with open(args.tokens) as f:
         tokens = [line.strip() for line in f if line.strip()]
-    from ._loop import run
+    from bench._loop import run
 
     run(_drive(args.url, tokens))
     return 0

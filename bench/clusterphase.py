@@ -315,7 +315,7 @@ async def _start_cluster(bench: Any, cfg: dict[str, Any]) -> tuple[Any, list[Any
     missing = [b for b in ("redis-server", "redis-cli") if shutil.which(b) is None]
     if missing:
         raise Skip(f"{', '.join(missing)} not installed (apt-get install redis-server redis-tools)")
-    from .procs import REPO
+    from bench.procs import REPO
 
     if str(REPO) not in sys.path:  # the test package sits beside bench/
         sys.path.insert(0, str(REPO))
@@ -349,7 +349,7 @@ async def _round_trips(port: int) -> float:
 
 
 async def _get(port: int, path: str) -> bytes:
-    from . import loadgen as lg
+    from bench import loadgen as lg
 
     async with lg.HTTPConnection(HOST, port) as conn:
         result = await conn.request("GET", path)
@@ -358,11 +358,10 @@ async def _get(port: int, path: str) -> bytes:
 
 async def _measure(bench: Any, cfg: dict[str, Any], cs: Any, replicas: list[Any],
                    started: list[Any]) -> dict[str, Any]:
-    from relay import keys
-
-    from . import loadgen as lg
-    from .procs import CpuWindow, rss_bytes
-    from .run import _command
+    from bench import loadgen as lg
+    from bench.procs import CpuWindow, rss_bytes
+    from bench.run import _command
+    from relay.store import keys
 
     o = bench.o
     shards = Shards(cs, replicas)
@@ -622,7 +621,7 @@ def _memory_usage(cs: Any, online: list[str], offline: list[str], node_set: str,
     """``MEMORY USAGE ... SAMPLES 0`` of the keys an online agent adds to or grows, averaged over a few
     instances: where the per-agent memory goes (its ``agents`` hash, its instance hash growing by the
     ``models`` and ``last_seen`` fields, one member of the node's ``nodeinst`` set)."""
-    from relay import keys
+    from relay.store import keys
 
     def usage(key: str) -> int:
         return int(cs.client(cs.master_for_key(key)).memory_usage(key, samples=0) or 0)

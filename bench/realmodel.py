@@ -128,8 +128,8 @@ async def run_phase(bench: Any) -> None:
 
 
 async def _measure(bench: Any, cfg: dict[str, Any], started: list[Any]) -> dict[str, Any]:
-    from . import loadgen as lg
-    from .procs import console_script, free_port
+    from bench import loadgen as lg
+    from bench.procs import console_script, free_port
 
     server: dict[str, Any] = {}
     if cfg.get("url"):

@@ -3,7 +3,7 @@
     python -m bench            # the full run (a few minutes on 2 cores)
     python -m bench --quick    # tiny counts, ~15 s: checks the plumbing, not the figures
 
-It starts a real Redis (``relay.embedded_redis``), the fake upstream
+It starts a real Redis (``relay.store.embedded``), the fake upstream
 (``bench.upstream``), two ``relay serve`` nodes (A and B), and two
 ``relay-agent run --backend openai`` agents (one on each node), then measures:
 
@@ -37,9 +37,9 @@ from typing import Any
 
 import orjson
 
-from . import clusterphase, realmodel
-from . import loadgen as lg
-from .procs import (
+from bench import clusterphase, realmodel
+from bench import loadgen as lg
+from bench.procs import (
     CpuWindow,
     Proc,
     ProcessGroup,
@@ -50,7 +50,7 @@ from .procs import (
     raise_fd_limit,
     rss_bytes,
 )
-from .profile import Profiler, format_summary, summarize
+from bench.profile import Profiler, format_summary, summarize
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HOST = "127.0.0.1"
@@ -157,7 +157,7 @@ class Bench:
     # -- orchestration ------------------------------------------------------------
 
     async def run(self) -> dict[str, Any]:
-        from relay.embedded_redis import EmbeddedRedis
+        from relay.store.embedded import EmbeddedRedis
 
         fds = raise_fd_limit()
         t0 = time.perf_counter()
@@ -218,7 +218,7 @@ class Bench:
                 if line.startswith("model name"):
                     cpu = line.split(":", 1)[1].strip()
                     break
-        from ._loop import loop_name
+        from bench._loop import loop_name
 
         def git(*args: str) -> str | None:
             try:
@@ -300,7 +300,7 @@ class Bench:
         proc = self.group.start(
             name,
             [
-                *console_script("relay", "relay.cli"),
+                *console_script("relay", "relay.server.cli"),
                 "serve", "--host", HOST, "--port", str(port), "--redis-url", redis_url or self.redis.url,
                 "--data-dir", str(self.work / name), "--log-level", "warning",
             ],
@@ -928,7 +928,7 @@ async def _command(proc: Proc, cmd: dict, timeout: float = 60.0) -> dict:
 
 
 def _sample_event(size: int) -> bytes:
-    from .upstream import chunk_event
+    from bench.upstream import chunk_event
 
     return chunk_event("x" * size)
 
@@ -1353,7 +1353,7 @@ async def run_bench(o: Options) -> tuple[dict, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     o = options_from(argv)
-    from ._loop import run
+    from bench._loop import run
 
     results, raw = run(run_bench(o))
     json_path, png = write_outputs(results, raw, o)

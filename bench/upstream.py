@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
-    from ._loop import run  # the fake must not be the bottleneck: uvloop when present
+    from bench._loop import run  # the fake must not be the bottleneck: uvloop when present
 
     run(_serve(args.host, args.port))
     return 0

@@ -23,55 +23,57 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
+from relay.doors import dify, relay_api, swiftchat, transcription
+from relay.doors import openai as openai_doors
+from relay.errors import RelayError
+from relay.node import NodeState
+from relay.openapi import build_openapi
+from relay.serving.crossnode import CrossNode
+from relay.serving.gateway import AgentGateway
+from relay.serving.limits import RateLimiter, StreamLeases
+from relay.serving.overload import LoadMonitor
+from relay.serving.presence import Presence
+from relay.serving.router import StreamRouter
+from relay.serving.sessions import SessionManager
+from relay.serving.subscriber import Subscriber
+from relay.settings import RelaySettings
+from relay.store import connection, keys, migrate
+from relay.store.access import AccessControl, ChatCORS
+from relay.store.conversations import ConversationStore
+from relay.store.embedded import safe_url
+from relay.store.registry import InstanceRegistry, NodeLiveness, text
+from relay.telemetry.metrics import RelayMetrics, metrics_endpoint
+from relay.telemetry.requests import RequestObserver
+from relay.web import pages
+from relay.web.live import StatusWatch
 from wire import redaction
-
-from . import api, audio, dashboard, dify, keys, migrate, openai_doors, storage, swiftchat
-from .access import AccessControl, ChatCORS
-from .conversations import ConversationStore
-from .crossnode import CrossNode
-from .embedded_redis import safe_url
-from .errors import RelayError
-from .gateway import AgentGateway
-from .limits import RateLimiter, StreamLeases
-from .metrics import RelayMetrics, metrics_endpoint
-from .node import NodeState
-from .observe import RequestObserver
-from .openapi import build_openapi
-from .overload import LoadMonitor
-from .presence import Presence
-from .registry import InstanceRegistry, NodeLiveness, text
-from .router import StreamRouter
-from .sessions import SessionManager
-from .settings import RelaySettings
-from .subscriber import Subscriber
-from .watch import StatusWatch
 
 log = logging.getLogger("relay.app")
 
 
 def routes(gateway: AgentGateway, *, with_dashboard: bool) -> list[BaseRoute]:
     return [
-        Route("/api/instances", api.register_instance, methods=["POST"]),
-        Route("/api/instances", api.list_instances, methods=["GET"]),
-        Route("/api/instances/events", api.instance_events, methods=["GET"]),
-        Route("/api/instances/{instance_id}", api.get_instance, methods=["GET"]),
-        Route("/api/instances/{instance_id}", api.delete_instance, methods=["DELETE"]),
-        Route("/api/instances/{instance_id}", api.update_instance, methods=["PATCH"]),
-        Route("/api/instances/{instance_id}/settings", api.instance_settings, methods=["GET"]),
-        Route("/api/instances/{instance_id}/token", api.rotate_token, methods=["POST"]),
-        Route("/api/instances/{instance_id}/keys", api.create_key, methods=["POST"]),
-        Route("/api/instances/{instance_id}/keys", api.list_keys, methods=["GET"]),
-        Route("/api/instances/{instance_id}/keys/{key_id}", api.revoke_key, methods=["DELETE"]),
+        Route("/api/instances", relay_api.register_instance, methods=["POST"]),
+        Route("/api/instances", relay_api.list_instances, methods=["GET"]),
+        Route("/api/instances/events", relay_api.instance_events, methods=["GET"]),
+        Route("/api/instances/{instance_id}", relay_api.get_instance, methods=["GET"]),
+        Route("/api/instances/{instance_id}", relay_api.delete_instance, methods=["DELETE"]),
+        Route("/api/instances/{instance_id}", relay_api.update_instance, methods=["PATCH"]),
+        Route("/api/instances/{instance_id}/settings", relay_api.instance_settings, methods=["GET"]),
+        Route("/api/instances/{instance_id}/token", relay_api.rotate_token, methods=["POST"]),
+        Route("/api/instances/{instance_id}/keys", relay_api.create_key, methods=["POST"]),
+        Route("/api/instances/{instance_id}/keys", relay_api.list_keys, methods=["GET"]),
+        Route("/api/instances/{instance_id}/keys/{key_id}", relay_api.revoke_key, methods=["DELETE"]),
         # The OpenAI doors: per instance (Second Me's URL), and one base URL for all.
         Route("/api/chat/{instance_id}", openai_doors.instance_chat, methods=["POST"]),
         Route("/api/chat/{instance_id}/chat/completions", openai_doors.instance_chat, methods=["POST"]),
         Route("/api/chat/{instance_id}/models", openai_doors.instance_models, methods=["GET"]),
         Route("/api/chat/{instance_id}/images/generations", openai_doors.instance_images, methods=["POST"]),
-        Route("/api/chat/{instance_id}/audio/transcriptions", audio.instance_transcriptions, methods=["POST"]),
+        Route("/api/chat/{instance_id}/audio/transcriptions", transcription.instance_transcriptions, methods=["POST"]),
         Route("/v1/chat/completions", openai_doors.global_chat, methods=["POST"]),
         Route("/v1/models", openai_doors.global_models, methods=["GET"]),
         Route("/v1/images/generations", openai_doors.global_images, methods=["POST"]),
-        Route("/v1/audio/transcriptions", audio.global_transcriptions, methods=["POST"]),
+        Route("/v1/audio/transcriptions", transcription.global_transcriptions, methods=["POST"]),
         # SwiftChat's backend API at the root.
         Route("/api/converse", swiftchat.converse, methods=["POST"]),
         Route("/api/models", swiftchat.models, methods=["POST", "GET"]),
@@ -82,13 +84,13 @@ def routes(gateway: AgentGateway, *, with_dashboard: bool) -> list[BaseRoute]:
         *dify_routes("/v1"),
         Route("/api/instances/{instance_id}/conversations", dify.purge, methods=["DELETE"]),
         WebSocketRoute("/api/agent/connect", gateway),
-        Route("/api/relay", api.relay_info, methods=["GET"]),
-        Route("/healthz", api.healthz, methods=["GET"]),
-        Route("/readyz", api.readyz, methods=["GET"]),
-        Route("/openapi.json", api.openapi, methods=["GET"]),
+        Route("/api/relay", relay_api.relay_info, methods=["GET"]),
+        Route("/healthz", relay_api.healthz, methods=["GET"]),
+        Route("/readyz", relay_api.readyz, methods=["GET"]),
+        Route("/openapi.json", relay_api.openapi, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         # The web dashboard (relay/web): the pages for owners and callers.
-        *(dashboard.routes() if with_dashboard else []),
+        *(pages.routes() if with_dashboard else []),
     ]
 
 
@@ -110,9 +112,9 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
     url = redis_url or settings.redis_url
     if not url:
         raise ValueError("create_app needs a Redis URL (relay serve starts an embedded one)")
-    redis = storage.connect(url, settings)
+    redis = connection.connect(url, settings)
     # The frames of streams in flight wait as long as a stream may be idle (crossnode.py).
-    in_flight = storage.connect(url, settings, patience=settings.idle_timeout)
+    in_flight = connection.connect(url, settings, patience=settings.idle_timeout)
     node = NodeState()
     sessions = SessionManager()
     liveness = NodeLiveness(redis, heartbeat_timeout=settings.heartbeat_timeout, node_id=node.node_id)
@@ -149,8 +151,8 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
     redaction.install()  # no credential in any log record, even at DEBUG
     metrics = RelayMetrics(node.node_id, sessions, bus)  # a registry per app: no globals
     # Connections are made lazily, so the pool can still be told which class to make.
-    storage.wrap_connections(redis, metrics.count_round_trips)
-    storage.wrap_connections(in_flight, metrics.count_round_trips)
+    connection.wrap_connections(redis, metrics.count_round_trips)
+    connection.wrap_connections(in_flight, metrics.count_round_trips)
     overload = LoadMonitor(shed_lag=settings.shed_lag, max_inflight=settings.max_inflight,
                            inflight=bus.streams_held, on_shed=metrics.count_shed)
     metrics.watch_load(overload.current_lag)
@@ -190,16 +192,16 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
                     await gateway.send_all_away()  # none left when RelayServer drained first
                     await presence.leave()
                 tg.cancel_scope.cancel()
-        await storage.close(redis)
-        await storage.close(in_flight)
+        await connection.close(redis)
+        await connection.close(in_flight)
 
     app = Starlette(
         routes=routes(gateway, with_dashboard=settings.dashboard),
         exception_handlers={
-            RelayError: metrics.counting(api.error_handler),
-            RedisError: metrics.counting(api.error_handler, reason="storage_unavailable"),
-            HTTPException: api.error_handler,
-            Exception: api.error_handler,  # a bug: still a 500 in OpenAI's shape
+            RelayError: metrics.counting(relay_api.error_handler),
+            RedisError: metrics.counting(relay_api.error_handler, reason="storage_unavailable"),
+            HTTPException: relay_api.error_handler,
+            Exception: relay_api.error_handler,  # a bug: still a 500 in OpenAI's shape
         },
         middleware=[
             Middleware(RequestObserver, metrics=metrics, node_id=node.node_id, log_requests=settings.access_log,
@@ -218,8 +220,8 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
         max_conversations=settings.conversations_per_user, max_message_bytes=settings.conversation_message_bytes,
         # Past three missed checkpoints, a turn still "answering" lost its node.
         stale_after=3 * settings.conversation_checkpoint_interval + settings.redis_timeout)
-    state.upload_budget = audio.UploadBudget(settings.upload_memory_bytes,
-                                             largest=settings.max_upload_bytes + audio.FORM_ROOM)
+    state.upload_budget = transcription.UploadBudget(settings.upload_memory_bytes,
+                                             largest=settings.max_upload_bytes + transcription.FORM_ROOM)
     state.openapi = build_openapi(settings.base_url())
     return app
 

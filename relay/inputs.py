@@ -14,8 +14,8 @@ import orjson
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
-from .access import bearer
-from .errors import InvalidRequest, PayloadTooLarge, ValidationFailed
+from relay.errors import InvalidRequest, PayloadTooLarge, ValidationFailed
+from relay.store.access import bearer
 
 #: Bodies of owner actions and small API calls: a name, a description, a user.
 SMALL_BODY_BYTES = 16 * 1024

@@ -17,5 +17,5 @@ class NodeState:
     #: Set when shutdown begins: new chats get 503, /readyz turns 503.
     draining: bool = False
     #: False until the data in Redis is known to be in this relay's key layout
-    #: (``relay.migrate``): until then chats and agents get 503, /readyz too.
+    #: (``relay.store.migrate``): until then chats and agents get 503, /readyz too.
     layout_ready: bool = True

@@ -1,11 +1,11 @@
 """The relay's OpenAPI 3.1 document, served at ``GET /openapi.json``.
 
-Schemas come from the pydantic models in :mod:`relay.models` (the same models
+Schemas come from the pydantic models in :mod:`relay.bodies` (the same models
 that validate requests), so the document cannot drift from what the relay
 accepts.  Where a door checks more than its model before validating (the
 global doors read the instance out of ``model``/``modelId`` first), the
 document's schema is a subclass of the model that says so; ``/api/converse``
-is checked by ``wire.converse``, which ``ConverseRequest`` describes; and
+is checked by ``relay.doors.converse``, which ``ConverseRequest`` describes; and
 the bodies read by hand have hand-written schemas: ``/api/upgrade``'s, the
 Dify ``DELETE …/conversations/{id}`` body, and the audio doors' multipart
 forms (from ``audio.py``'s own bounds).  The few bodies ``api.py`` builds as
@@ -29,13 +29,8 @@ from typing import Any, Literal
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from wire.frames import MAX_MODEL_NAME_LENGTH
-
-from . import __version__
-from .api import KEEPALIVE_SECONDS, MAX_QUERY_CHARS
-from .audio import AUDIO_EXTENSIONS, AUDIO_TYPES, MAX_FIELD_BYTES, MAX_FIELDS, MAX_LANGUAGE, RESPONSE_FORMATS
-from .dify import PAGE_DEFAULT, PAGE_MAX
-from .models import (
+from relay import __version__
+from relay.bodies import (
     CallerKey,
     CallerKeyCreated,
     CallerKeyList,
@@ -82,7 +77,18 @@ from .models import (
     UpdateInstanceRequest,
     UpgradeInfo,
 )
-from .watch import MAX_IDS
+from relay.doors.dify import PAGE_DEFAULT, PAGE_MAX
+from relay.doors.relay_api import KEEPALIVE_SECONDS, MAX_QUERY_CHARS
+from relay.doors.transcription import (
+    AUDIO_EXTENSIONS,
+    AUDIO_TYPES,
+    MAX_FIELD_BYTES,
+    MAX_FIELDS,
+    MAX_LANGUAGE,
+    RESPONSE_FORMATS,
+)
+from relay.web.live import MAX_IDS
+from wire.frames import MAX_MODEL_NAME_LENGTH
 
 REQUEST_MODELS: tuple[type[BaseModel], ...] = (
     RegisterRequest, UpdateInstanceRequest, CreateKeyRequest, ChatRequest, GlobalChatRequest, ImageRequest,

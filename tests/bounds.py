@@ -108,7 +108,7 @@ async def relay_process(redis_url: str, **env: str) -> AsyncIterator[Node]:
     port = free_port()
     full_env = {"RELAY_HEARTBEAT_INTERVAL": "0.5", "RELAY_HEARTBEAT_TIMEOUT": "3", "RELAY_LOG_LEVEL": "info",
                 "RELAY_REDIS_URL": redis_url, **env}
-    proc = Spawned(f"relay:{port}", spawn(["relay.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+    proc = Spawned(f"relay:{port}", spawn(["relay.server.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
                                           env=full_env))
     node = Node(f"http://127.0.0.1:{port}", port, proc)
 

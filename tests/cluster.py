@@ -53,7 +53,7 @@ class Cluster:
     def relay(self, name: str = "relay", port: int | None = None, **env: str) -> Proc:
         port = port or free_port()
         full_env = {**FAST_RELAY_ENV, "REDIS_URL": self.redis_url, **env}
-        proc = Proc(name, spawn(["relay.cli", "serve", "--port", str(port)], env=full_env),
+        proc = Proc(name, spawn(["relay.server.cli", "serve", "--port", str(port)], env=full_env),
                     f"http://127.0.0.1:{port}")
         self.procs.append(proc)
         return proc

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from redis.asyncio import Redis
 
-from relay.embedded_redis import EmbeddedRedis
+from relay.store.embedded import EmbeddedRedis
 
 
 @pytest.fixture

@@ -35,12 +35,14 @@ from starlette.routing import Route
 from websockets.exceptions import ConnectionClosed
 
 import wire
-from agent.backends import DemoBackend, OpenAIBackend, encode_png
 from agent.client import AgentClient
-from relay import storage
+from agent.demo_model import DemoBackend
+from agent.media import encode_png
+from agent.upstream import OpenAIBackend
 from relay.app import create_app
-from relay.server import RelayServer, uvicorn_config
+from relay.server.edge import RelayServer, uvicorn_config
 from relay.settings import RelaySettings
+from relay.store import connection
 
 
 def free_port() -> int:
@@ -51,12 +53,12 @@ def free_port() -> int:
 
 def redis_client(url: str):
     """A client for any Redis URL the relay takes (one server, or Sentinel), connected as the relay connects."""
-    return storage.connect(url, RelaySettings())
+    return connection.connect(url, RelaySettings())
 
 
 async def kill_subscriptions(redis) -> int:
     """Close every pub/sub connection Redis has (on every node of a cluster); how many were closed."""
-    if storage.is_cluster(redis):
+    if connection.is_cluster(redis):
         killed = await redis.client_kill_filter(_type="pubsub", target_nodes=redis.ALL_NODES)
         return sum(killed.values())
     return await redis.client_kill_filter(_type="pubsub")
@@ -712,7 +714,7 @@ def assert_serve_refuses_url(url: str, tmp_path: Any, capsys: Any) -> None:
     import logging
     import signal as signals
 
-    from relay.cli import main
+    from relay.server.cli import main
 
     handler = signals.getsignal(signals.SIGTERM)  # main() installs its own
     root = logging.getLogger()

@@ -22,7 +22,8 @@ def test_agent_does_not_import_the_server_stack():
 
 def test_the_check_itself_can_fail():
     # Guard against a vacuous test: importing the relay app does pull them in.
-    code = f"import json, sys, relay.cli; print(json.dumps(sorted(m for m in {SERVER_STACK!r} if m in sys.modules)))"
+    code = (f"import json, sys, relay.server.cli; "
+            f"print(json.dumps(sorted(m for m in {SERVER_STACK!r} if m in sys.modules)))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == sorted(SERVER_STACK)

@@ -23,9 +23,9 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 import wire
-from agent.backends import DemoBackend
 from agent.backoff import FatalAgentError
 from agent.client import AgentClient
+from agent.demo_model import DemoBackend
 from tests.bounds import DEADLINE, MiB, relay_process
 from tests.helpers import FakeUpstream, chat_ok, online, openai_backend, running_agent, running_upstream, wait_until
 from tests.test_hostile_agent import raw_agent
@@ -217,7 +217,7 @@ async def test_agents_blasting_frames_at_the_size_limit_hold_a_few_frames_each(r
     never opened: the first one handled closes them with 1002).  What waits to be handled is at most
     ``WS_MAX_QUEUE`` frames a connection (TCP holds the rest back), so the node holds a few MiB each,
     not the 16 MiB each one sent."""
-    from relay.server import WS_MAX_QUEUE
+    from relay.server.edge import WS_MAX_QUEUE
 
     frame = wire.encode_data(1, b"x" * (1024 * 1024 - 64))
     async with relay_process(redis_url, RELAY_RATE_REGISTER_PER_IP="0") as node:

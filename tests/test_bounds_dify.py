@@ -22,9 +22,9 @@ import pytest
 from redis.asyncio import Redis
 
 import wire
-from relay import keys
-from relay.conversations import Bounds, ConversationStore, Scope
 from relay.errors import ValidationFailed
+from relay.store import keys
+from relay.store.conversations import Bounds, ConversationStore, Scope
 from tests.bounds import MiB, Node, relay_process
 from tests.helpers import assert_openai_error, wait_until
 from tests.test_hostile_agent import RawAgent, chunk, raw_agent

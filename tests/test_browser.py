@@ -32,9 +32,8 @@ from typing import Any
 import httpx
 import pytest
 
-from agent.backends import DemoBackend
-
-from .helpers import (
+from agent.demo_model import DemoBackend
+from tests.helpers import (
     FakeUpstream,
     free_port,
     instance_view,

@@ -23,10 +23,10 @@ import pytest
 from redis.cluster import key_slot
 from redis.exceptions import RedisError
 
-from relay import keys, storage
-from relay.embedded_redis import safe_url
 from relay.settings import RelaySettings
-from relay.storage import ClusterURL
+from relay.store import connection, keys
+from relay.store.connection import ClusterURL
+from relay.store.embedded import safe_url
 from tests.helpers import (
     FakeUpstream,
     Stopwatch,
@@ -92,14 +92,14 @@ def fresh_cluster(tmp_path):
 
 
 async def test_the_version_check_asks_every_master_and_wants_7_for_a_cluster(cluster):
-    client = storage.connect(cluster.url, RelaySettings())
+    client = connection.connect(cluster.url, RelaySettings())
     try:
-        version = await storage.check_version(client)
-        assert storage.parse_version(version) >= storage.MINIMUM_CLUSTER_VERSION == (7, 0)
-        with pytest.raises(storage.RedisTooOld, match=r"needs 99\.0 or newer as a cluster"):
-            await storage.check_version(client, (99, 0))
+        version = await connection.check_version(client)
+        assert connection.parse_version(version) >= connection.MINIMUM_CLUSTER_VERSION == (7, 0)
+        with pytest.raises(connection.RedisTooOld, match=r"needs 99\.0 or newer as a cluster"):
+            await connection.check_version(client, (99, 0))
     finally:
-        await storage.close(client)
+        await connection.close(client)
 
 
 
@@ -225,7 +225,7 @@ async def test_a_slot_migrated_while_chats_flow(cluster, target):
 async def test_each_shard_channel_is_followed_on_its_own(cluster):
     # The registry-events channel's shard failing must not cost this node its inbox:
     # on a cluster each channel has its own connection, lost and rebuilt on its own.
-    from relay.subscriber import Subscriber
+    from relay.serving.subscriber import Subscriber
 
     events = keys.EVENTS_CHANNEL
     shard_of_events = cluster.master_for_key(events)
@@ -237,7 +237,7 @@ async def test_each_shard_channel_is_followed_on_its_own(cluster):
     async def on_subscribed(channels: frozenset[str], again: bool) -> None:
         subscribed.append((channels, again))
 
-    client = storage.connect(cluster.url, RelaySettings())
+    client = connection.connect(cluster.url, RelaySettings())
     watch = Subscriber(client, {events: lambda data: None, inbox: lambda data: None},
                        on_subscribed=on_subscribed, on_lost=lost.append)
     try:
@@ -251,7 +251,7 @@ async def test_each_shard_channel_is_followed_on_its_own(cluster):
             await watch.listening.wait()
             tg.cancel_scope.cancel()
     finally:
-        await storage.close(client)
+        await connection.close(client)
 
 
 def keys_on(cluster: ClusterSet, master, count: int, prefix: str = "k") -> list[str]:
@@ -276,7 +276,7 @@ async def test_a_key_already_moved_is_served_by_the_importing_node_at_once(clust
     source, target, _ = cluster.masters()
     key = keys_on(cluster, source, 1)[0]
     slot = key_slot(key.encode())
-    client = storage.connect(cluster.url, RelaySettings())
+    client = connection.connect(cluster.url, RelaySettings())
     client.split_keys_wait = 0  # a bounce is an error here, not waited out
     try:
         await client.set(key, "handed over")
@@ -292,7 +292,7 @@ async def test_a_key_already_moved_is_served_by_the_importing_node_at_once(clust
         counts = [cluster.client(m).execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) for m in (source, target)]
         assert counts == [0, 2]
     finally:
-        await storage.close(client)
+        await connection.close(client)
         await asyncio.to_thread(cluster.migrate_slot_rest, slot, source, target)  # the next test's cluster whole
 
 
@@ -303,7 +303,7 @@ async def test_slots_moved_elsewhere_do_not_cut_commands_in_flight(cluster):
     source, target, bystander = cluster.masters()
     moved_keys = keys_on(cluster, source, 6)
     queue = keys_on(cluster, bystander, 1, prefix="queue")[0]
-    client = storage.connect(cluster.url, RelaySettings(redis_timeout=10))
+    client = connection.connect(cluster.url, RelaySettings(redis_timeout=10))
     try:
         for key in moved_keys:
             await client.set(key, key)
@@ -317,7 +317,7 @@ async def test_slots_moved_elsewhere_do_not_cut_commands_in_flight(cluster):
         cluster.client(bystander).lpush(queue, "done")
         assert tuple(await waiting) == (queue.encode(), b"done")
     finally:
-        await storage.close(client)
+        await connection.close(client)
 
 
 def script_errors(cluster: ClusterSet, master) -> int:
@@ -333,9 +333,9 @@ async def test_conversation_scripts_wait_out_their_slot_migrating(cluster):
     # before: each script reaches them all before it writes, so the refusal means
     # nothing changed, and it is sent again until the slot has moved.  The turn then
     # completes whole: its message finished, its index entry written (feedback finds it).
-    from relay.conversations import ConversationStore, Scope
+    from relay.store.conversations import ConversationStore, Scope
 
-    client = storage.connect(cluster.url, RelaySettings(redis_timeout=30.0))
+    client = connection.connect(cluster.url, RelaySettings(redis_timeout=30.0))
     store = ConversationStore(client, retention_seconds=3600, max_messages=100, max_conversations=100,
                               max_message_bytes=10_000, stale_after=60)
     scope = Scope("3f9c0a7e5d1b2c48", "key:k1", "u1")
@@ -362,7 +362,7 @@ async def test_conversation_scripts_wait_out_their_slot_migrating(cluster):
             ("what is my name?", "normal", {"rating": "like"}), ("my name is Ada", "normal", None)]
         assert not more
     finally:
-        await storage.close(client)
+        await connection.close(client)
 
 
 def open_connections(client) -> int:
@@ -378,7 +378,7 @@ async def test_a_slot_left_uncovered_cuts_nothing_in_flight_and_close_still_clos
     source, _, bystander = cluster.masters()
     key = keys_on(cluster, source, 1)[0]
     queue = keys_on(cluster, bystander, 1, prefix="queue")[0]
-    client = storage.connect(cluster.url, RelaySettings(redis_timeout=10))
+    client = connection.connect(cluster.url, RelaySettings(redis_timeout=10))
     try:
         await asyncio.gather(*(client.get(k) for m in cluster.masters() for k in keys_on(cluster, m, 3)))
         waiting = asyncio.create_task(client.blpop([queue], timeout=0))
@@ -395,7 +395,7 @@ async def test_a_slot_left_uncovered_cuts_nothing_in_flight_and_close_still_clos
         assert tuple(await waiting) == (queue.encode(), b"done")
         assert open_connections(client) > 0
     finally:
-        await storage.close(client)
+        await connection.close(client)
     assert open_connections(client) == 0
 
 
@@ -405,7 +405,7 @@ async def test_a_redirected_pipeline_does_not_wait_for_a_second_connection(clust
     # every permit held by such a pipeline, all waited forever.
     source, target, _ = cluster.masters()
     key = keys_on(cluster, source, 1)[0]
-    client = storage.connect(cluster.url, RelaySettings(redis_max_connections=1))
+    client = connection.connect(cluster.url, RelaySettings(redis_max_connections=1))
     try:
         await client.set(key, "moved")
         await asyncio.to_thread(cluster.migrate_slot, key_slot(key.encode()), target)
@@ -414,7 +414,7 @@ async def test_a_redirected_pipeline_does_not_wait_for_a_second_connection(clust
             pipe.get(key)
             assert await asyncio.wait_for(pipe.execute(), 30) == [b"moved"]
     finally:
-        await storage.close(client)
+        await connection.close(client)
 
 
 async def answered(client: httpx.AsyncClient, url: str) -> int | str:
@@ -435,7 +435,7 @@ async def two_nodes_one_behind_links(cluster: ClusterSet):
     links, its slot map too): yields (node A, node B, {master port: its link})."""
     links = {m.port: await PartitionableLink(("127.0.0.1", m.port)).start() for m in cluster.masters()}
     by_link = {("127.0.0.1", port): ("127.0.0.1", link.port) for port, link in links.items()}
-    real_connect = storage.connect
+    real_connect = connection.connect
 
     def through_links(url, settings, **options):
         client = real_connect(url, settings, **options)  # both of node A's clients, the patient one too
@@ -446,11 +446,11 @@ async def two_nodes_one_behind_links(cluster: ClusterSet):
     try:
         async with contextlib.AsyncExitStack() as stack:
             node_b = await stack.enter_async_context(running_relay(cluster.url, redis_timeout=1.0))
-            storage.connect = through_links  # for node A's client only, made as it starts
+            connection.connect = through_links  # for node A's client only, made as it starts
             try:
                 node_a = await stack.enter_async_context(running_relay(url_a, redis_timeout=1.0))
             finally:
-                storage.connect = real_connect
+                connection.connect = real_connect
             yield node_a, node_b, links
     finally:
         for link in links.values():

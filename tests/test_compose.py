@@ -4,7 +4,7 @@ No container runs here.  Instead the tests read ``compose.yaml`` (PyYAML) and
 the ``Dockerfile``, check the structure compose relies on (healthchecks,
 ``depends_on`` conditions, volumes, the ollama profile), then run each relay
 and agent service *as the image would*: the service's ``command`` with the
-image's entrypoint semantics (``relay ...`` is ``python -m relay.cli ...``,
+image's entrypoint semantics (``relay ...`` is ``python -m relay.server.cli ...``,
 ``relay-agent ...`` is ``python -m agent.cli ...``), the image's ``ENV`` under
 the service's ``environment``, with service hostnames mapped to local
 addresses (``redis`` -> the test's real Redis, ``relay-N``/``lb`` -> 127.0.0.1
@@ -31,7 +31,7 @@ import orjson
 import pytest
 import yaml
 
-from relay.embedded_redis import find_redis_server
+from relay.store.embedded import find_redis_server
 from tests.helpers import (
     FakeUpstream,
     Spawned,
@@ -49,7 +49,7 @@ COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 NGINX_CONF = ROOT / "deploy" / "nginx.conf"
-ENTRYPOINTS = {"relay": "relay.cli", "relay-agent": "agent.cli"}
+ENTRYPOINTS = {"relay": "relay.server.cli", "relay-agent": "agent.cli"}
 CHAT = {"messages": [{"role": "user", "content": "hello compose"}]}
 
 

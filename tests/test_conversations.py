@@ -14,9 +14,9 @@ import pytest
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
-from relay import keys
-from relay.conversations import ConversationStore, Scope, Turn, clip_utf8, default_name
 from relay.errors import NotFound, ValidationFailed
+from relay.store import keys
+from relay.store.conversations import ConversationStore, Scope, Turn, clip_utf8, default_name
 
 pytestmark = pytest.mark.anyio
 

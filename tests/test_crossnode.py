@@ -14,12 +14,12 @@ import pytest
 from redis.asyncio import Redis
 
 import wire
-from relay import keys, storage
-from relay.crossnode import CrossNode, RemoteLink
-from relay.registry import InstanceRegistry
-from relay.sessions import SessionManager
-from relay.streams import Stream
-from relay.subscriber import Subscriber
+from relay.serving.crossnode import CrossNode, RemoteLink
+from relay.serving.inflight import Stream
+from relay.serving.sessions import SessionManager
+from relay.serving.subscriber import Subscriber
+from relay.store import connection, keys
+from relay.store.registry import InstanceRegistry
 from tests.helpers import (
     FakeUpstream,
     openai_backend,
@@ -134,7 +134,7 @@ async def test_the_frames_on_the_bus_are_the_agent_frames(redis_url):
                                  what="the end frame on the bus")
                 tg.cancel_scope.cancel()
         finally:
-            await storage.close(redis)
+            await connection.close(redis)
     to_b = [e for channel, e in seen if channel == keys.inbox(b_id)]
     to_a = [e for channel, e in seen if channel == keys.inbox(a_id)]
     request = next(e for e in to_b if type(e.event) is wire.Request)

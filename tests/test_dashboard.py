@@ -20,9 +20,11 @@ import orjson
 import pytest
 
 import wire
-from relay import api, dashboard, keys
-from relay.models import InstanceView
+from relay.bodies import InstanceView
+from relay.doors import relay_api
 from relay.openapi import InstanceDeleted, InstanceSettings, RelayInfo
+from relay.store import keys
+from relay.web import pages
 from tests.helpers import (
     assert_openai_error,
     offline,
@@ -35,7 +37,7 @@ pytestmark = pytest.mark.anyio
 
 #: The poller's interval in these tests: quick turns, no timing is asserted on.
 WATCH = dict(watch_interval=0.1)
-WEB = Path(dashboard.__file__).parent / "web"
+WEB = Path(pages.__file__).parent
 PAGES = {"/": "index.html", "/register": "register.html", "/i/0123456789abcdef": "instance.html"}
 ASSETS = sorted(f"/static/{p.relative_to(WEB / 'static').as_posix()}" for p in (WEB / "static").rglob("*")
                 if p.is_file())
@@ -47,8 +49,8 @@ def bearer(token: str) -> dict[str, str]:
 
 
 def assert_secured(response: httpx.Response) -> None:
-    """Every header of ``dashboard.SECURITY_HEADERS``, as the module states them, and no cookie."""
-    for name, value in dashboard.SECURITY_HEADERS:
+    """Every header of ``pages.SECURITY_HEADERS``, as the module states them, and no cookie."""
+    for name, value in pages.SECURITY_HEADERS:
         assert response.headers.get(name.decode()) == value.decode(), (response.url, name)
     csp = response.headers["content-security-policy"]
     for directive in ("default-src 'none'", "script-src 'self'", "frame-ancestors 'none'"):
@@ -121,8 +123,8 @@ async def test_what_is_not_a_page_is_404(redis_url, path):
         assert b"import " not in response.content  # not a file of the relay's, whatever the path says
 
 
-@pytest.mark.parametrize("path", ["/static/nope.js", "/static/../dashboard.py", "/static/%2e%2e/dashboard.py",
-                                  "/static/", "/static/js/../../dashboard.py"])
+@pytest.mark.parametrize("path", ["/static/nope.js", "/static/../pages.py", "/static/%2e%2e/pages.py",
+                                  "/static/", "/static/js/../../pages.py"])
 async def test_a_missing_asset_is_404_with_the_dashboard_headers(redis_url, path):
     async with running_relay(redis_url) as relay, relay.client() as client:
         response = await client.get(path)
@@ -205,9 +207,9 @@ async def test_search_finds_name_description_id_and_model_ignoring_case(redis_ur
 
 async def test_a_search_longer_than_100_characters_is_refused(redis_url):
     async with running_relay(redis_url) as relay, relay.client() as client:
-        assert ids_of(await client.get("/api/instances", params={"q": "x" * api.MAX_QUERY_CHARS})) == []
-        assert ids_of(await client.get("/api/instances", params={"q": "é" * api.MAX_QUERY_CHARS})) == []
-        for q in ("x" * (api.MAX_QUERY_CHARS + 1), "é" * 101, "a" + " " * 99 + "b"):
+        assert ids_of(await client.get("/api/instances", params={"q": "x" * relay_api.MAX_QUERY_CHARS})) == []
+        assert ids_of(await client.get("/api/instances", params={"q": "é" * relay_api.MAX_QUERY_CHARS})) == []
+        for q in ("x" * (relay_api.MAX_QUERY_CHARS + 1), "é" * 101, "a" + " " * 99 + "b"):
             assert_openai_error(await client.get("/api/instances", params={"q": q}), 422,
                                 code="invalid_parameter", param="q")
 
@@ -402,7 +404,7 @@ async def test_a_stream_follows_instances_through_their_lives(redis_url):
 
 
 async def test_a_quiet_stream_says_keep_alive(redis_url, monkeypatch):
-    monkeypatch.setattr(api, "KEEPALIVE_SECONDS", 0.05)
+    monkeypatch.setattr(relay_api, "KEEPALIVE_SECONDS", 0.05)
     async with running_relay(redis_url, **WATCH) as relay, relay.client() as client:
         iid, _ = await relay.register("quiet")
         async with status_stream(client, [iid]) as stream:
@@ -728,13 +730,13 @@ async def test_past_the_nodes_distinct_ids_503(redis_url):
     ("not an address", "not an address"),
 ])
 def test_the_per_address_cap_counts_an_ipv6_host_by_its_64(address, group):
-    from relay.watch import address_group
+    from relay.web.live import address_group
 
     assert address_group(address) == group
 
 
 async def test_a_stream_ends_when_it_is_old_and_says_retry(redis_url, monkeypatch):
-    monkeypatch.setattr("relay.watch.MAX_AGE", 0.5)
+    monkeypatch.setattr("relay.web.live.MAX_AGE", 0.5)
     async with running_relay(redis_url, **WATCH) as relay, relay.client() as client:
         iid, _ = await relay.register("aged")
         async with status_stream(client, [iid]) as stream:

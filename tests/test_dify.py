@@ -15,8 +15,8 @@ import httpx
 import orjson
 import pytest
 
-from agent.backends import OpenAIBackend
-from relay import keys
+from agent.upstream import OpenAIBackend
+from relay.store import keys
 from tests.helpers import (
     FakeUpstream,
     assert_openai_error,

@@ -21,7 +21,8 @@ import pytest
 from openai import AsyncOpenAI, NotFoundError, OpenAI
 
 import wire
-from agent.backends import DemoBackend, OpenAIBackend
+from agent.demo_model import DemoBackend
+from agent.upstream import OpenAIBackend
 from tests.helpers import (
     FAKE_PNG,
     FakeUpstream,
@@ -474,12 +475,12 @@ async def test_an_answer_larger_than_the_relay_holds_is_502(redis_url):
 
 
 async def test_a_bug_in_a_handler_is_a_500_in_openais_shape(redis_url, monkeypatch):
-    import relay.openai_doors
+    import relay.doors.openai
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(relay.openai_doors, "check_chat_request", broken)
+    monkeypatch.setattr(relay.doors.openai, "check_chat_request", broken)
     async with door_stack(redis_url) as (_, iid, _, _, client):
         response = await client.post("/v1/chat/completions", json={"model": iid, "messages": HI})
         error = assert_openai_error(response, 500, code="internal_error")

@@ -18,7 +18,7 @@ import orjson
 import pytest
 from openai import APIStatusError, AsyncOpenAI
 
-from relay import keys
+from relay.store import keys
 from tests.helpers import (
     FakeUpstream,
     assert_openai_error,

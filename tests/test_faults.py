@@ -28,9 +28,9 @@ import httpx
 import orjson
 import pytest
 
-from relay import keys
-from relay.embedded_redis import EmbeddedRedis
-from relay.registry import InstanceRegistry
+from relay.store import keys
+from relay.store.embedded import EmbeddedRedis
+from relay.store.registry import InstanceRegistry
 from tests.cluster import FAST_RELAY_ENV, Cluster, chat_body, register, wait_ready
 from tests.helpers import (
     FakeUpstream,

@@ -23,7 +23,7 @@ import websockets
 from websockets.exceptions import ConnectionClosed
 
 import wire
-from relay.sessions import AgentSession
+from relay.serving.sessions import AgentSession
 from tests.helpers import (
     FakeUpstream,
     keep_alive,

@@ -14,8 +14,8 @@ import orjson
 import pytest
 import websockets
 
-from relay import keys, migrate
-from relay.registry import AgentEntry, InstanceRegistry, NodeLiveness, hash_token
+from relay.store import keys, migrate
+from relay.store.registry import AgentEntry, InstanceRegistry, NodeLiveness, hash_token
 from tests.helpers import running_agent, running_relay
 
 pytestmark = pytest.mark.anyio
@@ -154,8 +154,8 @@ async def test_deleting_an_instance_leaves_nothing_under_its_nodes(redis):
 
 
 async def test_a_key_id_that_is_a_hash_field_is_no_key(redis):
-    from relay.access import AccessControl
     from relay.errors import NotFound
+    from relay.store.access import AccessControl
 
     registry = InstanceRegistry(redis, heartbeat_timeout=30, base_url="http://relay")
     access = AccessControl(redis, registry, registration_key=None)

@@ -7,9 +7,9 @@ import contextlib
 import httpx
 import pytest
 
-from relay import keys
+from relay.bodies import ChatRequest
 from relay.errors import RateLimited, ValidationFailed
-from relay.limits import (
+from relay.serving.limits import (
     Bucket,
     FrameBudget,
     RateLimiter,
@@ -18,8 +18,8 @@ from relay.limits import (
     check_chat_request,
     content_chars,
 )
-from relay.models import ChatRequest
 from relay.settings import RelaySettings
+from relay.store import keys
 from tests.helpers import (
     FakeUpstream,
     openai_backend,

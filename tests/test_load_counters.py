@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from relay import keys
+from relay.store import keys
 from tests.helpers import running_agent, running_relay, sse_lines
 
 pytestmark = pytest.mark.anyio

@@ -11,7 +11,7 @@ import signal
 import httpx
 import pytest
 
-from relay import logs
+from relay.telemetry import logs
 from tests.helpers import free_port, online, running_agent, running_relay, spawn, wait_until
 from wire.redaction import REDACTED
 
@@ -112,7 +112,7 @@ async def _logged(buffer: io.StringIO, marker: str) -> bool:
 async def test_relay_serve_writes_json_lines(redis_url, tmp_path):
     """The real command, as a process: every line it writes is JSON with the ids."""
     port = free_port()
-    relay = spawn(["relay.cli", "serve", "--port", str(port)],
+    relay = spawn(["relay.server.cli", "serve", "--port", str(port)],
                   env={"REDIS_URL": redis_url, "RELAY_LOG_FORMAT": "json", "RELAY_DATA_DIR": str(tmp_path)})
     agent = None
     try:

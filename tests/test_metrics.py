@@ -210,7 +210,7 @@ async def test_metrics_scrape_is_cheap_and_stable(redis_url):
     ("/i/0123456789abcdef", "dashboard"), ("/static/js/common.js", "dashboard"), ("/v1", "other"),
 ])
 def test_each_door_has_its_label(path, label):
-    from relay.observe import endpoint_of
+    from relay.telemetry.requests import endpoint_of
 
     assert endpoint_of(path) == label
 

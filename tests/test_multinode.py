@@ -20,9 +20,9 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
 import wire
-from agent.backends import DemoBackend
 from agent.client import AgentClient, websocket_url
-from relay import keys
+from agent.demo_model import DemoBackend
+from relay.store import keys
 from tests.cluster import Cluster, chat_body, register
 from tests.helpers import (
     FakeUpstream,

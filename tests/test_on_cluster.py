@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import pytest
 
-from relay import storage
 from relay.settings import RelaySettings
+from relay.store import connection
 from tests.redis_servers import ClusterSet
 from tests.test_crossnode import (  # noqa: F401
     test_callers_hanging_up_leave_nothing_running_on_the_agents_node,
@@ -55,6 +55,6 @@ async def redis_url(cluster_set) -> str:
 
 @pytest.fixture
 async def redis(redis_url):
-    client = storage.connect(redis_url, RelaySettings())
+    client = connection.connect(redis_url, RelaySettings())
     yield client
-    await storage.close(client)
+    await connection.close(client)

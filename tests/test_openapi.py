@@ -82,19 +82,19 @@ from schemathesis.specs.openapi.checks import (
 from schemathesis.transport.serialization import Binary
 from starlette.routing import Mount, Route, WebSocketRoute
 
-from agent.backends import DemoBackend
-from relay import api, dashboard
+from agent.demo_model import DemoBackend
 from relay.app import create_app
-from relay.audio import MAX_FIELD_BYTES, MAX_FIELDS, transcription_fields
+from relay.bodies import MAX_COUNT, MAX_SIDE, PYTHON_WHITESPACE, DifyRename, SwiftChatImage, UpdateInstanceRequest
+from relay.doors import relay_api
+from relay.doors.converse import InvalidConverse, converse_request
+from relay.doors.transcription import MAX_FIELD_BYTES, MAX_FIELDS, transcription_fields
 from relay.errors import ValidationFailed
-from relay.logs import DeliberateEndings
-from relay.models import MAX_COUNT, MAX_SIDE, PYTHON_WHITESPACE, DifyRename, SwiftChatImage, UpdateInstanceRequest
 from relay.openapi import build_openapi, operations
-from relay.registry import InstanceRegistry
 from relay.settings import RelaySettings
-from relay.watch import MAX_IDS
+from relay.store.registry import InstanceRegistry
+from relay.telemetry.logs import DeliberateEndings
+from relay.web.live import MAX_IDS
 from tests.helpers import FakeUpstream, openai_backend, running_agent, running_relay, running_upstream
-from wire.converse import InvalidConverse, converse_request
 from wire.frames import MAX_MODEL_NAME_LENGTH
 
 #: No rate or stream limits (the fuzzer sends bursts), no shape limits the
@@ -178,7 +178,7 @@ def test_every_route_is_documented():
     # RELAY_DASHBOARD=false, while the document stays the same): x-pages names them, the fuzzer leaves
     # them alone, and tests/test_dashboard.py checks what they serve.
     pages = build_openapi("http://x")["x-pages"]
-    assert {_page_path(route) for route in dashboard.routes()} == set(pages)
+    assert {_page_path(route) for route in pages.routes()} == set(pages)
     for route in app.routes:
         if isinstance(route, WebSocketRoute):
             assert route.path in websockets
@@ -201,7 +201,7 @@ def test_the_status_stream_and_the_search_are_documented_as_the_relay_reads_them
     doc = build_openapi("http://x")
     events = doc["paths"]["/api/instances/events"]["get"]
     assert set(events["responses"]["200"]["content"]) == {"text/event-stream"}
-    assert f"every {api.KEEPALIVE_SECONDS:g} s" in events["description"]
+    assert f"every {relay_api.KEEPALIVE_SECONDS:g} s" in events["description"]
     (ids,) = events["parameters"]
     assert ids["required"] and f"1 to {MAX_IDS}" in ids["description"]
     pattern = jsonschema_rs.validator_for(ids["schema"])
@@ -211,7 +211,7 @@ def test_the_status_stream_and_the_search_are_documented_as_the_relay_reads_them
         assert not pattern.is_valid(refused), refused
     listing = doc["paths"]["/api/instances"]["get"]
     (q,) = [p for p in listing["parameters"] if p["name"] == "q"]
-    assert q["schema"]["maxLength"] == api.MAX_QUERY_CHARS
+    assert q["schema"]["maxLength"] == relay_api.MAX_QUERY_CHARS
     scan_limit = inspect.signature(InstanceRegistry.list).parameters["scan_limit"].default
     assert f"at most {scan_limit} instances" in listing["description"]
 
@@ -294,7 +294,7 @@ def _accepted(body: Any) -> bool:
 
 
 def test_the_converse_schema_takes_the_base64_wire_takes():
-    """Every string of up to 6 characters from a telling alphabet: the pattern and wire.converse agree."""
+    """Every string of up to 6 characters from a telling alphabet: the pattern and relay.doors.converse agree."""
     validator = _validator("ConverseRequest")
     for size in range(7):
         for chars in itertools.product("A/=\n-", repeat=size):

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 import orjson
 import pytest
 
-from relay import logs
+from relay.telemetry import logs
 from tests.helpers import (
     FakeUpstream,
     online,

@@ -148,7 +148,7 @@ def test_the_hook_really_blocks():
 
 
 def test_relay_without_the_server_extra_says_how_to_install_it():
-    result = run_blocked("import sys, relay.cli; sys.exit(relay.cli.main())", "serve")
+    result = run_blocked("import sys, relay.server.cli; sys.exit(relay.server.cli.main())", "serve")
     assert result.returncode == 2, result.stderr
     assert "pip install 'instance-relay[server]'" in result.stderr
 

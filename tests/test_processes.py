@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from relay.embedded_redis import safe_url
+from relay.store.embedded import safe_url
 from tests.helpers import (
     Spawned,
     free_port,
@@ -63,7 +63,7 @@ def redis_servers_using(path: Path) -> list[int]:
 
 
 async def start_relay(port: int, env: dict[str, str], *extra: str) -> Proc:
-    relay = Proc(["relay.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *extra], env)
+    relay = Proc(["relay.server.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *extra], env)
     try:
         await until_healthy(relay, f"http://127.0.0.1:{port}", timeout=DEADLINE)
     except BaseException:

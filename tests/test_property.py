@@ -29,11 +29,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 import wire
-from agent.backends import DemoBackend, _count_tokens, text_of
-from relay.errors import ValidationFailed
-from relay.inputs import validate
-from relay.limits import check_chat_request
-from relay.models import (
+from agent.demo_model import DemoBackend, _count_tokens, text_of
+from relay.bodies import (
     MAX_COUNT,
     ChatCompletion,
     ChatRequest,
@@ -41,7 +38,10 @@ from relay.models import (
     RegisterRequest,
     UpdateInstanceRequest,
 )
+from relay.errors import ValidationFailed
+from relay.inputs import validate
 from relay.openapi import build_openapi
+from relay.serving.limits import check_chat_request
 from relay.settings import RelaySettings
 
 json_values = st.recursive(

@@ -8,9 +8,9 @@ import time
 import orjson
 import pytest
 
-from relay import keys
 from relay.errors import Forbidden, NotFound, Unauthorized
-from relay.registry import AgentEntry, InstanceRegistry, hash_token
+from relay.store import keys
+from relay.store.registry import AgentEntry, InstanceRegistry, hash_token
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.anyio

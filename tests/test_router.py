@@ -9,11 +9,11 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from relay import keys
 from relay.errors import InstanceUnavailable, ModelNotFound, NotFound, OperationUnsupported, RateLimited
-from relay.limits import Slot, StreamLeases
-from relay.registry import AgentEntry, InstanceRegistry
-from relay.router import no_agent
+from relay.serving.limits import Slot, StreamLeases
+from relay.serving.router import no_agent
+from relay.store import keys
+from relay.store.registry import AgentEntry, InstanceRegistry
 
 pytestmark = pytest.mark.anyio
 

@@ -149,8 +149,8 @@ async def _no_sessions(relay) -> bool:
 
 async def test_rotated_agent_stops_retrying(redis_url):
     """The agent treats close 4003 as final instead of hammering the relay."""
-    from agent.backends import DemoBackend
     from agent.client import AgentClient
+    from agent.demo_model import DemoBackend
 
     async with running_relay(redis_url) as relay, relay.client() as client:
         instance_id, token = await relay.register()
@@ -329,7 +329,7 @@ def hold_resubscription(relay, monkeypatch) -> asyncio.Event:
     of a race against that delay.  Nothing else changes: once released, the
     relay's own subscriber subscribes and runs its own after-resubscribe steps.
     """
-    from relay.subscriber import Subscriber
+    from relay.serving.subscriber import Subscriber
 
     real_subscribe = Subscriber._subscribe
     released = asyncio.Event()
@@ -348,7 +348,7 @@ async def test_rotation_missed_while_unsubscribed_is_caught_on_resubscribe(redis
     rotated while it is down (its event reaches no one); once the relay has
     resubscribed on its own, it re-checks its agents and closes the one still
     on the old token, and only that one."""
-    from relay import keys
+    from relay.store import keys
 
     async with running_relay(redis_url) as relay, relay.client() as client:
         bus, sessions = relay.app.state.bus, relay.app.state.sessions

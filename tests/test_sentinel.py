@@ -14,10 +14,10 @@ import contextlib
 import orjson
 import pytest
 
-from relay import storage
-from relay.embedded_redis import safe_url
 from relay.settings import RelaySettings
-from relay.storage import SentinelURL
+from relay.store import connection
+from relay.store.connection import SentinelURL
+from relay.store.embedded import safe_url
 from tests.helpers import (
     FakeUpstream,
     Stopwatch,
@@ -59,13 +59,13 @@ def test_sentinel_urls_parse_and_refuse_clearly():
 
 async def test_a_burst_past_the_pool_waits_its_turn_on_sentinel(sentinels):
     # As with one Redis: past redis_max_connections, commands wait for a connection rather than fail.
-    client = storage.connect(sentinels.url, RelaySettings(redis_max_connections=2))
+    client = connection.connect(sentinels.url, RelaySettings(redis_max_connections=2))
     try:
         script = client.register_script("return redis.call('INCR', KEYS[1])")
         results = await asyncio.gather(*(script(keys=["burst"]) for _ in range(40)))
         assert sorted(results) == list(range(1, 41))
     finally:
-        await storage.close(client)
+        await connection.close(client)
 
 
 @pytest.fixture

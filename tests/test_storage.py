@@ -1,4 +1,4 @@
-"""The relay's Redis connections (relay/storage.py): sends bounded without a task per send."""
+"""The relay's Redis connections (relay/store/connection.py): sends bounded without a task per send."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from redis.asyncio.connection import UnixDomainSocketConnection
 from redis.exceptions import TimeoutError as RedisTimeout
 
-from relay import storage
-from relay.embedded_redis import EmbeddedRedis
 from relay.settings import RelaySettings
+from relay.store import connection
+from relay.store.embedded import EmbeddedRedis
 
 pytestmark = pytest.mark.anyio
 
@@ -21,22 +21,22 @@ async def test_commands_run_and_the_timeout_is_kept(redis_url, monkeypatch):
     def no_task_per_send(*args, **kwargs):
         raise AssertionError("a send went through asyncio.wait_for")
 
-    client = storage.connect(redis_url, RelaySettings(redis_timeout=2.0))
+    client = connection.connect(redis_url, RelaySettings(redis_timeout=2.0))
     monkeypatch.setattr(asyncio, "wait_for", no_task_per_send)
     try:
         connection_class = client.connection_pool.connection_class
-        assert issubclass(connection_class, storage.TimedSends)
+        assert issubclass(connection_class, connection.TimedSends)
         assert issubclass(connection_class, UnixDomainSocketConnection)  # the URL's kind, kept
         async with client.pipeline(transaction=False) as pipe:
             pipe.set("k", "v").get("k")
             assert await pipe.execute() == [True, b"v"]
-        connection = await client.connection_pool.get_connection()
+        conn = await client.connection_pool.get_connection()
         try:
-            await connection.send_command("PING")
-            assert await connection.read_response() == b"PONG"
-            assert connection.socket_timeout == 2.0  # unset only for the length of a send
+            await conn.send_command("PING")
+            assert await conn.read_response() == b"PONG"
+            assert conn.socket_timeout == 2.0  # unset only for the length of a send
         finally:
-            await client.connection_pool.release(connection)
+            await client.connection_pool.release(conn)
     finally:
         await client.aclose()
 
@@ -46,7 +46,7 @@ async def test_a_write_to_a_stalled_redis_times_out_as_a_redis_error(tmp_path):
     # buffers blocks, and must end at the timeout with redis-py's own error,
     # which the relay answers with 503.
     server = EmbeddedRedis(tmp_path, persist=False).start()
-    client = storage.connect(server.url, RelaySettings(redis_timeout=0.5))
+    client = connection.connect(server.url, RelaySettings(redis_timeout=0.5))
     try:
         assert await client.ping()
         os.kill(server.process.pid, signal.SIGSTOP)
@@ -62,39 +62,39 @@ async def test_a_write_to_a_stalled_redis_times_out_as_a_redis_error(tmp_path):
 
 
 async def test_close_closes_the_pool(redis_url):
-    client = storage.connect(redis_url, RelaySettings())
+    client = connection.connect(redis_url, RelaySettings())
     await client.ping()
     pool = client.connection_pool
-    connection = await pool.get_connection()
-    await pool.release(connection)
-    assert connection.is_connected
-    await storage.close(client)
-    assert not connection.is_connected
+    conn = await pool.get_connection()
+    await pool.release(conn)
+    assert conn.is_connected
+    await connection.close(client)
+    assert not conn.is_connected
 
 
 def test_versions_are_compared_as_numbers():
-    assert storage.parse_version("7.0.15") == (7, 0, 15)
-    assert storage.parse_version("6.2.14") >= storage.MINIMUM_VERSION > storage.parse_version("6.0.20")
-    assert storage.parse_version("7.2.4-rc1") == (7, 2, 4)
-    assert storage.parse_version("10.0.0") > storage.parse_version("9.9.9")
-    assert storage.parse_version("") == ()
+    assert connection.parse_version("7.0.15") == (7, 0, 15)
+    assert connection.parse_version("6.2.14") >= connection.MINIMUM_VERSION > connection.parse_version("6.0.20")
+    assert connection.parse_version("7.2.4-rc1") == (7, 2, 4)
+    assert connection.parse_version("10.0.0") > connection.parse_version("9.9.9")
+    assert connection.parse_version("") == ()
 
 
 async def test_the_server_version_is_checked(redis_url):
-    client = storage.connect(redis_url, RelaySettings())
+    client = connection.connect(redis_url, RelaySettings())
     try:
-        assert storage.parse_version(await storage.check_version(client)) >= storage.MINIMUM_VERSION
-        with pytest.raises(storage.RedisTooOld, match=r"is too old: the relay needs 99\.0 or newer"):
-            await storage.check_version(client, (99, 0))
+        assert connection.parse_version(await connection.check_version(client)) >= connection.MINIMUM_VERSION
+        with pytest.raises(connection.RedisTooOld, match=r"is too old: the relay needs 99\.0 or newer"):
+            await connection.check_version(client, (99, 0))
     finally:
-        await storage.close(client)
+        await connection.close(client)
 
 
 def test_relay_serve_refuses_a_redis_too_old(redis_server, tmp_path, monkeypatch, capsys):
     # The real server and the real command; only the bar is raised above it.
-    from relay.cli import main
+    from relay.server.cli import main
 
-    monkeypatch.setattr(storage, "MINIMUM_VERSION", (99, 0))
+    monkeypatch.setattr(connection, "MINIMUM_VERSION", (99, 0))
     handler = signal.getsignal(signal.SIGTERM)  # main() installs its own
     try:
         assert main(["serve", "--redis-url", redis_server.url, "--data-dir", str(tmp_path)]) == 1

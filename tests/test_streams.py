@@ -1,6 +1,6 @@
 """The relay's Stream and its SSE response, over a link that can break.
 
-``relay.streams.Stream`` is the one stream machine for local and cross-node
+``relay.serving.inflight.Stream`` is the one stream machine for local and cross-node
 streams; these tests drive it (and ``chat.EventStreamResponse``) through its
 public interface with a link whose sends can be made to fail, and read what
 the caller would get on the wire.  The rule under test: whatever breaks, the
@@ -15,8 +15,8 @@ import orjson
 import pytest
 
 import wire
-from relay.chat import EventStreamResponse
-from relay.streams import LinkLost, Stream
+from relay.serving.inflight import LinkLost, Stream
+from relay.serving.operations import EventStreamResponse
 
 pytestmark = pytest.mark.anyio
 
@@ -210,7 +210,7 @@ async def test_the_caller_leaving_cancels_the_stream_at_the_agent():
 
 
 async def test_backlog_wait_times_out_and_a_flowing_stream_never_does():
-    from relay.streams import Backlog
+    from relay.serving.inflight import Backlog
 
     backlog = Backlog()
     with pytest.raises(TimeoutError):
@@ -226,7 +226,7 @@ async def test_backlog_wait_times_out_and_a_flowing_stream_never_does():
 
 
 async def test_backlog_wait_without_timeout_outlives_an_earlier_timer():
-    from relay.streams import Backlog
+    from relay.serving.inflight import Backlog
 
     backlog = Backlog()
     loop = asyncio.get_running_loop()
@@ -248,7 +248,7 @@ async def test_backlog_wait_without_timeout_outlives_an_earlier_timer():
 
 
 async def test_backlog_shorter_timeout_after_a_longer_one_is_honoured():
-    from relay.streams import Backlog
+    from relay.serving.inflight import Backlog
 
     backlog = Backlog()
     loop = asyncio.get_running_loop()
@@ -262,7 +262,7 @@ async def test_backlog_shorter_timeout_after_a_longer_one_is_honoured():
 
 
 async def test_stall_guard_cuts_only_a_send_that_waits_past_its_timeout():
-    from relay.chat import StallGuard
+    from relay.serving.operations import StallGuard
 
     guard = StallGuard(0.02)
     loop = asyncio.get_running_loop()

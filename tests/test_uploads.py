@@ -28,10 +28,12 @@ import websockets
 from websockets.exceptions import ConnectionClosed
 
 import wire
-from agent.backends import DemoBackend, OpenAIBackend, demo_transcript, wav_summary
-from relay.crossnode import RemoteLink
-from relay.sessions import AgentSession
-from relay.streams import Stream
+from agent.demo_model import DemoBackend, demo_transcript
+from agent.media import wav_summary
+from agent.upstream import OpenAIBackend
+from relay.serving.crossnode import RemoteLink
+from relay.serving.inflight import Stream
+from relay.serving.sessions import AgentSession
 from tests.helpers import (
     FakeUpstream,
     assert_openai_error,

@@ -18,9 +18,9 @@ import pytest
 import websockets
 
 import wire
-from agent.backends import DemoBackend
 from agent.backoff import FatalAgentError
 from agent.client import AgentClient, newer_version
+from agent.demo_model import DemoBackend
 from tests.helpers import free_port, running_agent, running_relay, sse_lines, wait_until
 from tests.test_hostile_agent import chunk, raw_agent
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.dashboard import CONTENT_SECURITY_POLICY, WEB
+from relay.web.pages import CONTENT_SECURITY_POLICY, WEB
 
 PAGES = sorted(WEB.glob("*.html"))
 SCRIPTS = sorted((WEB / "static" / "js").glob("*.js"))

@@ -9,7 +9,6 @@ websocket, its node-to-node bus and the agent are thin adapters around it.
     frames     events, encode/decode, protocol versions, close codes
     streams    one stream's state machine and its credit window
     bus        the envelope that carries the same frames between relay nodes
-    converse   SwiftChat's /api/converse <-> OpenAI chat (request and answer)
     sse        Server-Sent Events: framing (both sides) and parsing (agent)
     openai     OpenAI error bodies: build one, read the message out of one
     redaction  keep credentials out of log records
@@ -20,14 +19,6 @@ Everything public is re-exported here, so callers write ``wire.Data``.
 from __future__ import annotations
 
 from .bus import Envelope, decode_envelope, encode_envelope
-from .converse import (
-    ConverseStream,
-    InvalidConverse,
-    StreamFailed,
-    UnsupportedContent,
-    converse_request,
-    openai_messages,
-)
 from .frames import (
     DEFAULT_WINDOW,
     MAX_STREAM_ID,
@@ -69,10 +60,10 @@ __version__ = "0.2.0"
 
 __all__ = [
     "DEFAULT_WINDOW", "MAX_STREAM_ID", "OP_CHAT", "OP_IMAGES", "OP_TRANSCRIBE", "PROTOCOL_VERSION", "SSE_DONE",
-    "SUPPORTED_VERSIONS", "Cancel", "CloseCode", "ConverseStream", "Credit", "Data", "End", "Envelope", "Event",
-    "FrameKind", "GoAway", "Hello", "InvalidConverse", "Kick", "Ping", "Pong", "ProtocolError", "Request",
-    "SendWindow", "StreamError", "StreamFailed", "StreamState", "StreamTracker", "UnsupportedContent", "Upload",
-    "UploadReceiver", "Welcome", "__version__", "converse_request", "decode", "decode_envelope", "encode",
+    "SUPPORTED_VERSIONS", "Cancel", "CloseCode", "Credit", "Data", "End", "Envelope", "Event",
+    "FrameKind", "GoAway", "Hello", "Kick", "Ping", "Pong", "ProtocolError", "Request",
+    "SendWindow", "StreamError", "StreamState", "StreamTracker", "Upload",
+    "UploadReceiver", "Welcome", "__version__", "decode", "decode_envelope", "encode",
     "encode_credit", "encode_data", "encode_envelope", "encode_upload", "error_body", "error_message",
-    "iter_sse_data", "negotiate", "openai_messages", "parse_version", "sse_event",
+    "iter_sse_data", "negotiate", "parse_version", "sse_event",
 ]

@@ -1,0 +1,8 @@
+"""The path every door shares, from admission to the agent and back.
+
+Admission (``admission``, ``overload``), an operation answered
+(``operations``), the pick of an agent (``router``), one stream in flight
+(``inflight``), the agent's websocket and its sessions (``gateway``,
+``sessions``, ``presence``), and the link to the other nodes (``crossnode``,
+``subscriber``).  It talks to Redis only through :mod:`relay.store`.
+"""

@@ -1,0 +1,7 @@
+"""Everything that talks to Redis: the connection, the keys, the scripts, the data.
+
+Every key is named in ``keys``; every Lua script is a file under
+``scripts/``; a module here owns one kind of record (instances, agents and
+node liveness, caller access, rates, stream leases, conversations).  Nothing
+outside this package builds a key or sends a script.
+"""
