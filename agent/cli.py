@@ -25,13 +25,15 @@ from typing import Any
 
 from . import __version__
 from . import credentials as creds_store
-from .backends import BackendError, DemoBackend, OpenAIBackend
+from .backends import BackendError
 from .backoff import FatalAgentError, backoff_delays
 from .client import AgentClient
 from .console import Console, format_status
 from .credentials import Credentials
+from .demo_model import DemoBackend
 from .registration import RelayHTTPError, instance_status, register
 from .settings import AgentSettings
+from .upstream import OpenAIBackend
 
 
 def _say(line: str) -> None:

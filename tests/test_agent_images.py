@@ -27,10 +27,12 @@ import pytest
 import websockets
 
 import wire
-from agent import backends
-from agent.backends import BackendError, DemoBackend, OpenAIBackend, demo_image, encode_png
+from agent.backends import BackendError
 from agent.cli import build_parser, make_backend, settings_from
 from agent.client import AgentClient
+from agent.demo_model import DemoBackend, demo_image
+from agent.media import encode_png
+from agent.upstream import MAX_IMAGE_DOWNLOAD, OpenAIBackend
 from tests.helpers import (
     FAKE_PNG,
     FakeUpstream,
@@ -219,7 +221,7 @@ async def test_url_answers_are_downloaded_and_sent_as_b64():
 
 
 async def test_a_download_past_20_mib_is_refused_with_502():
-    too_big = FAKE_PNG + b"\x00" * backends.MAX_IMAGE_DOWNLOAD
+    too_big = FAKE_PNG + b"\x00" * MAX_IMAGE_DOWNLOAD
     async with running_upstream(FakeUpstream(image_as_url=True, image_file=too_big)) as upstream:
         backend = OpenAIBackend(upstream.url, image_models=["fake-image"])
         try:

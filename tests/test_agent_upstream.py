@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent.backends import BackendError, OpenAIBackend, _env_proxy
+from agent.backends import BackendError
+from agent.upstream import OpenAIBackend, _env_proxy
 from tests.helpers import FakeUpstream, running_upstream, wait_until
 
 pytestmark = pytest.mark.anyio

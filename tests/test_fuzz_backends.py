@@ -29,7 +29,7 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from agent.backends import DemoBackend
+from agent.demo_model import DemoBackend
 from relay.logs import DeliberateEndings
 from relay.openapi import build_openapi
 from tests.helpers import FakeUpstream, openai_backend, running_agent, running_relay, running_upstream, sse_lines
