@@ -30,15 +30,8 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from relay import __version__
-from relay.bodies import (
-    CallerKey,
-    CallerKeyCreated,
-    CallerKeyList,
-    ChatCompletion,
-    ChatRequest,
+from relay.bodies.dify import (
     ConversationsPurged,
-    ConverseRequest,
-    CreateKeyRequest,
     DifyAnswer,
     DifyChatRequest,
     DifyConversationPage,
@@ -52,29 +45,42 @@ from relay.bodies import (
     DifyRenamed,
     DifyResult,
     DifyUser,
-    ErrorResponse,
-    GlobalChatRequest,
-    GlobalImageRequest,
+)
+from relay.bodies.instances import (
+    CallerKey,
+    CallerKeyCreated,
+    CallerKeyList,
+    CreateKeyRequest,
     Health,
-    ImageRequest,
-    ImagesResponse,
     InstanceDeleted,
     InstancePage,
     InstanceSettings,
     InstanceView,
-    ModelList,
-    ModelPage,
     Ready,
     Registered,
     RegisterRequest,
     RelayInfo,
+    TokenRotated,
+    UpdateInstanceRequest,
+)
+from relay.bodies.openai import (
+    ChatCompletion,
+    ChatRequest,
+    ErrorResponse,
+    GlobalChatRequest,
+    GlobalImageRequest,
+    ImageRequest,
+    ImagesResponse,
+    ModelList,
+    ModelPage,
+    Transcription,
+)
+from relay.bodies.swiftchat import (
+    ConverseRequest,
     SwiftChatError,
     SwiftChatImageRequest,
     SwiftChatImageResponse,
     SwiftChatModels,
-    TokenRotated,
-    Transcription,
-    UpdateInstanceRequest,
     UpgradeInfo,
 )
 from relay.doors.dify import PAGE_DEFAULT, PAGE_MAX

@@ -20,7 +20,7 @@ import orjson
 import pytest
 
 import wire
-from relay.bodies import InstanceView
+from relay.bodies.instances import InstanceView
 from relay.doors import relay_api
 from relay.openapi import InstanceDeleted, InstanceSettings, RelayInfo
 from relay.store import keys

@@ -7,7 +7,7 @@ import contextlib
 import httpx
 import pytest
 
-from relay.bodies import ChatRequest
+from relay.bodies.openai import ChatRequest
 from relay.errors import RateLimited, ValidationFailed
 from relay.serving.limits import (
     Bucket,

@@ -84,7 +84,10 @@ from starlette.routing import Mount, Route, WebSocketRoute
 
 from agent.demo_model import DemoBackend
 from relay.app import create_app
-from relay.bodies import MAX_COUNT, MAX_SIDE, PYTHON_WHITESPACE, DifyRename, SwiftChatImage, UpdateInstanceRequest
+from relay.bodies.dify import PYTHON_WHITESPACE, DifyRename
+from relay.bodies.instances import UpdateInstanceRequest
+from relay.bodies.openai import MAX_COUNT
+from relay.bodies.swiftchat import MAX_SIDE, SwiftChatImage
 from relay.doors import relay_api
 from relay.doors.converse import InvalidConverse, converse_request
 from relay.doors.transcription import MAX_FIELD_BYTES, MAX_FIELDS, transcription_fields

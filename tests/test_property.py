@@ -30,14 +30,8 @@ from pydantic import ValidationError
 
 import wire
 from agent.demo_model import DemoBackend, _count_tokens, text_of
-from relay.bodies import (
-    MAX_COUNT,
-    ChatCompletion,
-    ChatRequest,
-    CreateKeyRequest,
-    RegisterRequest,
-    UpdateInstanceRequest,
-)
+from relay.bodies.instances import CreateKeyRequest, RegisterRequest, UpdateInstanceRequest
+from relay.bodies.openai import MAX_COUNT, ChatCompletion, ChatRequest
 from relay.errors import ValidationFailed
 from relay.inputs import validate
 from relay.openapi import build_openapi

@@ -44,14 +44,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 import wire
-from relay.bodies import (
-    ChatRequest,
-    DifyChatRequest,
-    DifyFeedback,
-    DifyRename,
-    DifyUser,
-    DifyVariable,
-)
+from relay.bodies.dify import DifyChatRequest, DifyFeedback, DifyRename, DifyUser, DifyVariable
+from relay.bodies.openai import ChatRequest
 from relay.doors.transcription import audio_file, read_audio, transcribe
 from relay.errors import ORJSONResponse, RelayError, Unauthorized, UpstreamError, ValidationFailed
 from relay.inputs import SMALL_BODY_BYTES, bearer_token, client_ip, int_param, read_json, validate

@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 import wire
-from relay.bodies import ChatRequest, ImageRequest
+from relay.bodies.openai import ChatRequest, ImageRequest
 from relay.errors import ORJSONResponse
 from relay.inputs import bearer_token, client_ip, int_param, read_json, validate
 from relay.serving.admission import Admitted, admit, admit_named, leased

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 import wire
-from relay.bodies import CreateKeyRequest, RegisterRequest, UpdateInstanceRequest
+from relay.bodies.instances import CreateKeyRequest, RegisterRequest, UpdateInstanceRequest
 from relay.errors import ORJSONResponse, ServiceNotReady, ValidationFailed, render_error
 from relay.inputs import SMALL_BODY_BYTES, bearer_token, client_ip, int_param, read_json, validate
 from relay.serving.limits import Bucket

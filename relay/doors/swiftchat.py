@@ -27,7 +27,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 import wire
-from relay.bodies import ChatRequest, ImageRequest, SwiftChatImage
+from relay.bodies.openai import ChatRequest, ImageRequest
+from relay.bodies.swiftchat import SwiftChatImage
 from relay.doors.converse import ConverseStream, InvalidConverse, StreamFailed, UnsupportedContent, converse_request
 from relay.doors.openai import generate_images
 from relay.errors import ORJSONResponse, RelayError, UpstreamError, ValidationFailed

@@ -36,7 +36,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 import wire
-from relay.bodies import ChatRequest
+from relay.bodies.openai import ChatRequest
 from relay.errors import RateLimited, ValidationFailed
 from relay.settings import RelaySettings
 from relay.store import connection

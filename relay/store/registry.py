@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from relay.bodies import AgentParameters
+from relay.bodies.dify import AgentParameters
 from relay.errors import Forbidden, NotFound, Unauthorized
 from relay.store import connection, keys
 from wire import OP_CHAT, OP_IMAGES, OP_TRANSCRIBE
