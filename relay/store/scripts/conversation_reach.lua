@@ -1,0 +1,14 @@
+-- reach(key): a key the script does not declare, touched before the script's first write.
+--
+-- Keys of other conversations (found through an index) are built from prefixes
+-- that keys.py gives as ARGV: they carry the instance's hash tag, so they are in
+-- the slot of the declared keys.  But Redis Cluster checks such undeclared keys
+-- only when a script reaches them: while the slot migrates away, one that is not
+-- on this master (moved already, or still to be created) fails the script there,
+-- and what it wrote before stays.  So every script reaches (`reach`) each
+-- undeclared key it will touch before its first write, and is sent again until
+-- the slot has moved (cluster.ReachingScript).  A key a script empties is not
+-- touched again by it (Redis checks that one the same way).  The sweeps of stale
+-- index entries are the one exception to both: they only drop entries already
+-- found stale, which a rerun would drop anyway.
+local function reach(key) redis.call('EXISTS', key) end
