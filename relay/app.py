@@ -21,13 +21,12 @@ from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.routing import BaseRoute, Route, WebSocketRoute
 
-from relay.doors import dify, relay_api, swiftchat, transcription
-from relay.doors import openai as openai_doors
+from relay.doors import relay_api, transcription
 from relay.errors import RelayError
 from relay.node import NodeState
-from relay.openapi import build_openapi
+from relay.openapi.document import build_openapi
+from relay.routes import starlette_routes
 from relay.serving.crossnode import CrossNode
 from relay.serving.gateway import AgentGateway
 from relay.serving.limits import RateLimiter, StreamLeases
@@ -42,69 +41,12 @@ from relay.store.access import AccessControl, ChatCORS
 from relay.store.conversations import ConversationStore
 from relay.store.embedded import safe_url
 from relay.store.registry import InstanceRegistry, NodeLiveness, text
-from relay.telemetry.metrics import RelayMetrics, metrics_endpoint
+from relay.telemetry.metrics import RelayMetrics
 from relay.telemetry.requests import RequestObserver
-from relay.web import pages
 from relay.web.live import StatusWatch
 from wire import redaction
 
 log = logging.getLogger("relay.app")
-
-
-def routes(gateway: AgentGateway, *, with_dashboard: bool) -> list[BaseRoute]:
-    return [
-        Route("/api/instances", relay_api.register_instance, methods=["POST"]),
-        Route("/api/instances", relay_api.list_instances, methods=["GET"]),
-        Route("/api/instances/events", relay_api.instance_events, methods=["GET"]),
-        Route("/api/instances/{instance_id}", relay_api.get_instance, methods=["GET"]),
-        Route("/api/instances/{instance_id}", relay_api.delete_instance, methods=["DELETE"]),
-        Route("/api/instances/{instance_id}", relay_api.update_instance, methods=["PATCH"]),
-        Route("/api/instances/{instance_id}/settings", relay_api.instance_settings, methods=["GET"]),
-        Route("/api/instances/{instance_id}/token", relay_api.rotate_token, methods=["POST"]),
-        Route("/api/instances/{instance_id}/keys", relay_api.create_key, methods=["POST"]),
-        Route("/api/instances/{instance_id}/keys", relay_api.list_keys, methods=["GET"]),
-        Route("/api/instances/{instance_id}/keys/{key_id}", relay_api.revoke_key, methods=["DELETE"]),
-        # The OpenAI doors: per instance (Second Me's URL), and one base URL for all.
-        Route("/api/chat/{instance_id}", openai_doors.instance_chat, methods=["POST"]),
-        Route("/api/chat/{instance_id}/chat/completions", openai_doors.instance_chat, methods=["POST"]),
-        Route("/api/chat/{instance_id}/models", openai_doors.instance_models, methods=["GET"]),
-        Route("/api/chat/{instance_id}/images/generations", openai_doors.instance_images, methods=["POST"]),
-        Route("/api/chat/{instance_id}/audio/transcriptions", transcription.instance_transcriptions, methods=["POST"]),
-        Route("/v1/chat/completions", openai_doors.global_chat, methods=["POST"]),
-        Route("/v1/models", openai_doors.global_models, methods=["GET"]),
-        Route("/v1/images/generations", openai_doors.global_images, methods=["POST"]),
-        Route("/v1/audio/transcriptions", transcription.global_transcriptions, methods=["POST"]),
-        # SwiftChat's backend API at the root.
-        Route("/api/converse", swiftchat.converse, methods=["POST"]),
-        Route("/api/models", swiftchat.models, methods=["POST", "GET"]),
-        Route("/api/image", swiftchat.image, methods=["POST"]),
-        Route("/api/upgrade", swiftchat.upgrade, methods=["GET", "POST"]),
-        # The Dify chat-app API, per instance and (instance from the caller key) at /v1.
-        *dify_routes("/api/chat/{instance_id}"),
-        *dify_routes("/v1"),
-        Route("/api/instances/{instance_id}/conversations", dify.purge, methods=["DELETE"]),
-        WebSocketRoute("/api/agent/connect", gateway),
-        Route("/api/relay", relay_api.relay_info, methods=["GET"]),
-        Route("/healthz", relay_api.healthz, methods=["GET"]),
-        Route("/readyz", relay_api.readyz, methods=["GET"]),
-        Route("/openapi.json", relay_api.openapi, methods=["GET"]),
-        Route("/metrics", metrics_endpoint, methods=["GET"]),
-        # The web dashboard (relay/web): the pages for owners and callers.
-        *(pages.routes() if with_dashboard else []),
-    ]
-
-
-def dify_routes(base: str) -> list[BaseRoute]:
-    return [
-        Route(f"{base}/chat-messages", dify.chat_messages, methods=["POST"]),
-        Route(f"{base}/messages", dify.list_messages, methods=["GET"]),
-        Route(f"{base}/messages/{{message_id}}/feedbacks", dify.message_feedback, methods=["POST"]),
-        Route(f"{base}/conversations", dify.list_conversations, methods=["GET"]),
-        Route(f"{base}/conversations/{{conversation_id}}/name", dify.rename_conversation, methods=["POST"]),
-        Route(f"{base}/conversations/{{conversation_id}}", dify.delete_conversation, methods=["DELETE"]),
-        Route(f"{base}/parameters", dify.parameters, methods=["GET"]),
-        Route(f"{base}/audio-to-text", dify.audio_to_text, methods=["POST"]),
-    ]
 
 
 def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlette:
@@ -196,7 +138,7 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
         await connection.close(in_flight)
 
     app = Starlette(
-        routes=routes(gateway, with_dashboard=settings.dashboard),
+        routes=starlette_routes(gateway, with_dashboard=settings.dashboard),
         exception_handlers={
             RelayError: metrics.counting(relay_api.error_handler),
             RedisError: metrics.counting(relay_api.error_handler, reason="storage_unavailable"),

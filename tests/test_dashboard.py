@@ -20,9 +20,8 @@ import orjson
 import pytest
 
 import wire
-from relay.bodies.instances import InstanceView
+from relay.bodies.instances import InstanceDeleted, InstanceSettings, InstanceView, RelayInfo
 from relay.doors import relay_api
-from relay.openapi import InstanceDeleted, InstanceSettings, RelayInfo
 from relay.store import keys
 from relay.web import pages
 from tests.helpers import (

@@ -80,7 +80,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 from schemathesis.transport.serialization import Binary
-from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.routing import Match, Mount, Route, WebSocketRoute
 
 from agent.demo_model import DemoBackend
 from relay.app import create_app
@@ -92,10 +92,12 @@ from relay.doors import relay_api
 from relay.doors.converse import InvalidConverse, converse_request
 from relay.doors.transcription import MAX_FIELD_BYTES, MAX_FIELDS, transcription_fields
 from relay.errors import ValidationFailed
-from relay.openapi import build_openapi, operations
+from relay.openapi.document import build_openapi
+from relay.routes import ENDPOINTS
 from relay.settings import RelaySettings
 from relay.store.registry import InstanceRegistry
 from relay.telemetry.logs import DeliberateEndings
+from relay.web import pages
 from relay.web.live import MAX_IDS
 from tests.helpers import FakeUpstream, openai_backend, running_agent, running_relay, running_upstream
 from wire.frames import MAX_MODEL_NAME_LENGTH
@@ -173,30 +175,43 @@ def _page_path(route: Any) -> str:
     return f"{route.path}/{{path}}" if isinstance(route, Mount) else route.path
 
 
-def test_every_route_is_documented():
-    app = create_app(RelaySettings(), redis_url="redis://127.0.0.1:1")  # never connected: routes only
-    documented = operations()
-    websockets = build_openapi("http://x")["x-websockets"]
-    # The dashboard's pages are HTML for browsers, not API operations (and not there at all with
-    # RELAY_DASHBOARD=false, while the document stays the same): x-pages names them, the fuzzer leaves
-    # them alone, and tests/test_dashboard.py checks what they serve.
-    pages = build_openapi("http://x")["x-pages"]
-    assert {_page_path(route) for route in pages.routes()} == set(pages)
-    for route in app.routes:
-        if isinstance(route, WebSocketRoute):
-            assert route.path in websockets
-            continue
-        if _page_path(route) in pages:
-            continue
-        assert isinstance(route, Route)
-        for method in route.methods - {"HEAD"}:
-            assert method.lower() in documented.get(route.path, {}), f"{method} {route.path} is not in /openapi.json"
-    # ... and nothing is documented that does not exist.
-    real = {(r.path, m.lower()) for r in app.routes if isinstance(r, Route) and r.path not in pages
-            for m in r.methods}
-    for path, methods in documented.items():
-        for method in methods:
-            assert (path, method) in real, f"/openapi.json documents {method.upper()} {path}, which does not exist"
+def test_every_route_is_in_the_table_and_documented():
+    """The app serves the route table (relay.routes), all of it and nothing else, and the document says it.
+
+    Besides: every documented operation is answered by its own route, not by an earlier one whose path
+    matches too (Starlette takes the first: ``/api/instances/events`` before ``/api/instances/{instance_id}``),
+    and names its path's parameters.  The agent websocket is under x-websockets; the dashboard's pages are
+    HTML for browsers, not API operations (and not there at all with RELAY_DASHBOARD=false, while the
+    document stays the same): x-pages names them, the fuzzer leaves them alone, and tests/test_dashboard.py
+    checks what they serve.
+    """
+    document = build_openapi("http://x")
+    documented, websockets, page_paths = document["paths"], document["x-websockets"], document["x-pages"]
+    assert {_page_path(route) for route in pages.routes()} == set(page_paths)
+    table = {(endpoint.path, method.upper()) for endpoint in ENDPOINTS for method in endpoint.operations()}
+    for dashboard in (True, False):
+        app = create_app(RelaySettings(dashboard=dashboard), redis_url="redis://127.0.0.1:1")  # routes only
+        served = set()
+        for route in app.routes:
+            if isinstance(route, WebSocketRoute):
+                assert route.path in websockets
+            elif _page_path(route) in page_paths:
+                assert dashboard, f"{route.path} is served with RELAY_DASHBOARD=false"
+            else:
+                assert isinstance(route, Route)
+                for method in route.methods - {"HEAD"}:
+                    assert (route.path, method) in table, f"{method} {route.path} is served but not in relay.routes"
+                    assert method.lower() in documented.get(route.path, {}), f"{method} {route.path} is undocumented"
+                    served.add((route.path, method))
+        assert served == table, f"in relay.routes but not served: {table - served}"
+        for path, methods in documented.items():
+            request_path = re.sub(r"\{\w+\}", "x", path)
+            for method, operation in methods.items():
+                scope = {"type": "http", "method": method.upper(), "path": request_path, "root_path": ""}
+                answering = next(r for r in app.routes if r.matches(scope)[0] == Match.FULL)
+                assert answering.path == path, f"{method.upper()} {path} is answered by {answering.path}"
+                named = {p["name"] for p in operation.get("parameters", []) if p["in"] == "path"}
+                assert named == set(re.findall(r"\{(\w+)\}", path)), f"{method.upper()} {path}: {named}"
 
 
 def test_the_status_stream_and_the_search_are_documented_as_the_relay_reads_them():

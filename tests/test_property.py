@@ -34,7 +34,7 @@ from relay.bodies.instances import CreateKeyRequest, RegisterRequest, UpdateInst
 from relay.bodies.openai import MAX_COUNT, ChatCompletion, ChatRequest
 from relay.errors import ValidationFailed
 from relay.inputs import validate
-from relay.openapi import build_openapi
+from relay.openapi.document import build_openapi
 from relay.serving.limits import check_chat_request
 from relay.settings import RelaySettings
 
