@@ -23,13 +23,13 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 
 from relay.doors import relay_api, transcription
+from relay.doors.cors import ChatCORS
 from relay.errors import RelayError
 from relay.node import NodeState
 from relay.openapi.document import build_openapi
 from relay.routes import starlette_routes
 from relay.serving.crossnode import CrossNode
 from relay.serving.gateway import AgentGateway
-from relay.serving.limits import RateLimiter, StreamLeases
 from relay.serving.overload import LoadMonitor
 from relay.serving.presence import Presence
 from relay.serving.router import StreamRouter
@@ -37,10 +37,14 @@ from relay.serving.sessions import SessionManager
 from relay.serving.subscriber import Subscriber
 from relay.settings import RelaySettings
 from relay.store import connection, keys, migrate
-from relay.store.access import AccessControl, ChatCORS
+from relay.store.access import AccessControl
 from relay.store.conversations import ConversationStore
 from relay.store.embedded import safe_url
-from relay.store.registry import InstanceRegistry, NodeLiveness, text
+from relay.store.leases import StreamLeases
+from relay.store.liveness import NodeLiveness
+from relay.store.rates import RateLimiter
+from relay.store.registry import InstanceRegistry
+from relay.store.tokens import text
 from relay.telemetry.metrics import RelayMetrics
 from relay.telemetry.requests import RequestObserver
 from relay.web.live import StatusWatch

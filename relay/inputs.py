@@ -15,7 +15,6 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
 from relay.errors import InvalidRequest, PayloadTooLarge, ValidationFailed
-from relay.store.access import bearer
 
 #: Bodies of owner actions and small API calls: a name, a description, a user.
 SMALL_BODY_BYTES = 16 * 1024
@@ -23,6 +22,24 @@ SMALL_BODY_BYTES = 16 * 1024
 #: the relay takes (2**63 has 19), and never reaches ``int()`` (past 4300
 #: digits it raises, and below that it costs time quadratic in the length).
 MAX_INT_DIGITS = 20
+#: Query parameters that look like credentials: refused outright, because a
+#: secret in a URL ends up in proxy logs, browser history and Referer headers.
+URL_CREDENTIAL_PARAMS = frozenset(
+    {"token", "agent_token", "access_token", "api_key", "apikey", "key", "registration_key", "authorization"}
+)
+
+
+def bearer(headers, query_params=None) -> str | None:
+    """The bearer credential of a request, or None; refuses credentials in the URL."""
+    if query_params is not None and any(name.lower() in URL_CREDENTIAL_PARAMS for name in query_params):
+        raise InvalidRequest(
+            "credentials must be sent in the Authorization header, never in the URL",
+            code="credentials_in_url",
+        )
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
 
 
 def bearer_token(request: Request) -> str | None:

@@ -15,7 +15,10 @@ import pytest
 import websockets
 
 from relay.store import keys, migrate
-from relay.store.registry import AgentEntry, InstanceRegistry, NodeLiveness, hash_token
+from relay.store.agents import AgentEntry
+from relay.store.liveness import NodeLiveness
+from relay.store.registry import InstanceRegistry
+from relay.store.tokens import hash_token
 from tests.helpers import running_agent, running_relay
 
 pytestmark = pytest.mark.anyio

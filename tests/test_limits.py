@@ -9,17 +9,11 @@ import pytest
 
 from relay.bodies.openai import ChatRequest
 from relay.errors import RateLimited, ValidationFailed
-from relay.serving.limits import (
-    Bucket,
-    FrameBudget,
-    RateLimiter,
-    Slot,
-    StreamLeases,
-    check_chat_request,
-    content_chars,
-)
+from relay.serving.limits import FrameBudget, check_chat_request, content_chars
 from relay.settings import RelaySettings
 from relay.store import keys
+from relay.store.leases import Slot, StreamLeases
+from relay.store.rates import Bucket, RateLimiter
 from tests.helpers import (
     FakeUpstream,
     openai_backend,

@@ -10,7 +10,9 @@ import pytest
 
 from relay.errors import Forbidden, NotFound, Unauthorized
 from relay.store import keys
-from relay.store.registry import AgentEntry, InstanceRegistry, hash_token
+from relay.store.agents import AgentEntry
+from relay.store.registry import InstanceRegistry
+from relay.store.tokens import hash_token
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.anyio

@@ -10,10 +10,11 @@ import orjson
 import pytest
 
 from relay.errors import InstanceUnavailable, ModelNotFound, NotFound, OperationUnsupported, RateLimited
-from relay.serving.limits import Slot, StreamLeases
 from relay.serving.router import no_agent
 from relay.store import keys
-from relay.store.registry import AgentEntry, InstanceRegistry
+from relay.store.agents import AgentEntry
+from relay.store.leases import Slot, StreamLeases
+from relay.store.registry import InstanceRegistry
 
 pytestmark = pytest.mark.anyio
 

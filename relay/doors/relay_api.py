@@ -20,10 +20,10 @@ import wire
 from relay.bodies.instances import CreateKeyRequest, RegisterRequest, UpdateInstanceRequest
 from relay.errors import ORJSONResponse, ServiceNotReady, ValidationFailed, render_error
 from relay.inputs import SMALL_BODY_BYTES, bearer_token, client_ip, int_param, read_json, validate
-from relay.serving.limits import Bucket
 from relay.serving.operations import SSE_HEADERS
 from relay.serving.targets import INSTANCE_ID
 from relay.store import keys
+from relay.store.rates import Bucket
 from relay.web.live import MAX_IDS, WatchResponse
 
 #: A directory search's longest query.

@@ -71,9 +71,9 @@ from relay.errors import (
 from relay.inputs import client_ip, declared_length
 from relay.serving.admission import Admitted, admit, admit_model, leased
 from relay.serving.inflight import cleanup_scope
-from relay.serving.limits import Slot
 from relay.serving.operations import run_op
 from relay.store import keys
+from relay.store.leases import Slot
 from wire.frames import MAX_MODEL_NAME_LENGTH
 
 log = logging.getLogger("relay.audio")

@@ -26,10 +26,11 @@ from starlette.types import Receive, Scope, Send
 from relay.errors import NotFound, RateLimited, ServiceNotReady
 from relay.inputs import bearer_token, client_ip, read_json
 from relay.serving.inflight import cleanup_scope
-from relay.serving.limits import PENDING_RELEASES, Releases, Slot
+from relay.serving.limits import PENDING_RELEASES, Releases
 from relay.serving.targets import Target, resolve, unknown_model
 from relay.store import keys
 from relay.store.access import Caller
+from relay.store.leases import Slot
 from relay.telemetry import logs
 
 

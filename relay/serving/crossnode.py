@@ -59,7 +59,8 @@ from relay.errors import RelayError, ServiceNotReady
 from relay.serving.inflight import LinkLost, Stream, cleanup_scope, split_items
 from relay.serving.sessions import SessionManager
 from relay.store import connection, keys
-from relay.store.registry import AgentEntry, InstanceRegistry
+from relay.store.agents import AgentEntry
+from relay.store.registry import InstanceRegistry
 from relay.telemetry import logs
 
 log = logging.getLogger("relay.crossnode")

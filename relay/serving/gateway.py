@@ -39,7 +39,8 @@ from relay.serving.limits import FrameBudget, HelloLimits
 from relay.serving.presence import Presence
 from relay.serving.sessions import KNOWN_OPS, AgentSession, SessionManager
 from relay.settings import RelaySettings
-from relay.store.registry import InstanceRegistry, hash_token
+from relay.store.registry import InstanceRegistry
+from relay.store.tokens import hash_token
 from relay.telemetry import logs
 
 log = logging.getLogger("relay.gateway")

@@ -1,49 +1,31 @@
-"""Limits: what one request may contain, how often and how much at once.
+"""Limits: what one request may contain, what one agent may send, and the hand-off of a stream lease.
 
 * :func:`check_chat_request` — shape limits of one validated chat request
   (number of messages, total content size, ``max_tokens``): 422, no Redis.
-* :class:`RateLimiter` — requests per minute per caller, per instance, per IP
-  for registration.  GCRA (the "generic cell rate algorithm" of ATM networks,
-  a token bucket kept as one timestamp) in a Lua script on the Redis clock, so
-  every relay node draws from the same bucket and a request is charged to all
-  its buckets or to none.  429 with ``Retry-After``.
-* :class:`StreamLeases` — concurrent streams per instance and per caller.  A
-  stream holds a lease (a member of a sorted set scored by its expiry) for its
-  whole life; the node renews its leases every heartbeat interval in one
-  pipeline and releases them when streams end.  Leases of a node that died
-  expire by themselves.  429 with ``Retry-After``.
+* :class:`Releases` — a request's stream lease (``relay.store.leases``) and
+  the agent slots given back with it, handed from admission to the router.
 * :class:`FrameBudget` — frames and bytes per second one agent may send over
   its websocket, and pings on their own small budget (token buckets, local:
   an agent talks to one node).  Close 1008.
 * :class:`HelloLimits` — how much one agent may declare in its hello (model
   names and their length): the handshake is refused with 1008 naming the cap.
 
-A limit set to 0 is off.
+A limit set to 0 is off.  Rates (``relay.store.rates``) and stream leases
+(``relay.store.leases``) are kept in Redis.
 """
 
 from __future__ import annotations
 
-import logging
-import math
-import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
-import anyio
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
-
 import wire
 from relay.bodies.openai import ChatRequest
-from relay.errors import RateLimited, ValidationFailed
+from relay.errors import ValidationFailed
 from relay.settings import RelaySettings
-from relay.store import connection
-from relay.store.registry import PICK_AGENT_FUNCTION, RELEASE_AGENT_FUNCTION, AgentEntry, InstanceRegistry
-
-log = logging.getLogger("relay.limits")
-
+from relay.store.leases import PendingLease
 
 # -- shape of one request --------------------------------------------------------------
 
@@ -105,186 +87,7 @@ def check_chat_request(chat: ChatRequest, settings: RelaySettings) -> None:
                                    param=name, code="max_tokens_too_large")
 
 
-# -- requests per minute ---------------------------------------------------------------
-
-# GCRA over several buckets at once.  Each key holds the bucket's "theoretical
-# arrival time" (TAT, ms on the Redis clock).  ARGV: emission interval T and
-# burst tolerance tau (ms) per key.  A request is allowed when now >= TAT - tau
-# in every bucket; then each TAT advances by T.  Returns {0, 0} when allowed,
-# else {index of the first full bucket, ms until it has room}.
-#: GCRA over several buckets, as a Lua function other scripts include: charge one
-#: request to every bucket of ``buckets`` (key names) whose ``periods[i]`` (emission
-#: interval, ms) is above 0, with ``taus[i]`` (burst tolerance, ms), or charge none.
-#: Returns 0, 0 when charged, else the index of the first spent bucket and the ms to wait.
-GCRA_FUNCTION = """
-local function gcra(buckets, periods, taus)
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  local tats = {}
-  for i = 1, #buckets do
-    if periods[i] > 0 then
-      local tat = tonumber(redis.call('GET', buckets[i]) or now)
-      if tat < now then tat = now end
-      if now < tat - taus[i] then return i, math.ceil(tat - taus[i] - now) end
-      tats[i] = tat + periods[i]
-    end
-  end
-  for i = 1, #buckets do
-    if tats[i] then
-      redis.call('SET', buckets[i], tostring(tats[i]), 'PX', math.max(1, math.ceil(tats[i] - now)))
-    end
-  end
-  return 0, 0
-end
-"""
-
-# KEYS: the buckets; ARGV: (interval, tolerance) ms per bucket.
-_GCRA = GCRA_FUNCTION + """
-local periods, taus = {}, {}
-for i = 1, #KEYS do periods[i], taus[i] = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i]) end
-local index, wait = gcra(KEYS, periods, taus)
-return {index, wait}
-"""
-
-
-@dataclass(frozen=True, slots=True)
-class Bucket:
-    """One rate limit: ``per_minute`` requests sustained, bursts of as many."""
-
-    key: str
-    per_minute: int
-    what: str  # for the error message, e.g. "this caller"
-
-
-def retry_after_seconds(ms: float) -> str:
-    return str(max(1, math.ceil(ms / 1000)))
-
-
-class RateLimiter:
-    def __init__(self, redis: Redis):
-        self._gcra = redis.register_script(_GCRA)
-
-    async def hit(self, buckets: list[Bucket]) -> None:
-        """Charge one request to every bucket, or raise 429 without charging any."""
-        active = [b for b in buckets if b.per_minute > 0]
-        if not active:
-            return
-        args: list[float] = []
-        for bucket in active:
-            period = 60_000 / bucket.per_minute
-            args += [period, period * (bucket.per_minute - 1)]
-        index, wait_ms = await self._gcra(keys=[b.key for b in active], args=args)
-        if index:
-            bucket = active[int(index) - 1]
-            raise RateLimited(
-                f"rate limit of {bucket.per_minute} requests per minute for {bucket.what} reached; "
-                f"retry in {retry_after_seconds(wait_ms)} s",
-                code="rate_limited",
-                headers={"Retry-After": retry_after_seconds(wait_ms)},
-            )
-
-
 # -- streams at once ----------------------------------------------------------------------
-
-# Take a lease in every set, or in none.  Expired leases (their node died
-# without releasing them) are swept first.  ``lease_full`` returns 0, or the
-# index of the first set that is full; ``lease_take`` adds the lease.  Lua
-# functions, so that the pick can take the lease in the same script.
-LEASE_FUNCTIONS = """
-local function lease_now()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-local function lease_full(sets, limits, now)
-  for i, set in ipairs(sets) do
-    redis.call('ZREMRANGEBYSCORE', set, '-inf', now)
-    if redis.call('ZCARD', set) >= tonumber(limits[i]) then return i end
-  end
-  return 0
-end
-local function lease_take(sets, id, ttl, now)
-  for _, set in ipairs(sets) do
-    redis.call('ZADD', set, now + ttl, id)
-    redis.call('PEXPIRE', set, ttl)
-  end
-end
-"""
-
-# KEYS: the sets.  ARGV: lease id, TTL ms, then one limit per set.
-_ACQUIRE = LEASE_FUNCTIONS + """
-local now = lease_now()
-local full = lease_full(KEYS, {unpack(ARGV, 3)}, now)
-if full == 0 then lease_take(KEYS, ARGV[1], tonumber(ARGV[2]), now) end
-return full
-"""
-
-# A request's first pick and its stream lease, in one script: the lease is
-# checked first (as when it was taken on its own, before the pick), and taken
-# only when an agent was picked, so a request that finds no agent holds none.
-# KEYS: agents, load, instance (the pick's), then the lease's sets.  ARGV:
-# tie break, op, here, model (the pick's), lease id, TTL ms, one limit per
-# set, then the live nodes.  Returns the pick's answer, or {'full', index}.
-_LEASE_AND_PICK = PICK_AGENT_FUNCTION + LEASE_FUNCTIONS + """
-local sets = {unpack(KEYS, 4)}
-local limits_to = 6 + #sets
-local now = lease_now()
-local full = lease_full(sets, {unpack(ARGV, 7, limits_to)}, now)
-if full > 0 then return {'full', full} end
-local picked = pick_agent(KEYS[1], KEYS[2], KEYS[3], node_set(limits_to + 1, #ARGV), ARGV[1], ARGV[2], ARGV[3],
-                          ARGV[4], {})
-if picked[1] == 'ok' then lease_take(sets, ARGV[5], tonumber(ARGV[6]), now) end
-return picked
-"""
-
-# Push the expiry of live leases forward.  KEYS: sets (of one slot); ARGV: TTL
-# ms, then the lease id in each set.
-_RENEW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[1])
-for i = 1, #KEYS do
-  local id = ARGV[i + 1]
-  if redis.call('ZSCORE', KEYS[i], id) then
-    redis.call('ZADD', KEYS[i], now + ttl, id)
-    redis.call('PEXPIRE', KEYS[i], ttl)
-  end
-end
-return 0
-"""
-
-
-# A request's end: its lease out of every set, and each agent slot it took
-# given back.  KEYS: the lease's sets, then the agents' load hashes; ARGV:
-# lease id, how many sets, then the agents' sessions.
-_RELEASE = RELEASE_AGENT_FUNCTION + """
-local sets = tonumber(ARGV[2])
-for i = 1, sets do redis.call('ZREM', KEYS[i], ARGV[1]) end
-for i = sets + 1, #KEYS do release_agent(KEYS[i], ARGV[i - sets + 2]) end
-return 0
-"""
-
-
-@dataclass(frozen=True, slots=True)
-class Slot:
-    """One concurrency limit: at most ``limit`` leases in the set ``key``."""
-
-    key: str
-    limit: int
-    what: str
-
-
-@dataclass(slots=True)
-class Lease:
-    id: str
-    keys: list[str] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class PendingLease:
-    """A lease not taken yet, and the limits it must fit (only those that are on)."""
-
-    lease: Lease
-    slots: list[Slot]
 
 
 @dataclass(slots=True)
@@ -317,99 +120,6 @@ def defer_agent_release(instance_id: str, session: str) -> bool:
         return False
     releases.agents.append((instance_id, session))
     return True
-
-
-class StreamLeases:
-    def __init__(self, redis: Redis, *, ttl_ms: int):
-        self.redis = redis
-        self.ttl_ms = ttl_ms
-        self.held: dict[str, Lease] = {}
-        self._acquire = redis.register_script(_ACQUIRE)
-        self._renew = redis.register_script(_RENEW)
-        self._release = redis.register_script(_RELEASE)
-        self._lease_and_pick = redis.register_script(_LEASE_AND_PICK)
-
-    def prepare(self, slots: list[Slot]) -> PendingLease:
-        """A lease for ``slots``, not taken yet (no round trip): :meth:`take` or :meth:`pick` takes it."""
-        active = [s for s in slots if s.limit > 0]
-        return PendingLease(Lease(secrets.token_hex(8), [s.key for s in active]), active)
-
-    async def acquire(self, slots: list[Slot]) -> Lease:
-        """Take a lease in every one of ``slots`` now (429 when one is full)."""
-        pending = self.prepare(slots)
-        await self.take(pending)
-        return pending.lease
-
-    async def take(self, pending: PendingLease) -> None:
-        lease = pending.lease
-        if not pending.slots:
-            return
-        full = await self._acquire(keys=lease.keys, args=[lease.id, self.ttl_ms, *(s.limit for s in pending.slots)])
-        self._taken(pending, int(full))
-
-    async def pick(self, pending: PendingLease, registry: InstanceRegistry, instance_id: str, op: str, *,
-                   here: str, model: str) -> tuple[str, AgentEntry | None]:
-        """``registry.pick_agent`` and :meth:`take` in one script: the lease is taken if an agent was picked."""
-        if not pending.slots:
-            return await registry.pick_agent(instance_id, op, here=here, model=model)
-        lease = pending.lease
-        pick_keys, pick_args = registry.pick_request(instance_id, op, here=here, model=model)
-
-        async def lease_and_pick() -> tuple[str, AgentEntry | None]:
-            result = await self._lease_and_pick(keys=[*pick_keys, *lease.keys],
-                                                args=[*pick_args, lease.id, self.ttl_ms,
-                                                      *(s.limit for s in pending.slots), *registry.liveness.alive])
-            if result[0] == b"full":
-                self._taken(pending, int(result[1]))
-            return registry.picked(result)
-
-        # Offline: nothing taken; the agent may be on a node too new for the set of live ones.
-        verdict, entry = await registry.liveness.read_again_if(lease_and_pick, lambda picked: picked[0] == "offline")
-        if entry is not None:
-            self.held[lease.id] = lease
-        return verdict, entry
-
-    def _taken(self, pending: PendingLease, full: int) -> None:
-        """After a script took the lease (``full`` 0) or found slot ``full`` (1-based) full: 429."""
-        if full:
-            slot = pending.slots[full - 1]
-            raise RateLimited(
-                f"{slot.what} already has {slot.limit} streams running; retry when one ends",
-                code="too_many_streams", headers={"Retry-After": "1"},
-            )
-        self.held[pending.lease.id] = pending.lease
-
-    async def release(self, lease: Lease, agents: Sequence[tuple[str, str]] = ()) -> None:
-        """Give the lease back, and the agent slots ``agents`` (load hash key, session) with it: one script."""
-        held = self.held.pop(lease.id, None) is not None
-        sets = lease.keys if held else []
-        if not sets and not agents:
-            return
-        try:
-            await self._release(keys=[*sets, *(key for key, _ in agents)],
-                                args=[lease.id, len(sets), *(session for _, session in agents)])
-        except (RedisError, OSError) as exc:
-            log.debug("could not release stream lease (%s); it expires on its own", exc)
-
-    async def renew_all(self) -> None:
-        """Renew every lease this node holds: one script per slot (an instance's), all in one go."""
-        by_slot: dict[str, tuple[list[str], list[str]]] = {}
-        for lease in list(self.held.values()):
-            for key in lease.keys:
-                sets, ids = by_slot.setdefault(connection.hash_tag(key), ([], []))
-                sets.append(key)
-                ids.append(lease.id)
-        await connection.run_scripts(self.redis, self._renew,
-                                  [(sets, [self.ttl_ms, *ids]) for sets, ids in by_slot.values()])
-
-    async def run(self, interval: float) -> None:
-        """Renew leases forever (started by the composition root)."""
-        while True:
-            await anyio.sleep(interval)
-            try:
-                await self.renew_all()
-            except (RedisError, OSError) as exc:
-                log.debug("could not renew stream leases (%s)", exc)
 
 
 # -- agent frames ---------------------------------------------------------------------------

@@ -18,7 +18,8 @@ from redis.exceptions import RedisError
 import wire
 from relay.node import NodeState
 from relay.serving.sessions import AgentSession, SessionManager
-from relay.store.registry import AgentEntry, InstanceRegistry
+from relay.store.agents import AgentEntry
+from relay.store.registry import InstanceRegistry
 
 log = logging.getLogger("relay.presence")
 

@@ -21,8 +21,9 @@ from relay.errors import InstanceUnavailable, ModelNotFound, NotFound, Operation
 from relay.node import NodeState
 from relay.serving.crossnode import CrossNode, NodeGone
 from relay.serving.inflight import LinkLost, Stream
-from relay.serving.limits import StreamLeases, defer_agent_release, take_pending_lease
+from relay.serving.limits import defer_agent_release, take_pending_lease
 from relay.serving.sessions import SessionManager
+from relay.store.leases import StreamLeases
 from relay.store.registry import InstanceRegistry
 from relay.telemetry import logs
 

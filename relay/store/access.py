@@ -1,6 +1,7 @@
 """Who may do what: registration policy, owner rights, caller keys, visibility.
 
-Three kinds of credential, all ``Authorization: Bearer`` headers, never URLs:
+Three kinds of credential, all ``Authorization: Bearer`` headers, never URLs
+(``relay.inputs.bearer`` reads them):
 
 * the **registration key** (``RELAY_REGISTRATION_KEY``, optional): lets anyone
   holding it create instances.  Without it registration is open.
@@ -14,7 +15,7 @@ Three kinds of credential, all ``Authorization: Bearer`` headers, never URLs:
 Tokens and keys carry 256 random bits and are stored only as SHA-256 hashes;
 lookups go by hash, so no secret is ever compared.  Owner tokens and the
 registration key are re-checked with :func:`hmac.compare_digest`; a caller
-key's record is re-checked inside the admission script (``_ADMIT``), where a
+key's record is re-checked inside the admission script (``caller_admit``), where a
 timing difference could only tell how much of a SHA-256 digest matched, which
 gives nothing towards a key.
 """
@@ -28,23 +29,17 @@ from dataclasses import dataclass
 
 import orjson
 from redis.asyncio import Redis
-from starlette.middleware.cors import CORSMiddleware
-from starlette.types import ASGIApp, Receive, Scope, Send
 
-from relay.errors import Forbidden, InvalidRequest, NotFound, RateLimited, Unauthorized, ValidationFailed
-from relay.serving.limits import GCRA_FUNCTION, retry_after_seconds
+from relay.errors import Forbidden, NotFound, Unauthorized, ValidationFailed
 from relay.store import connection, keys
-from relay.store.registry import InstanceRegistry, hash_token, new_token, text
+from relay.store.rates import gcra_args, rate_limited
+from relay.store.registry import InstanceRegistry
+from relay.store.scripts import script
+from relay.store.tokens import hash_token, new_token, text
 
 CALLER_KEY_PREFIX = "irk_"
 #: Caller keys one instance may have at once (422 ``too_many_keys`` past it).
 MAX_KEYS_PER_INSTANCE = 100
-
-#: Query parameters that look like credentials: refused outright, because a
-#: secret in a URL ends up in proxy logs, browser history and Referer headers.
-URL_CREDENTIAL_PARAMS = frozenset(
-    {"token", "agent_token", "access_token", "api_key", "apikey", "key", "registration_key", "authorization"}
-)
 
 
 def new_caller_key() -> str:
@@ -55,19 +50,6 @@ def new_key_id() -> str:
     return "key_" + secrets.token_hex(8)
 
 
-def bearer(headers, query_params=None) -> str | None:
-    """The bearer credential of a request, or None; refuses credentials in the URL."""
-    if query_params is not None and any(name.lower() in URL_CREDENTIAL_PARAMS for name in query_params):
-        raise InvalidRequest(
-            "credentials must be sent in the Authorization header, never in the URL",
-            code="credentials_in_url",
-        )
-    scheme, _, token = headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return None
-    return token.strip()
-
-
 @dataclass(frozen=True, slots=True)
 class Caller:
     """Who is calling a chat endpoint, for limits: a key id, else the client IP."""
@@ -76,96 +58,17 @@ class Caller:
     key_id: str | None = None
 
 
-# Who is calling, and charge the rates: one script, so admission is one round trip.
-# All its keys are the instance's (one slot): the presented credential is found
-# by its hash in the instance's own caller keys.  KEYS: instance hash, the
-# instance's caller keys, the caller's bucket when anonymous (by address), the
-# caller's bucket when keyed (by key hash), the instance's bucket.  ARGV:
-# credential hash ('' = none), '1' if a credential was presented, then
-# (interval, tolerance) ms for the caller's and the instance's buckets (0 = not
-# charged).  Returns {verdict, key id, full bucket (1 caller, 2 instance, 0
-# none), wait ms}; 'unknown_key' when a private instance does not know the key
-# (the caller tells an unknown key from another instance's).
-# The rate part is limits.GCRA_FUNCTION: nothing is charged unless all fit.
-_ADMIT = GCRA_FUNCTION + """
-local found = redis.call('HMGET', KEYS[1], 'visibility', 'created_at')
-if not found[2] then return {'missing', '', 0, 0} end
-local key_id = ''
-if ARGV[1] ~= '' then
-  local kid = redis.call('HGET', KEYS[2], 'h:' .. ARGV[1])
-  if kid then
-    local raw = redis.call('HGET', KEYS[2], kid)
-    if raw and cjson.decode(raw)['key_hash'] == ARGV[1] then key_id = kid end
-  end
-end
-if key_id == '' and found[1] == 'private' then
-  if ARGV[2] == '0' then return {'no_key', '', 0, 0} end
-  return {'unknown_key', '', 0, 0}
-end
-local buckets = {key_id == '' and KEYS[3] or KEYS[4], KEYS[5]}
-local full, wait = gcra(buckets, {tonumber(ARGV[3]), tonumber(ARGV[5])}, {tonumber(ARGV[4]), tonumber(ARGV[6])})
-return {'ok', key_id, full, wait}
-"""
-
-# Replace an instance's agent token if (and only if) the presented one is still
-# current: two concurrent rotations with the same old token cannot both win.
-# KEYS: instance hash.  ARGV: old hash, new hash.
-_ROTATE = """
-if redis.call('HGET', KEYS[1], 'token_hash') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'token_hash', ARGV[2])
-return 1
-"""
-
-# Change some fields of an instance that still exists.  ARGV: field, value, ...
-_UPDATE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if #ARGV > 0 then redis.call('HSET', KEYS[1], unpack(ARGV)) end
-return 1
-"""
-
-# Add a caller key unless the instance is gone or already has too many (each key
-# is two fields: its record, and its id under its hash).
-# KEYS: instance hash, keys hash.  ARGV: key id, record, hash field, max.
-_ADD_KEY = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-if redis.call('HLEN', KEYS[2]) >= 2 * tonumber(ARGV[4]) then return 0 end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[1])
-return 1
-"""
-
-# Revoke one key: its record and its id under its hash go together.
-# KEYS: keys hash.  ARGV: key id.  Returns the key's hash (nil: no such key).
-_REVOKE_KEY = """
-local raw = redis.call('HGET', KEYS[1], ARGV[1])
-if not raw then return nil end
-local key_hash = cjson.decode(raw)['key_hash']
-redis.call('HDEL', KEYS[1], ARGV[1], 'h:' .. key_hash)
-return key_hash
-"""
-
-# Forget every caller key of a deleted instance.  KEYS: keys hash.  Returns their hashes.
-_PURGE_KEYS = """
-local hashes = {}
-local all = redis.call('HGETALL', KEYS[1])
-for i = 1, #all, 2 do
-  if string.sub(all[i], 1, 2) ~= 'h:' then table.insert(hashes, cjson.decode(all[i + 1])['key_hash']) end
-end
-redis.call('DEL', KEYS[1])
-return hashes
-"""
-
-
 class AccessControl:
     def __init__(self, redis: Redis, registry: InstanceRegistry, *, registration_key: str | None):
         self.redis = redis
         self.registry = registry
         self._registration_key_hash = hash_token(registration_key) if registration_key else None
-        self._rotate = redis.register_script(_ROTATE)
-        self._update = redis.register_script(_UPDATE)
-        self._add_key = redis.register_script(_ADD_KEY)
-        self._revoke_key = redis.register_script(_REVOKE_KEY)
-        self._purge_keys = redis.register_script(_PURGE_KEYS)
-        self._admit = redis.register_script(_ADMIT)
+        self._rotate = redis.register_script(script("token_rotate"))
+        self._update = redis.register_script(script("instance_update"))
+        self._add_key = redis.register_script(script("caller_key_add"))
+        self._revoke_key = redis.register_script(script("caller_key_revoke"))
+        self._purge_keys = redis.register_script(script("caller_keys_purge"))
+        self._admit = redis.register_script(script("caller_admit"))
         self._publish = connection.publisher(redis)
 
     # -- registration ----------------------------------------------------------
@@ -274,7 +177,7 @@ class AccessControl:
                   keys.caller_rate(instance_id, f"keyhash:{key_hash}"),
                   keys.instance_rate(instance_id)],
             args=[key_hash, "1" if presented is not None else "0",
-                  *_gcra_args(per_caller), *_gcra_args(per_instance)])
+                  *gcra_args(per_caller), *gcra_args(per_instance)])
         verdict = text(verdict)
         if verdict == "unknown_key":
             # Refused either way; the global index (another slot) says which words to use.
@@ -291,10 +194,7 @@ class AccessControl:
             raise Unauthorized("unknown or revoked API key", code="invalid_api_key")
         if int(full):
             limit, what = (per_caller, "this caller") if int(full) == 1 else (per_instance, "this instance")
-            raise RateLimited(
-                f"rate limit of {limit} requests per minute for {what} reached; "
-                f"retry in {retry_after_seconds(wait_ms)} s",
-                code="rate_limited", headers={"Retry-After": retry_after_seconds(wait_ms)})
+            raise rate_limited(limit, what, wait_ms)
         key_id = text(key_id)
         return Caller(f"key:{key_id}", key_id) if key_id else Caller(f"ip:{client_ip}")
 
@@ -308,47 +208,3 @@ class AccessControl:
             return None
         index = await self.redis.get(keys.caller_key(hash_token(presented)))
         return text(index).partition(" ")[0] if index else None
-
-
-
-def _gcra_args(per_minute: int) -> tuple[float, float]:
-    """A bucket's (emission interval, burst tolerance) in ms, as the admission script takes them; (0, 0): off."""
-    if per_minute <= 0:
-        return 0.0, 0.0
-    period = 60_000 / per_minute
-    return period, period * (per_minute - 1)
-
-
-# -- browsers -------------------------------------------------------------------------
-
-
-class ChatCORS:
-    """CORS (Fetch standard) on the chat and model endpoints only, never with credentials.
-
-    Third-party web apps calling an instance from the browser are the point of
-    a public instance, so the default is any origin.  Credentials mode stays
-    off: callers authenticate with an explicit ``Authorization`` header, never
-    with cookies, so a page cannot ride on a visitor's ambient credentials.
-    Owner endpoints get no CORS headers at all: browsers keep other sites out.
-    """
-
-    #: The per-instance doors, the global OpenAI door, SwiftChat's routes.
-    PREFIXES = ("/api/chat/", "/v1/", "/api/converse", "/api/models", "/api/image", "/api/upgrade")
-
-    def __init__(self, app: ASGIApp, origins: list[str]):
-        self.app = app
-        self.cors = CORSMiddleware(
-            app,
-            allow_origins=origins,
-            allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["*"],  # the OpenAI SDKs send x-stainless-* and openai-* headers
-            allow_credentials=False,
-            expose_headers=["Retry-After", "X-Request-Id"],
-            max_age=600,
-        )
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(self.PREFIXES):
-            await self.cors(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)

@@ -26,7 +26,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from relay.store import connection, keys
-from relay.store.registry import text
+from relay.store.scripts import script
+from relay.store.tokens import text
 
 log = logging.getLogger("relay.migrate")
 
@@ -75,34 +76,13 @@ def _old_id(key: bytes, prefix: str) -> str | None:
     return None if rest.startswith("{") else rest
 
 
-# Move one instance's caller keys and build their index by hash, in one step (a
-# crash between the two would leave keys nobody can use, and a second run would
-# skip them).  One server only, so the two names may be in different slots.
-# KEYS: old name, new name.  Returns 1 when moved.
-_MOVE_CALLER_KEYS = """
-if redis.call('EXISTS', KEYS[2]) == 1 or redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('RENAME', KEYS[1], KEYS[2])
-local all = redis.call('HGETALL', KEYS[2])
-for i = 1, #all, 2 do
-  redis.call('HSET', KEYS[2], 'h:' .. cjson.decode(all[i + 1])['key_hash'], all[i])
-end
-return 1
-"""
-
-# Give the lock back if it is still ours.  KEYS: lock.  ARGV: our token.
-_UNLOCK_SCRIPT = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-
 async def _unlock(*, keys: list[str], args: list[str], client: Redis) -> None:
-    await client.eval(_UNLOCK_SCRIPT, len(keys), *keys, *args)
+    await client.eval(script("migrate_unlock"), len(keys), *keys, *args)
 
 
 async def _move(redis: Redis, token: str) -> int:
     moved = 0
-    move_caller_keys = redis.register_script(_MOVE_CALLER_KEYS)
+    move_caller_keys = redis.register_script(script("migrate_caller_keys"))
     scanned = 0
 
     async def keep_lock() -> None:
