@@ -17,7 +17,7 @@ from agent.client import AgentStatus
 from agent.console import Console, format_status, status_line
 from tests.helpers import running_agent, running_relay, spawn, wait_until
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 
 def test_status_line_online_and_offline():

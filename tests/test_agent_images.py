@@ -320,6 +320,7 @@ async def test_an_upstream_404_is_502_upstream_not_found(call):
     assert "fake" in info.value.message and "failure" in info.value.message  # the upstream's own words
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("status, mapped, code", [
     (400, 400, "upstream_error"), (422, 422, "upstream_error"), (429, 429, "upstream_error"),
     (401, 502, "upstream_error"), (403, 502, "upstream_error"), (407, 502, "upstream_error"),

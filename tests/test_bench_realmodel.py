@@ -13,6 +13,8 @@ from bench import realmodel
 from bench.run import Options, build_parser, options_from, run_bench, table
 from bench.upstream import UpstreamServer
 
+pytestmark = __import__("pytest").mark.slow
+
 
 def _event(text: str | None) -> bytes:
     delta = {"content": text} if text is not None else {"role": "assistant"}

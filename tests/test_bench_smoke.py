@@ -18,6 +18,8 @@ from bench import loadgen as lg
 from bench.run import Options, evaluate_targets, run_bench, table, write_outputs
 from bench.upstream import UpstreamServer
 
+pytestmark = pytest.mark.slow
+
 
 def test_gap_excess_and_percentile():
     # three reads: 1 event, then 2 events together 0.1 s later, then 1 event 0.05 s later

@@ -30,7 +30,7 @@ from tests.bounds import DEADLINE, MiB, relay_process
 from tests.helpers import FakeUpstream, chat_ok, online, openai_backend, running_agent, running_upstream, wait_until
 from tests.test_hostile_agent import raw_agent
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 #: The defaults of RELAY_AGENT_MAX_MODELS and RELAY_AGENT_MAX_NAME_CHARS.
 MAX_MODELS, MAX_NAME = 256, 256

@@ -29,7 +29,7 @@ from tests.bounds import MiB, Node, relay_process
 from tests.helpers import assert_openai_error, wait_until
 from tests.test_hostile_agent import RawAgent, chunk, raw_agent
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 CLIP = 256 * 1024  # RELAY_CONVERSATION_MESSAGE_BYTES, the default
 NO_RATES = {"RELAY_RATE_PER_CALLER": "0", "RELAY_RATE_PER_INSTANCE": "0"}

@@ -28,7 +28,7 @@ import pytest
 from tests.bounds import DEADLINE, MiB, Node, relay_process
 from tests.helpers import FakeUpstream, openai_backend, running_agent, running_upstream, wait_until
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 NINES = "9" * 4301
 

@@ -18,7 +18,7 @@ import pytest
 from tests.bounds import MiB, relay_process
 from tests.helpers import FakeUpstream, online, openai_backend, running_agent, running_upstream, wait_until
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 #: Each chunk of the model's answer carries the question: 16 KiB a chunk.
 QUESTION = "q" * (16 * 1024)

@@ -61,7 +61,7 @@ if not CHROMIUM:
         raise RuntimeError("RELAY_TEST_BROWSER=required but no chromium on PATH (apt-get install chromium)")
     pytest.skip("no chromium on PATH (apt-get install chromium), browser tests skipped", allow_module_level=True)
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 #: How the machine's own checks start Chromium as root with no network: without the
 #: background-networking flags it keeps trying to reach Google's hosts.

@@ -44,7 +44,7 @@ from tests.helpers import (
 )
 from tests.redis_servers import ClusterSet, PartitionableLink
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 

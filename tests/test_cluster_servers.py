@@ -19,6 +19,8 @@ from redis.crc import key_slot
 
 from tests.redis_servers import ClusterSet
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator[ClusterSet]:

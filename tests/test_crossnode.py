@@ -59,6 +59,7 @@ GARBAGE = [
 ]
 
 
+@pytest.mark.slow
 async def test_malformed_cross_node_messages_are_dropped_and_the_node_keeps_working(redis_url, caplog):
     # Bug: one malformed message (orjson.loads, int(...), err["status"]
     # unguarded) escaped the pub/sub loop into the task group that also runs
@@ -182,6 +183,7 @@ async def _served_clean(node_b, agent) -> bool:
     return not state.bus.egress and not any(s.streams for s in state.sessions.all()) and agent.status.inflight == 0
 
 
+@pytest.mark.slow
 async def test_callers_hanging_up_leave_nothing_running_on_the_agents_node(redis_url):
     # A single task.cancel() of B's forwarding task could be swallowed inside
     # a Redis call; then the agent kept its slot forever.  B now serves each
@@ -199,6 +201,7 @@ async def test_callers_hanging_up_leave_nothing_running_on_the_agents_node(redis
             assert not node_a.app.state.bus.ingress
 
 
+@pytest.mark.slow
 async def test_a_stream_node_a_fails_on_its_own_is_stopped_on_node_b(redis_url):
     upstream = FakeUpstream(chunks=10_000, delay=0.02)  # surely still streaming when A fails it
     async with running_upstream(upstream), running_relay(redis_url) as node_a, running_relay(redis_url) as node_b:
@@ -219,6 +222,7 @@ async def test_a_stream_node_a_fails_on_its_own_is_stopped_on_node_b(redis_url):
             await wait_until(lambda: _true(upstream.disconnects == 1), what="the model's request aborted")
 
 
+@pytest.mark.slow
 async def test_nodes_with_different_windows_still_stream(redis_url):
     # B used to give the agent min(A's window, B's); A grants credit only after
     # half of its own window, so with B's window below that nothing ever moved.

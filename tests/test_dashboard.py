@@ -102,6 +102,7 @@ async def test_an_instance_page_is_the_same_file_whatever_the_instance_is_called
         assert (await client.get(f"/i/{UNKNOWN_ID}")).status_code == 200
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("instance_id", ["not-hex", "0123456789ABCDEF", "0123456789abcde", "0123456789abcdef0",
                                          "%3Cscript%3E"])
 async def test_an_instance_page_for_a_malformed_id_is_404_with_the_page(redis_url, instance_id):
@@ -114,6 +115,7 @@ async def test_an_instance_page_for_a_malformed_id_is_404_with_the_page(redis_ur
         assert_secured(page)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["/i/", "/i/0123456789abcdef/x", "/index.html", "/web/index.html"])
 async def test_what_is_not_a_page_is_404(redis_url, path):
     async with running_relay(redis_url) as relay, relay.client() as client:
@@ -122,6 +124,7 @@ async def test_what_is_not_a_page_is_404(redis_url, path):
         assert b"import " not in response.content  # not a file of the relay's, whatever the path says
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["/static/nope.js", "/static/../pages.py", "/static/%2e%2e/pages.py",
                                   "/static/", "/static/js/../../pages.py"])
 async def test_a_missing_asset_is_404_with_the_dashboard_headers(redis_url, path):
@@ -213,6 +216,7 @@ async def test_a_search_longer_than_100_characters_is_refused(redis_url):
                                 code="invalid_parameter", param="q")
 
 
+@pytest.mark.slow
 async def test_a_search_examines_at_most_scan_limit_instances_per_call_and_the_cursor_goes_on(redis_url):
     """A search that matches little returns short pages, each with the cursor to go on from; all are found."""
     async with running_relay(redis_url, rate_register_per_ip=0) as relay:
@@ -357,6 +361,7 @@ async def watchers(relay: Any, n: int) -> None:
     await wait_until(lambda: len(relay.app.state.watch.watchers) == n, what=f"{n} watchers on the node")
 
 
+@pytest.mark.slow
 async def test_a_stream_follows_instances_through_their_lives(redis_url):
     """A snapshot first; then an event for each change, and only then (polls of unchanged views say nothing)."""
     async with running_relay(redis_url, **WATCH) as relay, relay.client() as client:
@@ -412,6 +417,7 @@ async def test_a_quiet_stream_says_keep_alive(redis_url, monkeypatch):
                 assert await stream.next() == ("comment", "keep-alive")
 
 
+@pytest.mark.slow
 async def test_two_watchers_share_one_read_and_each_hears_of_its_own(redis_url):
     async with running_relay(redis_url, **WATCH) as relay, relay.client() as client:
         shared, shared_token = await relay.register("shared")
@@ -451,6 +457,7 @@ QUERIES_REFUSED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("params", QUERIES_REFUSED.values(), ids=QUERIES_REFUSED.keys())
 async def test_ids_that_are_not_1_to_100_instance_ids_are_refused(redis_url, params):
     async with running_relay(redis_url, **WATCH) as relay, relay.client() as client:
@@ -470,6 +477,7 @@ async def test_up_to_100_ids_are_followed_repeats_and_empty_ones_aside(redis_url
         assert all(found[other] == ("deleted", {"instance_id": other}) for other in many[1:])
 
 
+@pytest.mark.slow
 async def test_past_watchers_per_address_429_until_one_hangs_up(redis_url):
     async with running_relay(redis_url, watchers_per_address=2, **WATCH) as relay, relay.client() as client:
         iid, _ = await relay.register("popular")
@@ -487,6 +495,7 @@ async def test_past_watchers_per_address_429_until_one_hangs_up(redis_url):
                 assert_openai_error(await client.get("/api/instances/events", params={"ids": iid}), 429)
 
 
+@pytest.mark.slow
 async def test_a_client_that_hangs_up_frees_its_place(redis_url):
     async with running_relay(redis_url, watchers_per_address=1, **WATCH) as relay, relay.client() as client:
         iid, _ = await relay.register("popular")
@@ -497,6 +506,7 @@ async def test_a_client_that_hangs_up_frees_its_place(redis_url):
             await watchers(relay, 0)
 
 
+@pytest.mark.slow
 async def test_past_max_watchers_503(redis_url):
     async with running_relay(redis_url, max_watchers=1, **WATCH) as relay, relay.client() as client:
         iid, _ = await relay.register("popular")
@@ -552,6 +562,7 @@ async def test_head_answers_the_headers_and_ends(redis_url):
         assert (await client.head("/api/instances/events")).status_code == 422
 
 
+@pytest.mark.slow
 async def test_a_poll_that_fails_leaves_the_node_and_its_streams_running(redis_url, redis, caplog):
     """Bug: the poller shares the task group of the node's heartbeat and subscriber, and a poll that raised
     (here: an agent entry that does not decode) ended them all: every stream closed, /readyz 503."""
@@ -570,6 +581,7 @@ async def test_a_poll_that_fails_leaves_the_node_and_its_streams_running(redis_u
                 assert came[1]["instance_id"] == fine and came[1]["status"] == "online", came
 
 
+@pytest.mark.slow
 async def test_a_watcher_on_one_node_sees_an_agent_on_another_come_and_go(redis_url):
     async with (running_relay(redis_url, **WATCH) as node_a, running_relay(redis_url, **WATCH) as node_b,
                 node_a.client() as client_a, node_b.client() as client_b):
@@ -591,6 +603,7 @@ async def test_a_watcher_on_one_node_sees_an_agent_on_another_come_and_go(redis_
 # -- the relay, and an owner's settings -----------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_relay_info_says_whether_registering_takes_a_key(redis_url):
     async with running_relay(redis_url) as relay, relay.client() as client:
         info = (await client.get("/api/relay")).json()
@@ -693,6 +706,7 @@ async def test_a_newcomer_first_reads_only_its_own_ids(redis_url):
         assert reads == [[old], [new]], reads
 
 
+@pytest.mark.slow
 async def test_an_id_that_is_gone_is_told_once_then_no_longer_read(redis_url):
     async with running_relay(redis_url, **WATCH) as relay, relay.client() as client:
         real, _ = await relay.register("real")
@@ -708,6 +722,7 @@ async def test_an_id_that_is_gone_is_told_once_then_no_longer_read(redis_url):
         assert not relay.app.state.watch._refs  # nothing left counted once everyone hung up
 
 
+@pytest.mark.slow
 async def test_past_the_nodes_distinct_ids_503(redis_url):
     async with running_relay(redis_url, **WATCH) as relay, relay.client() as client:
         relay.app.state.watch.max_ids = 3
@@ -734,6 +749,7 @@ def test_the_per_address_cap_counts_an_ipv6_host_by_its_64(address, group):
     assert address_group(address) == group
 
 
+@pytest.mark.slow
 async def test_a_stream_ends_when_it_is_old_and_says_retry(redis_url, monkeypatch):
     monkeypatch.setattr("relay.web.live.MAX_AGE", 0.5)
     async with running_relay(redis_url, **WATCH) as relay, relay.client() as client:
@@ -744,6 +760,7 @@ async def test_a_stream_ends_when_it_is_old_and_says_retry(redis_url, monkeypatc
         await watchers(relay, 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
 async def test_a_page_refuses_other_methods_with_the_headers(redis_url, method):
     async with running_relay(redis_url) as relay, relay.client() as client:

@@ -103,6 +103,7 @@ async def test_a_three_turn_conversation_remembers(redis_url, base_kind):
         assert older["data"][0]["answer"] == first["answer"] and older["data"][0]["status"] == "normal"
 
 
+@pytest.mark.slow
 async def test_list_rename_delete_and_feedback(redis_url):
     async with dify_stack(redis_url) as (_, iid, _, key, client, _):
         base, headers = f"/api/chat/{iid}", bearer(key)
@@ -174,6 +175,7 @@ async def test_parameters_and_inputs(redis_url):
         assert_openai_error(refused, 422, code="conversations_disabled")
 
 
+@pytest.mark.slow
 async def test_a_conversation_started_on_one_node_continues_on_the_other(redis_url):
     upstream = FakeUpstream(chunks=2, recall=True)
     async with running_upstream(upstream), running_relay(redis_url) as node_a, running_relay(redis_url) as node_b:
@@ -190,6 +192,7 @@ async def test_a_conversation_started_on_one_node_continues_on_the_other(redis_u
         await backend.aclose()
 
 
+@pytest.mark.slow
 async def test_concurrent_turns_on_one_conversation_are_all_kept(redis_url):
     async with dify_stack(redis_url) as (_, iid, _, key, client, _):
         base, headers = f"/api/chat/{iid}", bearer(key)
@@ -246,6 +249,7 @@ async def test_who_may_read_what(redis_url):
                                                  headers=bearer(key)), 403)  # a caller key owns nothing
 
 
+@pytest.mark.slow
 async def test_deleting_the_instance_deletes_its_conversations(redis_url, redis):
     async with dify_stack(redis_url) as (_, iid, token, key, client, _):
         await blocking(client, f"/api/chat/{iid}", bearer(key), "to be forgotten")
@@ -254,6 +258,7 @@ async def test_deleting_the_instance_deletes_its_conversations(redis_url, redis)
         assert [k async for k in redis.scan_iter(match=f"ir:conv:{{{iid}}}:*")] == []
 
 
+@pytest.mark.slow
 async def test_a_conversation_expires_after_the_retention(redis_url):
     async with dify_stack(redis_url, conversation_retention=1) as (_, iid, _, key, client, _):
         base, headers = f"/api/chat/{iid}", bearer(key)
@@ -268,6 +273,7 @@ async def test_a_conversation_expires_after_the_retention(redis_url):
         assert listed["data"] == []  # no ghost left in the list
 
 
+@pytest.mark.slow
 async def test_retention_is_a_ttl_on_every_key(redis_url, redis):
     async with dify_stack(redis_url, conversation_retention=3600) as (_, iid, _, key, client, _):
         await blocking(client, f"/api/chat/{iid}", bearer(key), "kept an hour")
@@ -277,6 +283,7 @@ async def test_retention_is_a_ttl_on_every_key(redis_url, redis):
             assert 0 < await redis.pttl(name) <= 3600 * 1000, name
 
 
+@pytest.mark.slow
 async def test_a_failed_or_abandoned_answer_is_stored_as_such(redis_url):
     upstream = FakeUpstream(chunks=6, error_after=2, recall=True)
     async with dify_stack(redis_url, upstream) as (_, iid, _, key, client, _):
@@ -291,6 +298,7 @@ async def test_a_failed_or_abandoned_answer_is_stored_as_such(redis_url):
             e["answer"] for e in events if e["event"] == "message")
 
 
+@pytest.mark.slow
 async def test_bad_dify_requests(redis_url):
     async with dify_stack(redis_url, conversation_message_bytes=64) as (_, iid, _, key, client, _):
         base, headers = f"/api/chat/{iid}", bearer(key)
@@ -316,6 +324,7 @@ async def test_bad_dify_requests(redis_url):
         assert keys  # the key layout lives in one module
 
 
+@pytest.mark.slow
 async def test_audio_to_text_through_a_fake_upstream(redis_url):
     upstream = FakeUpstream()
     async with running_upstream(upstream), running_relay(redis_url) as relay, relay.client() as client:
@@ -368,6 +377,7 @@ async def test_an_agent_may_suggest_the_parameters_and_the_owner_wins(redis_url)
             assert reply.status_code == 200
 
 
+@pytest.mark.slow
 async def test_a_node_that_dies_mid_answer_leaves_the_question_and_what_was_saved(redis_url):
     """kill -9 the node streaming a turn: the other node reads the turn back as interrupted, answer so far kept."""
     from tests.cluster import Cluster, register
@@ -408,6 +418,7 @@ async def test_a_node_that_dies_mid_answer_leaves_the_question_and_what_was_save
         upstream.release()
 
 
+@pytest.mark.slow
 async def test_a_refused_turn_leaves_nothing_behind(redis_url):
     # A 429 invites a retry: the turn it refused must not count towards conversation_full later.
     upstream = FakeUpstream(chunks=4, hold_after=1, recall=True)
@@ -424,6 +435,7 @@ async def test_a_refused_turn_leaves_nothing_behind(redis_url):
         await held
 
 
+@pytest.mark.slow
 async def test_a_turn_waiting_for_its_first_token_is_saved_as_alive(redis_url, redis):
     # The model thinks before its first token: the turn must keep reading as answering, not interrupted.
     upstream = FakeUpstream(chunks=2, gate=2, recall=True)  # holds a lone stream before its first chunk

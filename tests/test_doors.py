@@ -92,6 +92,7 @@ async def test_the_openai_sdk_plain_call_gets_a_chat_completion(redis_url):
         assert sync_reply.choices[0].message.content == reply.choices[0].message.content
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("accept", "streams"), [
     (None, True), ("*/*", True), ("text/event-stream", True), ("application/json", False),
     ("application/json, text/plain, */*", False), ("application/json, text/event-stream", True),
@@ -133,6 +134,7 @@ async def test_curl_without_stream_gets_server_sent_events(redis_url):
 # -- an upstream 404 is not "instance not found" -------------------------------------------
 
 
+@pytest.mark.slow
 async def test_an_upstream_404_is_a_502_on_every_door(redis_url):
     upstream = FakeUpstream(fail_status=404)
     async with running_upstream(upstream), door_stack(redis_url, upstream_backend(upstream)) as (
@@ -184,6 +186,7 @@ async def test_v1_reaches_every_instance_by_model(redis_url):
         assert (await asyncio.to_thread(sync_call)).object == "chat.completion"
 
 
+@pytest.mark.slow
 async def test_v1_with_a_caller_key_takes_plain_model_names(redis_url):
     async with door_stack(redis_url) as (relay, iid, _, key, client):
         sdk = AsyncOpenAI(base_url=f"{relay.url}/v1", api_key=key, max_retries=0)
@@ -210,6 +213,7 @@ async def test_v1_with_a_caller_key_takes_plain_model_names(redis_url):
         assert_openai_error(bad_body, 422, param="messages")
 
 
+@pytest.mark.slow
 async def test_v1_keeps_the_access_rules_and_limits(redis_url):
     async with door_stack(redis_url, rate_per_caller=3) as (relay, iid, token, key, client):
         patched = await client.patch(f"/api/instances/{iid}", headers=bearer(token), json={"visibility": "private"})
@@ -253,6 +257,7 @@ async def test_v1_models_pages_through_online_public_instances(redis_url):
             assert_openai_error(await client.get("/v1/models", params=bad), 422)
 
 
+@pytest.mark.slow
 async def test_langchain_chat_openai_on_the_global_url(redis_url):
     from langchain_openai import ChatOpenAI
 
@@ -266,6 +271,7 @@ async def test_langchain_chat_openai_on_the_global_url(redis_url):
         assert "You said: sync call." in sync_answer.content
 
 
+@pytest.mark.slow
 async def test_the_seeds_message_forms_pass_through(redis_url):
     upstream = FakeUpstream(chunks=2)
     async with running_upstream(upstream), door_stack(redis_url, upstream_backend(upstream)) as (_, iid, _, _, client):
@@ -308,6 +314,7 @@ async def test_images_through_the_sdk_on_both_urls(redis_url):
             assert caught.value.code == "model_not_found"
 
 
+@pytest.mark.slow
 async def test_images_from_an_upstream_that_returns_a_png(redis_url):
     upstream = FakeUpstream()
     async with running_upstream(upstream), door_stack(redis_url, upstream_backend(upstream, ["painter"])) as (
@@ -325,6 +332,7 @@ async def test_images_from_an_upstream_that_returns_a_png(redis_url):
         assert upstream.image_requests[-1]["size"] == "1024x1024"
 
 
+@pytest.mark.slow
 async def test_an_instance_that_cannot_draw_answers_501(redis_url):
     upstream = FakeUpstream()
     async with running_upstream(upstream), door_stack(redis_url, upstream_backend(upstream)) as (
@@ -338,6 +346,7 @@ async def test_an_instance_that_cannot_draw_answers_501(redis_url):
         assert upstream.image_requests == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("body", [{}, {"prompt": ""}, {"prompt": "p", "n": 0}, {"prompt": "p", "n": "2"},
                                   {"prompt": "p", "size": "big"}, {"prompt": "p", "response_format": "gif"}])
 async def test_bad_image_requests_are_422(redis_url, body):
@@ -382,6 +391,7 @@ async def test_converse_streams_text_then_usage(redis_url):
             assert USAGE_START in await response.aread()
 
 
+@pytest.mark.slow
 async def test_converse_blocks_reach_the_model_as_openai_messages(redis_url):
     upstream = FakeUpstream(chunks=3)
     async with running_upstream(upstream), door_stack(redis_url, upstream_backend(upstream)) as (
@@ -403,6 +413,7 @@ async def test_converse_blocks_reach_the_model_as_openai_messages(redis_url):
         assert "line one\nline two" in parts[2]["text"]
 
 
+@pytest.mark.slow
 async def test_converse_refusals_read_as_text(redis_url):
     async with door_stack(redis_url) as (_, _, _, key, client):
         pdf = converse_body({"text": "read"}, {"document": {"format": "pdf", "name": "a", "source": {"bytes": "AAAA"}}})
@@ -415,6 +426,7 @@ async def test_converse_refusals_read_as_text(redis_url):
         assert "pdf" in (await client.post("/api/converse", json=pdf, headers=bearer(key))).text
 
 
+@pytest.mark.slow
 async def test_converse_error_mid_stream_is_written_as_text(redis_url):
     upstream = FakeUpstream(chunks=6, error_after=2)
     async with running_upstream(upstream), door_stack(redis_url, upstream_backend(upstream)) as (
@@ -464,6 +476,7 @@ async def test_upgrade_says_what_the_relay_ships(redis_url):
 # -- the relay's own failures ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_an_answer_larger_than_the_relay_holds_is_502(redis_url):
     upstream = FakeUpstream(chunks=400)
     async with running_upstream(upstream), door_stack(redis_url, upstream_backend(upstream),
@@ -487,6 +500,7 @@ async def test_a_bug_in_a_handler_is_a_500_in_openais_shape(redis_url, monkeypat
         assert "a bug" not in error["message"]  # internals stay in the log
 
 
+@pytest.mark.slow
 async def test_agent_status_says_when_an_upgrade_is_available(redis_url):
     from agent.console import format_status
     from agent.registration import instance_status
@@ -499,6 +513,7 @@ async def test_agent_status_says_when_an_upgrade_is_available(redis_url):
         assert "upgrade" not in current and "upgrade" not in format_status(current)
 
 
+@pytest.mark.slow
 async def test_every_door_reaches_an_agent_on_another_node(redis_url):
     async with running_relay(redis_url) as node_a, running_relay(redis_url) as node_b:
         iid, token = await node_a.register("far")

@@ -118,6 +118,7 @@ async def test_upstream_stream_and_non_stream(redis_url, path):
         assert upstream.completed == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["demo", "upstream"])
 async def test_openai_sdk(redis_url, backend):
     upstream = FakeUpstream(chunks=4) if backend == "upstream" else None
@@ -163,6 +164,7 @@ async def test_openai_sdk_surfaces_relay_errors(redis_url):
 # -- what reaches the model ------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_metadata_and_unknown_fields_reach_the_upstream_untouched(redis_url):
     upstream = FakeUpstream()
     metadata = {"role_id": "r-42", "enable_l0_retrieval": True, "nested": {"list": [1, 2.5, None, "x"]},
@@ -193,6 +195,7 @@ async def test_metadata_and_unknown_fields_reach_the_upstream_untouched(redis_ur
     assert upstream.requests[2]["seed"] == 7
 
 
+@pytest.mark.slow
 async def test_defaults_are_filled_in(redis_url):
     upstream = FakeUpstream()
     async with stack(redis_url, upstream) as (relay, iid, agent, client):
@@ -203,6 +206,7 @@ async def test_defaults_are_filled_in(redis_url):
     assert (second["temperature"], second["max_tokens"], second["top_p"]) == (0, 5, 0.5)
 
 
+@pytest.mark.slow
 async def test_unknown_model_falls_back_to_the_default(redis_url):
     upstream = FakeUpstream()
     async with running_relay(redis_url) as relay, running_upstream(upstream):
@@ -233,6 +237,7 @@ async def test_demo_model_name_in_response_after_fallback(redis_url):
 # -- multiplexing ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_concurrent_streams_over_one_agent_interleave_correctly(redis_url):
     # gate=10: the model holds every answer until all ten are in flight at
     # once, so this only passes if the relay and the agent multiplex them.
@@ -252,6 +257,7 @@ async def test_concurrent_streams_over_one_agent_interleave_correctly(redis_url)
     assert upstream.completed == 10
 
 
+@pytest.mark.slow
 async def test_large_answers_respect_flow_control(redis_url):
     # Far more bytes than the stream window: credit must flow back to the agent.
     upstream = FakeUpstream(chunks=400, echo=True)
@@ -267,6 +273,7 @@ async def test_large_answers_respect_flow_control(redis_url):
 # -- cancellation ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["same node", "other node"])
 async def test_client_disconnect_cancels_the_upstream_request(redis_url, redis, where):
     """A caller hanging up mid-stream makes the agent abort the model's request, whether
@@ -316,6 +323,7 @@ async def test_unknown_instance_is_404(redis_url):
         assert_openai_error(await client.get("/api/no/such/route"), 404)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("body, param", [
     ({}, "messages"),
     ({"messages": []}, "messages"),
@@ -343,6 +351,7 @@ async def test_invalid_parameters_are_422_naming_the_field(redis_url, body, para
         assert param.split(".")[-1] in error["message"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("raw", [b"{not json", b"", b'{"messages": [}', b"\xff\xfe"])
 async def test_malformed_json_is_400(redis_url, raw):
     async with running_relay(redis_url) as relay, relay.client() as client:
@@ -385,6 +394,7 @@ async def test_offline_instance_is_503(redis_url):
         await wait_until(offline, timeout=10, what="instance offline after its agent stopped")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stream", [True, False])
 async def test_upstream_failure_before_streaming_is_502(redis_url, stream):
     upstream = FakeUpstream(fail_status=500)
@@ -397,6 +407,7 @@ async def test_upstream_failure_before_streaming_is_502(redis_url, stream):
         assert (await client.post(f"/api/chat/{iid}", json={**HELLO, "stream": False})).status_code == 200
 
 
+@pytest.mark.slow
 async def test_upstream_client_error_keeps_its_status(redis_url):
     upstream = FakeUpstream(fail_status=400)
     async with stack(redis_url, upstream) as (relay, iid, agent, client):
@@ -439,6 +450,7 @@ async def test_instance_goes_online_and_lists(redis_url):
         assert_openai_error(await client.get(f"/api/instances/{iid}"), 404)
 
 
+@pytest.mark.slow
 async def test_messages_are_forwarded_as_sent(redis_url):
     # Explicit nulls and extra keys inside messages are the caller's business:
     # an assistant turn with tool_calls carries "content": null.
@@ -459,6 +471,7 @@ async def test_messages_are_forwarded_as_sent(redis_url):
     assert seen["n"] == 1 and "logprobs" in seen and seen["logprobs"] is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stream", [True, False])
 async def test_client_gone_before_the_first_chunk_cancels_the_upstream_request(redis_url, stream):
     # The model takes long to start (or, without streaming, to finish); the
@@ -483,6 +496,7 @@ async def test_client_gone_before_the_first_chunk_cancels_the_upstream_request(r
 # -- listing over HTTP -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_list_instances_over_http(redis_url):
     async with running_relay(redis_url) as relay, relay.client() as client:
         ids = [(await relay.register(f"n{i}"))[0] for i in range(5)]
@@ -529,6 +543,7 @@ async def test_agent_websocket_needs_a_token_in_the_header(redis_url):
             assert info.value.response.status_code in (400, 401)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first, close_code", [
     (hello_frame(protocol=99), 4001),  # an agent too new (or old) for this relay
     ("garbage", 1002),
@@ -552,6 +567,7 @@ async def test_bad_handshakes_are_closed_with_a_reason(redis_url, first, close_c
             assert "99" in ws.close_reason
 
 
+@pytest.mark.slow
 async def test_garbage_from_one_agent_harms_no_other_stream(redis_url):
     from websockets.asyncio.client import connect
 

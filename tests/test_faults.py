@@ -49,7 +49,7 @@ from tests.helpers import (
     wait_until,
 )
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 HEARTBEAT_TIMEOUT = float(FAST_RELAY_ENV["RELAY_HEARTBEAT_TIMEOUT"])
 

@@ -148,6 +148,7 @@ async def good_stream(client: httpx.AsyncClient, instance_id: str, n: int) -> st
     return "".join(orjson.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1])
 
 
+@pytest.mark.slow
 async def test_hostile_agents_are_closed_and_other_streams_complete_intact(redis_url):
     upstream = FakeUpstream(chunks=100, delay=0.03, echo=True)  # ~3 s per good stream
     settings = dict(max_frame_bytes=MAX_FRAME, stream_window=MAX_FRAME // 2, agent_frames_per_second=FRAMES_PER_SECOND,

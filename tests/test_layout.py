@@ -174,6 +174,7 @@ async def test_a_key_id_that_is_a_hash_field_is_no_key(redis):
     assert not await redis.exists(keys.caller_key(hash_token(created["key"])))
 
 
+@pytest.mark.slow
 async def test_a_node_started_without_redis_serves_nothing_until_the_layout_is_known(redis, redis_server):
     # Redis out of reach at start: the layout cannot be checked, so the node must not
     # serve agents (their tokens would look unknown in layout-1 data, a 401 they give

@@ -143,6 +143,7 @@ async def redis_clock_ms(redis) -> int:
     return seconds * 1000 + micros // 1000
 
 
+@pytest.mark.slow
 async def test_stream_leases_are_shared_and_expire_when_not_renewed(redis):
     # No guessed sleeps: the test watches the lease's expiry (its score, on the
     # Redis clock) and the set's key, and waits for what it needs to be true.
@@ -257,6 +258,7 @@ async def test_rate_limit_per_instance_and_registration(redis_url):
         assert limited.status_code == 429 and "instance" in limited.json()["error"]["message"]
 
 
+@pytest.mark.slow
 async def test_rate_limits_hold_across_two_nodes(redis_url):
     async with running_relay(redis_url, rate_per_caller=4, rate_per_instance=0) as node_a, \
             running_relay(redis_url, rate_per_caller=4, rate_per_instance=0) as node_b:
@@ -268,6 +270,7 @@ async def test_rate_limits_hold_across_two_nodes(redis_url):
             assert (await b.post(f"/api/chat/{instance_id}", json=CHAT)).status_code == 429
 
 
+@pytest.mark.slow
 async def test_concurrent_streams_per_caller_and_per_instance_across_nodes(redis_url):
     # The model sends one word, then holds every stream until released: the
     # streams are surely running while the limits are checked, however slow
@@ -314,6 +317,7 @@ async def _no_leases(relay) -> bool:
     return relay.app.state.stream_leases.held == {}
 
 
+@pytest.mark.slow
 async def test_failed_requests_give_their_stream_slot_back(redis_url):
     async with running_relay(redis_url, max_streams_per_caller=1, rate_per_caller=0) as relay, \
             relay.client() as client:
@@ -335,6 +339,7 @@ def test_a_window_that_does_not_fit_in_a_frame_is_refused():
     assert RelaySettings(stream_window=1024, max_frame_bytes=4096).stream_window == 1024
 
 
+@pytest.mark.slow
 async def test_refused_callers_spend_no_rate_and_a_key_keeps_its_bucket_across_addresses(redis_url):
     """Access and rates are one script: a refusal (401/403) charges nothing, so nobody without a key
     can spend a private instance's budget; a key's bucket is the key's, from any address."""

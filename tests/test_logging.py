@@ -109,6 +109,7 @@ async def _logged(buffer: io.StringIO, marker: str) -> bool:
     return marker in buffer.getvalue()
 
 
+@pytest.mark.slow
 async def test_relay_serve_writes_json_lines(redis_url, tmp_path):
     """The real command, as a process: every line it writes is JSON with the ids."""
     port = free_port()

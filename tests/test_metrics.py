@@ -102,6 +102,7 @@ async def test_counters_move_with_requests(redis_url):
         assert value(after, "process_resident_memory_bytes") > 0
 
 
+@pytest.mark.slow
 async def test_active_streams_counts_a_stream_in_flight(redis_url):
     upstream = FakeUpstream(chunks=40, delay=0.05)
     async with running_upstream(upstream), running_relay(redis_url) as relay:
@@ -122,6 +123,7 @@ async def _active_is(client: httpx.AsyncClient, n: int) -> bool:
     return value(await scrape(client), "relay_active_streams") == n
 
 
+@pytest.mark.slow
 async def test_cross_node_forwards_and_per_app_registries(redis_url):
     """Two relays in one process: each has its own registry, and the forward shows on both."""
     async with running_relay(redis_url) as node_a, running_relay(redis_url) as node_b:
@@ -151,6 +153,7 @@ async def _forwarded_in(client: httpx.AsyncClient) -> bool:
     return value(await scrape(client), "relay_crossnode_forwards_total", direction="in") == 1
 
 
+@pytest.mark.slow
 async def test_rate_limited_requests_are_rejections(redis_url):
     async with running_relay(redis_url, rate_per_caller=1) as relay:
         instance_id, token = await relay.register()
@@ -215,6 +218,7 @@ def test_each_door_has_its_label(path, label):
     assert endpoint_of(path) == label
 
 
+@pytest.mark.slow
 async def test_status_streams_are_not_answers_in_the_stream_metrics(redis_url):
     """The dashboard's live status streams (hours long) stay out of the answer histograms and logs' instance."""
     async with running_relay(redis_url, watch_interval=0.05) as relay, relay.client() as client:

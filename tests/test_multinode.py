@@ -36,7 +36,7 @@ from tests.helpers import (
     wait_until,
 )
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 
 async def _load(redis_url: str, instance_id: str) -> dict[str, int]:

@@ -16,7 +16,7 @@ import pytest
 
 from tests.helpers import offline, online, running_agent, running_relay, spawn, wait_until
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 
 #: The test's own HTTP client plays the third-party caller: its log (which

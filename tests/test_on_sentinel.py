@@ -35,7 +35,7 @@ from tests.test_security import (  # noqa: F401
     test_rotation_stops_the_old_token_and_closes_its_agents_on_every_node,
 )
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -102,6 +102,8 @@ from relay.web.live import MAX_IDS
 from tests.helpers import FakeUpstream, openai_backend, running_agent, running_relay, running_upstream
 from wire.frames import MAX_MODEL_NAME_LENGTH
 
+pytestmark = pytest.mark.slow
+
 #: No rate or stream limits (the fuzzer sends bursts), no shape limits the
 #: document cannot know; the token cap is the document's own maximum (a cap of
 #: 0 would also turn off the relay's type check of ``max_completion_tokens``).

@@ -30,7 +30,7 @@ from tests.helpers import (
     wait_until,
 )
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 CHAT = {"messages": [{"role": "user", "content": "x"}], "stream": True}
 

@@ -28,7 +28,7 @@ from tests.helpers import (
 )
 from tests.redis_servers import PartitionableLink
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "stream": False}
 

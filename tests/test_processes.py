@@ -31,7 +31,7 @@ from tests.helpers import (
     wait_until,
 )
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 HEARTBEAT_TIMEOUT = 1.0
 #: A deadline for what must happen (never a bound on how fast): generous, machines are shared.

@@ -38,6 +38,8 @@ from relay.openapi.document import build_openapi
 from relay.serving.limits import check_chat_request
 from relay.settings import RelaySettings
 
+pytestmark = pytest.mark.slow
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**63 - 1) | st.floats(allow_nan=False)
     | st.text(max_size=20),

@@ -114,6 +114,7 @@ def test_configuration_table_lists_every_setting():
             assert f"`{prefix}{name.upper()}`" in README, f"README's configuration table lacks {prefix}{name.upper()}"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs the curl command")
 async def test_readme_curl_examples_run(redis_url):
     examples = curl_examples()

@@ -119,6 +119,7 @@ async def test_update_instance(redis_url):
         assert (await client.get(f"/api/instances/{instance_id}")).json()["visibility"] == "private"
 
 
+@pytest.mark.slow
 async def test_rotation_stops_the_old_token_and_closes_its_agents_on_every_node(redis_url):
     async with running_relay(redis_url) as node_a, running_relay(redis_url) as node_b:
         instance_id, old = await node_a.register()
@@ -270,6 +271,7 @@ async def test_no_secret_is_stored_in_clear(redis_url, redis):
 # -- browsers -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_cors_on_chat_and_models_only(redis_url):
     async with running_relay(redis_url) as relay, relay.client() as client:
         instance_id, token = await relay.register()
@@ -295,6 +297,7 @@ async def test_cors_on_chat_and_models_only(redis_url):
         assert "access-control-allow-origin" not in owner.headers
 
 
+@pytest.mark.slow
 async def test_cors_origins_configurable(redis_url):
     async with running_relay(redis_url, cors_origins="https://good.example, https://also.example") as relay, \
             relay.client() as client:
@@ -308,6 +311,7 @@ async def test_cors_origins_configurable(redis_url):
         assert preflight.status_code == 400
 
 
+@pytest.mark.slow
 async def test_streaming_chat_through_private_instance(redis_url):
     async with running_relay(redis_url) as relay, relay.client() as client:
         instance_id, token = await relay.register()
@@ -343,6 +347,7 @@ def hold_resubscription(relay, monkeypatch) -> asyncio.Event:
     return released
 
 
+@pytest.mark.slow
 async def test_rotation_missed_while_unsubscribed_is_caught_on_resubscribe(redis_url, redis, monkeypatch):
     """The relay's pub/sub connection is killed on the Redis server; the token is
     rotated while it is down (its event reaches no one); once the relay has

@@ -35,7 +35,7 @@ from tests.helpers import (
 )
 from tests.redis_servers import SentinelSet
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 

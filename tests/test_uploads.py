@@ -184,6 +184,7 @@ async def test_a_multi_mb_upload_reaches_the_model_intact_in_window_sized_frames
     assert max(outstanding for _, outstanding in agent_frames) <= WINDOW
 
 
+@pytest.mark.slow
 async def test_a_chat_stream_keeps_flowing_during_a_large_upload(redis_url, monkeypatch):
     # The chat is held by the model mid-answer; the upload is held by the relay
     # after a few frames and, while held, the model lets the chat go: the chat
@@ -214,6 +215,7 @@ async def test_a_chat_stream_keeps_flowing_during_a_large_upload(redis_url, monk
     assert kinds[first:last].count("answer-credit") >= 5
 
 
+@pytest.mark.slow
 async def test_an_agent_that_fails_before_the_upload_ends_stops_it(redis_url, monkeypatch):
     # The agent takes at most 1 MiB: it refuses the 4 MiB file at once, and the
     # relay stops after what it may send before any credit (one window).
@@ -237,6 +239,7 @@ async def test_an_agent_that_fails_before_the_upload_ends_stops_it(redis_url, mo
     assert [t["size"] for t in upstream.transcriptions] == [MB // 2]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("status", [400, 422])
 async def test_an_upstream_4xx_reaches_the_caller_with_its_status(redis_url, status):
     upstream = FakeUpstream(fail_status=status)
@@ -264,6 +267,7 @@ async def _idle(relay, agent) -> bool:
     return not any(s.streams for s in relay.app.state.sessions.all()) and agent.status.inflight == 0
 
 
+@pytest.mark.slow
 async def test_the_caller_hanging_up_mid_upload_cancels_it(redis_url, monkeypatch):
     watch = UploadWatch(monkeypatch, hold_after=3)
     upstream = FakeUpstream()
@@ -288,6 +292,7 @@ async def test_the_caller_hanging_up_mid_upload_cancels_it(redis_url, monkeypatc
     assert [t["size"] for t in upstream.transcriptions] == [100_000]
 
 
+@pytest.mark.slow
 async def test_losing_the_agent_mid_upload_fails_the_request(redis_url, monkeypatch):
     watch = UploadWatch(monkeypatch, hold_after=2)
     upstream = FakeUpstream()
@@ -308,6 +313,7 @@ async def test_losing_the_agent_mid_upload_fails_the_request(redis_url, monkeypa
 # -- across nodes ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_an_upload_crosses_nodes_and_its_credit_comes_back(redis_url, monkeypatch, agent_frames):
     published: list[int] = []
     send_upload = RemoteLink.send_upload
@@ -339,6 +345,7 @@ async def test_an_upload_crosses_nodes_and_its_credit_comes_back(redis_url, monk
     assert max(outstanding for _, outstanding in agent_frames) <= WINDOW
 
 
+@pytest.mark.slow
 async def test_a_caller_leaving_mid_upload_across_nodes_stops_it_on_both(redis_url, monkeypatch):
     watch = UploadWatch(monkeypatch, hold_after=3)  # held at node B, on its way to the agent
     upstream = FakeUpstream()
@@ -412,6 +419,7 @@ async def test_the_file_never_touches_the_relays_disk(redis_url, monkeypatch):
     assert rolled == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, content_type", [("notes.txt", "text/plain"), ("voice.ogg", "audio/ogg"),
                                                 ("noext", "application/octet-stream"), ("cat.png", "image/png")])
 async def test_a_format_that_is_not_audio_is_415(redis_url, name, content_type):
@@ -421,6 +429,7 @@ async def test_a_format_that_is_not_audio_is_415(redis_url, name, content_type):
         assert_openai_error(response, 415, code="unsupported_file_format", param="file")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, content_type, sent_as", [
     ("talk.MP3", "application/octet-stream", "talk.MP3"), ("memo", "audio/x-m4a", "memo.m4a"),
     ("C:\\rec\\take 1.webm", None, "take 1.webm"), ("clip.mpga", "audio/mpeg", "clip.mpga"),
@@ -454,6 +463,7 @@ async def test_a_missing_file_or_a_body_that_is_not_multipart_is_refused(redis_u
         assert_openai_error(response, 400)
 
 
+@pytest.mark.slow
 async def test_an_instance_without_a_transcribing_agent_is_501(redis_url):
     upstream = FakeUpstream()
     async with running_upstream(upstream), transcribing_relay(redis_url, OpenAIBackend(upstream.url)) as (
@@ -496,6 +506,7 @@ def test_the_demo_reads_a_wav_header_and_hashes_anything_else():
     assert wav_summary(b"RIFF\x00\x00\x00\x00WAVEjunk") is None and wav_summary(wav[:30]) is None
 
 
+@pytest.mark.slow
 async def test_the_demo_transcribes_a_real_wav_through_the_relay(redis_url):
     wav = wav_file(1.5)
     async with transcribing_relay(redis_url) as (relay, client, instance_id):
@@ -567,6 +578,7 @@ async def close_code(ws) -> int | None:
         return exc.rcvd.code if exc.rcvd else None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("misdeed", ["credit for a chat", "credit past the upload", "answer mid-upload"])
 async def test_an_agent_breaking_the_upload_rules_is_closed_1002(redis_url, misdeed):
     async with running_relay(redis_url, stream_window=WINDOW) as relay, relay.client() as client:
@@ -635,6 +647,7 @@ def test_the_bus_carries_upload_frames_and_names_the_session_of_an_upload_credit
     assert wire.decode_envelope(credit) == wire.Envelope("node-b", wire.Credit(3, 4096), "session-1")
 
 
+@pytest.mark.slow
 async def test_one_address_cannot_make_the_relay_hold_more_uploads_than_its_stream_limit(redis_url):
     """Forms are read before any stream lease (on /v1 before the instance is known): the relay
     bounds how many one address has in its memory at once, whatever the door."""
