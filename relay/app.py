@@ -26,8 +26,9 @@ from relay.doors import relay_api, transcription
 from relay.doors.cors import ChatCORS
 from relay.errors import RelayError
 from relay.node import NodeState
-from relay.openapi.document import build_openapi
-from relay.routes import starlette_routes
+from relay.routes import build_openapi, starlette_routes
+from relay.services import Services
+from relay.serving.admission import Admission
 from relay.serving.crossnode import CrossNode
 from relay.serving.gateway import AgentGateway
 from relay.serving.overload import LoadMonitor
@@ -35,6 +36,7 @@ from relay.serving.presence import Presence
 from relay.serving.router import StreamRouter
 from relay.serving.sessions import SessionManager
 from relay.serving.subscriber import Subscriber
+from relay.serving.uploads import UploadBudget
 from relay.settings import RelaySettings
 from relay.store import connection, keys, migrate
 from relay.store.access import AccessControl
@@ -141,8 +143,22 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
         await connection.close(redis)
         await connection.close(in_flight)
 
+    services = Services(
+        settings=settings, node=node, redis=redis, registry=registry, access=access,
+        rate_limiter=RateLimiter(redis), stream_leases=stream_leases, router=router,
+        admission=Admission(settings, node, overload, access, stream_leases), sessions=sessions, bus=bus,
+        gateway=gateway, presence=presence, overload=overload, watch=watch, metrics=metrics,
+        conversations=ConversationStore(
+            redis, retention_seconds=settings.conversation_retention, max_messages=settings.conversation_max_messages,
+            max_conversations=settings.conversations_per_user, max_message_bytes=settings.conversation_message_bytes,
+            # Past three missed checkpoints, a turn still "answering" lost its node.
+            stale_after=3 * settings.conversation_checkpoint_interval + settings.redis_timeout),
+        upload_budget=UploadBudget(settings.upload_memory_bytes,
+                                   largest=settings.max_upload_bytes + transcription.FORM_ROOM),
+        openapi=build_openapi(settings.base_url()),
+    )
     app = Starlette(
-        routes=starlette_routes(gateway, with_dashboard=settings.dashboard),
+        routes=starlette_routes(services, with_dashboard=settings.dashboard),
         exception_handlers={
             RelayError: metrics.counting(relay_api.error_handler),
             RedisError: metrics.counting(relay_api.error_handler, reason="storage_unavailable"),
@@ -156,19 +172,8 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
         ],
         lifespan=lifespan,
     )
-    state = app.state
-    state.settings, state.redis, state.node, state.sessions = settings, redis, node, sessions
-    state.registry, state.presence, state.bus, state.gateway = registry, presence, bus, gateway
-    state.router, state.access, state.stream_leases, state.metrics = router, access, stream_leases, metrics
-    state.rate_limiter, state.watch, state.overload = RateLimiter(redis), watch, overload
-    state.conversations = ConversationStore(
-        redis, retention_seconds=settings.conversation_retention, max_messages=settings.conversation_max_messages,
-        max_conversations=settings.conversations_per_user, max_message_bytes=settings.conversation_message_bytes,
-        # Past three missed checkpoints, a turn still "answering" lost its node.
-        stale_after=3 * settings.conversation_checkpoint_interval + settings.redis_timeout)
-    state.upload_budget = transcription.UploadBudget(settings.upload_memory_bytes,
-                                             largest=settings.max_upload_bytes + transcription.FORM_ROOM)
-    state.openapi = build_openapi(settings.base_url())
+    #: For the process around the app (the CLI, the demo, the server's drain), never for handlers.
+    app.state.services = services
     return app
 
 

@@ -80,9 +80,9 @@ def declared_length(request: Request) -> int | None:
     return int(declared) if len(declared) <= MAX_INT_DIGITS else 10**MAX_INT_DIGITS
 
 
-async def read_json(request: Request, limit: int, *, empty: Any = None) -> Any:
+async def read_json(request: Request, limit: int, max_depth: int, *, empty: Any = None) -> Any:
     """The body as JSON: 413 past ``limit`` bytes (declared or actual), 400 if it is not JSON,
-    422 ``json_too_deep`` past ``RELAY_MAX_JSON_DEPTH`` levels of arrays and objects.
+    422 ``json_too_deep`` past ``max_depth`` levels of arrays and objects (``RELAY_MAX_JSON_DEPTH``; 0: no limit).
 
     ``empty``, when not None, is what an empty body means (else it is not JSON).
     """
@@ -100,7 +100,6 @@ async def read_json(request: Request, limit: int, *, empty: Any = None) -> Any:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
-    max_depth = request.app.state.settings.max_json_depth
     if max_depth:
         check_depth(data, max_depth)
     return data

@@ -3,7 +3,7 @@
 An ``Endpoint`` is a path, the handler that answers it, and the OpenAPI
 operation of each method it answers (built in ``relay.openapi``).  Starlette's
 routes (``starlette_routes``, for ``app.create_app``) and the document's
-``paths`` (``operations``, for ``relay.openapi.document``) are both read off
+``paths`` (``operations``, for ``build_openapi``) are both read off
 ``ENDPOINTS``, so a route cannot be served undocumented, nor documented
 without being served.
 
@@ -15,10 +15,12 @@ Order matters where paths overlap: ``/api/instances/events`` comes before
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import functools
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
@@ -29,11 +31,16 @@ from relay.openapi import relay_api as relay_api_doc
 from relay.openapi import swiftchat as swiftchat_doc
 from relay.openapi import transcription as transcription_doc
 from relay.openapi.common import Operation
-from relay.serving.gateway import AgentGateway
-from relay.telemetry.metrics import metrics_endpoint
+from relay.openapi.document import document
+from relay.services import Services
 from relay.web import pages
 
-Handler = Callable[..., Awaitable[Response]]
+
+class Handler(Protocol):
+    """What every route's handler is: the request, and the node's parts it may use."""
+
+    def __call__(self, request: Request, services: Services) -> Awaitable[Response]: ...
+
 
 #: The methods an endpoint may answer, in the order the document lists them.
 METHODS = ("get", "post", "patch", "delete")
@@ -111,26 +118,27 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("/api/relay", relay_api.relay_info, get=relay_api_doc.RELAY_INFO),
     Endpoint("/healthz", relay_api.healthz, get=relay_api_doc.HEALTHZ),
     Endpoint("/readyz", relay_api.readyz, get=relay_api_doc.READYZ),
-    Endpoint("/metrics", metrics_endpoint, get=relay_api_doc.METRICS),
+    Endpoint("/metrics", relay_api.metrics_endpoint, get=relay_api_doc.METRICS),
     Endpoint("/openapi.json", relay_api.openapi, get=relay_api_doc.OPENAPI),
 )
 
-#: The agent websocket (``AgentGateway``, built per app).
+#: The agent websocket (``services.gateway``).
 AGENT_SOCKET = "/api/agent/connect"
 #: The websockets, as the document's ``x-websockets`` describes them.
 WEBSOCKETS: dict[str, dict[str, Any]] = {AGENT_SOCKET: relay_api_doc.AGENT_CONNECT}
 
 
-def route(endpoint: Endpoint) -> Route:
-    """Starlette's route for an endpoint: the one place a handler is bound."""
-    return Route(endpoint.path, endpoint.handler, methods=[method.upper() for method in endpoint.operations()])
+def route(endpoint: Endpoint, services: Services) -> Route:
+    """Starlette's route for an endpoint: the one place a handler is bound (to this node's ``services``)."""
+    return Route(endpoint.path, functools.partial(endpoint.handler, services=services),
+                 methods=[method.upper() for method in endpoint.operations()])
 
 
-def starlette_routes(gateway: AgentGateway, *, with_dashboard: bool) -> list[BaseRoute]:
+def starlette_routes(services: Services, *, with_dashboard: bool) -> list[BaseRoute]:
     """Every route of the app: the table's, the agent websocket, and the dashboard's pages when it is on."""
     return [
-        *map(route, ENDPOINTS),
-        WebSocketRoute(AGENT_SOCKET, gateway),
+        *(route(endpoint, services) for endpoint in ENDPOINTS),
+        WebSocketRoute(AGENT_SOCKET, services.gateway),
         *(pages.routes() if with_dashboard else []),
     ]
 
@@ -141,3 +149,8 @@ def operations() -> dict[str, dict[str, Operation]]:
     for endpoint in ENDPOINTS:
         paths.setdefault(endpoint.path, {}).update(endpoint.operations())
     return paths
+
+
+def build_openapi(base_url: str) -> dict[str, Any]:
+    """The OpenAPI document of this table, served at ``GET /openapi.json``."""
+    return document(base_url, operations(), WEBSOCKETS)

@@ -41,6 +41,7 @@ from agent.media import encode_png
 from agent.upstream import OpenAIBackend
 from relay.app import create_app
 from relay.server.edge import RelayServer, uvicorn_config
+from relay.services import Services
 from relay.settings import RelaySettings
 from relay.store import connection
 
@@ -81,7 +82,7 @@ def fast_settings(**overrides: Any) -> RelaySettings:
 
 @contextlib.asynccontextmanager
 async def serve_app(app, config: uvicorn.Config, server_class=uvicorn.Server) -> AsyncIterator[uvicorn.Server]:
-    server = server_class(config, app) if server_class is RelayServer else server_class(config)
+    server = server_class(config, app.state.services) if server_class is RelayServer else server_class(config)
     server.install_signal_handlers = lambda: None  # uvicorn < 0.29 compatibility
     task = asyncio.create_task(server.serve())
     try:
@@ -105,8 +106,12 @@ class RunningRelay:
     server: uvicorn.Server
 
     @property
+    def services(self) -> Services:
+        return self.app.state.services
+
+    @property
     def registry(self):
-        return self.app.state.registry
+        return self.services.registry
 
     def client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=self.url, timeout=30)

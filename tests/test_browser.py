@@ -645,7 +645,7 @@ async def test_live_status_comes_back_after_the_relay_refused_the_stream(redis_u
         async with running_agent(relay.url, token, DemoBackend(rate=0)):
             first = await new_page(chromium, problems)
             await first.goto(f"{relay.url}/i/{instance_id}")
-            await wait_until(lambda: len(relay.app.state.watch.watchers) == 1, what="the first tab's stream")
+            await wait_until(lambda: len(relay.services.watch.watchers) == 1, what="the first tab's stream")
             second = await new_page(chromium, problems)
             refused: list[int] = []
             second.on("response", lambda r: refused.append(r.status) if "/events" in r.url else None)

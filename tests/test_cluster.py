@@ -121,7 +121,7 @@ async def test_a_master_killed_mid_stream_then_chats_across_nodes_work_again(fre
             await wait_until(lambda: online(node_a, instance_id), what="the agent online, seen from A")
             url = f"/api/chat/{instance_id}"
             assert await chat_ok(client, url)
-            master, _ = where(cluster, target, instance_id, node_b.app.state.node.node_id)
+            master, _ = where(cluster, target, instance_id, node_b.services.node.node_id)
             # What is on the master is on its replica before it dies (replication is asynchronous).
             assert cluster.client(master).execute_command("WAIT", 1, 5000) == 1
             clock = Stopwatch(f"cluster failover, the {target}'s master SIGKILLed, a stream across nodes in flight")
@@ -162,7 +162,7 @@ async def test_a_slot_migrated_while_chats_flow(cluster, target):
         instance_id, token = await node_a.register()
         # A few caller keys and conversations, so the slot has keys to move.
         owner = {"Authorization": f"Bearer {token}"}
-        node_b_id = node_b.app.state.node.node_id
+        node_b_id = node_b.services.node.node_id
         async with running_agent(node_b.url, token, openai_backend(upstream)), node_a.client() as client:
             for n in range(3):
                 assert (await client.post(f"/api/instances/{instance_id}/keys", headers=owner,
@@ -470,7 +470,7 @@ async def test_a_node_cut_off_from_one_shard_then_back(cluster):
         for _ in range(30):  # node ids are random: until one master holds none of the shared keys
             async with two_nodes_one_behind_links(cluster) as (node_a, node_b, links):
                 shared = {keys.NODES, keys.EVENTS_CHANNEL,
-                          *(keys.inbox(node.app.state.node.node_id) for node in (node_a, node_b))}
+                          *(keys.inbox(node.services.node.node_id) for node in (node_a, node_b))}
                 spare = [m for m in cluster.masters() if all(cluster.master_for_key(k) is not m for k in shared)]
                 if not spare:
                     continue

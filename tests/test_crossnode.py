@@ -70,18 +70,18 @@ async def test_malformed_cross_node_messages_are_dropped_and_the_node_keeps_work
             redis = redis_client(redis_url)
             try:
                 for message in GARBAGE:
-                    await redis.publish(keys.inbox(node_a.app.state.node.node_id), message)
-                    await redis.publish(keys.inbox(node_b.app.state.node.node_id), message)
+                    await redis.publish(keys.inbox(node_a.services.node.node_id), message)
+                    await redis.publish(keys.inbox(node_b.services.node.node_id), message)
                 # Node A still serves a stream that crosses to node B, after all of it.
                 for _ in range(3):
                     response = await client.post(f"/api/chat/{instance_id}",
                                                  json={"messages": [{"role": "user", "content": "still there?"}]})
                     assert response.status_code == 200
                     assert (await sse_lines(response))[-1] == "[DONE]"
-                assert node_a.app.state.bus.forwarded_out >= 3
+                assert node_a.services.bus.forwarded_out >= 3
                 # Both nodes' housekeeping still runs: their liveness gets refreshed.
                 for node in (node_a, node_b):
-                    node_id = node.app.state.node.node_id
+                    node_id = node.services.node.node_id
                     before = await redis.zscore(keys.NODES, node_id)
                     await wait_until(lambda: _changed(redis, node_id, before), timeout=10, what="liveness refreshed")
             finally:
@@ -112,7 +112,7 @@ async def test_the_frames_on_the_bus_are_the_agent_frames(redis_url):
     """Watch the inbox of node A while a stream crosses: request out, data and end back, all enveloped."""
     async with running_relay(redis_url) as node_a, running_relay(redis_url) as node_b:
         instance_id, token = await node_a.register()
-        a_id, b_id = node_a.app.state.node.node_id, node_b.app.state.node.node_id
+        a_id, b_id = node_a.services.node.node_id, node_b.services.node.node_id
         seen: list[tuple[str, wire.Envelope]] = []
 
         def watcher(channel: str):
@@ -179,7 +179,7 @@ async def _true(value: bool) -> bool:
 
 
 async def _served_clean(node_b, agent) -> bool:
-    state = node_b.app.state
+    state = node_b.services
     return not state.bus.egress and not any(s.streams for s in state.sessions.all()) and agent.status.inflight == 0
 
 
@@ -198,7 +198,7 @@ async def test_callers_hanging_up_leave_nothing_running_on_the_agents_node(redis
                     async for _line in response.aiter_lines():
                         break  # hang up after the first event
             await wait_until(lambda: _served_clean(node_b, agent), timeout=15, what="B and the agent idle again")
-            assert not node_a.app.state.bus.ingress
+            assert not node_a.services.bus.ingress
 
 
 @pytest.mark.slow
@@ -213,8 +213,8 @@ async def test_a_stream_node_a_fails_on_its_own_is_stopped_on_node_b(redis_url):
                 async for line in lines:
                     if line.startswith("data: "):
                         break
-                await wait_until(lambda: _true(bool(node_b.app.state.bus.egress)), what="B serving the stream")
-                node_a.app.state.bus.inbox_lost()  # A fails the stream itself; B hears nothing of it
+                await wait_until(lambda: _true(bool(node_b.services.bus.egress)), what="B serving the stream")
+                node_a.services.bus.inbox_lost()  # A fails the stream itself; B hears nothing of it
                 rest = [line async for line in lines if line.startswith("data: ")]
             assert rest[-1] == "data: [DONE]" and "relay_unavailable" in rest[-2]
             # Closing it sent B a cancel: the agent and the model stop.
@@ -246,7 +246,7 @@ async def test_a_0_1_node_asking_for_a_stream_is_refused_in_its_own_codec(redis_
             rid = b"0123456789abcdef"
             old_open = b"O" + rid + orjson.dumps({"iid": "x", "agent": "a", "session": "s", "body": {},
                                                   "stream": True, "reply": "old-node"})
-            await redis.publish(keys.inbox(node.app.state.node.node_id), old_open)
+            await redis.publish(keys.inbox(node.services.node.node_id), old_open)
 
             async def refusal() -> bytes | None:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)

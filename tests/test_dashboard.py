@@ -358,7 +358,7 @@ def count_reads(relay: Any) -> list[list[str]]:
 
 
 async def watchers(relay: Any, n: int) -> None:
-    await wait_until(lambda: len(relay.app.state.watch.watchers) == n, what=f"{n} watchers on the node")
+    await wait_until(lambda: len(relay.services.watch.watchers) == n, what=f"{n} watchers on the node")
 
 
 @pytest.mark.slow
@@ -463,7 +463,7 @@ async def test_ids_that_are_not_1_to_100_instance_ids_are_refused(redis_url, par
     async with running_relay(redis_url, **WATCH) as relay, relay.client() as client:
         refused = await client.get("/api/instances/events", params=params)
         assert_openai_error(refused, 422, type_="invalid_request_error", code="invalid_parameter", param="ids")
-        assert not relay.app.state.watch.watchers
+        assert not relay.services.watch.watchers
 
 
 async def test_up_to_100_ids_are_followed_repeats_and_empty_ones_aside(redis_url):
@@ -488,7 +488,7 @@ async def test_past_watchers_per_address_429_until_one_hangs_up(redis_url):
                     refused = await client.get("/api/instances/events", params={"ids": iid})
                     assert_openai_error(refused, 429, type_="rate_limit_error", code="rate_limited")
                     assert refused.headers["retry-after"] == "5"
-                assert len(relay.app.state.watch.watchers) == 2  # the refused ones hold nothing
+                assert len(relay.services.watch.watchers) == 2  # the refused ones hold nothing
             await watchers(relay, 1)  # the second hung up: its place is free again
             async with status_stream(client, [iid]) as third:
                 assert same_view(await third.event(), await view_of(client, iid))
@@ -525,16 +525,16 @@ async def test_close_ends_every_stream_and_a_draining_node_takes_none(redis_url)
         iid, _ = await relay.register("closing")
         async with status_stream(client, [iid]) as one, status_stream(client, [UNKNOWN_ID]) as two:
             await one.event(), await two.event()
-            relay.app.state.watch.close()
+            relay.services.watch.close()
             assert await one.end() == [] and await two.end() == []
         await watchers(relay, 0)
-        relay.app.state.node.draining = True
+        relay.services.node.draining = True
         try:
             refused = await client.get("/api/instances/events", params={"ids": iid})
             assert_openai_error(refused, 503, code="not_ready")
             assert refused.headers["retry-after"] == "1"
         finally:
-            relay.app.state.node.draining = False
+            relay.services.node.draining = False
         async with status_stream(client, [iid]) as again:  # closing is not draining: streams are taken again
             assert (await again.event())[0] == "instance"
 
@@ -546,7 +546,7 @@ async def test_the_servers_drain_ends_an_open_stream(redis_url):
             assert (await stream.event())[0] == "instance"
             relay.server.should_exit = True  # what SIGTERM does: RelayServer.shutdown, the drain
             assert await stream.end() == []
-        assert relay.app.state.node.draining
+        assert relay.services.node.draining
         await watchers(relay, 0)
 
 
@@ -592,7 +592,7 @@ async def test_a_watcher_on_one_node_sees_an_agent_on_another_come_and_go(redis_
                 came = await stream.event()
                 assert came[1]["status"] == "online" and came[1]["agents"] == 1, came
                 assert same_view(came, await view_of(client_a, iid))  # (each node's chat_url is its own)
-                assert not node_a.app.state.sessions  # the agent is B's
+                assert not node_a.services.sessions  # the agent is B's
             went = await stream.event()
             assert went[1]["status"] == "offline" and went[1]["agents"] == 0, went
             assert same_view(went, await view_of(client_a, iid))
@@ -717,15 +717,15 @@ async def test_an_id_that_is_gone_is_told_once_then_no_longer_read(redis_url):
             reads.clear()
             await wait_until(lambda: len(reads) >= 3, what="three more polls")
             assert all(ids == [real] for ids in reads), reads
-            assert dict(relay.app.state.watch._refs) == {real: 1}
+            assert dict(relay.services.watch._refs) == {real: 1}
         await watchers(relay, 0)
-        assert not relay.app.state.watch._refs  # nothing left counted once everyone hung up
+        assert not relay.services.watch._refs  # nothing left counted once everyone hung up
 
 
 @pytest.mark.slow
 async def test_past_the_nodes_distinct_ids_503(redis_url):
     async with running_relay(redis_url, **WATCH) as relay, relay.client() as client:
-        relay.app.state.watch.max_ids = 3
+        relay.services.watch.max_ids = 3
         ids = [(await relay.register(f"i{n}"))[0] for n in range(4)]  # registered: followed until hung up
         async with status_stream(client, ids[:2]) as stream:
             await stream.events(2)

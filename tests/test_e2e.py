@@ -298,7 +298,7 @@ async def test_client_disconnect_cancels_the_upstream_request(redis_url, redis, 
 
         async def all_idle():
             load = await redis.hgetall(keys.load(iid))
-            return (agent.status.inflight == 0 and not any(s.streams for s in agent_node.app.state.sessions.all())
+            return (agent.status.inflight == 0 and not any(s.streams for s in agent_node.services.sessions.all())
                     and set(map(int, load.values())) <= {0})
 
         await wait_until(all_idle, timeout=15, what="agent, relay and load counter to forget the stream")
@@ -488,7 +488,7 @@ async def test_client_gone_before_the_first_chunk_cancels_the_upstream_request(r
         await wait_until(lambda: upstream.disconnects == 1, timeout=15, what="the agent to abort the upstream request")
 
         async def slot_free():
-            return agent.status.inflight == 0 and not any(s.streams for s in relay.app.state.sessions.all())
+            return agent.status.inflight == 0 and not any(s.streams for s in relay.services.sessions.all())
 
         await wait_until(slot_free, timeout=15, what="the stream to be forgotten")
 

@@ -203,7 +203,7 @@ async def test_slow_reader_is_bounded_does_not_stall_others_and_is_cut_off(redis
         instance_id, token = await relay.register()
         async with running_agent(relay.url, token, openai_backend(upstream), models=["big"],
                                  max_concurrency=4) as agent_client:
-            sessions = relay.app.state.sessions
+            sessions = relay.services.sessions
             largest_frame = 0
             send_data = agent_client._send_data
 

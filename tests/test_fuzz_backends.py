@@ -30,8 +30,8 @@ import pytest
 from redis.asyncio import Redis
 
 from agent.demo_model import DemoBackend
-from relay.logs import DeliberateEndings
-from relay.openapi.document import build_openapi
+from relay.routes import build_openapi
+from relay.telemetry.logs import DeliberateEndings
 from tests.helpers import FakeUpstream, openai_backend, running_agent, running_relay, running_upstream, sse_lines
 
 pytestmark = pytest.mark.anyio

@@ -171,7 +171,7 @@ async def test_a_key_id_that_is_a_hash_field_is_no_key(redis):
     assert [k["key_id"] for k in await access.list_keys(iid)] == [created["key_id"]]
     await access.revoke_key(iid, created["key_id"])
     assert await redis.hlen(keys.caller_keys(iid)) == 0
-    assert not await redis.exists(keys.caller_key(hash_token(created["key"])))
+    assert not await redis.exists(keys.caller_key_index(hash_token(created["key"])))
 
 
 @pytest.mark.slow
@@ -187,7 +187,7 @@ async def test_a_node_started_without_redis_serves_nothing_until_the_layout_is_k
     link.cut()
     try:
         async with running_relay(link.url, redis_timeout=0.5) as relay, relay.client() as http:
-            assert relay.app.state.node.layout_ready is False
+            assert relay.services.node.layout_ready is False
             assert (await http.get("/readyz")).status_code == 503
             chat = await http.post(f"/api/chat/{iid}", json={"messages": [{"role": "user", "content": "x"}]})
             assert chat.status_code == 503 and chat.headers["Retry-After"] == "1"
@@ -197,7 +197,7 @@ async def test_a_node_started_without_redis_serves_nothing_until_the_layout_is_k
                     pass
             assert refused.value.response.status_code == 503  # retry: not a 401 the agent gives up on
             link.heal()
-            await wait_until(lambda: relay.app.state.node.layout_ready, 30, what="the layout checked")
+            await wait_until(lambda: relay.services.node.layout_ready, 30, what="the layout checked")
             assert await redis.exists(keys.instance(iid))
             async with running_agent(relay.url, TOKEN):
                 await wait_until(lambda: _status(http, iid), 30, what="the moved instance online")

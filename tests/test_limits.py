@@ -9,7 +9,8 @@ import pytest
 
 from relay.bodies.openai import ChatRequest
 from relay.errors import RateLimited, ValidationFailed
-from relay.serving.limits import FrameBudget, check_chat_request, content_chars
+from relay.serving.agent_limits import FrameBudget
+from relay.serving.request_limits import check_chat_request, content_chars
 from relay.settings import RelaySettings
 from relay.store import keys
 from relay.store.leases import Slot, StreamLeases
@@ -299,13 +300,13 @@ async def test_concurrent_streams_per_caller_and_per_instance_across_nodes(redis
             # Ending a stream gives its slot back (as soon as the relay sees the caller leave).
             await first.aclose()
             leases = keys.streams("caller", f"{instance_id}:ip:10.0.0.1")
-            await wait_until(lambda: _empty(node_a.app.state.redis, leases), what="slot released")
+            await wait_until(lambda: _empty(node_a.services.redis, leases), what="slot released")
             response = await a.post(url, json=CHAT, headers=ip("10.0.0.1"))
             assert response.status_code == 200
             upstream.release()
             rest = await second.rest()
             assert rest[-1] == "[DONE]"
-        await wait_until(lambda: _empty(node_a.app.state.redis, keys.streams("instance", instance_id)),
+        await wait_until(lambda: _empty(node_a.services.redis, keys.streams("instance", instance_id)),
                          what="every slot released")
 
 
@@ -314,7 +315,7 @@ async def _empty(redis, key: str) -> bool:
 
 
 async def _no_leases(relay) -> bool:
-    return relay.app.state.stream_leases.held == {}
+    return relay.services.stream_leases.held == {}
 
 
 @pytest.mark.slow

@@ -20,10 +20,10 @@ async def test_a_finished_stream_marks_its_agent_for_reconciliation(redis_url, r
             async with client.stream("POST", f"/api/chat/{instance_id}",
                                      json={"messages": [{"role": "user", "content": "hi"}]}) as response:
                 assert (await sse_lines(response))[-1] == "[DONE]"
-            (session,) = relay.app.state.sessions.of(instance_id)
+            (session,) = relay.services.sessions.of(instance_id)
             assert session.load_dirty and not session.streams
             # Simulate a node that died before giving its slot back.
             await redis.hincrby(keys.load(instance_id), session.session_id, 3)
-            await relay.app.state.presence.tick()
+            await relay.services.presence.tick()
             assert await redis.hget(keys.load(instance_id), session.session_id) is None
             assert not session.load_dirty

@@ -83,7 +83,7 @@ def test_secrets_are_redacted_above_debug(json_log):
 async def test_request_lines_carry_ids_in_process(redis_url, json_log):
     async with running_relay(redis_url) as relay:
         instance_id, token = await relay.register()
-        node_id = relay.app.state.node.node_id
+        node_id = relay.services.node.node_id
         async with running_agent(relay.url, token), relay.client() as client:
             response = await client.post(
                 f"/api/chat/{instance_id}/chat/completions",

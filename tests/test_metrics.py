@@ -146,7 +146,7 @@ async def test_cross_node_forwards_and_per_app_registries(redis_url):
     assert value(a, "relay_connected_agents") == 1
     assert value(a, "relay_relayed_chunks_total") > 0
     assert value(a, "relay_requests_total", endpoint="chat", status="200") == 0
-    assert value(a, "relay_node_info", node_id=node_a.app.state.node.node_id, version=wire.__version__) == 1
+    assert value(a, "relay_node_info", node_id=node_a.services.node.node_id, version=wire.__version__) == 1
 
 
 async def _forwarded_in(client: httpx.AsyncClient) -> bool:
@@ -228,7 +228,7 @@ async def test_status_streams_are_not_answers_in_the_stream_metrics(redis_url):
             async for line in response.aiter_lines():
                 if line.startswith("event: instance"):
                     break
-        await wait_until(lambda: not relay.app.state.watch.watchers, what="the watcher released")
+        await wait_until(lambda: not relay.services.watch.watchers, what="the watcher released")
         after = await scrape(client)
     assert value(after, "relay_requests_total", endpoint="watch", status="200") == 1
     assert value(after, "relay_time_to_first_chunk_seconds_count") == 0
@@ -240,7 +240,7 @@ async def test_redis_round_trips_are_counted_per_send(redis_url):
     # Slow housekeeping: the node's own loops send (almost) nothing during the test.
     async with running_relay(redis_url, heartbeat_interval=30, heartbeat_timeout=90) as relay, \
             relay.client() as client:
-        redis = relay.app.state.redis
+        redis = relay.services.redis
         before = value(await scrape(client), "relay_redis_round_trips_total")
         await redis.get("x")
         async with redis.pipeline(transaction=False) as pipe:

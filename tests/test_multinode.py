@@ -165,7 +165,7 @@ async def test_two_replicas_share_load_and_survive_one_killed(redis_url):
 async def recorded_sessions(node, instance_id: str, *, but=None) -> list:
     """``node``'s sessions of the instance that Redis lists as its live agents (other than ``but``)."""
     live = {entry.session for entry in await node.registry.live_agents(instance_id)}
-    return [s for s in node.app.state.sessions.all()
+    return [s for s in node.services.sessions.all()
             if s.instance_id == instance_id and s.session_id in live and s is not but]
 
 
@@ -181,7 +181,7 @@ async def test_reconnecting_agent_replaces_its_stale_session_at_once(redis_url, 
     async with running_relay(redis_url, **slow) as node_a, running_relay(redis_url, **slow) as node_b:
         instance_id, token = await node_a.register()
         # Node A's handling of each agent disconnect, recorded when it is complete.
-        presence = node_a.app.state.presence
+        presence = node_a.services.presence
         disconnected, cleaned_up = presence.disconnected, []
 
         async def recording_disconnected(session) -> None:
@@ -244,14 +244,14 @@ async def test_no_request_reaches_a_reconnecting_agent_before_its_welcome(redis_
     """
     async with running_relay(redis_url) as relay:
         instance_id, token = await relay.register()
-        registry = relay.app.state.registry
+        registry = relay.services.registry
         add_agent = registry.add_agent
         routable = asyncio.Event()
 
         async def add_agent_then_hold(*args, **kwargs):
             result = await add_agent(*args, **kwargs)
             routable.set()  # listed here and in Redis: requests reach the session from now on
-            await wait_until(lambda: any(s.streams for s in relay.app.state.sessions.all()), 30,
+            await wait_until(lambda: any(s.streams for s in relay.services.sessions.all()), 30,
                              what="a request routed to the session")
             return result
 

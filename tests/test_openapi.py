@@ -92,8 +92,7 @@ from relay.doors import relay_api
 from relay.doors.converse import InvalidConverse, converse_request
 from relay.doors.transcription import MAX_FIELD_BYTES, MAX_FIELDS, transcription_fields
 from relay.errors import ValidationFailed
-from relay.openapi.document import build_openapi
-from relay.routes import ENDPOINTS
+from relay.routes import ENDPOINTS, build_openapi
 from relay.settings import RelaySettings
 from relay.store.registry import InstanceRegistry
 from relay.telemetry.logs import DeliberateEndings

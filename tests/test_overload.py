@@ -78,7 +78,7 @@ async def test_an_overloaded_node_refuses_new_requests_and_finishes_the_stream_i
     upstream = FakeUpstream(chunks=20, hold_after=2)  # the stream is surely in flight while the loop lags
     async with running_upstream(upstream), running_relay(redis_url, shed_lag=0.05) as node:
         instance_id, token = await node.register()
-        monitor = node.app.state.overload
+        monitor = node.services.overload
         url = f"/api/chat/{instance_id}"
         async with running_agent(node.url, token, openai_backend(upstream)), node.client() as client:
             assert (await client.post(url, json=CHAT)).status_code == 200  # not overloaded: served
@@ -142,7 +142,7 @@ async def test_a_stream_the_relay_ends_logs_one_warning_with_its_reason(redis_ur
     assert events[-1] == "[DONE]" and orjson.loads(events[-2])["error"]["code"] == code, events[-3:]
     (line,) = warnings_about(out, request_id)  # one line, on one node, for the whole stream
     assert "ended by the relay" in line["msg"] and code in line["msg"], line
-    assert line["instance_id"] == instance_id and line["node_id"] == node_a.app.state.node.node_id
+    assert line["instance_id"] == instance_id and line["node_id"] == node_a.services.node.node_id
 
 
 async def test_a_cross_node_stream_outlives_redis_holding_its_publishes_past_the_redis_timeout(redis_url, redis):
@@ -160,7 +160,7 @@ async def test_a_cross_node_stream_outlives_redis_holding_its_publishes_past_the
             async with running_agent(node_b.url, token, openai_backend(upstream)), node_a.client() as client, \
                     stream_in_flight(client, f"/api/chat/{instance_id}", CHAT) as running:
                 request_id = running.response.headers["x-request-id"]
-                assert node_b.app.state.bus.egress  # B serves it: its chunks go through Redis
+                assert node_b.services.bus.egress  # B serves it: its chunks go through Redis
                 # Writes (PUBLISH among them) wait; reads and PINGs do not, so nothing else
                 # mistakes the pause for Redis being gone.
                 await redis.execute_command("CLIENT", "PAUSE", pause_ms, "WRITE")

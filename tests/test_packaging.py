@@ -153,11 +153,13 @@ def test_relay_without_the_server_extra_says_how_to_install_it():
     assert "pip install 'instance-relay[server]'" in result.stderr
 
 
-def test_the_dashboard_files_are_package_data():
-    """Every file under relay/web is matched by pyproject's package-data, so wheels and images carry the pages."""
+def test_the_data_files_are_package_data():
+    """Every file of relay/ that is not Python (the dashboard's pages and assets, the Lua scripts) is matched by
+    pyproject's package-data, so wheels and images carry them."""
     globs = PYPROJECT["tool"]["setuptools"]["package-data"]["relay"]
-    web = ROOT / "relay" / "web"
-    files = {p.relative_to(ROOT / "relay").as_posix() for p in web.rglob("*") if p.is_file()}
-    assert files, "no dashboard files?"
+    relay = ROOT / "relay"
+    files = {p.relative_to(relay).as_posix() for p in relay.rglob("*")
+             if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts}
+    assert any(f.startswith("web/") for f in files) and any(f.endswith(".lua") for f in files)
     matched = {f for f in files for g in globs if Path(f).match(g) and f.count("/") == g.count("/")}
     assert matched == files, f"not packaged: {sorted(files - matched)}"

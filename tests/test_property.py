@@ -34,8 +34,8 @@ from relay.bodies.instances import CreateKeyRequest, RegisterRequest, UpdateInst
 from relay.bodies.openai import MAX_COUNT, ChatCompletion, ChatRequest
 from relay.errors import ValidationFailed
 from relay.inputs import validate
-from relay.openapi.document import build_openapi
-from relay.serving.limits import check_chat_request
+from relay.routes import build_openapi
+from relay.serving.request_limits import check_chat_request
 from relay.settings import RelaySettings
 
 pytestmark = pytest.mark.slow

@@ -145,7 +145,7 @@ async def test_rotation_stops_the_old_token_and_closes_its_agents_on_every_node(
 
 
 async def _no_sessions(relay) -> bool:
-    return len(relay.app.state.sessions) == 0
+    return len(relay.services.sessions) == 0
 
 
 async def test_rotated_agent_stops_retrying(redis_url):
@@ -356,7 +356,7 @@ async def test_rotation_missed_while_unsubscribed_is_caught_on_resubscribe(redis
     from relay.store import keys
 
     async with running_relay(redis_url) as relay, relay.client() as client:
-        bus, sessions = relay.app.state.bus, relay.app.state.sessions
+        bus, sessions = relay.services.bus, relay.services.sessions
         instance_id, token = await relay.register()
         other_id, other_token = await relay.register()
         async with running_agent(relay.url, token) as rotated, running_agent(relay.url, other_token):
@@ -380,7 +380,7 @@ async def test_rotation_missed_while_unsubscribed_is_caught_on_resubscribe(redis
 
 
 async def _only(relay, instance_id: str) -> bool:
-    sessions = relay.app.state.sessions.all()
+    sessions = relay.services.sessions.all()
     return [s.instance_id for s in sessions] == [instance_id]
 
 

@@ -264,7 +264,7 @@ def raw_post(port: int, url: str, data: bytes) -> bytes:
 
 
 async def _idle(relay, agent) -> bool:
-    return not any(s.streams for s in relay.app.state.sessions.all()) and agent.status.inflight == 0
+    return not any(s.streams for s in relay.services.sessions.all()) and agent.status.inflight == 0
 
 
 @pytest.mark.slow
@@ -302,7 +302,7 @@ async def test_losing_the_agent_mid_upload_fails_the_request(redis_url, monkeypa
             caller = asyncio.create_task(client.post(f"/api/chat/{instance_id}/audio/transcriptions",
                                                      files=files(audio_bytes(MB))))
             await asyncio.wait_for(watch.held.wait(), 30)
-            (session,) = relay.app.state.sessions.all()
+            (session,) = relay.services.sessions.all()
             await session.close(wire.CloseCode.GOING_AWAY, "test: the agent goes away")
             watch.release.set()
             response = await caller
@@ -335,7 +335,7 @@ async def test_an_upload_crosses_nodes_and_its_credit_comes_back(redis_url, monk
             assert response.status_code == 200, response.text
             assert response.headers["content-type"].startswith("text/plain")
             assert response.text == f"fake transcript of {len(data)} bytes"
-            await wait_until(lambda: not node_b.app.state.bus.egress and not node_a.app.state.bus.ingress,
+            await wait_until(lambda: not node_b.services.bus.egress and not node_a.services.bus.ingress,
                              what="both nodes done with the stream")
     assert upstream.transcriptions[0]["sha256"] == hashlib.sha256(data).hexdigest()
     assert upstream.transcriptions[0]["fields"] == {"model": "whisper-1", "response_format": "text"}
@@ -359,7 +359,7 @@ async def test_a_caller_leaving_mid_upload_across_nodes_stops_it_on_both(redis_u
             await writer.drain()
             await asyncio.wait_for(watch.held.wait(), 30)
             writer.close()
-            await wait_until(lambda: not node_a.app.state.bus.ingress and not node_b.app.state.bus.egress,
+            await wait_until(lambda: not node_a.services.bus.ingress and not node_b.services.bus.egress,
                              what="the stream gone from both nodes")
             await wait_until(lambda: _idle(node_b, agent), what="the agent's upload cancelled")
             assert watch.delivered == 3
@@ -667,7 +667,7 @@ async def test_one_address_cannot_make_the_relay_hold_more_uploads_than_its_stre
         headers = {"content-type": f"multipart/form-data; boundary={boundary}"}
         first = asyncio.create_task(client.post("/v1/audio/transcriptions", content=slow_body(), headers=headers,
                                                 params={}))
-        await wait_until(lambda: relay.app.state.stream_leases.held, what="the first form being read")
+        await wait_until(lambda: relay.services.stream_leases.held, what="the first form being read")
         for url in ("/v1/audio/transcriptions", f"/api/chat/{instance_id}/audio/transcriptions",
                     f"/api/chat/{instance_id}/audio-to-text"):
             refused = await client.post(url, files=files(wav, "b.wav", "audio/wav"))

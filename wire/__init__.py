@@ -10,7 +10,7 @@ websocket, its node-to-node bus and the agent are thin adapters around it.
     streams    one stream's state machine and its credit window
     bus        the envelope that carries the same frames between relay nodes
     sse        Server-Sent Events: framing (both sides) and parsing (agent)
-    openai     OpenAI error bodies: build one, read the message out of one
+    error_body OpenAI-shaped error bodies: build one, read the message out of one
     redaction  keep credentials out of log records
 
 Everything public is re-exported here, so callers write ``wire.Data``.
@@ -19,6 +19,7 @@ Everything public is re-exported here, so callers write ``wire.Data``.
 from __future__ import annotations
 
 from .bus import Envelope, decode_envelope, encode_envelope
+from .error_body import error_body, error_message
 from .frames import (
     DEFAULT_WINDOW,
     MAX_STREAM_ID,
@@ -52,7 +53,6 @@ from .frames import (
     negotiate,
     parse_version,
 )
-from .openai import error_body, error_message
 from .sse import SSE_DONE, iter_sse_data, sse_event
 from .streams import SendWindow, StreamState, StreamTracker, UploadReceiver
 

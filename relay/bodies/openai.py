@@ -94,7 +94,7 @@ def integral(value: Any) -> Any:
 
 def _chat_request_schema(schema: dict[str, Any]) -> None:
     # ``max_completion_tokens`` stays an extra field (forwarded as sent), but the
-    # relay checks it like ``max_tokens`` (relay.serving.limits): say so in the document.
+    # relay checks it like ``max_tokens`` (relay.serving.request_limits): say so in the document.
     schema["properties"]["max_completion_tokens"] = {
         "anyOf": [{"type": "integer", "minimum": 1, "maximum": MAX_COUNT}, {"type": "null"}],
         "title": "Max Completion Tokens",

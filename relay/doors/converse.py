@@ -28,7 +28,7 @@ from typing import Any
 
 import orjson
 
-from wire.openai import error_message
+from wire.error_body import error_message
 from wire.sse import iter_sse_data
 
 #: Image formats Converse allows, and the MIME subtype each one is sent as

@@ -49,10 +49,12 @@ from relay.bodies.openai import ChatRequest
 from relay.doors.transcription import audio_file, read_audio, transcribe
 from relay.errors import ORJSONResponse, RelayError, Unauthorized, UpstreamError, ValidationFailed
 from relay.inputs import SMALL_BODY_BYTES, bearer_token, client_ip, int_param, read_json, validate
-from relay.serving.admission import Admitted, ThenResponse, admit, leased
+from relay.services import Services
+from relay.serving.admission import Admitted, ThenResponse
+from relay.serving.claims import Claim
 from relay.serving.inflight import Stream, cleanup_scope
-from relay.serving.limits import check_chat_request
 from relay.serving.operations import answer_json, run_op
+from relay.serving.request_limits import check_chat_request
 from relay.serving.router import StreamRouter
 from relay.serving.sessions import resolve_model
 from relay.store.access import Caller
@@ -73,12 +75,12 @@ MAX_EVENT_BYTES = 4 * 1024 * 1024
 # -- who is asking --------------------------------------------------------------
 
 
-async def _instance_of(request: Request) -> str:
+async def _instance_of(request: Request, services: Services) -> str:
     """The instance: from the path, or (``/v1``) from the caller key."""
     instance_id = request.path_params.get("instance_id")
     if instance_id is not None:
         return str(instance_id)
-    keyed = await request.app.state.access.key_instance(bearer_token(request))
+    keyed = await services.access.key_instance(bearer_token(request))
     if keyed is None:
         raise Unauthorized("the Dify API at /v1 needs a caller key of the instance (Authorization: Bearer irk_...): "
                            "the key says which instance; or use the instance's chat URL as the API base",
@@ -86,14 +88,15 @@ async def _instance_of(request: Request) -> str:
     return keyed
 
 
-async def _caller(request: Request, *, limited: bool = False) -> tuple[str, Caller, Admitted | None]:
+async def _caller(request: Request, services: Services, *,
+                  limited: bool = False) -> tuple[str, Caller, Admitted | None]:
     """(instance id, caller, admission): writes (turns, renames, deletions, feedback) count
     against the caller's rate limits like chat requests; reads (lists, parameters) do not."""
-    instance_id = await _instance_of(request)
+    instance_id = await _instance_of(request, services)
     if limited:
-        admitted = await admit(request, instance_id)
+        admitted = await services.admission.admit(request, instance_id)
         return instance_id, admitted.caller, admitted
-    caller = await request.app.state.access.authorize_caller(instance_id, bearer_token(request), client_ip(request))
+    caller = await services.access.authorize_caller(instance_id, bearer_token(request), client_ip(request))
     return instance_id, caller, None
 
 
@@ -340,7 +343,7 @@ class ReservingRouter:
         return stream
 
 
-async def chat_messages(request: Request) -> Response:
+async def chat_messages(request: Request, services: Services) -> Response:
     """``POST …/chat-messages``: one turn, ``blocking`` (one JSON body) or ``streaming`` (events).
 
     Every refusal comes before the turn is stored (a ``429`` the caller is told
@@ -349,12 +352,11 @@ async def chat_messages(request: Request) -> Response:
     conversation's and the instance's bounds, the pick of an agent with its
     stream lease.  Only then is the question stored and the answer read.
     """
-    state = request.app.state
-    settings = state.settings
-    instance_id, caller, admitted = await _caller(request, limited=True)
+    settings = services.settings
+    instance_id, caller, admitted = await _caller(request, services, limited=True)
     assert admitted is not None
-    body = validate(DifyChatRequest, await read_json(request, settings.max_body_bytes))
-    parameters = await state.registry.parameters(instance_id)
+    body = validate(DifyChatRequest, await read_json(request, settings.max_body_bytes, settings.max_json_depth))
+    parameters = await services.registry.parameters(instance_id)
     if not parameters["conversations"]:
         raise ValidationFailed("this instance keeps no conversations (its owner turned them off): "
                                "use its OpenAI chat URL instead", code="conversations_disabled")
@@ -368,14 +370,14 @@ async def chat_messages(request: Request) -> Response:
         return chat
 
     chat_for([{"role": "user", "content": body.query}])  # the query alone must fit the limits
-    store: ConversationStore = state.conversations
+    store: ConversationStore = services.conversations
     bounds = Bounds(settings.conversations_per_instance, settings.conversation_bytes_per_instance,
                     None if caller.key_id else client_ip(request), settings.conversation_bytes_per_caller)
 
-    async def run() -> Response:
+    async def run(claim: Claim) -> Response:
         turn = await store.prepare_turn(_owner(instance_id, caller, body.user), body.conversation_id or None,
                                         body.query, inputs, time.time(), bounds, recent=recent_history(settings))
-        reserving = ReservingRouter(state.router, store, turn, bounds, settings.conversation_checkpoint_interval)
+        reserving = ReservingRouter(services.router, store, turn, bounds, settings.conversation_checkpoint_interval)
         try:
             chat = chat_for(model_messages(turn, body.query, parameters["variables"],
                                            max_messages=settings.max_messages, max_chars=settings.max_content_chars))
@@ -384,11 +386,11 @@ async def chat_messages(request: Request) -> Response:
                 return chat.upstream_body(resolve_model(models, None))
 
             if not streaming:
-                return await _blocking(request, reserving, body_for)
+                return await _blocking(request, services, reserving, body_for, claim)
             events = DifyEvents(turn, store.max_message_bytes)
             reserving.answer = events.kept
             answer = await run_op(cast(StreamRouter, reserving), instance_id, wire.OP_CHAT, body_for, settings,
-                                  request.receive, stream=True, encoder=events)
+                                  request.receive, stream=True, claim=claim, encoder=events)
             saver = reserving.saver
             assert saver is not None  # run_op returned: the stream was opened, the turn stored
             # Stored when the response ends, whatever ended it ("stopped": the caller left).
@@ -401,14 +403,14 @@ async def chat_messages(request: Request) -> Response:
             raise
 
     # The stream lease is taken by the pick, with the agent: a refusal stores nothing.
-    return await leased(request, admitted, run)
+    return await services.admission.leased(admitted, run)
 
 
-async def _blocking(request: Request, reserving: ReservingRouter, body_for: Any) -> Response:
-    state = request.app.state
+async def _blocking(request: Request, services: Services, reserving: ReservingRouter, body_for: Any,
+                    claim: Claim) -> Response:
     turn = reserving.turn
     answer = await run_op(cast(StreamRouter, reserving), turn.scope.instance_id, wire.OP_CHAT, body_for,
-                          state.settings, request.receive, stream=False)
+                          services.settings, request.receive, stream=False, claim=claim)
     saver = reserving.saver
     assert saver is not None  # run_op returned: the stream was opened, the turn stored
     if answer.status_code != 200:  # the caller left while the model worked
@@ -431,89 +433,89 @@ async def _blocking(request: Request, reserving: ReservingRouter, body_for: Any)
 # -- history, names, feedback, parameters -------------------------------------------------
 
 
-async def list_messages(request: Request) -> Response:
+async def list_messages(request: Request, services: Services) -> Response:
     """``GET …/messages?conversation_id=&first_id=&limit=&user=``: newest first."""
-    instance_id, caller, _ = await _caller(request)
+    instance_id, caller, _ = await _caller(request, services)
     params = request.query_params
     conversation_id = params.get("conversation_id") or ""
     if not conversation_id:
         raise ValidationFailed("conversation_id is required", param="conversation_id")
     limit = int_param(params, "limit", PAGE_DEFAULT, 1, PAGE_MAX)
-    data, has_more = await request.app.state.conversations.messages(
+    data, has_more = await services.conversations.messages(
         _owner(instance_id, caller, _user_param(request)), conversation_id, params.get("first_id") or None, limit)
     return ORJSONResponse({"limit": limit, "has_more": has_more, "data": data})
 
 
-async def list_conversations(request: Request) -> Response:
+async def list_conversations(request: Request, services: Services) -> Response:
     """``GET …/conversations?last_id=&limit=&user=``: most recently active first; needs a key."""
-    instance_id, caller, _ = await _caller(request)
+    instance_id, caller, _ = await _caller(request, services)
     if caller.key_id is None:
         raise Unauthorized("listing conversations needs a caller key (Authorization: Bearer irk_...): without one, "
                            "a conversation id is the only way to a conversation", code="api_key_required")
     params = request.query_params
     limit = int_param(params, "limit", PAGE_DEFAULT, 1, PAGE_MAX)
-    data, has_more = await request.app.state.conversations.conversations(
+    data, has_more = await services.conversations.conversations(
         _owner(instance_id, caller, _user_param(request)), params.get("last_id") or None, limit)
     return ORJSONResponse({"limit": limit, "has_more": has_more, "data": data})
 
 
-async def rename_conversation(request: Request) -> Response:
+async def rename_conversation(request: Request, services: Services) -> Response:
     """``POST …/conversations/{conversation_id}/name``: ``{name, user}``."""
-    instance_id, caller, _ = await _caller(request, limited=True)
-    body = validate(DifyRename, await read_json(request, SMALL_BODY_BYTES))
-    renamed = await request.app.state.conversations.rename(
+    instance_id, caller, _ = await _caller(request, services, limited=True)
+    body = validate(DifyRename, await read_json(request, SMALL_BODY_BYTES, services.settings.max_json_depth))
+    renamed = await services.conversations.rename(
         _owner(instance_id, caller, body.user), request.path_params["conversation_id"], body.name)
     return ORJSONResponse({"result": "success", **renamed})
 
 
-async def delete_conversation(request: Request) -> Response:
+async def delete_conversation(request: Request, services: Services) -> Response:
     """``DELETE …/conversations/{conversation_id}``: ``user`` in the body (as the seed sends it) or the query."""
-    instance_id, caller, _ = await _caller(request, limited=True)
-    body = await read_json(request, SMALL_BODY_BYTES, empty={})
+    instance_id, caller, _ = await _caller(request, services, limited=True)
+    body = await read_json(request, SMALL_BODY_BYTES, services.settings.max_json_depth, empty={})
     user = body.get("user") if isinstance(body, dict) and body.get("user") else request.query_params.get("user")
     who = validate(DifyUser, {"user": user or ""})
-    await request.app.state.conversations.delete(_owner(instance_id, caller, who.user),
+    await services.conversations.delete(_owner(instance_id, caller, who.user),
                                                  request.path_params["conversation_id"])
     return ORJSONResponse({"result": "success"})
 
 
-async def message_feedback(request: Request) -> Response:
+async def message_feedback(request: Request, services: Services) -> Response:
     """``POST …/messages/{message_id}/feedbacks``: ``{rating: like|dislike|null, user}``."""
-    instance_id, caller, _ = await _caller(request, limited=True)
-    body = validate(DifyFeedback, await read_json(request, SMALL_BODY_BYTES))
-    await request.app.state.conversations.feedback(_owner(instance_id, caller, body.user),
+    instance_id, caller, _ = await _caller(request, services, limited=True)
+    body = validate(DifyFeedback, await read_json(request, SMALL_BODY_BYTES, services.settings.max_json_depth))
+    await services.conversations.feedback(_owner(instance_id, caller, body.user),
                                                    request.path_params["message_id"], body.rating)
     return ORJSONResponse({"result": "success"})
 
 
-async def parameters(request: Request) -> Response:
+async def parameters(request: Request, services: Services) -> Response:
     """``GET …/parameters``: the instance's ``introduction`` and ``variables``."""
-    instance_id, _, _ = await _caller(request)
-    found = await request.app.state.registry.parameters(instance_id)
+    instance_id, _, _ = await _caller(request, services)
+    found = await services.registry.parameters(instance_id)
     return ORJSONResponse({"introduction": found["introduction"], "variables": found["variables"]})
 
 
-async def audio_to_text(request: Request) -> Response:
+async def audio_to_text(request: Request, services: Services) -> Response:
     """``POST …/audio-to-text``: multipart ``file`` -> ``{"text"}``, by an agent that can ``transcribe``.
 
     The same operation as OpenAI's ``…/audio/transcriptions`` (``audio.py``),
     which reads and checks the file: 15 MiB, mp3, mp4, mpeg, mpga, m4a, wav, webm.
     """
-    _, _, admitted = await _caller(request, limited=True)
+    _, _, admitted = await _caller(request, services, limited=True)
     assert admitted is not None
-    async with read_audio(request) as form:
+    async with read_audio(request, services) as form:
         if form is None:
             return Response(status_code=499)
         audio_file(form.filename, form.content_type)  # refused before a lease is taken
-        return await leased(request, admitted, lambda: transcribe(request, admitted, form.file, form.filename,
-                                                                  form.content_type, {}, ""))
+        return await services.admission.leased(admitted,
+                            lambda claim: transcribe(request, services, admitted, claim, form.file, form.filename,
+                                               form.content_type, {}, ""))
 
 
-async def purge(request: Request) -> Response:
+async def purge(request: Request, services: Services) -> Response:
     """``DELETE /api/instances/{id}/conversations`` (owner): forget every stored conversation."""
-    state = request.app.state
     instance_id = request.path_params["instance_id"]
-    await state.registry.check_owner(instance_id, bearer_token(request))
-    deleted = await state.conversations.purge_instance(instance_id)
+    await services.registry.check_owner(instance_id, bearer_token(request))
+    deleted = await services.conversations.purge_instance(instance_id)
     return ORJSONResponse({"deleted": deleted})
 

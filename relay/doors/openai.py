@@ -28,9 +28,11 @@ import wire
 from relay.bodies.openai import ChatRequest, ImageRequest
 from relay.errors import ORJSONResponse
 from relay.inputs import bearer_token, client_ip, int_param, read_json, validate
-from relay.serving.admission import Admitted, admit, admit_named, leased
-from relay.serving.limits import check_chat_request
+from relay.services import Services
+from relay.serving.admission import Admitted
+from relay.serving.claims import Claim
 from relay.serving.operations import answer_json, prefers_event_stream, run_op
+from relay.serving.request_limits import check_chat_request
 from relay.serving.sessions import resolve_model
 from relay.serving.targets import Target
 from relay.store.registry import union
@@ -42,71 +44,76 @@ MODELS_PAGE_DEFAULT, MODELS_PAGE_MAX = 100, 500
 # -- chat ------------------------------------------------------------------------
 
 
-async def instance_chat(request: Request) -> Response:
+async def instance_chat(request: Request, services: Services) -> Response:
     """``POST /api/chat/{id}`` and ``/api/chat/{id}/chat/completions``."""
-    settings = request.app.state.settings
-    admitted = await admit(request, request.path_params["instance_id"])
-    chat = validate(ChatRequest, await read_json(request, settings.max_body_bytes))
+    settings = services.settings
+    admitted = await services.admission.admit(request, request.path_params["instance_id"])
+    chat = validate(ChatRequest, await read_json(request, settings.max_body_bytes, services.settings.max_json_depth))
     chat.stream_default(prefers_event_stream(request.headers.get("accept")))
     check_chat_request(chat, settings)
-    return await leased(request, admitted, lambda: _run_chat(request, admitted, chat, ""))
+    return await services.admission.leased(
+        admitted, lambda claim: _run_chat(request, services, admitted, claim, chat, ""))
 
 
-async def global_chat(request: Request) -> Response:
+async def global_chat(request: Request, services: Services) -> Response:
     """``POST /v1/chat/completions``: the instance is named by ``model`` (or the caller key)."""
-    data, target, admitted = await admit_named(request)
+    data, target, admitted = await services.admission.admit_named(request)
     chat = validate(ChatRequest, data)
     chat.stream_default(False)  # OpenAI's default
-    check_chat_request(chat, request.app.state.settings)
-    return await leased(request, admitted, lambda: _run_chat(request, admitted, chat, target.model))
+    check_chat_request(chat, services.settings)
+    return await services.admission.leased(admitted,
+                        lambda claim: _run_chat(request, services, admitted, claim, chat, target.model))
 
 
-async def _run_chat(request: Request, admitted: Admitted, chat: ChatRequest, model: str) -> Response:
-    state = request.app.state
+async def _run_chat(request: Request, services: Services, admitted: Admitted, claim: Claim, chat: ChatRequest,
+                    model: str) -> Response:
 
     def body_for(models: tuple[str, ...]) -> dict[str, Any]:
         # A named model was matched by the pick; otherwise fall back to the agent's default.
         return chat.upstream_body(model or resolve_model(models, chat.model))
 
-    return await run_op(state.router, admitted.instance_id, wire.OP_CHAT, body_for, state.settings,
-                        request.receive, stream=bool(chat.stream), model=model)
+    return await run_op(services.router, admitted.instance_id, wire.OP_CHAT, body_for, services.settings,
+                        request.receive, stream=bool(chat.stream), claim=claim, model=model)
 
 
 # -- images ----------------------------------------------------------------------
 
 
-async def instance_images(request: Request) -> Response:
+async def instance_images(request: Request, services: Services) -> Response:
     """``POST /api/chat/{id}/images/generations``."""
-    admitted = await admit(request, request.path_params["instance_id"])
-    body = validate(ImageRequest, await read_json(request, request.app.state.settings.max_body_bytes))
-    return await leased(request, admitted, lambda: _run_images(request, admitted, body, ""))
+    admitted = await services.admission.admit(request, request.path_params["instance_id"])
+    settings = services.settings
+    body = validate(ImageRequest, await read_json(request, settings.max_body_bytes, settings.max_json_depth))
+    return await services.admission.leased(
+        admitted, lambda claim: _run_images(request, services, admitted, claim, body, ""))
 
 
-async def global_images(request: Request) -> Response:
+async def global_images(request: Request, services: Services) -> Response:
     """``POST /v1/images/generations``."""
-    data, target, admitted = await admit_named(request)
+    data, target, admitted = await services.admission.admit_named(request)
     body = validate(ImageRequest, data)
-    return await leased(request, admitted, lambda: _run_images(request, admitted, body, target.model))
+    return await services.admission.leased(admitted,
+                        lambda claim: _run_images(request, services, admitted, claim, body, target.model))
 
 
-async def generate_images(request: Request, admitted: Admitted, body: ImageRequest,
+async def generate_images(request: Request, services: Services, admitted: Admitted, claim: Claim, body: ImageRequest,
                           model: str) -> tuple[bytes, dict[str, Any]] | None:
     """Run the ``images`` operation: the agent's ImagesResponse (items carry ``b64_json``), as
     bytes and parsed; None when the caller left meanwhile."""
-    state = request.app.state
 
     def body_for(models: tuple[str, ...]) -> dict[str, Any]:
         return body.upstream_body(model or resolve_model(models, body.model))
 
-    answer = await run_op(state.router, admitted.instance_id, wire.OP_IMAGES, body_for, state.settings,
-                          request.receive, stream=False, model=model)
+    answer = await run_op(services.router, admitted.instance_id, wire.OP_IMAGES, body_for, services.settings,
+                          request.receive, stream=False, claim=claim, model=model)
     if answer.status_code != 200:
         return None
     return bytes(answer.body), answer_json(answer)
 
 
-async def _run_images(request: Request, admitted: Admitted, body: ImageRequest, model: str) -> Response:
-    generated = await generate_images(request, admitted, body, model)
+async def _run_images(request: Request, services: Services, admitted: Admitted, claim: Claim, body: ImageRequest,
+                      model: str) -> Response:
+    generated = await generate_images(request, services, admitted, claim, body, model)
     if generated is None:
         return Response(status_code=499)  # the caller left while the image was made
     raw, document = generated
@@ -149,34 +156,32 @@ def model_card(name: str, created: Any, owner: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": int(created), "owned_by": owner}
 
 
-async def instance_models(request: Request) -> Response:
+async def instance_models(request: Request, services: Services) -> Response:
     """``GET /api/chat/{id}/models``: that instance's models (chat, then image models)."""
-    state = request.app.state
     instance_id = request.path_params["instance_id"]
-    await state.access.authorize_caller(instance_id, bearer_token(request), client_ip(request))
-    view = await state.registry.view(instance_id)
+    await services.access.authorize_caller(instance_id, bearer_token(request), client_ip(request))
+    view = await services.registry.view(instance_id)
     names = served_models(view)
     return ORJSONResponse({"object": "list",
                            "data": [model_card(n, view["created_at"], view["instance_id"]) for n in names]})
 
 
-async def global_models(request: Request) -> Response:
+async def global_models(request: Request, services: Services) -> Response:
     """``GET /v1/models``: with a caller key, its instance's models as plain names;
     without, the online public instances' ``<id>/<model>`` names, a page of instances at a time (a page
     ends early rather than carry more than ``registry.PAGE_MAX_NAMES`` names: follow ``next_cursor``)."""
-    state = request.app.state
     presented = bearer_token(request)
-    keyed = await state.access.key_instance(presented)
+    keyed = await services.access.key_instance(presented)
     if keyed is not None:
-        await state.access.authorize_caller(keyed, presented, client_ip(request))
-        view = await state.registry.view(keyed)
+        await services.access.authorize_caller(keyed, presented, client_ip(request))
+        view = await services.registry.view(keyed)
         names = served_models(view)
         return ORJSONResponse({"object": "list", "has_more": False, "next_cursor": None,
                                "data": [model_card(n, view["created_at"], view["name"]) for n in names]})
     params = request.query_params
     limit = int_param(params, "limit", MODELS_PAGE_DEFAULT, 1, MODELS_PAGE_MAX)
     cursor = int_param(params, "after", 0, 0, 2**63 - 1)
-    views, next_cursor = await state.registry.list(status="online", limit=limit, cursor=cursor)
+    views, next_cursor = await services.registry.list(status="online", limit=limit, cursor=cursor)
     data = [
         model_card(Target(view["instance_id"], name).name(), view["created_at"], view["name"])
         for view in views

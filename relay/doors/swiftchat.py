@@ -33,9 +33,10 @@ from relay.doors.converse import ConverseStream, InvalidConverse, StreamFailed, 
 from relay.doors.openai import generate_images
 from relay.errors import ORJSONResponse, RelayError, UpstreamError, ValidationFailed
 from relay.inputs import bearer_token, client_ip, read_json, validate
-from relay.serving.admission import admit_named, leased
-from relay.serving.limits import check_chat_request
+from relay.services import Services
+from relay.serving.claims import Claim
 from relay.serving.operations import run_op
+from relay.serving.request_limits import check_chat_request
 from relay.serving.sessions import resolve_model
 from relay.serving.targets import Target
 
@@ -70,10 +71,10 @@ class SwiftChatBody:
         return unsent + ConverseStream.error(error.message)
 
 
-async def converse(request: Request) -> Response:
+async def converse(request: Request, services: Services) -> Response:
     """``POST /api/converse``."""
-    settings = request.app.state.settings
-    data, target, admitted = await admit_named(request, "modelId")
+    settings = services.settings
+    data, target, admitted = await services.admission.admit_named(request, "modelId")
     try:
         _, messages = converse_request(data)
     except UnsupportedContent as exc:
@@ -83,36 +84,34 @@ async def converse(request: Request) -> Response:
     # Usage is what the app shows after the answer: ask the model for it.
     chat = validate(ChatRequest, {"messages": messages, "stream": True, "stream_options": {"include_usage": True}})
     check_chat_request(chat, settings)
-    state = request.app.state
 
     def body_for(models: tuple[str, ...]) -> dict[str, Any]:
         return chat.upstream_body(resolve_model(models, target.model))
 
-    async def run() -> Response:
-        return await run_op(state.router, admitted.instance_id, wire.OP_CHAT, body_for, settings, request.receive,
-                            stream=True, encoder=SwiftChatBody())
+    async def run(claim: Claim) -> Response:
+        return await run_op(services.router, admitted.instance_id, wire.OP_CHAT, body_for, settings, request.receive,
+                            stream=True, claim=claim, encoder=SwiftChatBody())
 
-    return await leased(request, admitted, run)
+    return await services.admission.leased(admitted, run)
 
 
 # -- models ------------------------------------------------------------------------
 
 
-async def models(request: Request) -> Response:
+async def models(request: Request, services: Services) -> Response:
     """``POST /api/models``: ``{"textModel": [...], "imageModel": [...]}``, each ``{modelId, modelName}``.
 
     With a caller key, its instance's models by their plain names (the key
     routes them); without, the online public instances', as ``<id>/<model>``: the directory's first
     page (SwiftChat does not page), so at most 100 instances and ``registry.PAGE_MAX_NAMES`` names.
     """
-    state = request.app.state
     presented = bearer_token(request)
-    keyed = await state.access.key_instance(presented)
+    keyed = await services.access.key_instance(presented)
     if keyed is not None:
-        await state.access.authorize_caller(keyed, presented, client_ip(request))
-        views, named = [await state.registry.view(keyed)], False
+        await services.access.authorize_caller(keyed, presented, client_ip(request))
+        views, named = [await services.registry.view(keyed)], False
     else:
-        views, _ = await state.registry.list(status="online", limit=100)
+        views, _ = await services.registry.list(status="online", limit=100)
         named = True
 
     def entries(view: dict[str, Any], field: str) -> list[dict[str, str]]:
@@ -126,9 +125,9 @@ async def models(request: Request) -> Response:
 # -- image -------------------------------------------------------------------------
 
 
-async def image(request: Request) -> Response:
+async def image(request: Request, services: Services) -> Response:
     """``POST /api/image``: ``{"image": "<base64>"}``."""
-    data, target, admitted = await admit_named(request, "modelId")
+    data, target, admitted = await services.admission.admit_named(request, "modelId")
     body = validate(SwiftChatImage, data)
     if body.refImages:
         raise ValidationFailed("refImages: editing an image is not supported; send a prompt only",
@@ -136,8 +135,8 @@ async def image(request: Request) -> Response:
     generation = ImageRequest(prompt=body.prompt, n=1, size=f"{body.width}x{body.height}",
                               model=target.model or None)
 
-    async def run() -> Response:
-        generated = await generate_images(request, admitted, generation, "")
+    async def run(claim: Claim) -> Response:
+        generated = await generate_images(request, services, admitted, claim, generation, "")
         if generated is None:
             return Response(status_code=499)
         items = generated[1].get("data") or []
@@ -146,13 +145,13 @@ async def image(request: Request) -> Response:
             raise UpstreamError("the model returned no image", code="empty_image")
         return ORJSONResponse({"image": b64})
 
-    return await leased(request, admitted, run)
+    return await services.admission.leased(admitted, run)
 
 
 # -- upgrade -----------------------------------------------------------------------
 
 
-async def upgrade(request: Request) -> Response:
+async def upgrade(request: Request, services: Services) -> Response:
     """``GET|POST /api/upgrade``: what agent version and protocols this relay ships.
 
     ``needUpgrade`` compares ``version`` (query or body) with the latest agent
@@ -162,7 +161,7 @@ async def upgrade(request: Request) -> Response:
     """
     asked: dict[str, Any] = dict(request.query_params)
     if request.method == "POST":
-        body = await read_json(request, 16 * 1024, empty={})
+        body = await read_json(request, 16 * 1024, services.settings.max_json_depth, empty={})
         if isinstance(body, dict):
             asked.update(body)
     version, os_name = asked.get("version"), asked.get("os") or "agent"

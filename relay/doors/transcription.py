@@ -62,16 +62,17 @@ import wire
 from relay.errors import (
     InvalidRequest,
     PayloadTooLarge,
-    RateLimited,
     RelayError,
-    ServiceNotReady,
     UpstreamError,
     ValidationFailed,
 )
 from relay.inputs import client_ip, declared_length
-from relay.serving.admission import Admitted, admit, admit_model, leased
+from relay.services import Services
+from relay.serving.admission import Admitted
+from relay.serving.claims import Claim
 from relay.serving.inflight import cleanup_scope
 from relay.serving.operations import run_op
+from relay.serving.uploads import Reservation
 from relay.store import keys
 from relay.store.leases import Slot
 from wire.frames import MAX_MODEL_NAME_LENGTH
@@ -119,77 +120,8 @@ _JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?
 # -- reading the form ----------------------------------------------------------------
 
 
-class UploadBudget:
-    """The bytes of uploads this node holds in memory, against ``limit`` (0: no limit).
-
-    One client address may hold at most ``share`` of them (a quarter of the
-    node's, but never less than one upload of the largest size): else a
-    single address could keep every other caller's uploads at 503 by
-    starting as many as its stream slots allow and sending them slowly.
-    Past its share an address gets ``429 too_many_uploads``; past the
-    node's budget anyone gets ``503 uploads_busy``.
-
-    Reservations are plain counts on the event loop: taken and given back
-    without awaiting, so nothing can interleave.
-    """
-
-    def __init__(self, limit: int, largest: int = 0):
-        self.limit = limit
-        self.share = max(limit // 4, largest) if limit else 0
-        self.held = 0
-        #: Bytes held per client address (an address holding none is not kept).
-        self.by_address: dict[str, int] = {}
-        self._warned = False
-
-    def take(self, size: int, address: str = "") -> None:
-        """Reserve ``size`` more bytes for ``address``; 429 past its share, 503 past the node's budget."""
-        mine = self.by_address.get(address, 0)
-        if self.share and mine + size > self.share:
-            raise RateLimited(f"uploads from this address already hold {mine} bytes of this relay node's memory, "
-                              f"the most one address may ({self.share}); retry when one has finished",
-                              code="too_many_uploads", headers={"Retry-After": "2"})
-        if self.limit and self.held + size > self.limit:
-            if not self._warned:  # once per busy spell, not per refusal
-                self._warned = True
-                log.warning("upload memory budget full (%d of %d bytes held): uploads refused with 503",
-                            self.held, self.limit)
-            raise ServiceNotReady("this relay node holds as many uploads as it may at once; retry shortly",
-                                  code="uploads_busy", headers={"Retry-After": "2"})
-        self.held += size
-        self.by_address[address] = mine + size
-
-    def give_back(self, size: int, address: str = "") -> None:
-        self.held -= size
-        left = self.by_address.get(address, 0) - size
-        if left > 0:
-            self.by_address[address] = left
-        else:
-            self.by_address.pop(address, None)
-        if self.held <= self.limit // 2:
-            self._warned = False
-
-
-class _Reservation:
-    """One request's part of the node's ``UploadBudget``, grown as a chunked body arrives."""
-
-    def __init__(self, budget: UploadBudget, address: str):
-        self.budget = budget
-        self.address = address
-        self.size = 0
-
-    def grow_to(self, size: int) -> None:
-        if size > self.size:
-            self.budget.take(size - self.size, self.address)
-            self.size = size
-
-    def release(self) -> None:
-        self.budget.give_back(self.size, self.address)
-        self.size = 0
-
-
-
 @contextlib.asynccontextmanager
-async def read_audio(request: Request) -> AsyncIterator[AudioForm | None]:
+async def read_audio(request: Request, services: Services) -> AsyncIterator[AudioForm | None]:
     """The form (None if the caller left), held against the node's upload budget until the block ends.
 
     Read while holding one of the caller's address's upload slots.  Up to 15
@@ -200,25 +132,24 @@ async def read_audio(request: Request) -> AsyncIterator[AudioForm | None]:
     ``UploadBudget`` (``RELAY_UPLOAD_MEMORY_BYTES``) how many all addresses
     together can, from the form's first byte to the end of the request.
     """
-    state = request.app.state
-    reservation = _Reservation(state.upload_budget, client_ip(request))
+    reservation = Reservation(services.upload_budget, client_ip(request))
     try:
-        lease = await state.stream_leases.acquire(
-            [Slot(keys.streams("upload", f"ip:{client_ip(request)}"), state.settings.max_streams_per_caller,
+        lease = await services.stream_leases.acquire(
+            [Slot(keys.streams("upload", f"ip:{client_ip(request)}"), services.settings.max_streams_per_caller,
                   "uploads from this address")])
         try:
-            form: AudioForm | None = await read_form(request, state.settings.max_upload_bytes, reservation)
+            form: AudioForm | None = await read_form(request, services.settings.max_upload_bytes, reservation)
         except ClientDisconnect:
             form = None
         finally:
             with cleanup_scope():
-                await state.stream_leases.release(lease)
+                await services.stream_leases.release(lease)
         yield form
     finally:
         reservation.release()
 
 
-async def read_form(request: Request, limit: int, reservation: _Reservation | None = None) -> AudioForm:
+async def read_form(request: Request, limit: int, reservation: Reservation | None = None) -> AudioForm:
     """The multipart body, bounded before parsing: 413 past ``limit`` bytes of file.
 
     415 when the body is not a form, 400 when it does not parse, 422 when
@@ -342,8 +273,8 @@ def transcription_fields(fields: dict[str, Any]) -> dict[str, Any]:
 # -- the operation --------------------------------------------------------------------
 
 
-async def transcribe(request: Request, admitted: Admitted, file: bytes, filename: str, content_type: str,
-                     fields: dict[str, Any], model: str) -> Response:
+async def transcribe(request: Request, services: Services, admitted: Admitted, claim: Claim, file: bytes, filename: str,
+                     content_type: str, fields: dict[str, Any], model: str) -> Response:
     """Run ``transcribe`` on an agent of the admitted instance; the caller's response.
 
     ``fields`` are OpenAI's optional form fields (``language``, ``prompt``,
@@ -355,8 +286,7 @@ async def transcribe(request: Request, admitted: Admitted, file: bytes, filename
     itself, so a door may call it with what it read.  The caller hanging up
     is a 499 nobody reads.
     """
-    state = request.app.state
-    settings = state.settings
+    settings = services.settings
     if not file:
         raise ValidationFailed("file: is empty", param="file")
     if len(file) > settings.max_upload_bytes:
@@ -369,8 +299,8 @@ async def transcribe(request: Request, admitted: Admitted, file: bytes, filename
         chosen = model or (preferred if preferred in models else (models[0] if models else preferred))
         return {"model": chosen, "filename": name, "content_type": kind, **options}
 
-    answer = await run_op(state.router, admitted.instance_id, wire.OP_TRANSCRIBE, body_for, settings,
-                          request.receive, stream=False, model=model, upload=file)
+    answer = await run_op(services.router, admitted.instance_id, wire.OP_TRANSCRIBE, body_for, settings,
+                          request.receive, stream=False, claim=claim, model=model, upload=file)
     if answer.status_code != 200:
         return answer  # the caller left
     try:
@@ -388,26 +318,28 @@ async def transcribe(request: Request, admitted: Admitted, file: bytes, filename
 # -- the doors --------------------------------------------------------------------------
 
 
-async def instance_transcriptions(request: Request) -> Response:
+async def instance_transcriptions(request: Request, services: Services) -> Response:
     """``POST /api/chat/{id}/audio/transcriptions``."""
-    admitted = await admit(request, request.path_params["instance_id"])
-    async with read_audio(request) as form:
+    admitted = await services.admission.admit(request, request.path_params["instance_id"])
+    async with read_audio(request, services) as form:
         if form is None:
             return Response(status_code=499)
         audio_file(form.filename, form.content_type)  # refused before a lease is taken
         transcription_fields(form.fields)
-        return await leased(request, admitted, lambda: transcribe(request, admitted, form.file, form.filename,
-                                                                  form.content_type, form.fields, ""))
+        return await services.admission.leased(admitted,
+                            lambda claim: transcribe(request, services, admitted, claim, form.file, form.filename,
+                                               form.content_type, form.fields, ""))
 
 
-async def global_transcriptions(request: Request) -> Response:
+async def global_transcriptions(request: Request, services: Services) -> Response:
     """``POST /v1/audio/transcriptions``: the instance is named by ``model`` (or the caller key)."""
-    async with read_audio(request) as form:
+    async with read_audio(request, services) as form:
         if form is None:
             return Response(status_code=499)
-        target, admitted = await admit_model(request, form.fields.get("model") or None)
+        target, admitted = await services.admission.admit_model(request, form.fields.get("model") or None)
         audio_file(form.filename, form.content_type)
         fields = {k: v for k, v in form.fields.items() if k != "model"}  # it named the instance
         transcription_fields(fields)
-        return await leased(request, admitted, lambda: transcribe(request, admitted, form.file, form.filename,
-                                                                  form.content_type, fields, target.model))
+        return await services.admission.leased(admitted,
+                            lambda claim: transcribe(request, services, admitted, claim, form.file, form.filename,
+                                               form.content_type, fields, target.model))

@@ -12,8 +12,8 @@ forms (from ``relay.doors.transcription``'s own bounds).
 
 The operations are built beside each other by door family (``relay_api``,
 ``openai``, ``transcription``, ``swiftchat``, ``dify``, with what they share in
-``common``); ``relay.routes`` pairs each with its route, and the document's
-``paths`` are that table's, with the statuses each operation can answer.
+``common``); ``relay.routes`` pairs each with its route, and hands this module
+the table's ``paths``, with the statuses each operation can answer.
 ``tests/test_openapi.py`` checks that every route of the app is in the table
 and runs schemathesis against the document.
 
@@ -31,7 +31,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from relay import __version__, routes
+from relay import __version__
 from relay.bodies import dify, instances, openai, swiftchat
 from relay.openapi.common import ERROR_BODIES, Operation
 from relay.openapi.swiftchat import UPGRADE_REQUEST
@@ -102,7 +102,9 @@ def schemas() -> dict[str, Any]:
     return {**top.get("$defs", {}), "UpgradeRequest": UPGRADE_REQUEST}
 
 
-def build_openapi(base_url: str) -> dict[str, Any]:
+def document(base_url: str, paths: dict[str, dict[str, Operation]],
+             websockets: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The whole document, from the route table's ``paths`` and websockets (``relay.routes.build_openapi``)."""
     return {
         "openapi": "3.1.0",
         "info": {
@@ -117,7 +119,7 @@ def build_openapi(base_url: str) -> dict[str, Any]:
         },
         "servers": [{"url": base_url}],
         "paths": {path: {method: with_edge_errors(operation) for method, operation in item.items()}
-                  for path, item in routes.operations().items()},
+                  for path, item in paths.items()},
         "components": {
             "schemas": schemas(),
             "securitySchemes": {
@@ -130,6 +132,6 @@ def build_openapi(base_url: str) -> dict[str, Any]:
                                     "description": "RELAY_REGISTRATION_KEY, when the relay sets one"},
             },
         },
-        "x-websockets": copy.deepcopy(routes.WEBSOCKETS),
+        "x-websockets": copy.deepcopy(websockets),
         "x-pages": PAGES,
     }

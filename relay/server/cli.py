@@ -70,8 +70,9 @@ def serve(settings: RelaySettings) -> None:
     with redis_for(settings) as url:
         asyncio.run(preflight(url, settings))  # a Redis too old stops here, with its version
         app = create_app(settings, redis_url=url)
-        logs.bind(node_id=app.state.node.node_id)  # one node per process: on every line
-        RelayServer(uvicorn_config(app, settings), app).run()
+        services = app.state.services
+        logs.bind(node_id=services.node.node_id)  # one node per process: on every line
+        RelayServer(uvicorn_config(app, settings), services).run()
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

@@ -53,7 +53,8 @@ def banner(chat_url: str, relay_url: str, instance_id: str) -> str:
 async def run_demo(settings: RelaySettings) -> None:
     with redis_for(settings, data_subdir="demo-redis") as redis_url:
         app = create_app(settings, redis_url=redis_url)
-        server = RelayServer(uvicorn_config(app, settings), app)
+        services = app.state.services
+        server = RelayServer(uvicorn_config(app, settings), services)
         server_task = asyncio.create_task(server.serve())
         while not server.started:
             if server_task.done():
@@ -64,7 +65,7 @@ async def run_demo(settings: RelaySettings) -> None:
         relay_url = f"http://127.0.0.1:{settings.port}"
         creds_path = settings.data_dir / "demo-agent.json"
         creds = creds_store.load(creds_path, relay_url)
-        if creds is None or not await app.state.registry.exists(creds.instance_id):
+        if creds is None or not await services.registry.exists(creds.instance_id):
             creds = await register(relay_url, "demo", "the built-in demo model")
             creds_store.save(creds_path, creds)
 
@@ -77,7 +78,7 @@ async def run_demo(settings: RelaySettings) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
             async with asyncio.timeout(10):
                 await agent.connected.wait()
-        print(banner(app.state.registry.chat_url(creds.instance_id), settings.base_url(), creds.instance_id),
+        print(banner(services.registry.chat_url(creds.instance_id), settings.base_url(), creds.instance_id),
               flush=True)
 
         try:

@@ -26,6 +26,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from relay.errors import HeadersTooLarge, RelayError, RequestTimeout
+from relay.services import Services
 from relay.settings import RelaySettings
 
 log = logging.getLogger("relay.server")
@@ -244,15 +245,15 @@ def uvicorn_config(app: Any, settings: RelaySettings) -> uvicorn.Config:
 class RelayServer(uvicorn.Server):
     """uvicorn, draining the node before it closes connections."""
 
-    def __init__(self, config: uvicorn.Config, app: Any) -> None:
+    def __init__(self, config: uvicorn.Config, services: Services) -> None:
         super().__init__(config)
-        self.relay_app = app
+        self.services = services
 
     def active_streams(self) -> int:
-        return int(self.relay_app.state.bus.streams_held())
+        return self.services.bus.streams_held()
 
     async def shutdown(self, sockets: Any = None) -> None:
-        state = self.relay_app.state
+        state = self.services
         for server in self.servers:
             server.close()  # stop accepting connections
         state.node.draining = True  # new chats get 503 + Retry-After; /readyz turns 503

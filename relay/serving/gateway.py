@@ -33,9 +33,9 @@ from starlette.websockets import WebSocket
 import wire
 from relay.errors import ServiceNotReady, Unauthorized, error_response
 from relay.node import NodeState
+from relay.serving.agent_limits import FrameBudget, HelloLimits
 from relay.serving.crossnode import CrossNode
 from relay.serving.inflight import LinkLost
-from relay.serving.limits import FrameBudget, HelloLimits
 from relay.serving.presence import Presence
 from relay.serving.sessions import KNOWN_OPS, AgentSession, SessionManager
 from relay.settings import RelaySettings

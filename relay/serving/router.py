@@ -19,9 +19,9 @@ from redis.exceptions import RedisError
 
 from relay.errors import InstanceUnavailable, ModelNotFound, NotFound, OperationUnsupported
 from relay.node import NodeState
+from relay.serving.claims import Claim
 from relay.serving.crossnode import CrossNode, NodeGone
 from relay.serving.inflight import LinkLost, Stream
-from relay.serving.limits import defer_agent_release, take_pending_lease
 from relay.serving.sessions import SessionManager
 from relay.store.leases import StreamLeases
 from relay.store.registry import InstanceRegistry
@@ -42,22 +42,24 @@ class StreamRouter:
         self.registry = registry
         self.bus = bus
 
-    async def open(self, instance_id: str, op: str, build_body: Any, *, stream: bool, model: str = "",
-                   upload: int = 0) -> Stream:
+    async def open(self, instance_id: str, op: str, build_body: Any, *, stream: bool, claim: Claim | None,
+                   model: str = "", upload: int = 0) -> Stream:
         """Open a stream for ``op`` on an agent of the instance.
 
         ``build_body(models)`` makes the agent's request body once the agent
         (and so the models it serves for ``op``) is known.  ``model``, when
         given, restricts the choice to agents serving it (404 otherwise).
         ``upload`` bytes of request body are to follow the request
-        (``Stream.send_upload``).
+        (``Stream.send_upload``).  ``claim``, when the request holds one
+        (``admission.leased``): its first pick takes the stream lease, and
+        the agent slot goes back with the lease.
         """
         if self.node.draining:
             raise InstanceUnavailable("this relay node is shutting down; retry", code="node_draining",
                                       headers={"Retry-After": "1"})
         excluded: tuple[str, ...] = ()
         for _ in range(MAX_ATTEMPTS):
-            pending = take_pending_lease()
+            pending = claim.take_pending() if claim is not None else None
             if pending is not None:  # the request's first pick takes its stream lease too
                 verdict, entry = await self.leases.pick(pending, self.registry, instance_id, op,
                                                         here=self.node.node_id, model=model)
@@ -69,7 +71,7 @@ class StreamRouter:
             chosen = entry
 
             async def release(session: str = chosen.session) -> None:
-                if defer_agent_release(instance_id, session):
+                if claim is not None and claim.defer_agent_release(instance_id, session):
                     return  # given back with the request's stream lease, in one round trip
                 try:
                     await self.registry.release_agent(instance_id, session)

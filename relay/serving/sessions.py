@@ -21,7 +21,7 @@ import wire
 from relay.serving.inflight import LinkLost, Stream
 
 if TYPE_CHECKING:
-    from relay.serving.limits import FrameBudget
+    from relay.serving.agent_limits import FrameBudget
 
 log = logging.getLogger("relay.sessions")
 

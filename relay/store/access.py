@@ -116,13 +116,13 @@ class AccessControl:
         record = orjson.dumps({"name": name, "created_at": now, "key_hash": key_hash})
         # The global index first (for the doors where the key names the instance):
         # until the instance's own record has the key, it lets nobody in.
-        await self.redis.set(keys.caller_key(key_hash), f"{instance_id} {key_id}")
+        await self.redis.set(keys.caller_key_index(key_hash), f"{instance_id} {key_id}")
         added = await self._add_key(
             keys=[keys.instance(instance_id), keys.caller_keys(instance_id)],
             args=[key_id, record, keys.caller_key_field(key_hash), MAX_KEYS_PER_INSTANCE],
         )
         if added != 1:
-            await self.redis.delete(keys.caller_key(key_hash))
+            await self.redis.delete(keys.caller_key_index(key_hash))
         if added == -1:
             raise NotFound(f"instance {instance_id!r} not found", param="instance_id")
         if added == 0:
@@ -148,14 +148,14 @@ class AccessControl:
         key_hash = await self._revoke_key(keys=[keys.caller_keys(instance_id)], args=[key_id])
         if key_hash is None:
             raise NotFound(f"no caller key {key_id!r} on this instance", param="key_id", code="key_not_found")
-        await self.redis.delete(keys.caller_key(text(key_hash)))  # the key stopped working one line up
+        await self.redis.delete(keys.caller_key_index(text(key_hash)))  # the key stopped working one line up
 
     async def purge(self, instance_id: str) -> None:
         """Drop the caller keys of a deleted instance."""
         hashes = await self._purge_keys(keys=[keys.caller_keys(instance_id)])
         async with self.redis.pipeline(transaction=False) as pipe:
             for key_hash in hashes:
-                pipe.delete(keys.caller_key(text(key_hash)))
+                pipe.delete(keys.caller_key_index(text(key_hash)))
             await pipe.execute()
 
     # -- callers ------------------------------------------------------------------
@@ -181,7 +181,7 @@ class AccessControl:
         verdict = text(verdict)
         if verdict == "unknown_key":
             # Refused either way; the global index (another slot) says which words to use.
-            owner = await self.redis.get(keys.caller_key(key_hash)) if key_hash else None
+            owner = await self.redis.get(keys.caller_key_index(key_hash)) if key_hash else None
             verdict = "other_instance" if owner and text(owner).partition(" ")[0] != instance_id else "invalid_key"
         if verdict == "missing":
             raise NotFound(f"instance {instance_id!r} not found", param="instance_id")
@@ -206,5 +206,5 @@ class AccessControl:
         """
         if not presented or not presented.startswith(CALLER_KEY_PREFIX):
             return None
-        index = await self.redis.get(keys.caller_key(hash_token(presented)))
+        index = await self.redis.get(keys.caller_key_index(hash_token(presented)))
         return text(index).partition(" ")[0] if index else None

@@ -171,7 +171,8 @@ def caller_key_field(key_hash: str) -> str:
     return "h:" + key_hash
 
 
-def caller_key(key_hash: str) -> str:
+def caller_key_index(key_hash: str) -> str:
+    """Which instance and key id a caller key (by its hash) belongs to: ``"<instance id> <key id>"``."""
     return f"{PREFIX}ckey:{key_hash}"
 
 

@@ -161,13 +161,14 @@ class InstanceRegistry(ConnectedAgents):
             values = await pipe.execute()
         return {i: (v.decode() if v is not None else None) for i, v in zip(instance_ids, values, strict=True)}
 
-    async def check_owner(self, instance_id: str, token: str | None) -> None:
-        """Raise unless ``token`` is the agent token of ``instance_id``."""
+    async def check_owner(self, instance_id: str, token: str | None) -> str:
+        """``token``, once it is the agent token of ``instance_id``; 401/403/404 otherwise."""
         record = await self._record(instance_id)
         if not token:
             raise Unauthorized("owner token required: Authorization: Bearer <agent_token>")
         if not hmac.compare_digest(record["token_hash"], hash_token(token)):
             raise Forbidden("this token does not own the instance")
+        return token
 
     async def delete(self, instance_id: str) -> None:
         """Delete an instance: the indexes that point at it, then its record, then tell every node.

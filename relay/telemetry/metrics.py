@@ -162,7 +162,3 @@ class _NodeCollector:
         info = GaugeMetricFamily("relay_node_info", "This relay node", labels=["node_id", "version"])
         info.add_metric([self.node_id, __version__], 1)
         yield info
-
-
-async def metrics_endpoint(request: Request) -> Response:
-    return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE)

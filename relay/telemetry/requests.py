@@ -46,12 +46,6 @@ from relay.telemetry.metrics import RelayMetrics
 _INSTANCE_PATH = re.compile(r"^/api/(?:chat|instances)/(?!events(?:/|$))([^/]+)")
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _EVENT_STREAM = b"text/event-stream"
-#: The scope entry holding this middleware's ``send``: a streamed answer writes
-#: its body chunks there directly (``chat.EventStreamResponse``), past the
-#: layers between here and the route (CORS, Starlette's exception handling),
-#: which only act on ``http.response.start``, still sent through all of them.
-#: So a chunk costs two calls on its way to the socket, not five.
-BODY_SEND = "relay.body_send"
 #: Methods whose body no route reads: no deadline to keep (a body sent anyway is uvicorn's to drop).
 _BODILESS = frozenset({"GET", "HEAD", "OPTIONS"})
 #: Endpoints polled by load balancers and Prometheus: logged only when they fail.
@@ -201,7 +195,6 @@ class RequestObserver:
 
         if chat:
             metrics.active_streams.inc()
-            scope[BODY_SEND] = observed_send
         if self.body_timeout and scope["method"] not in _BODILESS:
             receive = body_deadline(receive, self.body_timeout, self.body_min_rate)
         try:
