@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from bench import loadgen as lg
 from bench import realmodel
 from bench.run import Options, build_parser, options_from, run_bench, table
 from bench.upstream import UpstreamServer
 
-pytestmark = __import__("pytest").mark.slow
+pytestmark = pytest.mark.slow
 
 
 def _event(text: str | None) -> bytes:
