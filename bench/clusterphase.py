@@ -359,8 +359,7 @@ async def _get(port: int, path: str) -> bytes:
 async def _measure(bench: Any, cfg: dict[str, Any], cs: Any, replicas: list[Any],
                    started: list[Any]) -> dict[str, Any]:
     from bench import loadgen as lg
-    from bench.procs import CpuWindow, rss_bytes
-    from bench.run import _command
+    from bench.procs import CpuWindow, connector_command, rss_bytes
     from relay.store import keys
 
     o = bench.o
@@ -466,7 +465,7 @@ async def _measure(bench: Any, cfg: dict[str, Any], cs: Any, replicas: list[Any]
     started.append(connector)
     bench.say(f"cluster: connecting {n} idle agents to node B")
     s2a = shards.snap()
-    grown = await _command(connector, {"cmd": "grow", "to": n}, timeout=600)
+    grown = await connector_command(connector, {"cmd": "grow", "to": n}, timeout=600)
     await asyncio.sleep(o.heartbeat_interval)  # every agent has sent a heartbeat
     s2 = shards.snap()
     rss1 = rss_bytes(bench.procs[b].pid)
@@ -607,7 +606,7 @@ async def _measure(bench: Any, cfg: dict[str, Any], cs: Any, replicas: list[Any]
         "used_memory": {p: x["used_memory"] for p, x in snap.items()},
         "spublish_streams": {p: x["spublish"] for p, x in measured["streams"]["per_master"].items()},
     }
-    await _command(connector, {"cmd": "stop"}, timeout=120)
+    await connector_command(connector, {"cmd": "stop"}, timeout=120)
 
     checks = _checks(cfg, measured, o.heartbeat_interval)
     return {"status": "ok", "config": cfg, "heartbeat_interval_s": o.heartbeat_interval,

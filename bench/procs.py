@@ -8,6 +8,7 @@ happens to the run.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import resource
 import shutil
@@ -18,6 +19,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import orjson
 
 REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -231,3 +234,15 @@ http {{
 }}
 """)
     return conf
+
+
+async def connector_command(proc: Proc, cmd: dict, timeout: float = 60.0) -> dict:
+    """One request/answer exchange with the idle-agents connector over its pipes."""
+    assert proc.popen.stdin is not None and proc.popen.stdout is not None
+    proc.popen.stdin.write(orjson.dumps(cmd) + b"\n")
+    proc.popen.stdin.flush()
+    loop = asyncio.get_running_loop()
+    line = await asyncio.wait_for(loop.run_in_executor(None, proc.popen.stdout.readline), timeout)
+    if not line:
+        raise RuntimeError(f"idle-agents connector died:\n{proc.tail()}")
+    return orjson.loads(line)

@@ -43,6 +43,7 @@ from bench.procs import (
     CpuWindow,
     Proc,
     ProcessGroup,
+    connector_command,
     console_script,
     free_port,
     nginx_binary,
@@ -794,7 +795,7 @@ class Bench:
             steps.append(await self.idle_window(relay, connector, rcli, 0, ids, 0))
             for n in counts:
                 self.say(f"idle agents: growing to {n}")
-                grown = await _command(connector, {"cmd": "grow", "to": n}, timeout=600)
+                grown = await connector_command(connector, {"cmd": "grow", "to": n}, timeout=600)
                 await asyncio.sleep(o.heartbeat_interval)  # every agent has sent at least one heartbeat
                 step = await self.idle_window(relay, connector, rcli, grown["connected"], ids, n)
                 step["connect_s"] = grown["seconds"]
@@ -802,7 +803,7 @@ class Bench:
                 if grown.get("errors"):
                     step["connect_errors"] = grown["errors"]
                 steps.append(step)
-            await _command(connector, {"cmd": "stop"}, timeout=120)
+            await connector_command(connector, {"cmd": "stop"}, timeout=120)
             t_stop = time.perf_counter()
             deadline = t_stop + 3 * o.heartbeat_interval + 30
             while True:
@@ -851,13 +852,13 @@ class Bench:
     async def idle_window(self, relay: Proc, connector: Proc, rcli, agents: int, ids: list[str], n: int) -> dict:
         """Measure one window with ``agents`` connected (the agents of ``ids[:n]``)."""
         o = self.o
-        before = await _command(connector, {"cmd": "stats"})
+        before = await connector_command(connector, {"cmd": "stats"})
         cmds0 = _redis_calls(rcli)
         window = CpuWindow({"relay_c": relay.pid, "idle_agents": connector.pid}).start()
         await asyncio.sleep(o.idle_intervals * o.heartbeat_interval)
         window.stop()
         cmds1 = _redis_calls(rcli)
-        after = await _command(connector, {"cmd": "stats"})
+        after = await connector_command(connector, {"cmd": "stats"})
         rss = rss_bytes(relay.pid)
         online, online_connected = await self.count_online("relay_c", set(ids), set(ids[:n]))
         calls = {k: cmds1.get(k, 0) - cmds0.get(k, 0) for k in cmds1}
@@ -913,18 +914,6 @@ def _redis_bytes(rcli) -> tuple[int, int]:
 def _redis_calls(rcli) -> dict[str, int]:
     stats = rcli.info("commandstats")
     return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
-
-
-async def _command(proc: Proc, cmd: dict, timeout: float = 60.0) -> dict:
-    """One request/answer exchange with the idle-agents connector over its pipes."""
-    assert proc.popen.stdin is not None and proc.popen.stdout is not None
-    proc.popen.stdin.write(orjson.dumps(cmd) + b"\n")
-    proc.popen.stdin.flush()
-    loop = asyncio.get_running_loop()
-    line = await asyncio.wait_for(loop.run_in_executor(None, proc.popen.stdout.readline), timeout)
-    if not line:
-        raise RuntimeError(f"idle-agents connector died:\n{proc.tail()}")
-    return orjson.loads(line)
 
 
 def _sample_event(size: int) -> bytes:
