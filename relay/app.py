@@ -5,7 +5,7 @@ its constructor; nothing is wired after construction) and returns the
 Starlette app.  Its lifespan starts the node's background tasks
 (housekeeping, the pub/sub subscriber, lease renewal), serves, and on exit
 sends any agents still connected away, drops the node's presence and closes
-Redis: the node's one shutdown.  ``server.RelayServer`` drains in-flight
+Redis: the node's one shutdown.  ``server.edge.RelayServer`` drains in-flight
 streams before that, while connections are still open.
 """
 
@@ -61,7 +61,7 @@ def create_app(settings: RelaySettings, redis_url: str | None = None) -> Starlet
     if not url:
         raise ValueError("create_app needs a Redis URL (relay serve starts an embedded one)")
     redis = connection.connect(url, settings)
-    # The frames of streams in flight wait as long as a stream may be idle (crossnode.py).
+    # The frames of streams in flight wait as long as a stream may be idle (serving/crossnode.py).
     in_flight = connection.connect(url, settings, patience=settings.idle_timeout)
     node = NodeState()
     sessions = SessionManager()

@@ -9,7 +9,7 @@
     ├── ModelNotFound          404 invalid_request_error  (/v1: no such instance or model)
     ├── RequestTimeout         408 invalid_request_error  (the body paused past RELAY_BODY_TIMEOUT; closes)
     ├── PayloadTooLarge        413 invalid_request_error
-    ├── HeadersTooLarge        431 invalid_request_error  (written by server.py's protocol; closes)
+    ├── HeadersTooLarge        431 invalid_request_error  (written by server/edge.py's protocol; closes)
     ├── RateLimited            429 rate_limit_error        (carries Retry-After)
     ├── OperationUnsupported   501 not_implemented_error   (no agent can run the operation)
     ├── UpstreamError          502 upstream_error          (the agent or model failed)

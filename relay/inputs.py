@@ -1,8 +1,8 @@
 """Reading a request: its credential, its client address, its JSON body.
 
-Shared by every door (``api.py``, ``openai_doors.py``, ``swiftchat.py``), so
-that body limits, credential rules and validation errors read the same
-everywhere.
+Shared by every door (``relay/doors/``: ``relay_api``, ``openai``,
+``swiftchat``, ``dify``, ``transcription``), so that body limits, credential
+rules and validation errors read the same everywhere.
 """
 
 from __future__ import annotations

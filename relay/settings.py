@@ -157,7 +157,7 @@ class RelaySettings(BaseSettings):
     watchers_per_address: int = Field(default=8, ge=1)
 
     # -- overload (issue 21) -------------------------------------------------------
-    #: Seconds of event-loop lag (smoothed, see relay/overload.py) past which new requests
+    #: Seconds of event-loop lag (smoothed, see relay/serving/overload.py) past which new requests
     #: on an agent get 503 ``node_overloaded`` + Retry-After, before any Redis work; streams
     #: in flight are not touched (they slow down).  0 = off.
     shed_lag: float = Field(default=0.5, ge=0)

@@ -1,6 +1,6 @@
 """Property tests: arbitrary input reaches only the documented errors, never a crash.
 
-* ``relay.protocol.decode`` raises :class:`ProtocolError` and nothing else,
+* ``wire.decode`` raises :class:`ProtocolError` and nothing else,
   whether fed random bytes, random text, or JSON objects that look almost
   right (a real ``type`` tag, fields of random types).
 * The request models raise pydantic's ``ValidationError`` and nothing else;

@@ -179,7 +179,7 @@ async def test_an_entry_without_image_models_serves_none(registry, redis):
     assert await picks(registry, 1, "images", model="x") == ["incapable"]
 
 
-# -- the first pick takes the request's stream lease (limits.StreamLeases.pick) --------------
+# -- the first pick takes the request's stream lease (leases.StreamLeases.pick) --------------
 
 
 async def test_the_first_pick_takes_the_stream_lease_in_the_same_script(registry, redis):

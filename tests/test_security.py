@@ -1,7 +1,7 @@
 """Who may do what: registration policy, owner rights, caller keys, private instances, CORS.
 
-All against the real relay and agent on a real Redis (``access.py`` and its
-wiring in ``api.py``).
+All against the real relay and agent on a real Redis (``relay/store/access.py``
+and ``relay/doors/cors.py``, and their wiring in the doors).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The relay's Stream and its SSE response, over a link that can break.
 
 ``relay.serving.inflight.Stream`` is the one stream machine for local and cross-node
-streams; these tests drive it (and ``chat.EventStreamResponse``) through its
+streams; these tests drive it (and ``operations.EventStreamResponse``) through its
 public interface with a link whose sends can be made to fail, and read what
 the caller would get on the wire.  The rule under test: whatever breaks, the
 caller gets an error event and ``data: [DONE]``.

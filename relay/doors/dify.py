@@ -1,7 +1,7 @@
 """The Dify chat-app API on every instance: conversations the relay remembers.
 
 A Dify client sends only the new ``query`` and a ``conversation_id``; the relay
-keeps the history (``conversations.py``), builds the model's messages from it,
+keeps the history (``relay.store.conversations``), builds the model's messages from it,
 runs the turn on the instance's agents over the normal stream path, and
 answers in Dify's shapes.  Two bases serve it:
 
@@ -190,7 +190,7 @@ def _event(payload: dict[str, Any]) -> bytes:
 
 
 class DifyEvents:
-    """The agent's OpenAI stream as Dify's events (a ``chat.BodyEncoder``), keeping the answer to store.
+    """The agent's OpenAI stream as Dify's events (an ``operations.BodyEncoder``), keeping the answer to store.
 
     At most ``keep_bytes`` (UTF-8) of the answer are kept, cut on a character
     boundary, and ``truncated`` says the rest was not (0: all of it): what
@@ -498,7 +498,7 @@ async def parameters(request: Request, services: Services) -> Response:
 async def audio_to_text(request: Request, services: Services) -> Response:
     """``POST …/audio-to-text``: multipart ``file`` -> ``{"text"}``, by an agent that can ``transcribe``.
 
-    The same operation as OpenAI's ``…/audio/transcriptions`` (``audio.py``),
+    The same operation as OpenAI's ``…/audio/transcriptions`` (``transcription.py``),
     which reads and checks the file: 15 MiB, mp3, mp4, mpeg, mpga, m4a, wav, webm.
     """
     _, _, admitted = await _caller(request, services, limited=True)

@@ -1,6 +1,6 @@
 """The OpenAI doors: per instance (``/api/chat/{id}/...``) and global (``/v1/...``).
 
-Both run the same operations through the same admission (``gate.py``); they
+Both run the same operations through the same admission (``serving/admission.py``); they
 differ in where the instance comes from and in two defaults:
 
 =====================  ===================================  ==========================

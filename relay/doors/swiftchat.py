@@ -48,7 +48,7 @@ UPGRADE_COMMAND = "pip install -U instance-relay"
 
 
 class SwiftChatBody:
-    """The agent's OpenAI stream as SwiftChat's body (a ``chat.BodyEncoder``)."""
+    """The agent's OpenAI stream as SwiftChat's body (an ``operations.BodyEncoder``)."""
 
     __slots__ = ("_stream", "_unsent")
 

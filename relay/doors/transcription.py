@@ -15,18 +15,18 @@ past the limit is refused at once, and the bytes are counted as they arrive
 fields and the multipart framing; 413 past either).  The file then goes to
 an agent that declared ``transcribe`` (501 otherwise) as the operation's
 upload: frames of one window, each waiting for the agent's credit
-(``chat.run_op``), so a 15 MB file shares the agent's websocket with
+(``operations.run_op``), so a 15 MB file shares the agent's websocket with
 everything else frame by frame.
 
 The node holds at most ``RELAY_UPLOAD_MEMORY_BYTES`` of uploads at once, all
-callers together (``UploadBudget``), and one client address a quarter of
+callers together (``uploads.UploadBudget``), and one client address a quarter of
 that (at least one upload of the largest size): a form is reserved against
 both before its first byte is read (its declared length, or, sent chunked,
 as its bytes arrive) and given back when the request ends, however it ends;
 past the address's share ``429 too_many_uploads``, past the node's ``503
 uploads_busy``, both with ``Retry-After``.  A form that pauses midway gets
 ``408`` after ``RELAY_BODY_TIMEOUT``, and one that trickles slower than
-``RELAY_BODY_MIN_RATE`` too (``observe.body_deadline``).
+``RELAY_BODY_MIN_RATE`` too (``telemetry.requests.body_deadline``).
 
 Formats are OpenAI's: mp3, mp4, mpeg, mpga, m4a, wav, webm.  The name's
 extension decides, as it does at OpenAI; a name without one of those

@@ -100,7 +100,7 @@ V1_401 = ("No caller key, or not a known one (api_key_required): on /v1 the call
 
 
 class DifyOperations(NamedTuple):
-    """The operations of the Dify API at one base, one per route (``relay.routes.dify`` gives their paths)."""
+    """The operations of the Dify API at one base, one per route (``relay.routes.dify_endpoints`` gives their paths)."""
 
     chat: Operation
     messages: Operation

@@ -52,7 +52,7 @@ RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     instances.InstanceDeleted,
 )
 
-#: What the HTTP edge answers on every route (``server.EdgeProtocol``, ``observe.body_deadline``).
+#: What the HTTP edge answers on every route (``server.edge.EdgeProtocol``, ``telemetry.requests.body_deadline``).
 EDGE_MEANING = {
     408: "The request's header block took longer than RELAY_HEADER_TIMEOUT, or its body paused longer than "
          "RELAY_BODY_TIMEOUT (request_timeout); the connection is closed",

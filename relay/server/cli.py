@@ -62,7 +62,7 @@ def settings_from(args: argparse.Namespace) -> RelaySettings:
 
 
 def configure_logging(level: str, fmt: str = "plain") -> None:
-    """Plain lines, or one JSON object per line (RELAY_LOG_FORMAT=json); see logs.py."""
+    """Plain lines, or one JSON object per line (RELAY_LOG_FORMAT=json); see telemetry/logs.py."""
     logs.configure(level, fmt, sys.stderr)
 
 

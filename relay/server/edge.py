@@ -10,7 +10,7 @@ The node listens directly (no proxy in front can be assumed), so the HTTP
 edge is bounded here, in uvicorn's httptools protocol (``EdgeProtocol``):
 the request's header block (``RELAY_MAX_HEADER_BYTES``: 431, closed) and
 the time to send it (``RELAY_HEADER_TIMEOUT``: 408, closed).  The body's
-pauses are bounded one level up, in ``observe.py`` (``RELAY_BODY_TIMEOUT``).
+pauses are bounded one level up, in ``telemetry/requests.py`` (``RELAY_BODY_TIMEOUT``).
 """
 
 from __future__ import annotations

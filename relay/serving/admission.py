@@ -9,7 +9,7 @@ Dify turn), whatever its door, passes both, so limits and access rules
 cannot differ between doors.  Where the instance is named in the body
 (``/v1``, SwiftChat: :meth:`~Admission.admit_named`) the body is read first, bounded
 by ``RELAY_MAX_BODY_BYTES``; audio forms are read holding a per-address
-upload slot (``audio.read_audio``).  Reads that run nothing on an agent
+upload slot (``doors/transcription.py``, ``read_audio``).  Reads that run nothing on an agent
 (model lists, Dify's lists and parameters) check access only.
 """
 
@@ -128,7 +128,7 @@ class ThenResponse(Response):
     """A response that runs ``then()`` once it is fully sent, or abandoned by its caller.
 
     What must happen after the last byte, whatever ended it: a stream lease
-    given back (``leased``), a Dify turn stored (``dify.py``).
+    given back (``leased``), a Dify turn stored (``doors/dify.py``).
     """
 
     def __init__(self, inner: Response, then: Callable[[], Awaitable[object]]):

@@ -6,7 +6,7 @@ node B.  A publishes the ``request`` frame to B's inbox channel, in a
 on that session and publishes the agent's ``data``/``end``/``error`` frames
 back to A's inbox as they arrive.  A's ``credit`` and ``cancel`` frames flow
 to B, so B's agent is held to the same per-stream window as a local one.  On
-A the stream is an ordinary :class:`streams.Stream` whose link is a
+A the stream is an ordinary :class:`inflight.Stream` whose link is a
 :class:`RemoteLink`: one stream machine, two transports.
 
 An upload (a request's audio file) follows its request the same way: A
@@ -76,7 +76,7 @@ class NodeGone(LinkLost):
 
 
 class RemoteLink:
-    """The :class:`streams.StreamLink` of a stream whose agent sits on another node."""
+    """The :class:`inflight.StreamLink` of a stream whose agent sits on another node."""
 
     __slots__ = ("bus", "node", "session")
 
@@ -266,7 +266,7 @@ class CrossNode:
                     return  # closed here already (late frames), or not that node's stream
                 try:
                     remote.feed(event)
-                except wire.ProtocolError as exc:  # logged once, with the stream's end (chat.py)
+                except wire.ProtocolError as exc:  # logged once, with the stream's end (operations.py)
                     remote.fail(502, f"the relay node holding the agent ({sender}) sent a bad frame: {exc}",
                                 "relay_protocol_error")
                 if remote.finished:
@@ -279,7 +279,7 @@ class CrossNode:
                     return  # closed here already, or not that node's stream
                 try:
                     remote.feed_credit(credit)
-                except wire.ProtocolError as exc:  # logged once, with the stream's end (chat.py)
+                except wire.ProtocolError as exc:  # logged once, with the stream's end (operations.py)
                     remote.fail(502, f"the relay node holding the agent ({sender}) sent a bad frame: {exc}",
                                 "relay_protocol_error")
             case wire.Credit(id=sid, amount=amount):  # node A -> us (node B)

@@ -6,7 +6,7 @@ directly: one awaited dict per agent frame, nothing in between.  Per
 connection: authenticate the bearer token (a refusal is a real HTTP
 response, so the agent can tell "bad token: stop" from "relay in trouble:
 retry"), agree on a protocol version (``hello``/``welcome``) and hold the
-hello to this relay's caps (:class:`limits.HelloLimits`: refused with 1008
+hello to this relay's caps (:class:`agent_limits.HelloLimits`: refused with 1008
 naming the cap; an instance with all the agents this node takes: 1013), list
 the session here and in Redis, then read frames until the agent goes away.
 The read loop gives the event loop a turn every few frames: frames already

@@ -41,7 +41,7 @@ Item = bytes | wire.End | wire.StreamError
 
 #: Error codes a relay node decides (this one, or the node holding the agent), never
 #: an agent: a stream ended with one of them was ended by the relay, and the node
-#: answering the caller logs it at WARNING, once (``chat.py``).
+#: answering the caller logs it at WARNING, once (``operations.py``).
 RELAY_CODES = frozenset({"relay_unavailable", "relay_protocol_error", "agent_disconnected", "model_timeout",
                          "instance_offline"})
 
@@ -102,7 +102,7 @@ class LazyDeadline:
     re-arms itself at the current deadline, and calls ``fire`` only once the
     deadline has really passed.  A stream that flows never touches the event
     loop's timer heap.  Used for the model's idle limit (``Backlog``) and the
-    caller's stall limit (``chat.StallGuard``).
+    caller's stall limit (``operations.StallGuard``).
     """
 
     __slots__ = ("_when", "_timer", "_fire")
@@ -368,7 +368,7 @@ class Stream:
         try:
             await self.link.send_credit(self.id, grant)
         except LinkLost as exc:
-            # Not logged here: the caller's response logs the stream's end, once (chat.py).
+            # Not logged here: the caller's response logs the stream's end, once (operations.py).
             log.debug("stream %s: credit not delivered (%s); failing it", self.id, exc)
             self.fail(502, f"lost the agent mid-stream: {exc}", "agent_disconnected")
 

@@ -156,7 +156,7 @@ async def cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> No
 
 
 class StallGuard:
-    """A deadline on the send in progress (a :class:`streams.LazyDeadline`): past it, the
+    """A deadline on the send in progress (a :class:`inflight.LazyDeadline`): past it, the
     sending task is cancelled, and :meth:`stalled` tells that cancellation from any other."""
 
     __slots__ = ("timeout", "_deadline", "_task", "fired")

@@ -2,8 +2,8 @@
 
 ``StreamRouter.open`` reserves a slot on the least busy agent of the
 instance that can run the operation (one atomic Redis script across all
-nodes, see ``registry.py``; the request's first pick takes its stream lease
-in the same script, ``limits.StreamLeases.pick``), then opens the stream on this node's session of
+nodes, see ``store/agents.py``; the request's first pick takes its stream lease
+in the same script, ``leases.StreamLeases.pick``), then opens the stream on this node's session of
 that agent or, when the agent sits on another node, over the bus.  The slot
 is given back when the stream closes.  Without Redis there is no routing:
 access rules, limits and slot counts all live there, so a chat request fails

@@ -2,7 +2,7 @@
 
 An :class:`AgentSession` wraps one agent websocket: it assigns stream ids,
 sends requests, uploads, cancels and credit (it is the
-:class:`streams.StreamLink` of its local streams), and routes the agent's
+:class:`inflight.StreamLink` of its local streams), and routes the agent's
 frames to the stream they belong to (its upload credit included).
 :class:`SessionManager` indexes this node's sessions by instance and by
 session id.  Nothing here touches Redis.

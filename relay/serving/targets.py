@@ -24,7 +24,7 @@ from typing import Any
 from relay.errors import ModelNotFound, ValidationFailed
 from relay.store.access import AccessControl
 
-#: ``registry.new_instance_id``: 16 lowercase hex digits.
+#: ``tokens.new_instance_id`` (relay/store/tokens.py): 16 lowercase hex digits.
 INSTANCE_ID = re.compile(r"[0-9a-f]{16}")
 
 

@@ -1,6 +1,6 @@
 """redis-py's Redis Cluster client, made to behave as the relay's other clients do.
 
-``storage.connect`` builds a :class:`RelayCluster` for a ``redis+cluster://``
+``connection.connect`` builds a :class:`RelayCluster` for a ``redis+cluster://``
 URL.  It is redis-py's asyncio ``RedisCluster`` with these differences, each
 found by a test on a real cluster (tests/test_cluster.py):
 

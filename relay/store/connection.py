@@ -8,7 +8,7 @@ Three kinds of URL:
   any of the nodes named; redis-py's cluster client follows slots as they
   move and masters as they fail over.  Every key of an instance shares one
   hash tag (``keys.py``), so every script runs on one shard; node-to-node
-  traffic uses shard channels (``publisher``, ``subscriber.py``);
+  traffic uses shard channels (``publisher``, ``serving/subscriber.py``);
 * ``redis+sentinel://[user:password@]host:port[,host:port...]/service[/db]`` (or
   ``rediss+sentinel://`` for TLS to the master) — the master Redis Sentinel
   names ``service``.  Every connection asks the sentinels where the master is

@@ -44,9 +44,9 @@ Not an instance's:
 ``ir:sweep:{<node>}``       str   lock of the relay node sweeping a dead node's entries
 ``ir:rate:register:<addr>`` str   registration rate limit of one address
 ``ir:streams:upload:ip:<addr>`` zset uploads being read from one address
-``ir:layout``               str   version of this layout (``LAYOUT``), see ``relay/migrate.py``
+``ir:layout``               str   version of this layout (``LAYOUT``), see ``relay/store/migrate.py``
 
-Dify-style conversations (see ``conversations.py``).  The braces are literal: a
+Dify-style conversations (see ``conversations/``).  The braces are literal: a
 Redis Cluster hash tag, so every key of one instance's conversations hashes to
 one slot and each script touches a single node.  ``<cid>``/``<mid>`` are uuid4
 conversation and message ids; ``<scope>`` is the hex SHA-256 of the JSON pair
@@ -81,7 +81,7 @@ dropped lazily, when a list or a creation meets them.
 
 Pub/sub channels: ``ir:events`` (registry events every node must see, e.g. an
 instance deleted, an agent token rotated) and ``ir:inbox:<node>`` (one per node:
-cross-node stream traffic, see ``crossnode.py``).  On Redis Cluster they are
+cross-node stream traffic, see ``relay/serving/crossnode.py``).  On Redis Cluster they are
 shard channels (SPUBLISH/SSUBSCRIBE): each is carried by the shard owning its
 slot alone, so node-to-node traffic grows with the shards.
 
@@ -91,7 +91,7 @@ refreshes its one member of ``ir:nodes`` per heartbeat interval however many
 agents it holds, and it drops an agent itself the moment that agent's own
 heartbeats go stale.  A node that dies takes all its agents offline when its
 liveness ends: every node reads the set of live nodes once a second
-(``registry.NodeLiveness``) and the scripts that read an instance's agents
+(``liveness.NodeLiveness``) and the scripts that read an instance's agents
 skip the entries of every other node (dead, or never heard of).  Scripts cannot read the
 liveness themselves: on a cluster it lives in another slot.
 """
@@ -176,7 +176,7 @@ def caller_key_index(key_hash: str) -> str:
     return f"{PREFIX}ckey:{key_hash}"
 
 
-# -- limits (see limits.py) ------------------------------------------------------
+# -- limits (see rates.py and leases.py) -----------------------------------------
 
 
 def rate(scope: str, who: str) -> str:
@@ -216,7 +216,7 @@ def stream_lease_ttl_ms(heartbeat_interval: float, heartbeat_timeout: float) -> 
     return max(1000, int(max(3 * heartbeat_interval, heartbeat_timeout) * 1000))
 
 
-# -- conversations (see conversations.py) ------------------------------------------
+# -- conversations (see conversations/) --------------------------------------------
 
 
 def conversations_prefix(instance_id: str) -> str:

@@ -143,7 +143,7 @@ def configure(level: str = "info", fmt: str = "plain", stream: IO[str] | None = 
     """Send every logger's records through one handler on the root logger.
 
     Idempotent: a previous handler installed here is replaced.  uvicorn is
-    configured with ``log_config=None`` (see ``server.py``) so its lines come
+    configured with ``log_config=None`` (see ``server/edge.py``) so its lines come
     through here too, in the same format.
     """
     root = logging.getLogger()

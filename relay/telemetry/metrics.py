@@ -7,7 +7,7 @@ What costs what:
 
 - Counters and histograms touched once per *request* (requests, rejections,
   time to first chunk, stream duration, active streams) are updated by the
-  request middleware (``observe.py``) and the error handlers.
+  request middleware (``requests.py``) and the error handlers.
 - Per-*chunk* traffic is never counted through prometheus-client on the hot
   path: sessions add to two plain integers (:class:`sessions.Traffic`), and
   cross-node forwards are plain integers on the bus; :class:`_NodeCollector`
@@ -30,7 +30,7 @@ Exposed (all per node; sum over nodes for the cluster):
 ``relay_shed_requests_total{reason}``     counter    new requests refused because the node is
                                                      overloaded (``lag``, ``inflight``)
 ``relay_event_loop_lag_seconds``          gauge      how late the node's event loop runs
-                                                     (smoothed; ``overload.py``)
+                                                     (smoothed; ``serving/overload.py``)
 ``relay_node_info{node_id,version}``      gauge      1, to join node ids to scrape targets
 ========================================  =========  ==================================
 

@@ -60,7 +60,7 @@ _DOOR_SUFFIXES = (("/models", "models"), ("/chat/completions", "chat"), ("/chat-
                   ("/audio-to-text", "audio"))
 #: The labels of requests that run an operation on an agent (``relay_active_streams``).
 OPERATIONS = frozenset({"chat", "images", "audio"})
-#: SwiftChat's routes at the root (``swiftchat.py``).
+#: SwiftChat's routes at the root (``doors/swiftchat.py``).
 _SWIFTCHAT = {"/api/converse": "chat", "/api/models": "models", "/api/image": "images", "/api/upgrade": "upgrade"}
 
 

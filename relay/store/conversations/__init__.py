@@ -20,8 +20,8 @@ answer.  A message still ``answering`` whose last write is older than
 
 Every operation is one Lua script (one round trip, checks and writes atomic:
 ``relay/store/scripts/conversation_*.lua``), and every key an instance's
-conversations use shares one Redis Cluster hash tag (see ``keys.py`` for the
-layout), so each script touches one slot.
+conversations use shares one Redis Cluster hash tag (see ``relay/store/keys.py``
+for the layout), so each script touches one slot.
 
 Retention: a conversation's keys expire ``retention_seconds`` after its last
 activity.  Activity is every write but a checkpoint: starting and finishing a
