@@ -237,12 +237,17 @@ function owned(path, options = {}) {
 async function showOwner() {
   const token = ownerTokens.get(id);
   $('#unlock-form').hidden = Boolean(token);
-  $('#owner-panel').hidden = !token;
-  if (!token) return;
+  if (!token) {
+    $('#owner-panel').hidden = true;
+    return;
+  }
   try {
     const [settings, keys] = await Promise.all([owned('/settings'), owned('/keys')]);
     fillSettings(settings);
     fillKeys(keys.data);
+    // Shown once its fields hold the settings: shown before, what the owner typed
+    // meanwhile was overwritten when they arrived.
+    $('#owner-panel').hidden = false;
   } catch (error) {
     if (error.status === 401 || error.status === 403) {
       ownerTokens.forget(id);
