@@ -8,7 +8,7 @@ rules and validation errors read the same everywhere.
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from pydantic import BaseModel, ValidationError
@@ -22,6 +22,8 @@ SMALL_BODY_BYTES = 16 * 1024
 #: the relay takes (2**63 has 19), and never reaches ``int()`` (past 4300
 #: digits it raises, and below that it costs time quadratic in the length).
 MAX_INT_DIGITS = 20
+#: A body's pydantic model, and what ``validate`` returns.
+Model = TypeVar("Model", bound=BaseModel)
 #: Query parameters that look like credentials: refused outright, because a
 #: secret in a URL ends up in proxy logs, browser history and Referer headers.
 URL_CREDENTIAL_PARAMS = frozenset(
@@ -130,7 +132,7 @@ def check_depth(data: Any, max_depth: int) -> None:
         level = below
 
 
-def validate(model: type[BaseModel], data: Any) -> Any:
+def validate(model: type[Model], data: Any) -> Model:
     """``data`` as ``model``; 422 naming the first offending field."""
     try:
         return model.model_validate(data)
