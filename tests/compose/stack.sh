@@ -3,7 +3,9 @@
 # with a Docker engine up and every image compose.yaml names present.
 #
 #   tests/compose/stack.sh                          # the compose test alone
-#   tests/compose/stack.sh .venv/bin/python -m pytest -q   # any command (what .ci/run does)
+#   tests/compose/stack.sh .venv/bin/python -m pytest -q   # any command, with the engine up
+#   tests/compose/stack.sh up    # get everything ready and leave the engine running (.ci/run)
+#   tests/compose/stack.sh down  # stop the engine that `up` started, if it started one
 #
 # What it does, each step only when needed (a machine with Docker and the real images
 # skips all of it):
@@ -29,6 +31,21 @@ SUITE=bookworm
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo -n"
 say() { printf 'compose stack: %s\n' "$*" >&2; }
+MODE=run
+case "${1:-}" in
+    up) MODE=up; shift ;;
+    down)
+        # Only an engine `up` started (its pid is on file): a machine's own is left alone.
+        pidfile="$CACHE/dockerd.up.pid"
+        if [ -s "$pidfile" ]; then
+            pid="$(cat "$pidfile")"
+            say "stopping the dockerd \`up\` started (pid $pid)"
+            $SUDO kill -TERM "$pid" 2>/dev/null || true
+            for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+            $SUDO rm -f "$pidfile"
+        fi
+        exit 0 ;;
+esac
 
 # --- packages -------------------------------------------------------------------------
 missing=()
@@ -49,7 +66,9 @@ export RELAY_DOCKER_BIN="$DOCKER"
 DOCKERD_PID=""
 cleanup() {
     local rc=$?
-    if [ -n "$DOCKERD_PID" ]; then
+    if [ -n "$DOCKERD_PID" ] && [ "$MODE" = up ] && [ "$rc" -eq 0 ]; then
+        echo "$DOCKERD_PID" | $SUDO tee "$CACHE/dockerd.up.pid" >/dev/null  # `down` stops it
+    elif [ -n "$DOCKERD_PID" ]; then
         say "stopping the dockerd it started (pid $DOCKERD_PID)"
         $SUDO kill -TERM "$DOCKERD_PID" 2>/dev/null || true
         for _ in $(seq 1 60); do kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 0.5; done
@@ -169,6 +188,7 @@ export RELAY_COMPOSE_BIN
 say "compose: $($RELAY_COMPOSE_BIN version 2>&1 | head -1)"
 
 # --- the command ----------------------------------------------------------------------
+[ "$MODE" = up ] && exit 0
 cd "$ROOT"
 if [ $# -eq 0 ]; then
     set -- "$ROOT/.venv/bin/python" -m pytest -q -s tests/test_compose_stack.py
