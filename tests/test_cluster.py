@@ -445,7 +445,9 @@ async def two_nodes_one_behind_links(cluster: ClusterSet):
     url_a = "redis+cluster://" + ",".join(f"127.0.0.1:{link.port}" for link in links.values())
     try:
         async with contextlib.AsyncExitStack() as stack:
-            node_b = await stack.enter_async_context(running_relay(cluster.url, redis_timeout=1.0))
+            # Registrations until one lands on the spare shard, over several tries: no per-address limit.
+            node_b = await stack.enter_async_context(running_relay(cluster.url, redis_timeout=1.0,
+                                                                   rate_register_per_ip=0))
             connection.connect = through_links  # for node A's client only, made as it starts
             try:
                 node_a = await stack.enter_async_context(running_relay(url_a, redis_timeout=1.0))
